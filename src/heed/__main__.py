@@ -1,0 +1,3 @@
+from heed.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Trainer commands: pretrain, sft, generate."""
