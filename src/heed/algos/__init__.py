@@ -16,6 +16,18 @@ from heed.algos.advantages import (
     token_gae,
 )
 from heed.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
+from heed.algos.losses import (
+    PolicyStats,
+    RankingStats,
+    ValueStats,
+    bradley_terry_loss,
+    dpo_loss,
+    lm_loss,
+    policy_loss,
+    ranking_loss,
+    simpo_loss,
+    value_loss,
+)
 from heed.algos.ops import (
     aggregate,
     entropy_from_logits,
@@ -30,7 +42,12 @@ from heed.algos.ops import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "PolicyStats",
+    "RankingStats",
+    "ValueStats",
     "aggregate",
+    "bradley_terry_loss",
+    "dpo_loss",
     "ema_update",
     "entropy_from_logits",
     "explained_variance",
@@ -38,12 +55,17 @@ __all__ = [
     "grpo_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "lm_loss",
     "masked_mean",
     "masked_sum",
     "masked_var",
+    "policy_loss",
+    "ranking_loss",
     "reinforce_advantages",
     "rloo_advantages",
     "selective_log_softmax",
+    "simpo_loss",
     "token_gae",
+    "value_loss",
     "whiten",
 ]
