@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 AggregateMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 AGGREGATE_MODES: tuple[str, ...] = (
@@ -106,10 +107,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log softmax(logits)[index] row-chunk by row-chunk, with a chunked hand-written backward.
+    """log softmax(logits)[index] one chunk of rows at a time, with a chunked hand-written backward.
 
-    Saving nothing larger than the logits themselves: autograd through ``.float()``
-    would keep a float32 copy of bf16 logits alive until backward.
+    Only the logits (already in memory) and the index are saved for backward: autograd
+    through ``.float()`` would keep a float32 copy of bf16 logits alive until backward.
+    log_softmax/softmax are used rather than logsumexp because they are fused kernels
+    (torch's CPU logsumexp is several times slower).
     """
 
     @staticmethod
@@ -117,36 +120,34 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)  # (N, V)
         flat_index = index.reshape(-1, 1).to(device=logits.device, dtype=torch.long)  # (N, 1)
-        out_dtype = _compute_dtype(logits.dtype)
-        lse = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)  # (N,)
-        picked = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)  # (N,)
-        for start in range(0, flat.shape[0], chunk_size):
-            chunk = flat[start : start + chunk_size].to(out_dtype)  # (n, V), upcast per chunk only
-            lse[start : start + chunk_size] = torch.logsumexp(chunk, dim=-1)
-            picked[start : start + chunk_size] = chunk.gather(
-                -1, flat_index[start : start + chunk_size]
-            ).squeeze(-1)
-        ctx.save_for_backward(logits, flat_index, lse)
-        ctx.chunk_size = chunk_size
-        return (picked - lse).reshape(index.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        # d log p_y / d l_v = 1[v = y] − p_v
-        logits, flat_index, lse = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        vocab = logits.shape[-1]
-        flat = logits.reshape(-1, vocab)
-        grad_flat = grad_out.reshape(-1, 1).to(lse.dtype)  # (N, 1)
-        grad_logits = torch.empty_like(flat)
+        compute_dtype = _compute_dtype(logits.dtype)
+        out = torch.empty(flat.shape[0], dtype=compute_dtype, device=logits.device)  # (N,)
         for start in range(0, flat.shape[0], chunk_size):
             end = start + chunk_size
+            chunk_logp = torch.log_softmax(
+                flat[start:end].to(compute_dtype), dim=-1
+            )  # (n, V), this chunk only
+            out[start:end] = chunk_logp.gather(-1, flat_index[start:end]).squeeze(-1)
+        ctx.save_for_backward(logits, flat_index)
+        ctx.chunk_size = chunk_size
+        return out.reshape(index.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        # d log p_y / d l_v = 1[v = y] − p_v
+        logits, flat_index = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)  # (N, V)
+        compute_dtype = _compute_dtype(logits.dtype)
+        grad_flat = grad_out.reshape(-1, 1).to(compute_dtype)  # (N, 1)
+        grad_logits = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
             g = grad_flat[start:end]
-            probs = torch.exp(flat[start:end].to(lse.dtype) - lse[start:end, None])  # (n, V)
-            chunk_grad = -probs * g
+            chunk_grad = torch.softmax(flat[start:end].to(compute_dtype), dim=-1).mul_(-g)  # (n, V)
             chunk_grad.scatter_add_(-1, flat_index[start:end], g)
-            grad_logits[start:end] = chunk_grad.to(flat.dtype)
+            grad_logits[start:end] = chunk_grad
         return grad_logits.reshape(logits.shape), None, None
 
 
@@ -170,48 +171,42 @@ def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = DEFAU
 
 
 class _EntropyFromLogits(torch.autograd.Function):
-    """H = logsumexp(l) − Σ_v p_v l_v per row, chunked; dH/dl_v = −p_v (l_v − Σ_u p_u l_u)."""
+    """H = −Σ_v p_v log p_v per row, chunked; dH/dl_v = −p_v (log p_v + H)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)  # (N, V)
-        out_dtype = _compute_dtype(logits.dtype)
-        entropy = torch.empty(flat.shape[0], dtype=out_dtype, device=logits.device)
-        mean_logit = torch.empty_like(entropy)  # E_p[l], reused by backward
-        lse = torch.empty_like(entropy)
+        compute_dtype = _compute_dtype(logits.dtype)
+        entropy = torch.empty(flat.shape[0], dtype=compute_dtype, device=logits.device)  # (N,)
         for start in range(0, flat.shape[0], chunk_size):
             end = start + chunk_size
-            chunk = flat[start:end].to(out_dtype)  # (n, V)
-            chunk_lse = torch.logsumexp(chunk, dim=-1)
-            probs = torch.exp(chunk - chunk_lse[:, None])
-            # p·l with p = 0 where l = -inf (masked vocab entries) must contribute 0, not nan
-            expected = torch.where(
-                probs > 0, probs * chunk, torch.zeros((), dtype=out_dtype, device=chunk.device)
-            )
-            mean_logit[start:end] = expected.sum(-1)
-            lse[start:end] = chunk_lse
-            entropy[start:end] = chunk_lse - mean_logit[start:end]
-        ctx.save_for_backward(logits, lse, mean_logit)
+            logp = torch.log_softmax(flat[start:end].to(compute_dtype), dim=-1)  # (n, V)
+            entropy[start:end] = -_p_times(logp, logp).sum(-1)
+        ctx.save_for_backward(logits, entropy)
         ctx.chunk_size = chunk_size
         return entropy.reshape(logits.shape[:-1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        logits, lse, mean_logit = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
+        logits, entropy = ctx.saved_tensors
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)
-        grad_flat = grad_out.reshape(-1, 1).to(lse.dtype)
+        compute_dtype = _compute_dtype(logits.dtype)
+        grad_flat = grad_out.reshape(-1, 1).to(compute_dtype)
         grad_logits = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], chunk_size):
-            end = start + chunk_size
-            chunk = flat[start:end].to(lse.dtype)
-            probs = torch.exp(chunk - lse[start:end, None])
-            centered = torch.where(probs > 0, chunk - mean_logit[start:end, None], torch.zeros_like(chunk))
-            grad_logits[start:end] = (-probs * centered * grad_flat[start:end]).to(flat.dtype)
+        for start in range(0, flat.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            logp = torch.log_softmax(flat[start:end].to(compute_dtype), dim=-1)
+            centered = logp + entropy[start:end, None]  # log p_v − E_p[log p]
+            grad_logits[start:end] = -_p_times(logp, centered) * grad_flat[start:end]
         return grad_logits.reshape(logits.shape), None
+
+
+def _p_times(logp: Tensor, x: Tensor) -> Tensor:
+    """p·x with p = exp(logp), and 0 (not NaN) where p = 0 (logits of −inf, e.g. masked vocabulary)."""
+    return torch.where(logp > -torch.inf, logp.exp() * x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
