@@ -168,3 +168,38 @@ def test_import_is_light():
         [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
     )
     assert res.stdout.split() == ["False", "False"], res.stderr
+
+
+def test_sparse_run_folders(tmp_path):
+    # a run with only a summary
+    only_summary = tmp_path / "a"
+    only_summary.mkdir()
+    (only_summary / "summary.json").write_text('{"eval": {"success": 0.5}}')
+    text, _ = parse(write_report(only_summary))
+    assert "eval/success" in text and "✓ no alarms" in text
+    # samples at two steps without a policy field: the first step becomes the "before" column
+    samples_only = tmp_path / "b"
+    samples_only.mkdir()
+    rows = [
+        {"step": s, "prompt": f"p{i}", "completion": f"answer {s} to {i}", "reward": s / 10}
+        for s in (0, 50)
+        for i in range(3)
+    ]
+    (samples_only / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, page = parse(write_report(samples_only))
+    assert page.tables["samples"][0] == ["prompt", "b @ step 0", "b"]
+    assert len(page.tables["samples"]) == 4
+    # a control run: episode returns only, one eval row
+    control = tmp_path / "c"
+    control.mkdir()
+    (control / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "split": "train", "episode/return": -1000 + 8 * s}) + "\n"
+            for s in range(100)
+        )
+        + json.dumps({"step": 99, "split": "eval", "episode/return": -150.0})
+        + "\n"
+    )
+    text, page = parse(write_report(control))
+    assert "-1,000 → -150" in text  # first logged -> last logged (the eval row)
+    assert len(page.images) == 1

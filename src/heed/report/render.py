@@ -24,7 +24,7 @@ from heed.report.runs import Collection, Run, load_collection
 # Metric keys the report understands, grouped into sections in this order (docs/report.md).
 # A pattern ending in ``*`` matches a prefix; every other numeric key lands in "Other metrics".
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Reward and gold metrics", ("gold/*", "reward/mean", "reward/std", "reward/*", "eval/*")),
+    ("Reward and gold metrics", ("gold/*", "reward/mean", "reward/std", "reward/*", "eval/*", "episode/*")),
     ("KL and entropy", ("kl/k1", "kl/k3", "kl/*", "entropy")),
     ("Answers: length and diversity", ("length/mean", "length/*", "diversity/*")),
     (
@@ -42,7 +42,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lr",
         ),
     ),
-    ("Reward model", ("rm/*",)),
+    ("Reward model and DPO implicit reward", ("rm/*", "dpo/*")),
 )
 
 # Which plots an alarm kind is marked on.
@@ -71,7 +71,16 @@ COMPARE = (
 )
 
 LOWER_IS_BETTER = ("*loss*", "kl/*", "approx_kl/*", "diversity/duplicate_frac", "clipfrac")
-HIGHER_IS_BETTER = ("gold/*", "reward/*", "eval/*", "*success*", "*accuracy*", "diversity/distinct_*")
+HIGHER_IS_BETTER = (
+    "gold/*",
+    "reward/*",
+    "eval/*",
+    "episode/return",
+    "*success*",
+    "*accuracy*",
+    "dpo/margin",
+    "diversity/distinct_*",
+)
 
 MAX_PLOTS = 48
 MAX_PROMPTS = 8
@@ -135,7 +144,7 @@ def _headline_keys(run: Run) -> list[str]:
     evals = sorted(k for k in keys if k.startswith("eval/") or "success" in k)
     if evals:
         return evals[:1]
-    for key in ("reward/mean", "rm/accuracy", "loss"):
+    for key in ("reward/mean", "episode/return", "rm/accuracy", "dpo/accuracy", "loss"):
         if key in keys:
             return [key]
     return []
@@ -167,11 +176,7 @@ def _cards(coll: Collection) -> str:
                 notes.append(f"peaked at {esc(fmt(peak[1]))} (step {peak[0]}), then fell")
                 cls = "warn" if cls == "good" else cls
             if run.alarms:
-                kinds = sorted({a.kind for a in run.alarms})
-                notes.append(
-                    f'<span class="alarm">⚠ {len(run.alarms)} alarm{"s" if len(run.alarms) != 1 else ""}: '
-                    f"{esc(', '.join(kinds))}</span>"
-                )
+                notes.append(f'<span class="alarm">⚠ {esc(_alarm_brief(run))}</span>')
                 cls = "warn" if cls == "good" else cls
             cards.append(
                 f'<div class="card {cls}"><div class="card-title">{esc(run.name.upper())} · {esc(key)}</div>'
@@ -180,12 +185,11 @@ def _cards(coll: Collection) -> str:
             )
     n_alarms = sum(len(r.alarms) for r in coll.runs)
     if n_alarms:
-        kinds = sorted({f"{r.name}: {a.kind}" for r in coll.runs for a in r.alarms})
-        listed = ", ".join(kinds[:4]) + (" …" if len(kinds) > 4 else "")
+        listed = "<br>".join(f"{esc(r.name)}: {esc(_alarm_brief(r))}" for r in coll.runs if r.alarms)
         cards.append(
             f'<div class="card bad"><div class="card-title">Monitors</div>'
             f'<div class="card-big">⚠ {n_alarms} alarm{"s" if n_alarms != 1 else ""}</div>'
-            f'<div class="card-sub">{esc(listed)}</div></div>'
+            f'<div class="card-sub">{listed}</div></div>'
         )
     else:
         cards.append(
@@ -201,6 +205,46 @@ def _cards(coll: Collection) -> str:
             f'<div class="card-sub">{len(coll.stages)} stages</div></div>'
         )
     return f'<section class="cards">{"".join(cards)}</section>'
+
+
+def _alarm_brief(run: Run) -> str:
+    """``"6 alarms, first length_trend at step 95"``."""
+    n = len(run.alarms)
+    first = min(run.alarms, key=lambda a: a.step)
+    return f"{n} alarm{'s' if n != 1 else ''}, first {first.kind} at step {first.step}"
+
+
+def _verdict(coll: Collection) -> str:
+    """One or two sentences that say what happened: the best policy, and who raised alarms."""
+    base = coll.baseline
+    tuned = [r for r in coll.runs if r is not base]
+    sentences = []
+    keys = [k for r in tuned for k in _headline_keys(r) if _direction(k) > 0 and k != "rm/accuracy"]
+    if keys:
+        key = max(set(keys), key=keys.count)
+        scored = [(r.final(key), r) for r in tuned if r.final(key) is not None]
+        if len(scored) > 1 or (scored and base is not None):
+            value, best = max(scored, key=lambda t: t[0])
+            vs = ""
+            if base is not None and base.final(key) is not None:
+                vs = f", {fmt(value - base.final(key))} over {esc(base.name)}"
+                vs = vs.replace(", ", ", +", 1) if value >= base.final(key) else vs
+            sentences.append(
+                f"Best policy by <b>{esc(key)}</b>: <b>{esc(best.name.upper())}</b> ({fmt(value)}{vs})."
+            )
+    for run in coll.runs:
+        if not run.alarms:
+            continue
+        kinds = sorted(
+            {a.kind for a in run.alarms}, key=lambda k: min(a.step for a in run.alarms if a.kind == k)
+        )
+        sentences.append(
+            f'<span class="alarm">{esc(run.name.upper())} raised {len(run.alarms)} alarm'
+            f"{'s' if len(run.alarms) != 1 else ''}</span> ({esc(', '.join(kinds))})."
+        )
+    if not sentences:
+        return ""
+    return f'<p class="verdict">{" ".join(sentences)}</p>'
 
 
 def _peak(run: Run, key: str) -> tuple[int, float] | None:
@@ -255,6 +299,11 @@ def _compare_table(coll: Collection) -> str:
         return ""
     base = coll.baseline
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    best: dict[str, float] = {}
+    for key in columns:
+        values = [v for r in runs if r is not base and (v := r.final(key)) is not None]
+        if _direction(key) and len(values) > 1:
+            best[key] = max(values) if _direction(key) > 0 else min(values)
     body = []
     for run in runs:
         cells = []
@@ -263,14 +312,15 @@ def _compare_table(coll: Collection) -> str:
             delta = ""
             if base is not None and run is not base:
                 delta = _delta_html(key, base.final(key), value)
-            cells.append(f'<td class="num">{fmt(value)} {delta}</td>')
+            cls = "num best" if run is not base and value is not None and best.get(key) == value else "num"
+            cells.append(f'<td class="{cls}">{fmt(value)} {delta}</td>')
         n = len(run.alarms)
         alarm = f'<td class="num {"alarm" if n else ""}">{n}</td>'
         cls = ' class="baseline"' if run is base else ""
         body.append(f"<tr{cls}><th>{esc(run.name)}</th>{''.join(cells)}{alarm}</tr>")
     note = (
         f"Final values from each run's summary.json / eval.json (else the last logged value); "
-        f"coloured numbers are the change against <b>{esc(base.name)}</b>."
+        f"coloured numbers are the change against <b>{esc(base.name)}</b>; bold: best tuned policy."
         if base is not None
         else "Final values from each run's summary.json / eval.json (else the last logged value)."
     )
@@ -561,13 +611,16 @@ h4 { font-size: 13px; margin: 10px 0 4px; }
 .ok { color: var(--good); font-weight: 600; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 18px; }
 .card { background: #fff; border: 1px solid var(--line); border-left: 6px solid #8795a8; border-radius: 8px;
-        padding: 12px 16px; min-width: 210px; flex: 1 1 210px; max-width: 320px; }
+        padding: 12px 14px; min-width: 170px; flex: 1 1 170px; max-width: 340px; }
+.verdict { font-size: 16px; margin: 14px 0 0; }
+.verdict .alarm { color: var(--bad); font-weight: 600; }
+td.best { font-weight: 700; }
 .card.good { border-left-color: var(--good); }
 .card.bad { border-left-color: var(--bad); }
 .card.warn { border-left-color: #e69f00; }
 .card .alarm { color: var(--bad); font-weight: 600; }
 .card-title { font-size: 12px; text-transform: none; color: var(--muted); font-weight: 600; letter-spacing: .02em; }
-.card-big { font-size: 26px; font-weight: 700; margin: 4px 0 2px; white-space: nowrap; }
+.card-big { font-size: 24px; font-weight: 700; margin: 4px 0 2px; white-space: nowrap; }
 .card-sub { font-size: 12px; color: var(--muted); }
 .delta { font-weight: 700; font-size: 12px; }
 .delta.up { color: var(--good); } .delta.down { color: var(--bad); } .delta.flat { color: var(--muted); }
@@ -607,6 +660,7 @@ def render_report(coll: Collection) -> str:
         [
             f'<header><h1>{esc(title)}</h1><p class="note">{len(coll.runs)} run'
             f"{'s' if len(coll.runs) != 1 else ''}: {esc(names)} · {esc(coll.root)} · generated {esc(when)}</p></header>",
+            _verdict(coll),
             _cards(coll),
             _compare_table(coll),
             _alarms_section(coll),
