@@ -10,6 +10,7 @@ from heed.report.monitors import (
     append_alarms,
     read_alarms,
     replay,
+    resume_monitor,
 )
 
 
@@ -220,3 +221,25 @@ def test_every_config_field_is_read_and_docstring_examples_hold():
     for name in MonitorConfig.model_fields:
         assert f"cfg.{name}" in source or f"config.{name}" in source, f"MonitorConfig.{name} is never read"
     assert doctest.testmod(monitors).failed == 0
+
+
+def test_resumed_monitor_keeps_baselines_and_active_alarms():
+    cfg = MonitorConfig(kl_budget=10.0, min_entropy_ratio=0.5, smooth=1)
+    rows = [
+        {"step": 0, "split": "train", "kl/k1": 1.0, "entropy": 2.0},
+        {"step": 1, "split": "train", "kl/k1": 11.0, "entropy": 1.5},
+    ]
+    m = resume_monitor(rows, cfg)
+    assert [a.kind for a in m.alarms] == ["kl_budget"] and m.active == {"kl_budget"}
+    # after the resume: KL still over (already reported), entropy 0.9 / 2.0 (the first value
+    # before the resume, not 1.5) = 0.45 < 0.5 -> only the entropy alarm is new
+    assert kinds(m.update(2, {"kl/k1": 12.0, "entropy": 0.9})) == [("entropy_collapse", 2)]
+
+
+def test_none_rewards_are_left_out_of_length_bias():
+    cfg = MonitorConfig(length_corr_threshold=0.6, min_batch=8)
+    texts = _answers_of_length(range(1, 11))
+    rewards = [float(n) for n in range(1, 11)]
+    rewards[3] = None
+    alarms = Monitor(cfg).update(0, {}, texts, rewards)
+    assert kinds(alarms) == [("length_bias", 0)] and "over 9 answers" in alarms[0].message

@@ -5,7 +5,15 @@ Light to import: matplotlib and yaml are loaded only when a report is written.
 
 from heed.report.diversity import distinct_n, diversity_metrics, duplicate_fraction, mean_words
 from heed.report.metrics import MetricsLogger, read_metrics
-from heed.report.monitors import Alarm, Monitor, MonitorConfig, append_alarms, read_alarms, replay
+from heed.report.monitors import (
+    Alarm,
+    Monitor,
+    MonitorConfig,
+    append_alarms,
+    read_alarms,
+    replay,
+    resume_monitor,
+)
 from heed.report.render import write_report
 
 __all__ = [
@@ -21,5 +29,6 @@ __all__ = [
     "read_alarms",
     "read_metrics",
     "replay",
+    "resume_monitor",
     "write_report",
 ]

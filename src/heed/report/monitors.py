@@ -326,12 +326,16 @@ class Monitor:
         if cfg.length_corr_threshold is not None and rewards is not None:
             if len(rewards) != n:
                 raise ValueError(f"monitor: {n} completions but {len(rewards)} rewards")
-            lengths = [float(len(words(c))) for c in completions]
-            rs = [float(x) for x in rewards]
-            r = pearson(lengths, rs)
+            # A reward of None (TRL's "no score for this answer") is left out.
+            pairs = [
+                (float(len(words(c))), x)
+                for c, r in zip(completions, rewards, strict=True)
+                if (x := _finite(r)) is not None
+            ]
+            r = pearson([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) >= cfg.min_batch else None
             if r is not None:
                 msg = (
-                    f"reward and answer length correlate (r={r:.2f} over {n} answers, threshold "
+                    f"reward and answer length correlate (r={r:.2f} over {len(pairs)} answers, threshold "
                     f"{cfg.length_corr_threshold:.2f}): the reward favours longer answers"
                 )
                 out["length_bias"] = (
@@ -373,7 +377,18 @@ def replay(
     Train rows drive the monitor step by step; the gold metric is also taken from eval rows.
     Samples (``{"step", "completion", "reward"}``) at a step feed the per-batch checks.
     """
-    cfg = config or MonitorConfig()
+    return _replayed(rows, config or MonitorConfig(), samples).alarms
+
+
+def resume_monitor(rows: Iterable[Mapping[str, Any]], config: MonitorConfig | None = None) -> Monitor:
+    """A monitor that has already seen a resumed run's ``metrics.jsonl`` rows: its baselines
+    (first entropy, best gold) and on-going alarms carry over, so nothing fires twice."""
+    return _replayed(rows, config or MonitorConfig(), None)
+
+
+def _replayed(
+    rows: Iterable[Mapping[str, Any]], cfg: MonitorConfig, samples: Iterable[Mapping[str, Any]] | None
+) -> Monitor:
     by_step: dict[int, dict[str, Any]] = {}
     for row in rows:
         if "step" not in row:
@@ -396,7 +411,7 @@ def replay(
         if batch and all(_finite(b.get("reward")) is not None for b in batch):
             rewards = [float(b["reward"]) for b in batch]
         monitor.update(step, by_step.get(step, {}), completions, rewards)
-    return monitor.alarms
+    return monitor
 
 
 def append_alarms(run_dir: str | Path, alarms: Iterable[Alarm]) -> Path:
