@@ -89,6 +89,7 @@ def save_pretrained(model: Any, tokenizer: Any, out: str | Path) -> Path:
     """Save model and tokenizer in Hugging Face format, atomically (temp folder, then rename)."""
     import shutil
 
+    quiet_transformers()
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
