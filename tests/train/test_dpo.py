@@ -243,9 +243,10 @@ def test_resume_and_on_the_fly_reference_give_the_same_run(micro_sft_model: Path
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == [2, 4, 6]  # rows after the checkpoint were replaced, not duplicated
-    # a reference model run per batch gives the same losses as the precomputed table
+    # a reference model run per batch, in micro-batches of 4 pairs, gives the same losses as the
+    # precomputed table with whole batches (each pair counts 1/batch_size of the step's loss)
     live = train_dpo(dpo_config(micro_sft_model, prefs, tmp_path / "b", train__precompute_ref=False,
-                                train__max_steps=6, log__eval_every=0))
+                                train__micro_batch_size=4, train__max_steps=6, log__eval_every=0))
     assert live["loss"] == pytest.approx(full["loss"], abs=1e-4)
     assert not (tmp_path / "b" / REF_CACHE).exists()
 
@@ -265,3 +266,12 @@ def test_no_pairs_left_is_an_error(micro_sft_model: Path, tmp_path: Path) -> Non
     cfg = dpo_config(micro_sft_model, {"train": f, "eval": f}, tmp_path / "r", data__max_length=16)
     with pytest.raises(DataError, match="every pair was dropped"), pytest.warns(UserWarning, match="4 pairs dropped"):
         train_dpo(cfg)
+
+
+def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from heed.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dpo", "--set", "data.train=prefs.jsonl", "--set", "loss.type=dpo"])
+    assert exit_info.value.code == 2
+    assert "loss.type" in capsys.readouterr().err
