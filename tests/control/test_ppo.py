@@ -82,9 +82,15 @@ class _OddEnv(gym.Env):
 @pytest.mark.parametrize(
     ("space", "message"),
     [
-        (spaces.MultiDiscrete([2, 3]), "action space MultiDiscrete is not supported; expected Box or Discrete"),
+        (
+            spaces.MultiDiscrete([2, 3]),
+            "action space MultiDiscrete is not supported; expected Box or Discrete",
+        ),
         (spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32), "Box action space has infinite bounds"),
-        (spaces.Box(np.array([-1.0, -1.0], np.float32), np.array([1.0, np.inf], np.float32)), "Box action space has infinite bounds"),
+        (
+            spaces.Box(np.array([-1.0, -1.0], np.float32), np.array([1.0, np.inf], np.float32)),
+            "Box action space has infinite bounds",
+        ),
     ],
 )
 def test_unsupported_action_spaces_are_clear_errors(space, message) -> None:

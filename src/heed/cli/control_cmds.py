@@ -31,10 +31,13 @@ def preset_for(env_id: str) -> Path | None:
 @control_app.callback(invoke_without_command=True)
 def control(
     ctx: typer.Context,
-    env: Annotated[str | None, typer.Option("--env", help="Gymnasium environment id, e.g. Pendulum-v1.")] = None,
+    env: Annotated[
+        str | None, typer.Option("--env", help="Gymnasium environment id, e.g. Pendulum-v1.")
+    ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Environment steps to train for.")] = None,
     eval_dir: Annotated[
-        Path | None, typer.Option("--eval", help="Evaluate the policy saved in this run folder instead of training.")
+        Path | None,
+        typer.Option("--eval", help="Evaluate the policy saved in this run folder instead of training."),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", help="Deterministic episodes for --eval.")] = 10,
     config: ConfigOpt = None,

@@ -53,7 +53,9 @@ def env_factory(env_id: str, **kwargs: Any) -> EnvFactory:
     try:
         gym.spec(env_id)
     except gym.error.Error as exc:
-        raise HeedError(f"unknown Gymnasium environment id '{env_id}' ({exc}); e.g. CartPole-v1, Pendulum-v1") from None
+        raise HeedError(
+            f"unknown Gymnasium environment id '{env_id}' ({exc}); e.g. CartPole-v1, Pendulum-v1"
+        ) from None
 
     def make() -> Any:
         try:
@@ -139,7 +141,9 @@ class RewardScaler:
     sign of rewards is kept); ``G`` restarts at every episode end. Identity when disabled.
     """
 
-    def __init__(self, num_envs: int, gamma: float, enabled: bool, clip: float = 10.0, eps: float = 1e-8) -> None:
+    def __init__(
+        self, num_envs: int, gamma: float, enabled: bool, clip: float = 10.0, eps: float = 1e-8
+    ) -> None:
         self.enabled = enabled
         self.gamma = gamma
         self.rms = RunningMeanStd(())

@@ -23,7 +23,9 @@ def layer_init(layer: nn.Linear, gain: float = math.sqrt(2), bias: float = 0.0) 
     return layer
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, out_gain: float) -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, out_gain: float
+) -> nn.Sequential:
     """``in -> hidden... -> out`` with ``activation`` between layers, orthogonally initialised."""
     act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
     layers: list[nn.Module] = []
@@ -76,7 +78,9 @@ class ActorCritic(nn.Module):
             return Categorical(logits=out)
         return Normal(out, self.log_std.exp().expand_as(out))
 
-    def log_prob_entropy(self, dist: Categorical | Normal, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_entropy(
+        self, dist: Categorical | Normal, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``log pi(a|s)`` and the entropy, both ``(B,)``."""
         if self.spec.discrete:
             return dist.log_prob(actions.long()), dist.entropy()
@@ -102,4 +106,6 @@ class ActorCritic(nn.Module):
             return arr.astype("int64")
         import numpy as np
 
-        return np.clip(arr, np.asarray(self.spec.action_low), np.asarray(self.spec.action_high)).astype(np.float32)
+        return np.clip(arr, np.asarray(self.spec.action_low), np.asarray(self.spec.action_high)).astype(
+            np.float32
+        )

@@ -202,7 +202,9 @@ def load_policy(path: str | Path) -> tuple[ActorCritic, ObsNormalizer, str]:
     if p.is_dir():
         p = p / POLICY_FILE
     if not p.is_file():
-        raise HeedError(f"{p}: no saved policy here; expected a run folder of `heed control` holding {POLICY_FILE}")
+        raise HeedError(
+            f"{p}: no saved policy here; expected a run folder of `heed control` holding {POLICY_FILE}"
+        )
     blob = torch.load(p, map_location="cpu", weights_only=False)
     spec_d = blob["spec"]
     for key in ("hidden_sizes", "action_low", "action_high"):
@@ -211,7 +213,9 @@ def load_policy(path: str | Path) -> tuple[ActorCritic, ObsNormalizer, str]:
     policy = ActorCritic(PolicySpec(**spec_d))
     policy.load_state_dict(blob["state_dict"])
     policy.eval()
-    norm = ObsNormalizer((spec_d["obs_dim"],), enabled=blob["obs_norm"]["enabled"], clip=blob["obs_norm"]["clip"])
+    norm = ObsNormalizer(
+        (spec_d["obs_dim"],), enabled=blob["obs_norm"]["enabled"], clip=blob["obs_norm"]["clip"]
+    )
     norm.rms.load_state_dict(blob["obs_norm"])
     return policy, norm, blob["env_id"]
 
@@ -259,7 +263,9 @@ def evaluate_run(run_dir: str | Path, episodes: int = 10, seed: int = 10_000) ->
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("update-*/state.pt"), key=lambda p: int(p.parent.name.split("-")[1]))
+    ckpts = sorted(
+        (run_dir / "checkpoints").glob("update-*/state.pt"), key=lambda p: int(p.parent.name.split("-")[1])
+    )
     return ckpts[-1] if ckpts else None
 
 
@@ -305,7 +311,9 @@ def train(cfg: ControlConfig, env: str | EnvFactory | None = None, resume: bool 
     t0 = time.time()
     steps_at_start = global_step
     last: dict[str, Any] = {}
-    with StepProgress(f"ppo {env_name}", total=cfg.num_updates, enabled=cfg.progress, start=start_update) as bar:
+    with StepProgress(
+        f"ppo {env_name}", total=cfg.num_updates, enabled=cfg.progress, start=start_update
+    ) as bar:
         for update in range(start_update, cfg.num_updates):
             # step 3. learning rate (linear decay to 0 over the run)
             lr = cfg.lr * (1.0 - update / cfg.num_updates) if cfg.anneal_lr else cfg.lr
@@ -330,7 +338,9 @@ def train(cfg: ControlConfig, env: str | EnvFactory | None = None, resume: bool 
 
             # step 6. PPO epochs over shuffled minibatches
             policy.train()
-            stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "v_loss", "entropy", "kl_k1", "kl_k3", "clipfrac", "vclipfrac")}
+            stats: dict[str, list[float]] = {
+                k: [] for k in ("pg_loss", "v_loss", "entropy", "kl_k1", "kl_k3", "clipfrac", "vclipfrac")
+            }
             stop = False
             for _epoch in range(cfg.update_epochs):
                 for mb in torch.randperm(n).chunk(cfg.num_minibatches):
@@ -341,7 +351,10 @@ def train(cfg: ControlConfig, env: str | EnvFactory | None = None, resume: bool 
 
                     pg, pstats = policy_loss(new_logprobs, b_logprobs[mb], mb_adv, clip_eps=cfg.clip_eps)
                     vl, vstats = value_loss(
-                        new_values, b_values[mb], b_returns[mb], clip_eps=cfg.clip_eps if cfg.clip_vloss else None
+                        new_values,
+                        b_values[mb],
+                        b_returns[mb],
+                        clip_eps=cfg.clip_eps if cfg.clip_vloss else None,
                     )
                     pg_l, v_l, ent = _mean(pg), _mean(vl), _mean(entropy)
                     loss = pg_l + cfg.vf_coef * v_l - cfg.ent_coef * ent
