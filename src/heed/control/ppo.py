@@ -160,8 +160,8 @@ def rollout_advantages(rollout: Rollout, gamma: float, lam: float) -> tuple[torc
 
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a flat per-transition tensor, through the one reduction of :mod:`heed.algos`."""
-    return aggregate(x.unsqueeze(0), torch.ones_like(x, dtype=torch.bool).unsqueeze(0), mode="token_mean")
+    """Mean of a flat ``(n,)`` per-transition tensor, through the one reduction of :mod:`heed.algos`."""
+    return aggregate(x, None, mode="token_mean")
 
 
 def make_policy(envs: Any, cfg: ControlConfig) -> ActorCritic:
