@@ -13,7 +13,7 @@ from heed.algos import ema_update, gae, grpo_advantages, reinforce_advantages, r
 
 T = torch.tensor
 NAN = float("nan")
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=30, deadline=None)
 
 
 def close(actual: torch.Tensor, expected, **kw) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from heed.algos import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
 
 T = torch.tensor
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=30, deadline=None)
 
 
 def close(actual: torch.Tensor, expected, **kw) -> None:

@@ -25,7 +25,7 @@ from heed.algos import (
 
 T = torch.tensor
 NAN = float("nan")
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=30, deadline=None)
 finite = st.floats(-20, 20, allow_nan=False)
 
 

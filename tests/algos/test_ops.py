@@ -26,7 +26,7 @@ from heed.algos import (
 )
 
 T = torch.tensor
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=30, deadline=None)
 
 
 def close(actual: torch.Tensor, expected, **kw) -> None:

@@ -124,9 +124,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         out = torch.empty(flat.shape[0], dtype=compute_dtype, device=logits.device)  # (N,)
         for start in range(0, flat.shape[0], chunk_size):
             end = start + chunk_size
-            chunk_logp = torch.log_softmax(
-                flat[start:end].to(compute_dtype), dim=-1
-            )  # (n, V), this chunk only
+            # (n, V): the only float32 log-softmax alive is this chunk's
+            chunk_logp = torch.log_softmax(flat[start:end].to(compute_dtype), dim=-1)
             out[start:end] = chunk_logp.gather(-1, flat_index[start:end]).squeeze(-1)
         ctx.save_for_backward(logits, flat_index)
         ctx.chunk_size = chunk_size

@@ -9,8 +9,9 @@ from heed.cli.app import app
 from heed.errors import HeedError
 
 # Each module below adds its commands to ``app``; heavy imports stay inside the commands.
-from heed.cli import train_cmds  # noqa: E402,F401  isort: skip
-from heed.cli import control_cmds  # noqa: E402,F401  isort: skip
+from heed.cli import train_cmds  # noqa: F401  isort: skip
+from heed.cli import report_cmds  # noqa: F401  isort: skip
+from heed.cli import control_cmds  # noqa: F401  isort: skip
 
 
 def main(argv: list[str] | None = None) -> None:
