@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from heed.control.config import BanditConfig
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 
-TONES = ("negative", "neutral", "positive")
+TONES = ("positive", "neutral", "negative")  # label ids, as in heed.demo.corpus.TONES
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,9 @@ class SimulatedAnnotator:
     noise: float
     seed: int = 0
 
-    def feedback(self, predictions: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def feedback(
+        self, predictions: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """+1 (approve) / −1 (reject) per prediction: shape ``(B,)`` from ``(B,)`` and ``(B,)``."""
         correct = predictions == labels
         flip = torch.rand(predictions.shape, generator=generator) < self.noise
@@ -72,28 +73,25 @@ def encode(tokenizer: Any, texts: list[str], labels: list[int], max_length: int)
     return Encoded(batch["input_ids"], batch["attention_mask"], torch.tensor(labels, dtype=torch.long))
 
 
-def build_classifier(cfg: BanditConfig, vocab_size: int, pad_token_id: int, num_labels: int) -> torch.nn.Module:
+def build_classifier(cfg: BanditConfig, tokenizer: Any, num_labels: int) -> torch.nn.Module:
     """A tiny BERT-style ``AutoModelForSequenceClassification`` built from a config (no hub download)."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import AutoModelForSequenceClassification
 
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=4 * cfg.hidden_size,
-        max_position_embeddings=max(cfg.max_length, 8),
-        pad_token_id=pad_token_id,
+    from heed.models.tiny import tiny_encoder_config
+
+    config = tiny_encoder_config(
+        tokenizer,
+        size=cfg.model_size,
         num_labels=num_labels,
-        id2label=dict(enumerate(TONES[:num_labels])) if num_labels == len(TONES) else None,
-        label2id={t: i for i, t in enumerate(TONES)} if num_labels == len(TONES) else None,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        id2label=dict(enumerate(TONES)),
+        label2id={t: i for i, t in enumerate(TONES)},
     )
     return AutoModelForSequenceClassification.from_config(config)
 
 
-def label_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def label_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """``log pi(. | x)``: ``(B, L)`` ids -> ``(B, num_labels)`` log-probabilities."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return torch.log_softmax(logits.float(), dim=-1)
@@ -111,7 +109,9 @@ def accuracy(model: torch.nn.Module, data: Encoded, batch_size: int = 256) -> fl
     return hits / max(len(data), 1)
 
 
-def warm_start(model: torch.nn.Module, data: Encoded, steps: int, lr: float, generator: torch.Generator) -> None:
+def warm_start(
+    model: torch.nn.Module, data: Encoded, steps: int, lr: float, generator: torch.Generator
+) -> None:
     """A weak supervised start: a few cross-entropy steps on a handful of labelled texts."""
     if steps == 0 or len(data) == 0:
         return
@@ -127,47 +127,43 @@ def warm_start(model: torch.nn.Module, data: Encoded, steps: int, lr: float, gen
         optimizer.step()
 
 
-def load_tone_data(cfg: BanditConfig) -> tuple[list[str], list[int]]:
-    """Texts of the built-in corpus and their hidden tone labels (index into :data:`TONES`)."""
-    from heed.demo.corpus import tone_records
+def load_tone_data(cfg: BanditConfig) -> tuple[list[str], list[int], list[str], list[int]]:
+    """Answers of the built-in corpus and their hidden tone labels (indices into :data:`TONES`):
+    ``(train texts, train labels, held-out texts, held-out labels)``; the held-out answers come from
+    the corpus's held-out prompts."""
+    from heed.demo.corpus import make_corpus
 
-    records = tone_records(cfg.num_texts, seed=cfg.seed)
-    return [r["text"] for r in records], [TONES.index(r["tone"]) for r in records]
+    n_eval = max(1, int(cfg.num_texts * cfg.eval_fraction))
+    train = make_corpus(cfg.num_texts - n_eval, seed=cfg.seed)
+    held = make_corpus(n_eval, seed=cfg.seed, heldout=True)
+    return (
+        [r.response for r in train],
+        [TONES.index(r.tone) for r in train],
+        [r.response for r in held],
+        [TONES.index(r.tone) for r in held],
+    )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """The tiny built-in tokenizer, trained on ``texts``."""
-    from heed.models.tiny import train_tokenizer as _train
-
-    return _train(texts, vocab_size=vocab_size)
-
-
-def train_bandit(
-    cfg: BanditConfig, texts: list[str] | None = None, labels: list[int] | None = None
-) -> dict[str, Any]:
-    """Tune a weak classifier with PPO from simulated approvals; returns the summary
-    (also ``summary.json``). ``texts``/``labels`` default to the built-in corpus's tone labels."""
+def train_bandit(cfg: BanditConfig) -> dict[str, Any]:
+    """Tune a weak classifier with PPO from simulated approvals on the built-in corpus's tone
+    labels; returns the summary (also ``summary.json``)."""
     # step 1. seeds, run folder, data split, tokenizer
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    if texts is None or labels is None:
-        texts, labels = load_tone_data(cfg)
-    num_labels = max(labels) + 1
-    order = torch.randperm(len(texts), generator=gen).tolist()
-    n_eval = max(1, int(len(texts) * cfg.eval_fraction))
-    eval_idx, train_idx = order[:n_eval], order[n_eval:]
-    tokenizer = train_tokenizer([texts[i] for i in train_idx], cfg.vocab_size)
-    train_set = encode(tokenizer, [texts[i] for i in train_idx], [labels[i] for i in train_idx], cfg.max_length)
-    eval_set = encode(tokenizer, [texts[i] for i in eval_idx], [labels[i] for i in eval_idx], cfg.max_length)
+    train_texts, train_labels, eval_texts, eval_labels = load_tone_data(cfg)
+    from heed.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
+    train_set = encode(tokenizer, train_texts, train_labels, cfg.max_length)
+    eval_set = encode(tokenizer, eval_texts, eval_labels, cfg.max_length)
 
     # step 2. the weak starting classifier, frozen copy as the KL reference
-    model = build_classifier(cfg, len(tokenizer), tokenizer.pad_token_id, num_labels)
+    model = build_classifier(cfg, tokenizer, num_labels=len(TONES))
     labelled = torch.arange(min(cfg.warm_start_examples, len(train_set)))
     warm_start(model, Encoded(*train_set.take(labelled)), cfg.warm_start_steps, cfg.warm_start_lr, gen)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)

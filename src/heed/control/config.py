@@ -107,17 +107,17 @@ class BanditConfig(HeedConfig):
 
     out: str = Field("runs/bandit", description="Run folder.")
     seed: int = Field(0, description="Seed of the corpus split, the model init and the annotator.")
-    num_texts: int = Field(
-        1200, ge=30, description="Texts drawn from the built-in corpus (split train / held-out)."
+    num_texts: int = Field(1200, ge=30, description="Corpus answers drawn: train share + held-out share.")
+    eval_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share drawn from held-out prompts for accuracy."
     )
-    eval_fraction: float = Field(0.25, gt=0, lt=1, description="Share of texts held out for accuracy.")
     vocab_size: int = Field(
-        512, ge=64, description="Vocabulary of the tiny tokenizer trained on the train texts."
+        512, ge=300, description="Vocabulary of the tiny BPE tokenizer trained on the train texts."
     )
     max_length: int = Field(48, ge=4, description="Truncate texts to this many tokens.")
-    hidden_size: int = Field(64, ge=8, description="Width of the tiny classifier.")
-    num_layers: int = Field(2, ge=1, description="Transformer layers of the tiny classifier.")
-    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    model_size: Literal["micro", "tiny", "small"] = Field(
+        "micro", description="Size of the BERT-style classifier."
+    )
     warm_start_examples: int = Field(
         24, ge=0, description="Labelled texts used to build the weak starting classifier."
     )
