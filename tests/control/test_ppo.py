@@ -129,3 +129,30 @@ def test_cli_eval_of_a_folder_without_policy_is_clear(tmp_path, capsys) -> None:
         main(["control", "--eval", str(tmp_path)])
     assert exc.value.code == 2
     assert "no saved policy here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_shipped_presets_load_and_are_picked_by_env_id(env_id) -> None:
+    from heed.cli.control_cmds import preset_for
+    from heed.config import load_config
+
+    preset = preset_for(env_id)
+    assert preset is not None
+    cfg = load_config(ControlConfig, preset)
+    assert cfg.env_id == env_id
+    assert cfg.total_steps == 100_000
+
+
+def test_every_config_field_is_read() -> None:
+    from pathlib import Path
+
+    from heed.control.config import BanditConfig
+
+    src = Path(__file__).resolve().parents[2] / "src" / "heed" / "control"
+    ppo_src = (src / "ppo.py").read_text()
+    bandit_src = (src / "bandit.py").read_text()
+    derived = (src / "config.py").read_text()  # total_steps is read through num_updates
+    for name in ControlConfig.model_fields:
+        assert f"cfg.{name}" in ppo_src or f"self.{name}" in derived, f"ControlConfig.{name} is never read"
+    for name in BanditConfig.model_fields:
+        assert f"cfg.{name}" in bandit_src, f"BanditConfig.{name} is never read"
