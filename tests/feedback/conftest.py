@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("fastapi")
 
-from argon2 import PasswordHasher  # noqa: E402
+from argon2 import PasswordHasher
 
 PG_URL = os.environ.get("HEED_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])

@@ -8,9 +8,9 @@ import pytest
 
 from heed.feedback.aggregate import (
     Judgement,
-    agreement_report,
     aggregate_pairwise,
     aggregate_ranking,
+    agreement_report,
     disagreements,
     pairs_of,
     position_bias,

@@ -152,6 +152,7 @@ async function annotatePage() {
   });
   document.addEventListener("keydown", onKey);
   await next();
+  setBusy(false);
 }
 
 async function next() {
@@ -293,7 +294,7 @@ async function submit() {
     if (state.ranked.length !== state.item.responses.length) { toast(T.incomplete, true); return; }
     body.ranks = ranksFromList();
   }
-  state.busy = true;
+  setBusy(true);
   try {
     // A retry after a network error resends the same idempotency key: stored once.
     let lastErr = null;
@@ -307,13 +308,16 @@ async function submit() {
   } catch (e) {
     toast(T.error + ": " + e.message, true);
   } finally {
-    state.busy = false;
+    setBusy(false);
   }
 }
 
+// data-busy on <body> lets tests (and styles) wait until a submission or undo has fully settled.
+function setBusy(b) { state.busy = b; document.body.dataset.busy = b ? "1" : "0"; }
+
 async function undo() {
   if (state.busy) return;
-  state.busy = true;
+  setBusy(true);
   try {
     const r = await api("POST", "/api/projects/" + encodeURIComponent(PROJECT) + "/undo");
     toast(r.record_id === null ? T.nothing_to_undo : T.undone);
@@ -321,7 +325,7 @@ async function undo() {
   } catch (e) {
     toast(T.error + ": " + e.message, true);
   } finally {
-    state.busy = false;
+    setBusy(false);
   }
 }
 
