@@ -1,0 +1,71 @@
+"""The math of Heed: pure torch functions shared by LLM RL and classic control.
+
+Only ``torch`` is imported here. Time is the last dimension; ``*_mask`` is True where
+an entry counts. Losses return unreduced tensors plus a frozen stats dataclass of
+detached scalars; :func:`aggregate` does every reduction.
+"""
+
+from __future__ import annotations
+
+from heed.algos.advantages import (
+    ema_update,
+    gae,
+    grpo_advantages,
+    reinforce_advantages,
+    rloo_advantages,
+    token_gae,
+)
+from heed.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
+from heed.algos.losses import (
+    PolicyStats,
+    RankingStats,
+    ValueStats,
+    bradley_terry_loss,
+    dpo_loss,
+    lm_loss,
+    policy_loss,
+    ranking_loss,
+    simpo_loss,
+    value_loss,
+)
+from heed.algos.ops import (
+    aggregate,
+    entropy_from_logits,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    selective_log_softmax,
+    whiten,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "PolicyStats",
+    "RankingStats",
+    "ValueStats",
+    "aggregate",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "ema_update",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "lm_loss",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "policy_loss",
+    "ranking_loss",
+    "reinforce_advantages",
+    "rloo_advantages",
+    "selective_log_softmax",
+    "simpo_loss",
+    "token_gae",
+    "value_loss",
+    "whiten",
+]

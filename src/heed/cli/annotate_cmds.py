@@ -134,6 +134,34 @@ def import_(
         typer.echo(f"scored {fb.set_priorities(project, _scorer(reward_model))} records by reward-model uncertainty")
 
 
+@annotate.command("generate")
+def generate(
+    project: ProjectOpt,
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local policy folder (Hugging Face format).")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="Prompts file: {\"prompt\": ...} per record.")],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-k", help="Answers sampled per prompt (2-9).")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    reward_model: Annotated[Path | None, typer.Option(
+        help="Pick the closest-scored pair (pairwise) and show uncertain records first.")] = None,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Sample K answers per prompt from a policy and import them as records of the project."""
+    from heed.feedback.generate import generate_records
+
+    fb = _feedback(db)
+    task = fb.project(project).task
+    scorer = _scorer(reward_model) if reward_model is not None else None
+    records = generate_records(model, prompts, num_samples, task, scorer=scorer, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed)
+    n = fb.import_records(project, records)
+    typer.echo(f"imported {n} generated records into {project}")
+    if scorer is not None:
+        typer.echo(f"scored {fb.set_priorities(project, scorer)} records by reward-model uncertainty")
+
+
 @annotate.command("prioritize")
 def prioritize(
     project: ProjectOpt,

@@ -3,6 +3,7 @@
 from heed.config.base import (
     HeedConfig,
     LogConfig,
+    ModelConfig,
     OptimConfig,
     config_from_dict,
     load_config,
@@ -13,6 +14,7 @@ from heed.config.base import (
 __all__ = [
     "HeedConfig",
     "LogConfig",
+    "ModelConfig",
     "OptimConfig",
     "config_from_dict",
     "load_config",

@@ -36,7 +36,6 @@ class OptimConfig(HeedConfig):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine/linear).")
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this; null disables.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
 
 
 class LogConfig(HeedConfig):
@@ -48,6 +47,19 @@ class LogConfig(HeedConfig):
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events (needs `tensorboard`).")
     progress: bool = Field(True, description="Show a progress bar with ETA.")
+
+
+class ModelConfig(HeedConfig):
+    """Which model to train and how to load it."""
+
+    path: str | None = Field(None, description="Local Hugging Face model folder (required unless init: scratch).")
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="Load `path`, or build a new model.")
+    size: str = Field("tiny", description="Built-in architecture size when init: scratch (micro, tiny, small, 100m).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to `path`.")
+    vocab_size: int = Field(2048, ge=64, description="Vocabulary of a tokenizer trained from the data (init: scratch, no tokenizer).")
+    max_position_embeddings: int = Field(512, ge=16, description="Context length of a scratch model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

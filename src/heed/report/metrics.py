@@ -41,7 +41,10 @@ class MetricsLogger:
             except ImportError:  # pragma: no cover - optional dependency
                 import warnings
 
-                warnings.warn("log.tensorboard is on but `tensorboard` is not installed; writing JSONL only", stacklevel=2)
+                warnings.warn(
+                    "log.tensorboard is on but `tensorboard` is not installed; writing JSONL only",
+                    stacklevel=2,
+                )
             else:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 

@@ -1,0 +1,77 @@
+"""Batching token sequences: padding (left or right), packing, and length-grouped order."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+Encoded = tuple[list[int], list[bool]]
+
+
+def pad_batch(
+    seqs: Sequence[Encoded], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad ``(ids, loss_mask)`` pairs to one length.
+
+    Returns ``input_ids (B, T)``, ``attention_mask (B, T)`` (1 on real tokens) and
+    ``loss_mask (B, T)`` (True where a token is trained on).
+    """
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(seqs):
+        n = len(ids)
+        sl = slice(0, n) if side == "right" else slice(width - n, width)
+        input_ids[i, sl] = torch.tensor(ids, dtype=torch.long)
+        attention[i, sl] = 1
+        loss_mask[i, sl] = torch.tensor(mask, dtype=torch.bool)
+    return input_ids, attention, loss_mask
+
+
+def truncate(seqs: Sequence[Encoded], max_length: int) -> tuple[list[Encoded], int]:
+    """Cut sequences to ``max_length`` tokens; returns them and how many were cut."""
+    out, cut = [], 0
+    for ids, mask in seqs:
+        if len(ids) > max_length:
+            cut += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        out.append((ids, mask))
+    return out, cut
+
+
+def pack(seqs: Sequence[Encoded], max_length: int) -> list[Encoded]:
+    """Concatenate documents (each already ends with EOS) and cut the stream into rows of
+    ``max_length`` tokens, so no compute is spent on padding. Attention crosses document
+    boundaries, as in GPT-style pretraining."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, m in seqs:
+        ids += i
+        mask += m
+    rows = []
+    for start in range(0, len(ids), max_length):
+        chunk = ids[start : start + max_length]
+        if len(chunk) >= 2:
+            rows.append((chunk, mask[start : start + max_length]))
+    return rows
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths (less padding).
+
+    Indices are shuffled, cut into groups of ``mega`` batches, sorted by length inside each
+    group, split into batches, and the batches shuffled again: random yet tight.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * mega
+    for start in range(0, len(order), span):
+        group = sorted(order[start : start + span], key=lambda i: lengths[i], reverse=True)
+        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches

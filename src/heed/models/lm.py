@@ -1,0 +1,95 @@
+"""Forward passes of causal LMs that compute logits only where they are needed.
+
+Convention: ``logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])``, so a
+``target_mask`` marks the *predicted* tokens (response / assistant tokens) and the
+hidden state at ``t - 1`` is sent through the LM head for each of them. Prompt positions
+never reach the ``(·, V)`` vocabulary projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from heed.algos.ops import entropy_from_logits, selective_log_softmax
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: ``cumsum(mask) - 1``, clamped at 0. Shape (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def trunk(model: Any) -> Any:
+    """The transformer body under the LM head (``model.model`` for Llama-style models)."""
+    base = getattr(model, "base_model_prefix", "model")
+    body = getattr(model, base, None)
+    if body is None or body is model:
+        raise TypeError(f"{type(model).__name__}: cannot find the transformer body '{base}'")
+    return body
+
+
+def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, H), positions computed from the attention mask."""
+    out = trunk(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and the model's final logit soft-cap or scale, if it has one). (N, H) -> (N, V)."""
+    logits = model.get_output_embeddings()(hidden)
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, int | float):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def sequence_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and optionally entropies) of the target tokens, zero elsewhere.
+
+    Args:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) 1 on real tokens (left or right padding).
+        target_mask: (B, T) True on the tokens whose log-prob is wanted (never position 0).
+        temperature: logits are divided by it (sampling temperature of the rollout).
+
+    Returns:
+        logprobs (B, T) and entropy (B, T) of the predictive distribution at each target, or None.
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    sel = target_mask[:, 1:].bool()  # (B, T-1): hidden t-1 predicts token t
+    h = hidden[:, :-1][sel]  # (N, H)
+    targets = input_ids[:, 1:][sel]  # (N,)
+    lps, ents = [], []
+    for start in range(0, h.shape[0], chunk_size):
+        logits = head_logits(model, h[start : start + chunk_size])  # (n, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lps.append(selective_log_softmax(logits.unsqueeze(0), targets[start : start + chunk_size].unsqueeze(0))[0])
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(entropy_from_logits(logits.detach()))
+    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
+    if lps:
+        logprobs[:, 1:][sel] = torch.cat(lps).float()
+        if with_entropy:
+            entropy[:, 1:][sel] = torch.cat(ents).float()
+    return logprobs, entropy

@@ -1,0 +1,180 @@
+"""Pieces every trainer shares: seeding, run folders, optimizer and schedule, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heed.config import OptimConfig, save_config
+from heed.config.base import HeedConfig
+from heed.errors import HeedError, TrainingDivergedError
+
+STATE_FILE = "trainer_state.pt"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def prepare_run_dir(out: str | Path, cfg: HeedConfig, resume: bool) -> Path:
+    """Create the run folder and write ``config.yaml``.
+
+    A folder that already holds a finished or started run is only reused with ``--resume``
+    (or ``overwrite: true`` in the config), so no earlier result is lost by accident.
+    """
+    run = Path(out)
+    started = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists() or (run / "final").exists()
+    if started and not resume and not getattr(cfg, "overwrite", False):
+        raise HeedError(
+            f"{run}: already holds a run; pass --resume to continue it, or choose another --out "
+            "(or set overwrite: true)"
+        )
+    if started and not resume:
+        for name in ("metrics.jsonl", "checkpoints", "final", "summary.json", "samples.jsonl", "alarms.jsonl"):
+            target = run / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then
+    cosine / linear decay to ``min_lr_ratio`` at ``total``, or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or total <= cfg.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+
+
+def check_finite(value: float, step: int, source: str) -> None:
+    """Stop with a message naming the step and source when a loss or reward is NaN/inf."""
+    if not math.isfinite(value):
+        raise TrainingDivergedError(
+            f"step {step}: {source} is {value}; stopping (the last checkpoint is intact; "
+            "lower the learning rate or check the reward source)"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write ``checkpoints/step-N/`` atomically: HF model + tokenizer + ``trainer_state.pt``.
+
+    The folder is written under a temporary name and renamed, so a run killed while saving
+    never leaves a half-written checkpoint behind. Older checkpoints beyond ``keep`` are removed.
+    """
+    from heed.models.loading import save_pretrained
+
+    ckpts = Path(run_dir) / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    target = ckpts / f"step-{step}"
+    tmp = ckpts / f".step-{step}.tmp"
+    save_pretrained(model, tokenizer, tmp)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": _rng_state(),
+        "extra": extra or {},
+    }
+    torch.save(state, tmp / STATE_FILE)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    found = [p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(ckpt: Path, optimizer: Any | None, scheduler: Any | None = None) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG from a checkpoint; returns the saved state."""
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

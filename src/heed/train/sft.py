@@ -1,0 +1,278 @@
+"""Supervised fine-tuning and language modelling: one explicit PyTorch loop on accelerate.
+
+``heed pretrain`` (plain text, a new model) and ``heed sft`` (chat or prompt/completion,
+loss on answers only) share this loop. It reads top to bottom as numbered steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heed.algos.ops import masked_sum
+from heed.config.sft import SFTConfig
+from heed.data.collate import Encoded, length_grouped_batches, pack, pad_batch, truncate
+from heed.data.records import load_records
+from heed.data.templating import encode_sft, encode_text, use_chat
+from heed.errors import DataError
+from heed.report.metrics import MetricsLogger
+from heed.report.progress import StepProgress
+from heed.train.common import (
+    check_finite,
+    latest_checkpoint,
+    load_trainer_state,
+    make_optimizer,
+    make_scheduler,
+    peak_memory_mb,
+    prepare_run_dir,
+    save_checkpoint,
+    set_seed,
+    write_json,
+)
+
+
+def build_model_and_tokenizer(cfg: SFTConfig, texts_for_tokenizer: list[str] | None) -> tuple[Any, Any]:
+    """Load a pretrained model, or build a new one (training a tokenizer from the data if needed)."""
+    from heed.models.loading import load_causal_lm, load_tokenizer
+    from heed.models.tiny import build_model, tiny_llama_config, train_tokenizer
+
+    m = cfg.model
+    if m.init == "pretrained":
+        tok = load_tokenizer(m.tokenizer or m.path)
+        model = load_causal_lm(m.path, dtype=m.dtype)
+        return model, tok
+    if m.tokenizer:
+        tok = load_tokenizer(m.tokenizer)
+    else:
+        tok = train_tokenizer(texts_for_tokenizer or [], vocab_size=m.vocab_size)
+    config = tiny_llama_config(tok, size=m.size, max_position_embeddings=m.max_position_embeddings)
+    return build_model(config, seed=cfg.train.seed), tok
+
+
+def _raw_texts(examples: list[Any]) -> list[str]:
+    out = []
+    for ex in examples:
+        if hasattr(ex, "text"):
+            out.append(ex.text)
+        elif ex.messages is not None:
+            out.append("\n".join(m["content"] for m in ex.messages))
+        else:
+            out.append(f"{ex.prompt}\n{ex.completion}")
+    return out
+
+
+def encode_examples(examples: list[Any], tokenizer: Any, cfg: SFTConfig) -> list[Encoded]:
+    chat = use_chat(tokenizer, cfg.data.chat)
+    if cfg.data.kind == "text":
+        return [encode_text(tokenizer, ex.text) for ex in examples]
+    return [encode_sft(tokenizer, ex, chat) for ex in examples]
+
+
+def split_eval(examples: list[Any], frac: float, seed: int) -> tuple[list[Any], list[Any]]:
+    if frac <= 0 or len(examples) < 2:
+        return examples, []
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(len(examples) * frac))
+    held = set(idx[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, deterministic in (seed, epoch), so a resumed run sees the same order."""
+    seed = cfg.train.seed * 1000 + epoch
+    bs = cfg.train.batch_size
+    if cfg.data.group_by_length and not cfg.data.packing:
+        return length_grouped_batches([len(s[0]) for s in seqs], bs, seed)
+    order = list(range(len(seqs)))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+
+def lm_token_losses(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens."""
+    from heed.models.lm import sequence_logprobs
+
+    target = loss_mask.clone()
+    target[:, 0] = False  # the first token has no context to be predicted from
+    logprobs, _ = sequence_logprobs(model, input_ids, attention, target)
+    return -logprobs * target
+
+
+@torch.no_grad()
+def evaluate(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Token-mean eval loss and perplexity."""
+    if not seqs:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(seqs), batch_size):
+        ids, att, mask = pad_batch(seqs[start : start + batch_size], pad_id)
+        dev = next(model.parameters()).device
+        ids, att, mask = ids.to(dev), att.to(dev), mask.to(dev)
+        mask[:, 0] = False
+        nll = lm_token_losses(model, ids, att, mask)
+        total += nll.sum().item()
+        count += int(mask.sum().item())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
+    """Run SFT / language modelling; returns the final summary (also written to ``summary.json``)."""
+    from accelerate import Accelerator
+
+    # step 1. run folder, seed, processes
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed)
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None and main:
+        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
+
+    # step 2. data: read and validate every record up front
+    kind = cfg.data.kind
+    train_ex = load_records(cfg.data.train, kind)
+    eval_ex = load_records(cfg.data.eval, kind) if cfg.data.eval else []
+    if not cfg.data.eval:
+        train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_split, cfg.train.seed)
+
+    # step 3. model and tokenizer (a checkpoint's weights when resuming)
+    if ckpt is not None:
+        from heed.models.loading import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(ckpt)
+        model = load_causal_lm(ckpt, dtype=cfg.model.dtype)
+    else:
+        model, tokenizer = build_model_and_tokenizer(cfg, _raw_texts(train_ex))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    pad_id = tokenizer.pad_token_id
+
+    # step 4. tokenize; truncate (with a count) or pack
+    train_seqs = encode_examples(train_ex, tokenizer, cfg)
+    eval_seqs = encode_examples(eval_ex, tokenizer, cfg)
+    if cfg.data.packing:
+        train_seqs = pack(train_seqs, cfg.data.max_length)
+        eval_seqs = pack(eval_seqs, cfg.data.max_length)
+    else:
+        train_seqs, cut = truncate(train_seqs, cfg.data.max_length)
+        eval_seqs, _ = truncate(eval_seqs, cfg.data.max_length)
+        if cut and main:
+            warnings.warn(f"{cfg.data.train}: {cut} of {len(train_seqs)} sequences were longer than "
+                          f"data.max_length={cfg.data.max_length} and were truncated", stacklevel=1)
+    train_seqs = [s for s in train_seqs if any(s[1][1:])]
+    if not train_seqs:
+        raise DataError(f"{cfg.data.train}: no sequence has a token to train on (check the chat template / max_length)")
+
+    # step 5. optimizer, schedule, step plan
+    steps_per_epoch = len(plan_batches(train_seqs, cfg, 0))
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = 0
+    if ckpt is not None:
+        state = load_trainer_state(ckpt, optimizer, scheduler)
+        start_step = state["step"]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
+    if ckpt is not None:
+        logger.truncate_after(start_step)
+
+    # step 6. the loop
+    model.train()
+    tokens_seen, t0 = 0, time.time()
+    last: dict[str, float] = {}
+    epoch_batches: dict[int, list[list[int]]] = {}
+    with StepProgress("pretrain" if kind == "text" else "sft", total_steps, enabled=cfg.log.progress and main,
+                      start=start_step) as bar:
+        for step in range(start_step, total_steps):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: plan_batches(train_seqs, cfg, epoch)}
+            batch = [train_seqs[i] for i in epoch_batches[epoch][pos]]
+            # every token of the optimizer step counts equally, whatever the micro-batching or process count
+            global_tokens = sum(sum(m[1:]) for _, m in batch)
+            mine = batch[rank::world]
+            loss_sum = torch.zeros((), device=accelerator.device)
+            chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)] or [[]]
+            for ci, chunk in enumerate(chunks):
+                if not chunk:
+                    continue
+                ids, att, mask = (t.to(accelerator.device) for t in pad_batch(chunk, pad_id))
+                mask[:, 0] = False
+                sync = ci == len(chunks) - 1
+                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
+                with ctx:
+                    nll = lm_token_losses(model, ids, att, mask)
+                    loss = masked_sum(nll, mask) / global_tokens * world
+                    accelerator.backward(loss)
+                loss_sum += loss.detach() / world
+            loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
+            check_finite(loss_value, step + 1, "training loss")
+            grad_norm = None
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += global_tokens
+            done = step + 1
+            last = {"loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            if done % cfg.log.log_every == 0 or done == total_steps:
+                elapsed = time.time() - t0
+                logger.log(done, {**last, "epoch": done / steps_per_epoch,
+                                  "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
+                logger.log(done, evaluate(accelerator.unwrap_model(model), eval_seqs, pad_id, cfg.train.eval_batch_size),
+                           split="eval")
+            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(run, done, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+                                    keep=cfg.log.keep_checkpoints)
+            bar.advance(1, {"loss": loss_value})
+
+    # step 7. final evaluation, model and summary
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {"steps": total_steps, "train/loss": last.get("loss", float("nan"))}
+    if main:
+        unwrapped = accelerator.unwrap_model(model)
+        ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size)
+        if ev:
+            logger.log(total_steps, ev, split="eval")
+        from heed.models.loading import save_pretrained
+
+        unwrapped.generation_config.pad_token_id = pad_id
+        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
+        save_pretrained(unwrapped, tokenizer, run / "final")
+        elapsed = time.time() - t0
+        summary.update(ev)
+        summary.update({"tokens_per_s": tokens_seen / max(elapsed, 1e-9), "train_seconds": elapsed,
+                        "peak_memory_mb": peak_memory_mb(), "train_sequences": len(train_seqs),
+                        "eval_sequences": len(eval_seqs)})
+        write_json(run / "summary.json", summary)
+        logger.close()
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
