@@ -35,7 +35,12 @@ def test_majority_vote_counts_ties_and_discards() -> None:
     none = aggregate_pairwise(3, [pw(3, "a", "0"), pw(3, "b", "1"), pw(3, "c", "discard")])
     assert none.label is None and none.ranks is None and none.votes == {"0": 1, "1": 1, "discard": 1}
     # 2 of 4 is not more than half
-    assert aggregate_pairwise(4, [pw(4, u, lab) for u, lab in zip("abcd", ["0", "0", "1", "tie"], strict=True)]).label is None
+    assert (
+        aggregate_pairwise(
+            4, [pw(4, u, lab) for u, lab in zip("abcd", ["0", "0", "1", "tie"], strict=True)]
+        ).label
+        is None
+    )
 
 
 def test_mean_rank_and_borda() -> None:
@@ -70,8 +75,13 @@ def test_ranking_discard_majority_and_pairs() -> None:
 def test_position_bias_pairwise() -> None:
     # winners shown first in 3 of 4 decided judgements: order (0,1) & label "0" -> first won;
     # order (1,0) & label "1" -> first won; order (0,1) & "0"; order (1,0) & "0" -> second won. Tie ignored.
-    js = [pw(1, "a", "0", (0, 1)), pw(2, "a", "1", (1, 0)), pw(3, "a", "0", (0, 1)), pw(4, "a", "0", (1, 0)),
-          pw(5, "a", "tie", (0, 1))]
+    js = [
+        pw(1, "a", "0", (0, 1)),
+        pw(2, "a", "1", (1, 0)),
+        pw(3, "a", "0", (0, 1)),
+        pw(4, "a", "0", (1, 0)),
+        pw(5, "a", "tie", (0, 1)),
+    ]
     b = position_bias(js, "pairwise")
     assert b["first_shown_wins"] == pytest.approx(0.75) and b["decided"] == 4
     assert b["z"] == pytest.approx((3 - 2) / 1.0)  # (first - n/2) / sqrt(n/4)
@@ -83,12 +93,15 @@ def test_biased_annotator_stands_out() -> None:
     js = []
     for rid in range(6):
         truth = "0" if rid % 2 else "1"
-        js += [pw(rid, "a", truth), pw(rid, "b", truth), pw(rid, "d", truth),
-               pw(rid, "c", "1" if truth == "0" else "0")]
+        js += [
+            pw(rid, "a", truth),
+            pw(rid, "b", truth),
+            pw(rid, "d", truth),
+            pw(rid, "c", "1" if truth == "0" else "0"),
+        ]
     rep = agreement_report("pairwise", js)
     assert rep.per_annotator["a"]["agree_with_majority"] == pytest.approx(1.0)
     assert rep.per_annotator["c"]["agree_with_majority"] == pytest.approx(0.0)
     assert rep.records_multi == 6
     assert rep.fleiss_kappa < 0.2 and not math.isnan(rep.cohen_kappa)
     assert [d["record_id"] for d in disagreements("pairwise", js)] == list(range(6))
-

@@ -19,7 +19,9 @@ def env(db_url: str, hasher):  # type: ignore[no-untyped-def]
     _, admin_pw = fb.add_user("boss", "admin")
     _, ann_pw = fb.add_user("ann", "annotator")
     fb.create_project("p", "pairwise", overlap=1, guidelines="# Be *fair*\n<script>alert(1)</script>")
-    fb.import_records("p", [{"prompt": XSS + " ' OR 1=1; --", "responses": [XSS, "```py\nprint(1)\n```"]}] * 3)
+    fb.import_records(
+        "p", [{"prompt": XSS + " ' OR 1=1; --", "responses": [XSS, "```py\nprint(1)\n```"]}] * 3
+    )
     app = create_app(fb, login_limit=5)
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client, fb, admin_pw, ann_pw
@@ -66,15 +68,23 @@ def test_cookie_flags_csrf_and_forged_tokens(env) -> None:  # type: ignore[no-un
 
 def test_bearer_tokens_skip_csrf(env) -> None:  # type: ignore[no-untyped-def]
     client, _, _, ann_pw = env
-    token = client.post("/api/login", json={"name": "ann", "password": ann_pw, "bearer": True}).json()["token"]
+    token = client.post("/api/login", json={"name": "ann", "password": ann_pw, "bearer": True}).json()[
+        "token"
+    ]
     client.cookies.clear()
     h = {"Authorization": f"Bearer {token}"}
     item = client.get("/api/projects/p/next", headers=h).json()
-    r = client.post("/api/projects/p/annotations", headers=h,
-                    json={"record_id": item["record_id"], "idempotency_key": "k", "choice": "tie"})
+    r = client.post(
+        "/api/projects/p/annotations",
+        headers=h,
+        json={"record_id": item["record_id"], "idempotency_key": "k", "choice": "tie"},
+    )
     assert r.status_code == 200
-    again = client.post("/api/projects/p/annotations", headers=h,
-                        json={"record_id": item["record_id"], "idempotency_key": "k", "choice": "tie"})
+    again = client.post(
+        "/api/projects/p/annotations",
+        headers=h,
+        json={"record_id": item["record_id"], "idempotency_key": "k", "choice": "tie"},
+    )
     assert again.json() == {**r.json(), "duplicate": True}
     assert client.get("/api/projects/p/progress", headers=h).json()["done"] == 1
 
@@ -82,17 +92,26 @@ def test_bearer_tokens_skip_csrf(env) -> None:  # type: ignore[no-untyped-def]
 def test_annotators_cannot_reach_admin(env) -> None:  # type: ignore[no-untyped-def]
     client, _, _, ann_pw = env
     csrf = login(client, "ann", ann_pw)
-    for path in ("/api/admin/projects/p/stats", "/api/admin/projects/p/annotations", "/api/admin/users",
-                 "/api/admin/projects/p/export", "/api/admin/projects/p/disagreements"):
+    for path in (
+        "/api/admin/projects/p/stats",
+        "/api/admin/projects/p/annotations",
+        "/api/admin/users",
+        "/api/admin/projects/p/export",
+        "/api/admin/projects/p/disagreements",
+    ):
         assert client.get(path).status_code == 403, path
     assert client.get("/admin").status_code == 403
-    r = client.post("/api/admin/users", json={"name": "evil", "role": "admin"}, headers={"X-CSRF-Token": csrf})
+    r = client.post(
+        "/api/admin/users", json={"name": "evil", "role": "admin"}, headers={"X-CSRF-Token": csrf}
+    )
     assert r.status_code == 403
 
 
 def test_login_rate_limit(env) -> None:  # type: ignore[no-untyped-def]
     client, _, _, ann_pw = env
-    codes = [client.post("/api/login", json={"name": "ann", "password": "nope"}).status_code for _ in range(6)]
+    codes = [
+        client.post("/api/login", json={"name": "ann", "password": "nope"}).status_code for _ in range(6)
+    ]
     assert codes == [401] * 5 + [429]
     r = client.post("/api/login", json={"name": "ann", "password": ann_pw})
     assert r.status_code == 429 and int(r.headers["retry-after"]) > 0  # even the right password waits
@@ -104,10 +123,13 @@ def test_bad_input_is_rejected_cleanly(env) -> None:  # type: ignore[no-untyped-
     h = {"X-CSRF-Token": csrf, "Content-Type": "application/json"}
     r = client.post("/api/admin/projects", content=b'{"name": "x", "task": ', headers=h)
     assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
-    r = client.post("/api/admin/projects", json={"name": "x", "task": "pairwise", "overlap": "many"}, headers=h)
+    r = client.post(
+        "/api/admin/projects", json={"name": "x", "task": "pairwise", "overlap": "many"}, headers=h
+    )
     assert r.status_code == 422 and "overlap" in r.json()["detail"]
-    r = client.post("/api/admin/projects", json={"name": "x; DROP TABLE heed_users; --", "task": "pairwise"},
-                    headers=h)
+    r = client.post(
+        "/api/admin/projects", json={"name": "x; DROP TABLE heed_users; --", "task": "pairwise"}, headers=h
+    )
     assert r.status_code == 422 and "name" in r.json()["detail"]
     r = client.post("/api/admin/projects", json={"name": "x", "task": "pairwise", "extra": 1}, headers=h)
     assert r.status_code == 422
@@ -116,17 +138,28 @@ def test_bad_input_is_rejected_cleanly(env) -> None:  # type: ignore[no-untyped-
     big = json.dumps({"name": "x", "task": "pairwise", "guidelines": "a" * (2 << 20)})
     r = client.post("/api/admin/projects", content=big, headers=h)
     assert r.status_code == 413
-    r = client.post("/api/admin/projects/p/records", headers=h,
-                    json={"records": [{"prompt": "q", "responses": ["only one"]}]})
+    r = client.post(
+        "/api/admin/projects/p/records",
+        headers=h,
+        json={"records": [{"prompt": "q", "responses": ["only one"]}]},
+    )
     assert r.status_code == 422 and "record 0: responses" in r.json()["detail"]
     # a lone surrogate (valid JSON escape, not Unicode text) cannot round-trip: refused
-    r = client.post("/api/admin/projects/p/records", headers=h,
-                    content=b'{"records": [{"prompt": "q", "responses": ["a", "b"], "meta": "\\ud800"}]}')
+    r = client.post(
+        "/api/admin/projects/p/records",
+        headers=h,
+        content=b'{"records": [{"prompt": "q", "responses": ["a", "b"], "meta": "\\ud800"}]}',
+    )
     assert r.status_code == 422 and "surrogate" in r.json()["detail"]
-    r = client.post("/api/projects/p/annotations", headers=h,
-                    json={"record_id": 1, "idempotency_key": "k", "choice": "A", "rationale": "nul\x00"})
+    r = client.post(
+        "/api/projects/p/annotations",
+        headers=h,
+        json={"record_id": 1, "idempotency_key": "k", "choice": "A", "rationale": "nul\x00"},
+    )
     assert r.status_code in (409, 422)
-    r = client.post("/api/projects/p/annotations", headers=h, json={"record_id": 2**40, "idempotency_key": "k"})
+    r = client.post(
+        "/api/projects/p/annotations", headers=h, json={"record_id": 2**40, "idempotency_key": "k"}
+    )
     assert r.status_code == 422
     # nothing above changed the database
     assert [p.name for p in fb.projects()] == ["p"] and fb.project("p").num_records == 3
@@ -140,9 +173,14 @@ def test_untrusted_text_is_inert(env) -> None:  # type: ignore[no-untyped-def]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert "<script>window" not in page.text  # records reach the page only as JSON, set with textContent
     project = client.get("/api/projects/p").json()
-    assert "<script>" not in project["guidelines_html"] and "<h1>Be <em>fair</em></h1>" in project["guidelines_html"]
+    assert (
+        "<script>" not in project["guidelines_html"]
+        and "<h1>Be <em>fair</em></h1>" in project["guidelines_html"]
+    )
     item = client.get("/api/projects/p/next").json()
-    assert item["prompt"].startswith(XSS)  # stored and returned verbatim; the browser test shows it stays inert
+    assert item["prompt"].startswith(
+        XSS
+    )  # stored and returned verbatim; the browser test shows it stays inert
     js = client.get("/static/heed.js").text
     assert "innerHTML = state.project.guidelines_html" in js and js.count("innerHTML =") == 1
 
@@ -152,14 +190,20 @@ def test_admin_flow_over_http(env) -> None:  # type: ignore[no-untyped-def]
     h = {"X-CSRF-Token": login(client, "boss", admin_pw)}
     r = client.post("/api/admin/projects", headers=h, json={"name": "rank1", "task": "ranking", "overlap": 1})
     assert r.status_code == 201
-    r = client.post("/api/admin/projects/rank1/records", headers=h,
-                    json={"records": [{"prompt": "中文？", "responses": ["甲", "乙", "丙"]}]})
+    r = client.post(
+        "/api/admin/projects/rank1/records",
+        headers=h,
+        json={"records": [{"prompt": "中文？", "responses": ["甲", "乙", "丙"]}]},
+    )
     assert r.json() == {"count": 1}
     item = client.get("/api/projects/rank1/next").json()
     texts = [x["text"] for x in item["responses"]]
     wanted = {"甲": 1, "乙": 2, "丙": 2}
-    r = client.post("/api/projects/rank1/annotations", headers=h, json={
-        "record_id": item["record_id"], "idempotency_key": "x", "ranks": [wanted[t] for t in texts]})
+    r = client.post(
+        "/api/projects/rank1/annotations",
+        headers=h,
+        json={"record_id": item["record_id"], "idempotency_key": "x", "ranks": [wanted[t] for t in texts]},
+    )
     assert r.status_code == 200
     r = client.get("/api/admin/projects/rank1/export?format=ranked&file=jsonl")
     assert r.headers["content-type"].startswith("application/x-ndjson")

@@ -16,14 +16,24 @@ from heed.feedback.loadtest import free_port
 from heed.feedback.service import Feedback
 
 CHROMIUM = os.environ.get("HEED_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
-                       reason=f"chromium not found at {CHROMIUM} (set HEED_CHROMIUM)"),
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
+        reason=f"chromium not found at {CHROMIUM} (set HEED_CHROMIUM)",
+    ),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
@@ -36,13 +46,25 @@ def server(tmp_path, hasher):  # type: ignore[no-untyped-def]
 
     fb = Feedback(f"sqlite:///{tmp_path / 'heed.db'}", hasher=hasher, seed=1)
     passwords = {"boss": fb.add_user("boss", "admin")[1], "ann": fb.add_user("ann")[1]}
-    fb.create_project("pw", "pairwise", overlap=1, guidelines="Pick the **good** answer.\n\n<script>bad()</script>")
-    fb.import_records("pw", [
-        {"prompt": f"{XSS} question {i} 你好", "responses": [f"good {i}\n```python\nprint('{i}')\n```", f"bad {i} {XSS}"],
-         "id": f"pw{i}"} for i in range(3)])
+    fb.create_project(
+        "pw", "pairwise", overlap=1, guidelines="Pick the **good** answer.\n\n<script>bad()</script>"
+    )
+    fb.import_records(
+        "pw",
+        [
+            {
+                "prompt": f"{XSS} question {i} 你好",
+                "responses": [f"good {i}\n```python\nprint('{i}')\n```", f"bad {i} {XSS}"],
+                "id": f"pw{i}",
+            }
+            for i in range(3)
+        ],
+    )
     fb.create_project("rk", "ranking", overlap=1)
-    fb.import_records("rk", [{"prompt": f"rank me {i}", "responses": [f"worst {i}", f"best {i}", f"mid {i}"]}
-                             for i in range(2)])
+    fb.import_records(
+        "rk",
+        [{"prompt": f"rank me {i}", "responses": [f"worst {i}", f"best {i}", f"mid {i}"]} for i in range(2)],
+    )
     config = uvicorn.Config(create_app(fb), host="127.0.0.1", port=free_port(), log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -175,9 +197,12 @@ def test_keyboard_labelling_and_admin_export(server, browser, tmp_path) -> None:
         admin.locator("#export-ranked").click()
     dl.value.save_as(tmp_path / "ranked.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "ranked.jsonl").read_text(encoding="utf-8").splitlines()]
-    got = {r["prompt"]: {resp.split()[0]: rank for resp, rank in zip(r["responses"], r["ranks"], strict=True)}
-           for r in rows}
+    got = {
+        r["prompt"]: {resp.split()[0]: rank for resp, rank in zip(r["responses"], r["ranks"], strict=True)}
+        for r in rows
+    }
     assert got == ranked
     # the CLI/service export is the same file
-    assert [json.loads(x) for x in (tmp_path / "ranked.jsonl").read_text(encoding="utf-8").splitlines()] == \
-        fb.export("rk", "ranked")
+    assert [
+        json.loads(x) for x in (tmp_path / "ranked.jsonl").read_text(encoding="utf-8").splitlines()
+    ] == fb.export("rk", "ranked")

@@ -18,14 +18,37 @@ def test_cli_project_import_label_export(tmp_path, capsys) -> None:  # type: ign
     db = str(tmp_path / "a.db")
     guide = tmp_path / "guide.md"
     guide.write_text("# 指南\nBe kind.", encoding="utf-8")
-    run(capsys, "annotate", "project", "create", "p", "--task", "pairwise", "--overlap", "1", "--guidelines",
-        str(guide), "--db", db)
+    run(
+        capsys,
+        "annotate",
+        "project",
+        "create",
+        "p",
+        "--task",
+        "pairwise",
+        "--overlap",
+        "1",
+        "--guidelines",
+        str(guide),
+        "--db",
+        db,
+    )
     out = run(capsys, "annotate", "user", "add", "boss", "--role", "admin", "--db", db)
     assert out.startswith("user boss (admin) password: ")
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no", "src": "cli"},
-                                       ensure_ascii=False) + "\n" for i in range(2)), encoding="utf-8")
-    assert "imported 2 records" in run(capsys, "annotate", "import", "--project", "p", "--data", str(data), "--db", db)
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"q{i}", "chosen": "yes", "rejected": "no", "src": "cli"}, ensure_ascii=False
+            )
+            + "\n"
+            for i in range(2)
+        ),
+        encoding="utf-8",
+    )
+    assert "imported 2 records" in run(
+        capsys, "annotate", "import", "--project", "p", "--data", str(data), "--db", db
+    )
 
     from heed.feedback.service import Feedback
 
@@ -33,12 +56,25 @@ def test_cli_project_import_label_export(tmp_path, capsys) -> None:  # type: ign
     while (a := fb.next_assignment("boss", "p")) is not None:
         fb.submit("boss", "p", a.record_id, choice=a.display_choice(0), key=str(a.record_id))
     fb.close()
-    out = run(capsys, "annotate", "export", "--project", "p", "--format", "pairs", "--out", str(tmp_path / "o.jsonl"),
-              "--db", db)
+    out = run(
+        capsys,
+        "annotate",
+        "export",
+        "--project",
+        "p",
+        "--format",
+        "pairs",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--db",
+        db,
+    )
     assert "wrote 2 pairs rows" in out
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [(r["prompt"], r["chosen"], r["rejected"], r["src"]) for r in rows] == [("q0", "yes", "no", "cli"),
-                                                                                  ("q1", "yes", "no", "cli")]
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["src"]) for r in rows] == [
+        ("q0", "yes", "no", "cli"),
+        ("q1", "yes", "no", "cli"),
+    ]
     stats = json.loads(run(capsys, "annotate", "stats", "--project", "p", "--db", db))
     assert stats["progress"]["annotations"] == 2
 

@@ -26,8 +26,12 @@ def tiny_policy(tmp_path_factory):  # type: ignore[no-untyped-def]
 
     texts = ["the cat sat on the mat", "a dog ran in the park", "你好 世界"] * 50
     tok = train_tokenizer(texts, vocab_size=300)
-    model = build_model(tiny_llama_config(tok, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                          num_attention_heads=2), seed=0)
+    model = build_model(
+        tiny_llama_config(
+            tok, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2
+        ),
+        seed=0,
+    )
     return save_pretrained(model, tok, tmp_path_factory.mktemp("policy") / "model")
 
 
@@ -39,8 +43,24 @@ def test_generate_command_imports_samples(tiny_policy, tmp_path, capsys) -> None
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "topic": "t"}) + "\n" for p in ["the cat", "a dog"]))
     main(["annotate", "project", "create", "r", "--task", "ranking", "--db", db])
-    main(["annotate", "generate", "--project", "r", "--model", str(tiny_policy), "--prompts", str(prompts),
-          "--num-samples", "3", "--max-new-tokens", "8", "--db", db])
+    main(
+        [
+            "annotate",
+            "generate",
+            "--project",
+            "r",
+            "--model",
+            str(tiny_policy),
+            "--prompts",
+            str(prompts),
+            "--num-samples",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--db",
+            db,
+        ]
+    )
     assert "imported 2 generated records" in capsys.readouterr().out
     fb = Feedback(db)
     rec = fb.record("r", 1)

@@ -43,4 +43,6 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case) -> None:  # type: ignore[no-untyped-def]
     response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
-    assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:500]}"
+    assert response.status_code < 500, (
+        f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:500]}"
+    )

@@ -13,11 +13,15 @@ from heed.feedback.records import read_rows
 from heed.feedback.service import ConflictError, Feedback, NotFoundError
 from heed.feedback.store import Lease, utcnow
 
-UNICODE = "naïve 你好 🙂👍🏽 مرحبا e\u0301 \u200d tab\tnl\n<b>&amp;</b> ' \" ; DROP TABLE heed_users; -- \x00 end"
+UNICODE = (
+    "naïve 你好 🙂👍🏽 مرحبا e\u0301 \u200d tab\tnl\n<b>&amp;</b> ' \" ; DROP TABLE heed_users; -- \x00 end"
+)
 
 
 def records(n: int, k: int = 2) -> list[dict]:
-    return [{"prompt": f"p{i}", "responses": [f"r{i}.{j}" for j in range(k)], "id": f"x{i}"} for i in range(n)]
+    return [
+        {"prompt": f"p{i}", "responses": [f"r{i}.{j}" for j in range(k)], "id": f"x{i}"} for i in range(n)
+    ]
 
 
 def label_all(fb: Feedback, users: list[str], project: str, choice: str = "A") -> int:
@@ -139,8 +143,13 @@ def test_validation_errors_are_clear(fb: Feedback) -> None:
 def test_unicode_round_trips_exactly(fb: Feedback, tmp_path) -> None:  # type: ignore[no-untyped-def]
     chat = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": UNICODE}]
     fb.create_project("p", "pairwise", overlap=1)
-    fb.import_records("p", [{"prompt": UNICODE, "responses": [UNICODE + "A", "🙂B"], "note": UNICODE},
-                            {"prompt": chat, "responses": ["答案 A", "答案 B"]}])
+    fb.import_records(
+        "p",
+        [
+            {"prompt": UNICODE, "responses": [UNICODE + "A", "🙂B"], "note": UNICODE},
+            {"prompt": chat, "responses": ["答案 A", "答案 B"]},
+        ],
+    )
     fb.add_user("a")
     seen = []
     while (a := fb.next_assignment("a", "p")) is not None:
@@ -159,7 +168,9 @@ def test_unicode_round_trips_exactly(fb: Feedback, tmp_path) -> None:  # type: i
 
 def test_export_formats_round_trip_and_reimport(fb: Feedback, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fb.create_project("r", "ranking", overlap=2)
-    fb.import_records("r", [{"prompt": f"q{i}", "responses": ["a", "b", "c"], "topic": "math"} for i in range(3)])
+    fb.import_records(
+        "r", [{"prompt": f"q{i}", "responses": ["a", "b", "c"], "topic": "math"} for i in range(3)]
+    )
     for u in "xy":
         fb.add_user(u)
         while (a := fb.next_assignment(u, "r")) is not None:
@@ -182,7 +193,9 @@ def test_export_formats_round_trip_and_reimport(fb: Feedback, tmp_path) -> None:
 
 def test_uncertainty_ordering(fb: Feedback) -> None:
     fb.create_project("p", "ranking", overlap=1)
-    fb.import_records("p", [{"prompt": "q", "responses": ["a" * n, "b" * m, "c"]} for n, m in [(1, 9), (5, 6), (2, 9)]])
+    fb.import_records(
+        "p", [{"prompt": "q", "responses": ["a" * n, "b" * m, "c"]} for n, m in [(1, 9), (5, 6), (2, 9)]]
+    )
     fb.add_user("a")
 
     def score(prompts: list, responses: list[str]) -> list[float]:  # a toy reward: the length

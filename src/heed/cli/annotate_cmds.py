@@ -12,8 +12,9 @@ import typer
 
 from heed.cli.app import app
 
-annotate = typer.Typer(help="Collect human preferences in the browser: serve, import, export, users.",
-                       no_args_is_help=True)
+annotate = typer.Typer(
+    help="Collect human preferences in the browser: serve, import, export, users.", no_args_is_help=True
+)
 user_app = typer.Typer(help="Manage annotators and admins.", no_args_is_help=True)
 project_app = typer.Typer(help="Create and list projects.", no_args_is_help=True)
 annotate.add_typer(user_app, name="user")
@@ -22,8 +23,11 @@ app.add_typer(annotate, name="annotate")
 
 DbOpt = Annotated[
     str,
-    typer.Option("--db", envvar="HEED_ANNOTATE_DB",
-                 help="SQLAlchemy URL or SQLite file (postgresql+psycopg2://... for PostgreSQL)."),
+    typer.Option(
+        "--db",
+        envvar="HEED_ANNOTATE_DB",
+        help="SQLAlchemy URL or SQLite file (postgresql+psycopg2://... for PostgreSQL).",
+    ),
 ]
 ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Project name.")]
 
@@ -39,7 +43,9 @@ def serve(
     db: DbOpt = "heed-annotate.db",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    secure_cookies: Annotated[bool, typer.Option(help="Mark the session cookie Secure (behind HTTPS).")] = False,
+    secure_cookies: Annotated[
+        bool, typer.Option(help="Mark the session cookie Secure (behind HTTPS).")
+    ] = False,
 ) -> None:
     """Run the annotation web app (pages at /, JSON API at /api, schema at /docs)."""
     from heed.feedback.api import serve as run
@@ -55,7 +61,9 @@ def project_create(
     overlap: Annotated[int, typer.Option(help="Annotations wanted per record.")] = 1,
     guidelines: Annotated[Path | None, typer.Option(help="Markdown file shown beside every record.")] = None,
     tie: Annotated[bool, typer.Option("--tie/--no-tie", help="Allow ties.")] = True,
-    discard: Annotated[bool, typer.Option("--discard/--no-discard", help="Allow discarding a record.")] = True,
+    discard: Annotated[
+        bool, typer.Option("--discard/--no-discard", help="Allow discarding a record.")
+    ] = True,
     rationale: Annotated[str, typer.Option(help="off, optional or required.")] = "optional",
     lease_seconds: Annotated[int, typer.Option(help="How long a handed-out record stays reserved.")] = 600,
     db: DbOpt = "heed-annotate.db",
@@ -68,8 +76,16 @@ def project_create(
         if not guidelines.is_file():
             raise DataError(f"--guidelines {guidelines}: no such file")
         text = guidelines.read_text(encoding="utf-8")
-    p = _feedback(db).create_project(name, task, guidelines=text, overlap=overlap, allow_tie=tie,  # type: ignore[arg-type]
-                                     allow_discard=discard, rationale=rationale, lease_seconds=lease_seconds)  # type: ignore[arg-type]
+    p = _feedback(db).create_project(
+        name,
+        task,
+        guidelines=text,
+        overlap=overlap,
+        allow_tie=tie,  # type: ignore[arg-type]
+        allow_discard=discard,
+        rationale=rationale,
+        lease_seconds=lease_seconds,
+    )  # type: ignore[arg-type]
     typer.echo(f"created project {p.name} ({p.task}, overlap {p.overlap})")
 
 
@@ -79,8 +95,10 @@ def project_list(db: DbOpt = "heed-annotate.db") -> None:
     fb = _feedback(db)
     for p in fb.projects():
         prog = fb.progress(p.name)
-        typer.echo(f"{p.name}\t{p.task}\toverlap={p.overlap}\trecords={p.num_records}\t"
-                   f"annotations={prog['annotations']}/{prog['target']}")
+        typer.echo(
+            f"{p.name}\t{p.task}\toverlap={p.overlap}\trecords={p.num_records}\t"
+            f"annotations={prog['annotations']}/{prog['target']}"
+        )
 
 
 @user_app.command("add")
@@ -95,7 +113,9 @@ def user_add(
 
 
 @user_app.command("reset")
-def user_reset(name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db") -> None:
+def user_reset(
+    name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
     """Give a user a new one-time password and end their sessions."""
     typer.echo(f"user {name} password: {_feedback(db).set_password(name)}")
 
@@ -114,7 +134,9 @@ def _scorer(reward_model: Path):  # type: ignore[no-untyped-def]
     try:
         rm = heed.load_reward_model(str(reward_model))
     except ModuleNotFoundError as exc:
-        raise ModelLoadError(f"--reward-model {reward_model}: reward models are not available in this build ({exc})") from exc
+        raise ModelLoadError(
+            f"--reward-model {reward_model}: reward models are not available in this build ({exc})"
+        ) from exc
     return rm.score
 
 
@@ -122,8 +144,12 @@ def _scorer(reward_model: Path):  # type: ignore[no-untyped-def]
 def import_(
     project: ProjectOpt,
     data: Annotated[Path, typer.Option("--data", help="JSONL, Parquet or a datasets folder of records.")],
-    file_format: Annotated[str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")] = None,
-    reward_model: Annotated[Path | None, typer.Option(help="Show records with the smallest score gap first.")] = None,
+    file_format: Annotated[
+        str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")
+    ] = None,
+    reward_model: Annotated[
+        Path | None, typer.Option(help="Show records with the smallest score gap first.")
+    ] = None,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
     """Import records {prompt, responses} (or {prompt, chosen, rejected}) into a project."""
@@ -131,21 +157,27 @@ def import_(
     n = fb.import_file(project, data, file_format)
     typer.echo(f"imported {n} records into {project}")
     if reward_model is not None:
-        typer.echo(f"scored {fb.set_priorities(project, _scorer(reward_model))} records by reward-model uncertainty")
+        typer.echo(
+            f"scored {fb.set_priorities(project, _scorer(reward_model))} records by reward-model uncertainty"
+        )
 
 
 @annotate.command("generate")
 def generate(
     project: ProjectOpt,
     model: Annotated[Path, typer.Option("--model", "-m", help="Local policy folder (Hugging Face format).")],
-    prompts: Annotated[Path, typer.Option("--prompts", help="Prompts file: {\"prompt\": ...} per record.")],
-    num_samples: Annotated[int, typer.Option("--num-samples", "-k", help="Answers sampled per prompt (2-9).")] = 2,
+    prompts: Annotated[Path, typer.Option("--prompts", help='Prompts file: {"prompt": ...} per record.')],
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", "-k", help="Answers sampled per prompt (2-9).")
+    ] = 2,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    reward_model: Annotated[Path | None, typer.Option(
-        help="Pick the closest-scored pair (pairwise) and show uncertain records first.")] = None,
+    reward_model: Annotated[
+        Path | None,
+        typer.Option(help="Pick the closest-scored pair (pairwise) and show uncertain records first."),
+    ] = None,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
     """Sample K answers per prompt from a policy and import them as records of the project."""
@@ -154,8 +186,17 @@ def generate(
     fb = _feedback(db)
     task = fb.project(project).task
     scorer = _scorer(reward_model) if reward_model is not None else None
-    records = generate_records(model, prompts, num_samples, task, scorer=scorer, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed)
+    records = generate_records(
+        model,
+        prompts,
+        num_samples,
+        task,
+        scorer=scorer,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     n = fb.import_records(project, records)
     typer.echo(f"imported {n} generated records into {project}")
     if scorer is not None:
@@ -176,9 +217,13 @@ def prioritize(
 @annotate.command("export")
 def export(
     project: ProjectOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="FILE.jsonl, FILE.parquet or a folder (datasets).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="FILE.jsonl, FILE.parquet or a folder (datasets).")
+    ],
     format: Annotated[str, typer.Option("--format", help="pairs (chosen/rejected) or ranked.")] = "pairs",
-    file_format: Annotated[str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")] = None,
+    file_format: Annotated[
+        str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")
+    ] = None,
     method: Annotated[str, typer.Option(help="Ranking aggregation: mean_rank or borda.")] = "mean_rank",
     complete_only: Annotated[bool, typer.Option(help="Only records with all `overlap` annotations.")] = False,
     db: DbOpt = "heed-annotate.db",
@@ -191,8 +236,14 @@ def export(
     if method not in ("mean_rank", "borda"):
         raise DataError(f"--method {method!r}: expected mean_rank or borda")
     fb = _feedback(db)
-    path, n = fb.export_file(project, format, out, file_format, method=method,  # type: ignore[arg-type]
-                             complete_only=complete_only)
+    path, n = fb.export_file(
+        project,
+        format,
+        out,
+        file_format,
+        method=method,  # type: ignore[arg-type]
+        complete_only=complete_only,
+    )
     summary = fb.summary(project)
     typer.echo(f"wrote {n} {format} rows to {path}; record outcomes: {json.dumps(summary)}")
 
@@ -209,8 +260,16 @@ def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
             return {k: finite(v) for k, v in x.items()}
         return x
 
-    typer.echo(json.dumps(finite({"progress": fb.progress(project), "agreement": asdict(fb.agreement(project)),
-                                  "outcomes": fb.summary(project)}), indent=2, ensure_ascii=False))
-
-
-
+    typer.echo(
+        json.dumps(
+            finite(
+                {
+                    "progress": fb.progress(project),
+                    "agreement": asdict(fb.agreement(project)),
+                    "outcomes": fb.summary(project),
+                }
+            ),
+            indent=2,
+            ensure_ascii=False,
+        )
+    )

@@ -255,15 +255,23 @@ def disagreements(task: str, judgements: Sequence[Judgement], limit: int = 200) 
             score = agg.weight
         else:
             rankings = [list(j.ranks) for j in js if j.ranks is not None]
-            if len({tuple(ag.fractional_ranks(r)) for r in rankings}) <= 1 and len({j.label for j in js}) == 1:
+            if (
+                len({tuple(ag.fractional_ranks(r)) for r in rankings}) <= 1
+                and len({j.label for j in js}) == 1
+            ):
                 continue
             tau = ag.mean_kendall_tau([rankings])
             score = -1.0 if math.isnan(tau) else tau
-        out.append({
-            "record_id": rid,
-            "agreement": score,
-            "labels": {j.user: (j.label if task == "pairwise" else (list(j.ranks) if j.ranks else j.label)) for j in js},
-        })
+        out.append(
+            {
+                "record_id": rid,
+                "agreement": score,
+                "labels": {
+                    j.user: (j.label if task == "pairwise" else (list(j.ranks) if j.ranks else j.label))
+                    for j in js
+                },
+            }
+        )
     out.sort(key=lambda d: (d["agreement"], d["record_id"]))
     return out[:limit]
 

@@ -64,7 +64,9 @@ class Strict(BaseModel):
 class LoginIn(Strict):
     name: str = Field(min_length=1, max_length=64, description="User name.")
     password: str = Field(min_length=1, max_length=256, description="Password.")
-    bearer: bool = Field(False, description="Return a bearer token for API clients instead of setting a cookie.")
+    bearer: bool = Field(
+        False, description="Return a bearer token for API clients instead of setting a cookie."
+    )
 
 
 class LoginOut(BaseModel):
@@ -82,7 +84,9 @@ class ProjectIn(Strict):
     allow_tie: bool = Field(True, description="Offer 'tie' (pairwise) / allow equal ranks (ranking).")
     allow_discard: bool = Field(True, description="Offer 'discard' for unusable records.")
     rationale: Literal["off", "optional", "required"] = Field("optional", description="Free-text rationale.")
-    lease_seconds: int = Field(600, ge=10, le=604_800, description="How long a handed-out record is reserved.")
+    lease_seconds: int = Field(
+        600, ge=10, le=604_800, description="How long a handed-out record is reserved."
+    )
 
 
 class ProjectOut(BaseModel):
@@ -99,8 +103,9 @@ class ProjectOut(BaseModel):
 
 
 class RecordsIn(Strict):
-    records: list[dict[str, Any]] = Field(min_length=1, max_length=20_000,
-                                          description="Records: {prompt, responses, id?, metadata?}.")
+    records: list[dict[str, Any]] = Field(
+        min_length=1, max_length=20_000, description="Records: {prompt, responses, id?, metadata?}."
+    )
 
 
 class CountOut(BaseModel):
@@ -122,11 +127,16 @@ class AssignmentOut(BaseModel):
 
 class SubmitIn(Strict):
     record_id: int = Field(ge=1, le=2**31 - 1, description="The assigned record.")
-    idempotency_key: str = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$",
-                                 description="Unique per submission; a retry with the same key is stored once.")
+    idempotency_key: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Unique per submission; a retry with the same key is stored once.",
+    )
     choice: Literal["A", "B", "tie", "discard"] | None = Field(None, description="Pairwise: A = first shown.")
-    ranks: list[int | float] | None = Field(None, min_length=2, max_length=9,
-                                            description="Ranking: a rank per display position, lower is better.")
+    ranks: list[int | float] | None = Field(
+        None, min_length=2, max_length=9, description="Ranking: a rank per display position, lower is better."
+    )
     discard: bool = Field(False, description="Ranking: discard the record.")
     rationale: str | None = Field(None, max_length=10_000, description="Why (free text).")
     duration_ms: int | None = Field(None, ge=0, le=2**31 - 1, description="Time spent, for the admin page.")
@@ -227,8 +237,16 @@ class BodyLimit:
     @staticmethod
     async def _reject(send: Any, limit: int) -> None:
         body = json.dumps({"detail": f"request body too large; at most {limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -263,7 +281,9 @@ def create_app(
     bearer_scheme = HTTPBearer(auto_error=False, description="Token from POST /api/login with bearer=true.")
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    templates = Environment(
+        loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"])
+    )
 
     app = FastAPI(
         title="Heed annotation API",
@@ -289,8 +309,15 @@ def create_app(
 
     @app.exception_handler(HeedError)
     async def _heed_error(_: Request, exc: HeedError) -> JSONResponse:
-        status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else \
-            403 if isinstance(exc, ForbiddenError) else 422
+        status = (
+            404
+            if isinstance(exc, NotFoundError)
+            else 409
+            if isinstance(exc, ConflictError)
+            else 403
+            if isinstance(exc, ForbiddenError)
+            else 422
+        )
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
@@ -303,9 +330,23 @@ def create_app(
         for e in errors[:10]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        return JSONResponse({"detail": "; ".join(parts), "errors": finite(json.loads(json.dumps(
-            [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors[:10]],
-            default=str)))}, status_code=422)
+        return JSONResponse(
+            {
+                "detail": "; ".join(parts),
+                "errors": finite(
+                    json.loads(
+                        json.dumps(
+                            [
+                                {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                                for e in errors[:10]
+                            ],
+                            default=str,
+                        )
+                    )
+                ),
+            },
+            status_code=422,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -313,7 +354,9 @@ def create_app(
 
     # ----------------------------------------------------------- sessions
 
-    def session(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> tuple:
+    def session(
+        request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+    ) -> tuple:
         if creds is not None:
             found = fb.session_user(creds.credentials)
             if found is None or found[2] != "bearer":
@@ -353,8 +396,11 @@ def create_app(
         for key, lim in keys.items():
             wait = lim.blocked(key)
             if wait is not None:
-                raise ApiError(429, f"too many failed login attempts; try again in {math.ceil(wait)} s",
-                               {"Retry-After": str(math.ceil(wait))})
+                raise ApiError(
+                    429,
+                    f"too many failed login attempts; try again in {math.ceil(wait)} s",
+                    {"Retry-After": str(math.ceil(wait))},
+                )
         user = fb.authenticate(body.name, body.password)
         if user is None:
             for key, lim in keys.items():
@@ -363,13 +409,24 @@ def create_app(
         token, csrf = fb.open_session(user, kind="bearer" if body.bearer else "cookie")
         if body.bearer:
             return LoginOut(user=user.name, role=user.role, csrf_token=csrf, token=token)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies, path="/",
-                            max_age=12 * 3600)
+        response.set_cookie(
+            COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=secure_cookies,
+            path="/",
+            max_age=12 * 3600,
+        )
         return LoginOut(user=user.name, role=user.role, csrf_token=csrf)
 
     @app.post("/api/logout", tags=["auth"], responses={401: {}, 403: {}})
-    def logout(request: Request, response: Response, creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-               _: tuple = Depends(session)) -> dict[str, bool]:
+    def logout(
+        request: Request,
+        response: Response,
+        creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+        _: tuple = Depends(session),
+    ) -> dict[str, bool]:
         token = creds.credentials if creds is not None else request.cookies.get(COOKIE)
         if token:
             fb.close_session(token)
@@ -386,77 +443,152 @@ def create_app(
     def list_projects(user: UserInfo = Depends(current_user)) -> list[ProjectOut]:
         return [project_out(p.name) for p in fb.projects()]
 
-    @app.get("/api/projects/{project}", response_model=ProjectOut, tags=["annotate"], responses={401: {}, 404: {}})
+    @app.get(
+        "/api/projects/{project}", response_model=ProjectOut, tags=["annotate"], responses={401: {}, 404: {}}
+    )
     def get_project(project: ProjectName, user: UserInfo = Depends(current_user)) -> ProjectOut:
         return project_out(project)
 
-    @app.get("/api/projects/{project}/next", response_model=AssignmentOut, tags=["annotate"],
-             responses={401: {}, 404: {}})
+    @app.get(
+        "/api/projects/{project}/next",
+        response_model=AssignmentOut,
+        tags=["annotate"],
+        responses={401: {}, 404: {}},
+    )
     def next_assignment(project: ProjectName, user: UserInfo = Depends(current_user)) -> AssignmentOut:
         a = fb.next_assignment(user, project)
         if a is None:
             return AssignmentOut(done=True)
-        return AssignmentOut(done=False, record_id=a.record_id, prompt=a.prompt,
-                             responses=[ResponseOut(position=i, text=t) for i, t in enumerate(a.responses)],
-                             expires_at=a.expires_at.isoformat() + "Z")
+        return AssignmentOut(
+            done=False,
+            record_id=a.record_id,
+            prompt=a.prompt,
+            responses=[ResponseOut(position=i, text=t) for i, t in enumerate(a.responses)],
+            expires_at=a.expires_at.isoformat() + "Z",
+        )
 
-    @app.post("/api/projects/{project}/annotations", response_model=SubmitOut, tags=["annotate"],
-              responses={400: {}, 401: {}, 403: {}, 404: {}, 409: {}, 413: {}})
+    @app.post(
+        "/api/projects/{project}/annotations",
+        response_model=SubmitOut,
+        tags=["annotate"],
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 409: {}, 413: {}},
+    )
     def submit(project: ProjectName, body: SubmitIn, user: UserInfo = Depends(current_user)) -> SubmitOut:
-        r = fb.submit(user, project, body.record_id, choice=body.choice, ranks=body.ranks, discard=body.discard,
-                      rationale=body.rationale, key=body.idempotency_key, duration_ms=body.duration_ms)
+        r = fb.submit(
+            user,
+            project,
+            body.record_id,
+            choice=body.choice,
+            ranks=body.ranks,
+            discard=body.discard,
+            rationale=body.rationale,
+            key=body.idempotency_key,
+            duration_ms=body.duration_ms,
+        )
         return SubmitOut(annotation_id=r.annotation_id, record_id=r.record_id, duplicate=r.duplicate)
 
-    @app.post("/api/projects/{project}/undo", response_model=UndoOut, tags=["annotate"],
-              responses={401: {}, 403: {}, 404: {}})
+    @app.post(
+        "/api/projects/{project}/undo",
+        response_model=UndoOut,
+        tags=["annotate"],
+        responses={401: {}, 403: {}, 404: {}},
+    )
     def undo(project: ProjectName, user: UserInfo = Depends(current_user)) -> UndoOut:
         return UndoOut(record_id=fb.undo_last(user, project))
 
-    @app.get("/api/projects/{project}/progress", response_model=ProgressOut, tags=["annotate"],
-             responses={401: {}, 404: {}})
+    @app.get(
+        "/api/projects/{project}/progress",
+        response_model=ProgressOut,
+        tags=["annotate"],
+        responses={401: {}, 404: {}},
+    )
     def my_progress(project: ProjectName, user: UserInfo = Depends(current_user)) -> ProgressOut:
         return ProgressOut(**fb.progress(project, user))
 
     # ----------------------------------------------------------- routes: admin
 
-    @app.post("/api/admin/projects", response_model=ProjectOut, status_code=201, tags=["admin"],
-              responses={401: {}, 403: {}, 409: {}})
+    @app.post(
+        "/api/admin/projects",
+        response_model=ProjectOut,
+        status_code=201,
+        tags=["admin"],
+        responses={401: {}, 403: {}, 409: {}},
+    )
     def create_project(body: ProjectIn, user: UserInfo = Depends(admin_user)) -> ProjectOut:
-        fb.create_project(body.name, body.task, guidelines=body.guidelines, overlap=body.overlap,
-                          allow_tie=body.allow_tie, allow_discard=body.allow_discard, rationale=body.rationale,
-                          lease_seconds=body.lease_seconds)
+        fb.create_project(
+            body.name,
+            body.task,
+            guidelines=body.guidelines,
+            overlap=body.overlap,
+            allow_tie=body.allow_tie,
+            allow_discard=body.allow_discard,
+            rationale=body.rationale,
+            lease_seconds=body.lease_seconds,
+        )
         return project_out(body.name)
 
-    @app.post("/api/admin/projects/{project}/records", response_model=CountOut, tags=["admin"],
-              responses={401: {}, 403: {}, 404: {}, 413: {}})
-    def import_records(project: ProjectName, body: RecordsIn, user: UserInfo = Depends(admin_user)) -> CountOut:
+    @app.post(
+        "/api/admin/projects/{project}/records",
+        response_model=CountOut,
+        tags=["admin"],
+        responses={401: {}, 403: {}, 404: {}, 413: {}},
+    )
+    def import_records(
+        project: ProjectName, body: RecordsIn, user: UserInfo = Depends(admin_user)
+    ) -> CountOut:
         return CountOut(count=fb.import_records(project, body.records))
 
-    @app.get("/api/admin/projects/{project}/progress", response_model=ProgressOut, tags=["admin"],
-             responses={401: {}, 403: {}, 404: {}})
+    @app.get(
+        "/api/admin/projects/{project}/progress",
+        response_model=ProgressOut,
+        tags=["admin"],
+        responses={401: {}, 403: {}, 404: {}},
+    )
     def project_progress(project: ProjectName, user: UserInfo = Depends(admin_user)) -> ProgressOut:
         return ProgressOut(**fb.progress(project))
 
     @app.get("/api/admin/projects/{project}/stats", tags=["admin"], responses={401: {}, 403: {}, 404: {}})
     def stats(project: ProjectName, user: UserInfo = Depends(admin_user)) -> dict[str, Any]:
-        return finite({"agreement": asdict(fb.agreement(project)), "outcomes": fb.summary(project),
-                       "progress": fb.progress(project)})
+        return finite(
+            {
+                "agreement": asdict(fb.agreement(project)),
+                "outcomes": fb.summary(project),
+                "progress": fb.progress(project),
+            }
+        )
 
-    @app.get("/api/admin/projects/{project}/disagreements", tags=["admin"], responses={401: {}, 403: {}, 404: {}})
-    def disagreements(project: ProjectName, limit: int = Query(100, ge=1, le=1000),
-                      user: UserInfo = Depends(admin_user)) -> list[dict[str, Any]]:
+    @app.get(
+        "/api/admin/projects/{project}/disagreements", tags=["admin"], responses={401: {}, 403: {}, 404: {}}
+    )
+    def disagreements(
+        project: ProjectName, limit: int = Query(100, ge=1, le=1000), user: UserInfo = Depends(admin_user)
+    ) -> list[dict[str, Any]]:
         return finite(fb.disagreements(project, limit))
 
-    @app.get("/api/admin/projects/{project}/annotations", tags=["admin"], responses={401: {}, 403: {}, 404: {}})
+    @app.get(
+        "/api/admin/projects/{project}/annotations", tags=["admin"], responses={401: {}, 403: {}, 404: {}}
+    )
     def annotations(project: ProjectName, user: UserInfo = Depends(admin_user)) -> list[dict[str, Any]]:
         return fb.annotations(project)
 
-    @app.get("/api/admin/projects/{project}/export", tags=["admin"], responses={
-        200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}}}, 401: {}, 403: {},
-        404: {}})
-    def export(project: ProjectName, format: Literal["pairs", "ranked"] = "pairs",
-               file: Literal["jsonl", "parquet"] = "jsonl", method: Literal["mean_rank", "borda"] = "mean_rank",
-               complete_only: bool = False, user: UserInfo = Depends(admin_user)) -> Response:
+    @app.get(
+        "/api/admin/projects/{project}/export",
+        tags=["admin"],
+        responses={
+            200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}}},
+            401: {},
+            403: {},
+            404: {},
+        },
+    )
+    def export(
+        project: ProjectName,
+        format: Literal["pairs", "ranked"] = "pairs",
+        file: Literal["jsonl", "parquet"] = "jsonl",
+        method: Literal["mean_rank", "borda"] = "mean_rank",
+        complete_only: bool = False,
+        user: UserInfo = Depends(admin_user),
+    ) -> Response:
         rows = fb.export(project, format, method=method, complete_only=complete_only)
         name = f"{project}-{format}.{file}"
         headers = {"Content-Disposition": f'attachment; filename="{name}"'}
@@ -474,8 +606,13 @@ def create_app(
     def users(user: UserInfo = Depends(admin_user)) -> list[UserOut]:
         return [UserOut(name=u.name, role=u.role) for u in fb.users()]
 
-    @app.post("/api/admin/users", response_model=UserOut, status_code=201, tags=["admin"],
-              responses={401: {}, 403: {}, 409: {}})
+    @app.post(
+        "/api/admin/users",
+        response_model=UserOut,
+        status_code=201,
+        tags=["admin"],
+        responses={401: {}, 403: {}, 409: {}},
+    )
     def add_user(body: UserIn, user: UserInfo = Depends(admin_user)) -> UserOut:
         info, password = fb.add_user(body.name, body.role)
         return UserOut(name=info.name, role=info.role, password=password)
@@ -483,10 +620,13 @@ def create_app(
     # ----------------------------------------------------------- pages
 
     def page(request: Request, name: str, **ctx: Any) -> HTMLResponse:
-        lang = i18n.pick_language(request.query_params.get("lang") or request.cookies.get("heed_lang"),
-                                  request.headers.get("accept-language"))
-        html = templates.get_template(name).render(t=i18n.STRINGS[lang], lang=lang, languages=i18n.LANGUAGES,
-                                                   strings=i18n.STRINGS[lang], **ctx)
+        lang = i18n.pick_language(
+            request.query_params.get("lang") or request.cookies.get("heed_lang"),
+            request.headers.get("accept-language"),
+        )
+        html = templates.get_template(name).render(
+            t=i18n.STRINGS[lang], lang=lang, languages=i18n.LANGUAGES, strings=i18n.STRINGS[lang], **ctx
+        )
         resp = HTMLResponse(html)
         if request.query_params.get("lang") in i18n.STRINGS:
             resp.set_cookie("heed_lang", lang, samesite="strict", path="/", max_age=365 * 86400)

@@ -46,9 +46,15 @@ def generate_records(
     if not 2 <= num_samples <= 9:
         raise DataError(f"--num-samples {num_samples}: expected 2 to 9 answers per prompt")
     records = load_records(prompts_file, "prompts")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-5), top_p=top_p,
-                            do_sample=temperature > 0)
-    answers = sample_responses(str(model_dir), [r.prompt for r in records], num_samples, params, chat=chat, seed=seed)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=max(temperature, 1e-5),
+        top_p=top_p,
+        do_sample=temperature > 0,
+    )
+    answers = sample_responses(
+        str(model_dir), [r.prompt for r in records], num_samples, params, chat=chat, seed=seed
+    )
     out = []
     for rec, group in zip(records, answers, strict=True):
         responses = pick_pair(group, scorer, rec.prompt) if task == "pairwise" else list(group)

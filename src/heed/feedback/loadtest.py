@@ -46,8 +46,23 @@ class Server:
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with self.log.open("ab") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "heed", "annotate", "serve", "--db", self.db, "--host", "127.0.0.1",
-                 "--port", str(self.port)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "heed",
+                    "annotate",
+                    "serve",
+                    "--db",
+                    self.db,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -92,8 +107,9 @@ class Shared:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _request(client: httpx.Client, shared: Shared, method: str, url: str, stop: threading.Event,
-             **kw: Any) -> httpx.Response | None:
+def _request(
+    client: httpx.Client, shared: Shared, method: str, url: str, stop: threading.Event, **kw: Any
+) -> httpx.Response | None:
     """One request, retried (bounded) while the server is down or restarting."""
     for attempt in range(240):
         if stop.is_set():
@@ -110,12 +126,27 @@ def _request(client: httpx.Client, shared: Shared, method: str, url: str, stop: 
     return None
 
 
-def annotator(base: str, name: str, password: str, project: str, task: str, shared: Shared, max_steps: int,
-              stop: threading.Event, seed: int) -> None:
+def annotator(
+    base: str,
+    name: str,
+    password: str,
+    project: str,
+    task: str,
+    shared: Shared,
+    max_steps: int,
+    stop: threading.Event,
+    seed: int,
+) -> None:
     rng = random.Random(seed)
     with httpx.Client(base_url=base, timeout=30.0) as client:
-        r = _request(client, shared, "POST", "/api/login", stop, json={"name": name, "password": password,
-                                                                         "bearer": True})
+        r = _request(
+            client,
+            shared,
+            "POST",
+            "/api/login",
+            stop,
+            json={"name": name, "password": password, "bearer": True},
+        )
         if r is None or r.status_code != 200:
             shared.errors.append(f"{name}: login failed: {r.status_code if r else 'no answer'}")
             return
@@ -123,13 +154,18 @@ def annotator(base: str, name: str, password: str, project: str, task: str, shar
         for _ in range(max_steps):
             r = _request(client, shared, "GET", f"/api/projects/{project}/next", stop)
             if r is None or r.status_code != 200:
-                shared.errors.append(f"{name}: next: {r.status_code if r else 'no answer'} {r.text if r else ''}")
+                shared.errors.append(
+                    f"{name}: next: {r.status_code if r else 'no answer'} {r.text if r else ''}"
+                )
                 return
             item = r.json()
             if item["done"]:
                 return
             k = len(item["responses"])
-            body: dict[str, Any] = {"record_id": item["record_id"], "idempotency_key": f"{name}:{item['record_id']}"}
+            body: dict[str, Any] = {
+                "record_id": item["record_id"],
+                "idempotency_key": f"{name}:{item['record_id']}",
+            }
             if task == "pairwise":
                 body["choice"] = rng.choice(["A", "B", "A", "B", "tie"])
             else:
@@ -138,7 +174,9 @@ def annotator(base: str, name: str, password: str, project: str, task: str, shar
             r = _request(client, shared, "POST", f"/api/projects/{project}/annotations", stop, json=body)
             dt = time.perf_counter() - t0
             if r is None or r.status_code != 200:
-                shared.errors.append(f"{name}: submit: {r.status_code if r else 'no answer'} {r.text if r else ''}")
+                shared.errors.append(
+                    f"{name}: submit: {r.status_code if r else 'no answer'} {r.text if r else ''}"
+                )
                 return
             out = r.json()
             with shared.lock:
@@ -183,8 +221,13 @@ def run_load(
     records = annotations // overlap
     k = 2 if task == "pairwise" else 4
     fb.create_project("load", task, overlap=overlap)  # type: ignore[arg-type]
-    fb.import_records("load", [{"prompt": f"prompt {i} 你好", "responses": [f"answer {i}.{j}" for j in range(k)]}
-                               for i in range(records)])
+    fb.import_records(
+        "load",
+        [
+            {"prompt": f"prompt {i} 你好", "responses": [f"answer {i}.{j}" for j in range(k)]}
+            for i in range(records)
+        ],
+    )
     users = {f"ann{i:02d}": fb.add_user(f"ann{i:02d}")[1] for i in range(annotators)}
 
     server = Server(db, free_port(), workdir / "server.log")
@@ -193,8 +236,12 @@ def run_load(
     shared, stop = Shared(), threading.Event()
     kills = 0
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=annotator, args=(base, n, p, "load", task, shared, 4 * records, stop, i),
-                                daemon=True) for i, (n, p) in enumerate(users.items())]
+    threads = [
+        threading.Thread(
+            target=annotator, args=(base, n, p, "load", task, shared, 4 * records, stop, i), daemon=True
+        )
+        for i, (n, p) in enumerate(users.items())
+    ]
     try:
         for t in threads:
             t.start()
@@ -259,9 +306,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL the server after this many acks.")
     ap.add_argument("--db", default=None, help="Database URL (default: a SQLite file in --workdir).")
     args = ap.parse_args(argv)
-    print(json.dumps(run_load(args.workdir, annotators=args.annotators, annotations=args.annotations,
-                              overlap=args.overlap, task=args.task, kill_after=args.kill_after, db=args.db),
-                     indent=2))
+    print(
+        json.dumps(
+            run_load(
+                args.workdir,
+                annotators=args.annotators,
+                annotations=args.annotations,
+                overlap=args.overlap,
+                task=args.task,
+                kill_after=args.kill_after,
+                db=args.db,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

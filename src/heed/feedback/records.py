@@ -78,12 +78,16 @@ def _check_prompt(prompt: Any, where: str) -> str | list[dict[str, str]]:
                 raise DataError(f"{where}: prompt[{i}]: expected {{'role': ..., 'content': ...}}")
             role, content = msg.get("role"), msg["content"]
             if role not in CHAT_ROLES:
-                raise DataError(f"{where}: prompt[{i}].role: {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+                raise DataError(
+                    f"{where}: prompt[{i}].role: {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+                )
             if not isinstance(content, str):
                 raise DataError(f"{where}: prompt[{i}].content: expected text, got {type(content).__name__}")
             messages.append({"role": role, "content": check_text(content, f"{where}: prompt[{i}].content")})
         return messages
-    raise DataError(f"{where}: prompt: expected text or a non-empty list of chat messages, got {type(prompt).__name__}")
+    raise DataError(
+        f"{where}: prompt: expected text or a non-empty list of chat messages, got {type(prompt).__name__}"
+    )
 
 
 def _check_response(resp: Any, where: str) -> str:
@@ -178,7 +182,9 @@ def read_rows(path: str | Path, fmt: str | None = None) -> Iterator[tuple[str, A
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+                    raise DataError(
+                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from exc
                 yield f"{path}:{lineno}", row
     elif kind == "parquet":
         import pyarrow.parquet as pq
@@ -213,7 +219,9 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path, fmt: str | None = N
     try:
         ds = Dataset.from_list(rows)
     except Exception as exc:  # arrow cannot hold mixed column types (e.g. text and chat prompts)
-        raise DataError(f"{path}: cannot store these rows as {kind} ({exc}); export as .jsonl instead") from exc
+        raise DataError(
+            f"{path}: cannot store these rows as {kind} ({exc}); export as .jsonl instead"
+        ) from exc
     if kind == "parquet":
         ds.to_parquet(str(path))
     else:

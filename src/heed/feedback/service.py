@@ -112,7 +112,9 @@ class Submitted:
 
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise DataError(f"{what} {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        raise DataError(
+            f"{what} {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
+        )
     return name
 
 
@@ -129,7 +131,9 @@ class Feedback:
 
     # ---------------------------------------------------------------- users
 
-    def add_user(self, name: str, role: Role = "annotator", password: str | None = None) -> tuple[UserInfo, str]:
+    def add_user(
+        self, name: str, role: Role = "annotator", password: str | None = None
+    ) -> tuple[UserInfo, str]:
         """Create a user; returns it with its password (a random one-time password unless given)."""
         _check_name(name, "user")
         if role not in ("annotator", "admin"):
@@ -168,7 +172,11 @@ class Feedback:
     def authenticate(self, name: str, password: str) -> UserInfo | None:
         """The user when the password matches (argon2 verify), else None."""
         with self.store.read() as s:
-            u = s.scalar(select(User).where(User.name == name, User.active.is_(True))) if NAME_RE.match(name) else None
+            u = (
+                s.scalar(select(User).where(User.name == name, User.active.is_(True)))
+                if NAME_RE.match(name)
+                else None
+            )
             stored = u.password_hash if u else None
             info = UserInfo(u.id, u.name, u.role) if u else None
         if stored is None:
@@ -176,14 +184,23 @@ class Feedback:
             return None
         return info if auth.verify_password(self.hasher, stored, password) else None
 
-    def open_session(self, user: str | int | UserInfo, kind: str = "cookie", hours: float = 12.0) -> tuple[str, str]:
+    def open_session(
+        self, user: str | int | UserInfo, kind: str = "cookie", hours: float = 12.0
+    ) -> tuple[str, str]:
         """Start a session; returns ``(token, csrf_token)``. Only the token's hash is stored."""
         token, csrf = auth.new_token(), auth.new_token()
         with self.store.write() as s:
             u = self._user(s, user)
             s.execute(delete(AuthSession).where(AuthSession.expires_at < utcnow()))
-            s.add(AuthSession(token_hash=auth.token_hash(token), user_id=u.id, csrf_token=csrf, kind=kind,
-                              expires_at=utcnow() + dt.timedelta(hours=hours)))
+            s.add(
+                AuthSession(
+                    token_hash=auth.token_hash(token),
+                    user_id=u.id,
+                    csrf_token=csrf,
+                    kind=kind,
+                    expires_at=utcnow() + dt.timedelta(hours=hours),
+                )
+            )
         return token, csrf
 
     def session_user(self, token: str) -> tuple[UserInfo, str, str] | None:
@@ -192,8 +209,11 @@ class Feedback:
             row = s.execute(
                 select(User, AuthSession)
                 .join(AuthSession, AuthSession.user_id == User.id)
-                .where(AuthSession.token_hash == auth.token_hash(token), AuthSession.expires_at > utcnow(),
-                       User.active.is_(True))
+                .where(
+                    AuthSession.token_hash == auth.token_hash(token),
+                    AuthSession.expires_at > utcnow(),
+                    User.active.is_(True),
+                )
             ).first()
             if row is None:
                 return None
@@ -233,8 +253,14 @@ class Feedback:
         options = {"allow_tie": bool(allow_tie), "allow_discard": bool(allow_discard), "rationale": rationale}
         try:
             with self.store.write() as s:
-                p = Project(name=name, task=task, guidelines=guidelines, options=options, overlap=int(overlap),
-                            lease_seconds=int(lease_seconds))
+                p = Project(
+                    name=name,
+                    task=task,
+                    guidelines=guidelines,
+                    options=options,
+                    overlap=int(overlap),
+                    lease_seconds=int(lease_seconds),
+                )
                 s.add(p)
                 s.flush()
                 return self._project_info(p, 0)
@@ -249,8 +275,13 @@ class Feedback:
 
     def projects(self) -> list[ProjectInfo]:
         with self.store.read() as s:
-            counts = dict(s.execute(select(Record.project_id, func.count()).group_by(Record.project_id)).all())
-            return [self._project_info(p, counts.get(p.id, 0)) for p in s.scalars(select(Project).order_by(Project.id))]
+            counts = dict(
+                s.execute(select(Record.project_id, func.count()).group_by(Record.project_id)).all()
+            )
+            return [
+                self._project_info(p, counts.get(p.id, 0))
+                for p in s.scalars(select(Project).order_by(Project.id))
+            ]
 
     # ---------------------------------------------------------------- records
 
@@ -273,8 +304,18 @@ class Feedback:
         with self.store.write() as s:
             pid = self._project(s, project).id
             for start in range(0, len(batch), batch_size):
-                s.add_all(Record(project_id=pid, external_id=r.external_id, prompt=r.prompt, responses=r.responses,
-                                 meta=r.meta, priority=0.0, n_done=0) for r in batch[start : start + batch_size])
+                s.add_all(
+                    Record(
+                        project_id=pid,
+                        external_id=r.external_id,
+                        prompt=r.prompt,
+                        responses=r.responses,
+                        meta=r.meta,
+                        priority=0.0,
+                        n_done=0,
+                    )
+                    for r in batch[start : start + batch_size]
+                )
                 s.flush()
         return len(batch)
 
@@ -292,7 +333,9 @@ class Feedback:
 
         with self.store.read() as s:
             pid = self._project(s, project).id
-            rows = s.execute(select(Record.id, Record.prompt, Record.responses).where(Record.project_id == pid)).all()
+            rows = s.execute(
+                select(Record.id, Record.prompt, Record.responses).where(Record.project_id == pid)
+            ).all()
         gaps = {}
         for rid, prompt, responses in rows:
             gaps[rid] = min_score_gap(score, prompt, responses)
@@ -307,8 +350,14 @@ class Feedback:
             r = s.get(Record, record_id)
             if r is None or r.project_id != p.id:
                 raise NotFoundError(f"record {record_id} not found in project {project!r}")
-            return {"record_id": r.id, "id": r.external_id, "prompt": r.prompt, "responses": r.responses,
-                    "metadata": r.meta, "n_done": r.n_done}
+            return {
+                "record_id": r.id,
+                "id": r.external_id,
+                "prompt": r.prompt,
+                "responses": r.responses,
+                "metadata": r.meta,
+                "n_done": r.n_done,
+            }
 
     # ---------------------------------------------------------------- assignment
 
@@ -323,9 +372,14 @@ class Feedback:
             u = self._user(s, user)
             p = self._project(s, project)
             now = utcnow()
-            s.execute(delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id, Lease.expires_at <= now))
+            s.execute(
+                delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id, Lease.expires_at <= now)
+            )
             lease = s.scalar(
-                select(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id).order_by(Lease.id.desc()).limit(1)
+                select(Lease)
+                .where(Lease.project_id == p.id, Lease.user_id == u.id)
+                .order_by(Lease.id.desc())
+                .limit(1)
             )
             if lease is not None:
                 lease.expires_at = now + dt.timedelta(seconds=p.lease_seconds)
@@ -339,23 +393,41 @@ class Feedback:
             )
             mine = select(Annotation.id).where(Annotation.record_id == Record.id, Annotation.user_id == u.id)
             load = Record.n_done + live
-            candidates = s.execute(
-                select(Record.id)
-                .where(Record.project_id == p.id, Record.n_done < p.overlap, ~mine.exists(), load < p.overlap)
-                .order_by(load, Record.priority, Record.id)
-                .limit(25)
-            ).scalars().all()
+            candidates = (
+                s.execute(
+                    select(Record.id)
+                    .where(
+                        Record.project_id == p.id, Record.n_done < p.overlap, ~mine.exists(), load < p.overlap
+                    )
+                    .order_by(load, Record.priority, Record.id)
+                    .limit(25)
+                )
+                .scalars()
+                .all()
+            )
             for rid in candidates:
                 rec = s.get(Record, rid, with_for_update=not self.store.is_sqlite, populate_existing=True)
                 # Under the row lock (PostgreSQL) or the write lock (SQLite), count again.
-                taken = s.scalar(select(func.count()).select_from(Lease).where(Lease.record_id == rid,
-                                                                               Lease.expires_at > now)) or 0
+                taken = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Lease)
+                        .where(Lease.record_id == rid, Lease.expires_at > now)
+                    )
+                    or 0
+                )
                 if rec is None or rec.n_done + taken >= p.overlap:
                     continue
                 order = list(range(len(rec.responses)))
                 self._rng.shuffle(order)
-                lease = Lease(project_id=p.id, record_id=rid, user_id=u.id, display_order=order, leased_at=now,
-                              expires_at=now + dt.timedelta(seconds=p.lease_seconds))
+                lease = Lease(
+                    project_id=p.id,
+                    record_id=rid,
+                    user_id=u.id,
+                    display_order=order,
+                    leased_at=now,
+                    expires_at=now + dt.timedelta(seconds=p.lease_seconds),
+                )
                 s.add(lease)
                 s.flush()
                 return self._assignment(s, p, lease)
@@ -365,7 +437,9 @@ class Feedback:
         """Give back the annotator's pending leases (e.g. on logout); returns how many."""
         with self.store.write() as s:
             u, p = self._user(s, user), self._project(s, project)
-            return s.execute(delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id)).rowcount or 0
+            return (
+                s.execute(delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id)).rowcount or 0
+            )
 
     # ---------------------------------------------------------------- submissions
 
@@ -401,34 +475,52 @@ class Feedback:
             # A concurrent request with the same key (or for the same record) won the race.
             with self.store.read() as s:
                 u = self._user(s, user)
-                done = s.scalar(select(Annotation).where(Annotation.user_id == u.id, Annotation.idempotency_key == key))
+                done = s.scalar(
+                    select(Annotation).where(Annotation.user_id == u.id, Annotation.idempotency_key == key)
+                )
                 if done is not None and done.record_id == record_id:
                     return Submitted(done.id, done.record_id, True)
             raise ConflictError(f"record {record_id}: you have already annotated it") from None
 
-    def _submit(self, user, project, record_id, choice, ranks, discard, rationale, key, duration_ms) -> Submitted:  # type: ignore[no-untyped-def]
+    def _submit(
+        self, user, project, record_id, choice, ranks, discard, rationale, key, duration_ms
+    ) -> Submitted:  # type: ignore[no-untyped-def]
         with self.store.write() as s:
             u = self._user(s, user)
             p = self._project(s, project)
             # step 1: a replay of a stored submission returns it unchanged
-            done = s.scalar(select(Annotation).where(Annotation.user_id == u.id, Annotation.idempotency_key == key))
+            done = s.scalar(
+                select(Annotation).where(Annotation.user_id == u.id, Annotation.idempotency_key == key)
+            )
             if done is not None:
                 if done.record_id != record_id:
-                    raise ConflictError(f"idempotency key {key!r} was already used for record {done.record_id}")
+                    raise ConflictError(
+                        f"idempotency key {key!r} was already used for record {done.record_id}"
+                    )
                 return Submitted(done.id, done.record_id, True)
             # step 2: the record, the annotator's lease on it, and room left
             rec = s.get(Record, record_id, with_for_update=not self.store.is_sqlite)
             if rec is None or rec.project_id != p.id:
                 raise NotFoundError(f"record {record_id} not found in project {p.name!r}")
-            if s.scalar(select(Annotation.id).where(Annotation.record_id == rec.id, Annotation.user_id == u.id)):
+            if s.scalar(
+                select(Annotation.id).where(Annotation.record_id == rec.id, Annotation.user_id == u.id)
+            ):
                 raise ConflictError(f"record {record_id}: you have already annotated it")
             now = utcnow()
             lease = s.scalar(select(Lease).where(Lease.record_id == rec.id, Lease.user_id == u.id))
             if lease is None:
-                raise ConflictError(f"record {record_id} is not assigned to you; fetch the next assignment first")
+                raise ConflictError(
+                    f"record {record_id} is not assigned to you; fetch the next assignment first"
+                )
             if lease.expires_at <= now:
-                others = s.scalar(select(func.count()).select_from(Lease).where(
-                    Lease.record_id == rec.id, Lease.user_id != u.id, Lease.expires_at > now)) or 0
+                others = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Lease)
+                        .where(Lease.record_id == rec.id, Lease.user_id != u.id, Lease.expires_at > now)
+                    )
+                    or 0
+                )
                 if rec.n_done + others >= p.overlap:
                     s.delete(lease)
                     raise ConflictError(f"record {record_id}: your lease expired and the record is now full")
@@ -442,13 +534,24 @@ class Feedback:
                 rationale = None
             # step 4: take the slot atomically; never more than `overlap` annotations per record
             taken = s.execute(
-                update(Record).where(Record.id == rec.id, Record.n_done < p.overlap).values(n_done=Record.n_done + 1)
+                update(Record)
+                .where(Record.id == rec.id, Record.n_done < p.overlap)
+                .values(n_done=Record.n_done + 1)
             ).rowcount
             if not taken:
                 raise ConflictError(f"record {record_id} already has {p.overlap} annotations")
-            ann = Annotation(project_id=p.id, record_id=rec.id, user_id=u.id, idempotency_key=key, label=label,
-                             ranks=stored_ranks, display_order=order, rationale=rationale,
-                             duration_ms=duration_ms, created_at=now)
+            ann = Annotation(
+                project_id=p.id,
+                record_id=rec.id,
+                user_id=u.id,
+                idempotency_key=key,
+                label=label,
+                ranks=stored_ranks,
+                display_order=order,
+                rationale=rationale,
+                duration_ms=duration_ms,
+                created_at=now,
+            )
             s.add(ann)
             s.delete(lease)
             s.flush()
@@ -502,15 +605,27 @@ class Feedback:
         current assignment again (same display order). Returns its record id, or None."""
         with self.store.write() as s:
             u, p = self._user(s, user), self._project(s, project)
-            ann = s.scalar(select(Annotation).where(Annotation.project_id == p.id, Annotation.user_id == u.id)
-                           .order_by(Annotation.id.desc()).limit(1))
+            ann = s.scalar(
+                select(Annotation)
+                .where(Annotation.project_id == p.id, Annotation.user_id == u.id)
+                .order_by(Annotation.id.desc())
+                .limit(1)
+            )
             if ann is None:
                 return None
             s.execute(delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id))
             s.execute(update(Record).where(Record.id == ann.record_id).values(n_done=Record.n_done - 1))
             now = utcnow()
-            s.add(Lease(project_id=p.id, record_id=ann.record_id, user_id=u.id, display_order=list(ann.display_order),
-                        leased_at=now, expires_at=now + dt.timedelta(seconds=p.lease_seconds)))
+            s.add(
+                Lease(
+                    project_id=p.id,
+                    record_id=ann.record_id,
+                    user_id=u.id,
+                    display_order=list(ann.display_order),
+                    leased_at=now,
+                    expires_at=now + dt.timedelta(seconds=p.lease_seconds),
+                )
+            )
             rid = ann.record_id
             s.delete(ann)
             return rid
@@ -523,21 +638,54 @@ class Feedback:
         with self.store.read() as s:
             p = self._project(s, project)
             total = s.scalar(select(func.count()).select_from(Record).where(Record.project_id == p.id)) or 0
-            complete = s.scalar(select(func.count()).select_from(Record).where(
-                Record.project_id == p.id, Record.n_done >= p.overlap)) or 0
-            annotations = s.scalar(select(func.count()).select_from(Annotation).where(
-                Annotation.project_id == p.id)) or 0
-            out: dict[str, Any] = {"project": p.name, "total": total, "complete_records": complete,
-                                   "annotations": annotations, "target": total * p.overlap}
+            complete = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(Record)
+                    .where(Record.project_id == p.id, Record.n_done >= p.overlap)
+                )
+                or 0
+            )
+            annotations = (
+                s.scalar(select(func.count()).select_from(Annotation).where(Annotation.project_id == p.id))
+                or 0
+            )
+            out: dict[str, Any] = {
+                "project": p.name,
+                "total": total,
+                "complete_records": complete,
+                "annotations": annotations,
+                "target": total * p.overlap,
+            }
             if user is not None:
                 u = self._user(s, user)
-                done = s.scalar(select(func.count()).select_from(Annotation).where(
-                    Annotation.project_id == p.id, Annotation.user_id == u.id)) or 0
-                pending = s.scalar(select(func.count()).select_from(Lease).where(
-                    Lease.project_id == p.id, Lease.user_id == u.id, Lease.expires_at > utcnow())) or 0
-                mine = select(Annotation.id).where(Annotation.record_id == Record.id, Annotation.user_id == u.id)
-                open_ = s.scalar(select(func.count()).select_from(Record).where(
-                    Record.project_id == p.id, Record.n_done < p.overlap, ~mine.exists())) or 0
+                done = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Annotation)
+                        .where(Annotation.project_id == p.id, Annotation.user_id == u.id)
+                    )
+                    or 0
+                )
+                pending = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Lease)
+                        .where(Lease.project_id == p.id, Lease.user_id == u.id, Lease.expires_at > utcnow())
+                    )
+                    or 0
+                )
+                mine = select(Annotation.id).where(
+                    Annotation.record_id == Record.id, Annotation.user_id == u.id
+                )
+                open_ = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Record)
+                        .where(Record.project_id == p.id, Record.n_done < p.overlap, ~mine.exists())
+                    )
+                    or 0
+                )
                 out.update({"done": done, "assigned": done + pending, "available": open_})
                 return out
             per = s.execute(
@@ -547,8 +695,9 @@ class Feedback:
                 .group_by(User.name)
                 .order_by(User.name)
             ).all()
-            out["annotators"] = [{"user": n, "done": c, "mean_ms": float(m) if m is not None else None}
-                                 for n, c, m in per]
+            out["annotators"] = [
+                {"user": n, "done": c, "mean_ms": float(m) if m is not None else None} for n, c, m in per
+            ]
             return out
 
     def judgements(self, project: str) -> list[agg.Judgement]:
@@ -556,31 +705,61 @@ class Feedback:
         with self.store.read() as s:
             p = self._project(s, project)
             rows = s.execute(
-                select(Annotation, User.name).join(User, User.id == Annotation.user_id)
-                .where(Annotation.project_id == p.id).order_by(Annotation.id)
+                select(Annotation, User.name)
+                .join(User, User.id == Annotation.user_id)
+                .where(Annotation.project_id == p.id)
+                .order_by(Annotation.id)
             ).all()
-            return [agg.Judgement(a.record_id, name, a.label, tuple(a.ranks) if a.ranks is not None else None,
-                                  tuple(a.display_order)) for a, name in rows]
+            return [
+                agg.Judgement(
+                    a.record_id,
+                    name,
+                    a.label,
+                    tuple(a.ranks) if a.ranks is not None else None,
+                    tuple(a.display_order),
+                )
+                for a, name in rows
+            ]
 
     def annotations(self, project: str, user: str | int | UserInfo | None = None) -> list[dict[str, Any]]:
         """Raw annotations (admin view), optionally of one annotator."""
         with self.store.read() as s:
             p = self._project(s, project)
-            q = (select(Annotation, User.name).join(User, User.id == Annotation.user_id)
-                 .where(Annotation.project_id == p.id).order_by(Annotation.id))
+            q = (
+                select(Annotation, User.name)
+                .join(User, User.id == Annotation.user_id)
+                .where(Annotation.project_id == p.id)
+                .order_by(Annotation.id)
+            )
             if user is not None:
                 q = q.where(Annotation.user_id == self._user(s, user).id)
-            return [{"annotation_id": a.id, "record_id": a.record_id, "user": name, "label": a.label,
-                     "ranks": a.ranks, "display_order": a.display_order, "rationale": a.rationale,
-                     "duration_ms": a.duration_ms, "created_at": a.created_at.isoformat()}
-                    for a, name in s.execute(q).all()]
+            return [
+                {
+                    "annotation_id": a.id,
+                    "record_id": a.record_id,
+                    "user": name,
+                    "label": a.label,
+                    "ranks": a.ranks,
+                    "display_order": a.display_order,
+                    "rationale": a.rationale,
+                    "duration_ms": a.duration_ms,
+                    "created_at": a.created_at.isoformat(),
+                }
+                for a, name in s.execute(q).all()
+            ]
 
-    def aggregate(self, project: str, method: Literal["mean_rank", "borda"] = "mean_rank") -> list[agg.Aggregate]:
+    def aggregate(
+        self, project: str, method: Literal["mean_rank", "borda"] = "mean_rank"
+    ) -> list[agg.Aggregate]:
         """The consensus of every annotated record (majority vote or mean rank / Borda)."""
         task = self.project(project).task
         out = []
         for rid, js in sorted(agg.by_record(self.judgements(project)).items()):
-            out.append(agg.aggregate_pairwise(rid, js) if task == "pairwise" else agg.aggregate_ranking(rid, js, method))
+            out.append(
+                agg.aggregate_pairwise(rid, js)
+                if task == "pairwise"
+                else agg.aggregate_ranking(rid, js, method)
+            )
         return out
 
     def agreement(self, project: str) -> agg.AgreementReport:
@@ -591,8 +770,11 @@ class Feedback:
         rows = agg.disagreements(self.project(project).task, self.judgements(project), limit)
         if rows:
             with self.store.read() as s:
-                prompts = dict(s.execute(select(Record.id, Record.prompt).where(
-                    Record.id.in_([r["record_id"] for r in rows]))).all())
+                prompts = dict(
+                    s.execute(
+                        select(Record.id, Record.prompt).where(Record.id.in_([r["record_id"] for r in rows]))
+                    ).all()
+                )
             for r in rows:
                 r["prompt"] = prompts.get(r["record_id"])
         return rows
@@ -636,16 +818,31 @@ class Feedback:
             js, rec = judgements[rid], recs[rid]
             if complete_only and rec.n_done < p.overlap:
                 continue
-            a = agg.aggregate_pairwise(rid, js) if p.task == "pairwise" else agg.aggregate_ranking(rid, js, method)
+            a = (
+                agg.aggregate_pairwise(rid, js)
+                if p.task == "pairwise"
+                else agg.aggregate_ranking(rid, js, method)
+            )
             if a.ranks is None:
                 continue
-            extra = {"id": rec.external_id if rec.external_id is not None else str(rec.id),
-                     "num_annotations": a.num_annotations}
-            extra.update({k: v for k, v in (rec.meta or {}).items() if k not in extra and k not in _EXPORT_KEYS})
+            extra = {
+                "id": rec.external_id if rec.external_id is not None else str(rec.id),
+                "num_annotations": a.num_annotations,
+            }
+            extra.update(
+                {k: v for k, v in (rec.meta or {}).items() if k not in extra and k not in _EXPORT_KEYS}
+            )
             chat = isinstance(rec.prompt, list)
             if format == "ranked":
-                rows.append({"prompt": rec.prompt, "responses": list(rec.responses), "ranks": a.ranks,
-                             "weight": round(a.weight, 6), **extra})
+                rows.append(
+                    {
+                        "prompt": rec.prompt,
+                        "responses": list(rec.responses),
+                        "ranks": a.ranks,
+                        "weight": round(a.weight, 6),
+                        **extra,
+                    }
+                )
                 continue
             if p.task == "pairwise":
                 if a.label not in ("0", "1"):
@@ -658,12 +855,25 @@ class Feedback:
                 if chat:
                     chosen = [{"role": "assistant", "content": chosen}]
                     rejected = [{"role": "assistant", "content": rejected}]
-                rows.append({"prompt": rec.prompt, "chosen": chosen, "rejected": rejected,
-                             "weight": round(weight, 6), **extra})
+                rows.append(
+                    {
+                        "prompt": rec.prompt,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "weight": round(weight, 6),
+                        **extra,
+                    }
+                )
         return rows
 
-    def export_file(self, project: str, format: Literal["pairs", "ranked"], out: str | Path,
-                    file_format: str | None = None, **kwargs: Any) -> tuple[Path, int]:
+    def export_file(
+        self,
+        project: str,
+        format: Literal["pairs", "ranked"],
+        out: str | Path,
+        file_format: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[Path, int]:
         """Write :meth:`export` to JSONL, Parquet or a ``datasets`` folder; returns (path, rows)."""
         rows = self.export(project, format, **kwargs)
         return write_rows(rows, out, file_format), len(rows)
@@ -690,17 +900,33 @@ class Feedback:
     @staticmethod
     def _project_info(p: Project, n: int) -> ProjectInfo:
         o = p.options or {}
-        return ProjectInfo(p.name, p.task, p.guidelines or "", p.overlap, p.lease_seconds,
-                           bool(o.get("allow_tie", True)), bool(o.get("allow_discard", True)),
-                           str(o.get("rationale", "optional")), n)
+        return ProjectInfo(
+            p.name,
+            p.task,
+            p.guidelines or "",
+            p.overlap,
+            p.lease_seconds,
+            bool(o.get("allow_tie", True)),
+            bool(o.get("allow_discard", True)),
+            str(o.get("rationale", "optional")),
+            n,
+        )
 
     @staticmethod
     def _assignment(s: Session, p: Project, lease: Lease) -> Assignment:
         rec = s.get(Record, lease.record_id)
         assert rec is not None
         order = list(lease.display_order)
-        return Assignment(p.name, p.task, rec.id, rec.prompt, [rec.responses[i] for i in order], order,
-                          lease.expires_at, dict(rec.meta or {}))
+        return Assignment(
+            p.name,
+            p.task,
+            rec.id,
+            rec.prompt,
+            [rec.responses[i] for i in order],
+            order,
+            lease.expires_at,
+            dict(rec.meta or {}),
+        )
 
 
 _EXPORT_KEYS = {"prompt", "chosen", "rejected", "responses", "ranks", "weight"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,7 +121,9 @@ class Annotation(Base):
     record_id: Mapped[int] = mapped_column(ForeignKey("heed_records.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("heed_users.id", ondelete="CASCADE"))
     idempotency_key: Mapped[str] = mapped_column(String(128))
-    label: Mapped[str] = mapped_column(String(16))  # pairwise: "0" | "1" | "tie" | "discard"; ranking: "rank" | "discard"
+    label: Mapped[str] = mapped_column(
+        String(16)
+    )  # pairwise: "0" | "1" | "tie" | "discard"; ranking: "rank" | "discard"
     ranks: Mapped[list | None] = mapped_column(JSON, nullable=True)  # per response index, lower is better
     display_order: Mapped[list] = mapped_column(JSON)
     rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -154,8 +157,9 @@ def make_engine(db: str | Path) -> Engine:
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:"):
             raise ConfigError("--db: an in-memory SQLite database cannot be shared; give a file path")
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20,
-                               max_overflow=20)
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=20
+        )
         _setup_sqlite(engine)
     elif url.get_backend_name() == "postgresql":
         engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
@@ -194,6 +198,7 @@ class Store:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(heed_write=True), expire_on_commit=False)
+        self._sqlite_writer = threading.Lock()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -202,8 +207,13 @@ class Store:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
-        """A transaction that commits on success and rolls back on any error."""
-        with self._write() as session, session.begin():
+        """A transaction that commits on success and rolls back on any error.
+
+        On SQLite, writers of this process also queue on a lock: SQLite's own busy handler polls
+        with growing sleeps, which makes the slowest writers wait far longer than needed.
+        """
+        queue = self._sqlite_writer if self.is_sqlite else contextlib.nullcontext()
+        with queue, self._write() as session, session.begin():
             yield session
 
     def close(self) -> None:

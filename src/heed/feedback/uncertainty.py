@@ -28,4 +28,6 @@ def most_uncertain_pair(scores: Sequence[float]) -> tuple[int, int]:
     """Indices ``(i, j)``, ``i < j``, of the two responses with the closest scores."""
     if len(scores) < 2:
         raise ValueError("need at least two scores")
-    return min(itertools.combinations(range(len(scores)), 2), key=lambda ij: (abs(scores[ij[0]] - scores[ij[1]]), ij))
+    return min(
+        itertools.combinations(range(len(scores)), 2), key=lambda ij: (abs(scores[ij[0]] - scores[ij[1]]), ij)
+    )
