@@ -65,7 +65,7 @@ def test_empty_file_and_missing_file(tmp_path: Path) -> None:
         load_records(p, "prompts")
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "nope.jsonl", "prompts")
-    with pytest.raises(DataError, match="unknown data format '.csv'"):
+    with pytest.raises(DataError, match=r"unknown data format '\.csv'"):
         (tmp_path / "x.csv").write_text("a,b\n")
         load_records(tmp_path / "x.csv", "prompts")
 
