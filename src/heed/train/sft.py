@@ -188,8 +188,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
-    if ckpt is not None:
-        logger.truncate_after(start_step)
+    if resume:
+        logger.truncate_after(start_step)  # drop what a killed run logged after its last checkpoint
 
     # step 6. the loop
     model.train()
