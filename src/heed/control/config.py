@@ -125,7 +125,7 @@ class BanditConfig(HeedConfig):
         30, ge=0, description="Supervised steps on those texts (a weak start, not a good one)."
     )
     warm_start_lr: float = Field(1e-3, gt=0, description="Learning rate of the warm start.")
-    steps: int = Field(150, ge=1, description="PPO bandit rounds (one batch of predictions + feedback each).")
+    steps: int = Field(60, ge=1, description="PPO bandit rounds (one batch of predictions + feedback each).")
     batch_size: int = Field(64, ge=2, description="Texts the classifier labels per round.")
     update_epochs: int = Field(2, ge=1, description="PPO passes over each round's batch.")
     num_minibatches: int = Field(2, ge=1, description="Minibatches per pass.")
@@ -139,6 +139,6 @@ class BanditConfig(HeedConfig):
     annotator_noise: float = Field(
         0.1, ge=0, le=0.5, description="Probability the annotator flips approve/reject."
     )
-    eval_every: int = Field(25, ge=1, description="Held-out accuracy every N rounds.")
+    eval_every: int = Field(10, ge=1, description="Held-out accuracy every N rounds.")
     progress: bool = Field(True, description="Show a progress bar with ETA.")
     threads: int = Field(2, ge=1, description="torch threads.")
