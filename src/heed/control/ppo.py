@@ -68,7 +68,6 @@ class RolloutCollector:
         obs_norm: ObsNormalizer,
         reward_scaler: RewardScaler,
         seed: int,
-        generator: torch.Generator | None = None,
     ) -> None:
         self.envs = envs
         self.policy = policy
@@ -76,12 +75,10 @@ class RolloutCollector:
         self.reward_scaler = reward_scaler
         self.num_envs = envs.num_envs
         self.obs, _ = envs.reset(seed=seed)
-        envs.action_space.seed(seed)
         self.reset_next = np.zeros(self.num_envs, dtype=bool)
         self.ep_return = np.zeros(self.num_envs)
         self.ep_length = np.zeros(self.num_envs, dtype=np.int64)
         self.finished: list[tuple[float, int]] = []  # (return, length) of episodes ended since last drain
-        self.generator = generator
 
     def collect(self, num_steps: int) -> Rollout:
         n = self.num_envs
