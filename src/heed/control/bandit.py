@@ -146,11 +146,20 @@ def load_tone_data(cfg: BanditConfig) -> tuple[list[str], list[int], list[str], 
 
 def train_bandit(cfg: BanditConfig) -> dict[str, Any]:
     """Tune a weak classifier with PPO from simulated approvals on the built-in corpus's tone
-    labels; returns the summary (also ``summary.json``)."""
+    labels; returns the summary (also ``summary.json``). Runs with ``cfg.threads`` torch threads
+    and restores the caller's setting afterwards."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train_bandit(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_bandit(cfg: BanditConfig) -> dict[str, Any]:
     # step 1. seeds, run folder, data split, tokenizer
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)

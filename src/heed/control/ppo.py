@@ -269,12 +269,21 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 def train(cfg: ControlConfig, env: str | EnvFactory | None = None, resume: bool = False) -> dict[str, Any]:
     """Train PPO as ``cfg`` says; returns the summary (also written to ``summary.json``).
 
-    ``env`` overrides ``cfg.env_id`` with a factory (tests use hand-made envs).
+    ``env`` overrides ``cfg.env_id`` with a factory (tests use hand-made envs). Runs with
+    ``cfg.threads`` torch threads and restores the caller's setting afterwards.
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: ControlConfig, env: str | EnvFactory | None, resume: bool) -> dict[str, Any]:
     # step 1. seeds, run folder, config
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
