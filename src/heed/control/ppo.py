@@ -81,6 +81,7 @@ class RolloutCollector:
         self.finished: list[tuple[float, int]] = []  # (return, length) of episodes ended since last drain
 
     def collect(self, num_steps: int) -> Rollout:
+        """Step every env ``num_steps`` times with actions sampled from the policy."""
         n = self.num_envs
         obs_dim = self.obs.shape[-1]
         spec = self.policy.spec
@@ -138,6 +139,7 @@ class RolloutCollector:
         )
 
     def drain_episodes(self) -> list[tuple[float, int]]:
+        """``(return, length)`` of the episodes finished since the last call (raw rewards)."""
         done, self.finished = self.finished, []
         return done
 
