@@ -115,8 +115,10 @@ def build_reward_model(
         model.config.label2id = {"reward": 0}
         if head == "mlp" and backbone == "decoder" and getattr(model.config, "heed_head", "linear") != "mlp":
             model = _add_mlp_block(model, seed)
-    if getattr(model.config, "heed_head", None) is None:
-        model.config.heed_head = "linear" if backbone == "decoder" else "pooler"
+    if backbone == "encoder":  # BERT always has its pooler; `head` picks what a frozen backbone trains
+        model.config.heed_head = head
+    elif getattr(model.config, "heed_head", None) is None:
+        model.config.heed_head = "linear"
     return model, tok, backbone
 
 

@@ -217,7 +217,7 @@ def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[A
             from heed.models.reward import _add_mlp_block
 
             model = _add_mlp_block(model, cfg.train.seed)
-        model.config.heed_head = getattr(model.config, "heed_head", None) or ("linear" if m.backbone == "decoder" else "pooler")
+        model.config.heed_head = m.head
         return model, tok, m.backbone
     source = path or m.path
     model, tok, backbone = build_reward_model(source, None if path else m.tokenizer, m.head, m.dtype, cfg.train.seed)  # type: ignore[arg-type]
