@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import heed
-from heed.errors import ModelLoadError
+from heed.errors import HeedError, ModelLoadError
 from heed.models.reward import (
     FrozenFeatures,
     build_reward_model,
@@ -120,7 +120,7 @@ def test_normalize_uses_saved_statistics(decoder_rm: Path, tmp_path: Path):
 
 
 def test_no_statistics_cannot_normalise(decoder_rm: Path):
-    with pytest.raises(heed.errors.HeedError, match="reward_stats.json"):
+    with pytest.raises(HeedError, match=r"reward_stats\.json"):
         load_reward_model(decoder_rm).score(PROMPTS, RESPONSES, normalize=True)
 
 

@@ -91,7 +91,7 @@ def test_bad_groups_are_one_line_errors(record, message, tmp_path: Path, micro_s
 
 
 def test_scratch_needs_backbone_and_tokenizer(tmp_path: Path):
-    with pytest.raises(ConfigError, match="model.backbone must be decoder or encoder"):
+    with pytest.raises(ConfigError, match=r"model\.backbone must be decoder or encoder"):
         config_from_dict(RMConfig, {"model": {"init": "scratch", "tokenizer": "t"}, "data": {"train": "x"}})
 
 
@@ -183,3 +183,26 @@ def test_cli_score_rejects_a_causal_lm(micro_sft_model: Path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a reward model" in err and "\n" not in err
+
+
+def test_scratch_encoder_reward_model(micro_sft_model: Path, small_groups_file: Path, tmp_path: Path):
+    """init: scratch builds a new BERT-style reward model with the given tokenizer and trains it."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "scratch"
+    cfg = rm_config(micro_sft_model, small_groups_file, out,
+                    model={"init": "scratch", "path": None, "backbone": "encoder", "size": "micro",
+                           "tokenizer": str(micro_sft_model)},
+                    train={"max_steps": 2})
+    summary = train_reward(cfg)
+    assert summary["backbone"] == "encoder" and summary["steps"] == 2
+    hf = AutoModelForSequenceClassification.from_pretrained(str(out / "final"))
+    assert type(hf).__name__ == "BertForSequenceClassification" and hf.config.num_labels == 1
+
+
+def test_shipped_config_loads():
+    from heed.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(RMConfig, root / "configs" / "rm.yaml", ["model.path=m", "data.train=d.jsonl"])
+    assert cfg.model.path == "m" and cfg.data.train == "d.jsonl" and cfg.model.head == "linear"
