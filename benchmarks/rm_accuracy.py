@@ -111,6 +111,7 @@ def parity(final: Path, groups: list[dict[str, Any]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/rm-figures")
+    ap.add_argument("--model", default=None, help="decoder backbone (default: the built-in tiny SFT model)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the figure is for 2 cores)")
     ap.add_argument("--groups", type=int, default=800, help="training groups")
     ap.add_argument("--eval-groups", type=int, default=200)
@@ -126,7 +127,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from heed.data.io import write_jsonl
-    from heed.demo.assets import builtin_data, builtin_sft_model
+    from heed.demo.assets import builtin_sft_model
     from heed.demo.preferences import make_ranked_groups
     from heed.models.loading import load_tokenizer
 
@@ -136,7 +137,7 @@ def main() -> None:
     eval_groups = make_ranked_groups(args.eval_groups, k=args.k, seed=args.seed + 1, heldout=True, noise=0.0)
     write_jsonl(out / "train.jsonl", train_groups)
     write_jsonl(out / "eval.jsonl", eval_groups)
-    sft = builtin_sft_model()
+    sft = Path(args.model) if args.model else builtin_sft_model()
     results: dict[str, Any] = {"load_avg_start": os.getloadavg(), "threads": args.threads, "k": args.k,
                                "train_groups": args.groups, "eval_groups": args.eval_groups}
     keys = ("rm/accuracy", "rm/top1_accuracy", "rm/kendall_tau", "rm/eval_loss", "train_seconds", "wall_seconds_incl_load")
@@ -147,7 +148,8 @@ def main() -> None:
         print("decoder", json.dumps(results["decoder"]), flush=True)
     if args.only in ("encoder", "both"):
         tok = load_tokenizer(sft)
-        texts = [json.loads(line)["text"] for line in builtin_data()["text"].read_text().splitlines()]
+        text_file = sft.parent.parent / "data" / "text.jsonl"  # the corpus the built-in model was trained on
+        texts = [json.loads(line)["text"] for line in text_file.read_text().splitlines()]
         mlm = pretrain_encoder(tok, texts, out / "encoder-mlm", args.mlm_seconds, "tiny", args.seed)
         enc_args = argparse.Namespace(**{**vars(args), "lr": args.encoder_lr})
         s = train_rm(out / "encoder-mlm", out / "train.jsonl", out / "eval.jsonl", out / "encoder", enc_args)

@@ -140,6 +140,8 @@ def cache_features(frozen: Any, groups: list[EncodedGroup], pad_id: int, device:
 
     seqs = [s for g in groups for s in g.seqs]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    was_training = frozen.model.training
+    frozen.model.eval()  # features without dropout, as at scoring time
     feats: torch.Tensor | None = None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -147,6 +149,7 @@ def cache_features(frozen: Any, groups: list[EncodedGroup], pad_id: int, device:
         if feats is None:
             feats = torch.zeros(len(seqs), f.shape[-1], dtype=f.dtype, device=f.device)
         feats[torch.tensor(idx, device=f.device)] = f
+    frozen.model.train(was_training)
     assert feats is not None
     return feats
 
