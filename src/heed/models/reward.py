@@ -235,10 +235,9 @@ class FrozenFeatures:
         f = features
         if self.backbone == "decoder":
             if self.kind == "mlp":
-                block, norm, score = self.modules[0], self.modules[1], self.modules[3]
-                body_norm = self.modules[2]
-                f = body_norm(f + block(norm(f)))
-                return score(f)[:, 0]
+                mlp, mlp_norm, final_norm, score = self.modules
+                # the extra block with zero attention output: h + MLP(n(h)), then the final norm and score
+                return score(final_norm(f + mlp(mlp_norm(f))))[:, 0]
             return self.model.score(f)[:, 0]
         if self.kind != "linear":
             f = self.model.dropout(self.pooler.activation(self.pooler.dense(f)))
