@@ -206,3 +206,23 @@ def test_shipped_config_loads():
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(RMConfig, root / "configs" / "rm.yaml", ["model.path=m", "data.train=d.jsonl"])
     assert cfg.model.path == "m" and cfg.data.train == "d.jsonl" and cfg.model.head == "linear"
+
+
+def test_every_config_field_is_read():
+    """A config knob that nothing reads is a bug: each field is used as `.name` by the RM code."""
+    import inspect
+
+    import heed.cli.rm_cmds
+    import heed.models.reward
+    import heed.train.common
+    import heed.train.reward
+
+    source = "".join(inspect.getsource(m) for m in (heed.train.reward, heed.train.common, heed.models.reward,
+                                                     heed.cli.rm_cmds))
+    from heed.config.reward import RMDataConfig, RMModelConfig, RMTrainConfig
+
+    for section in (RMModelConfig, RMDataConfig, RMTrainConfig):
+        for name in section.model_fields:
+            assert f".{name}" in source, f"{section.__name__}.{name} is never read"
+    for name in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "max_grad_norm"):
+        assert f".{name}" in source, name

@@ -6,12 +6,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
+from heed.config.base import HeedConfig, LogConfig, OptimConfig
 
 
-class RMModelConfig(ModelConfig):
+class RMModelConfig(HeedConfig):
     """The backbone: a causal LM folder (a score head replaces its softmax layer), an encoder
     folder (BERT-style), an existing reward model, or (init: scratch) a new built-in model."""
+
+    path: str | None = Field(None, description="Causal LM, encoder or reward model folder (required unless init: scratch).")
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="Load `path`, or build a new built-in model.")
+    size: str = Field("tiny", description="Built-in architecture size when init: scratch (micro, tiny, small, 100m).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to `path` (required when init: scratch).")
+    max_position_embeddings: int = Field(512, ge=16, description="Context length of a scratch decoder.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
 
     backbone: Literal["auto", "decoder", "encoder"] = Field(
         "auto", description="Backbone kind: auto reads it from the folder; scratch models need decoder or encoder.")
