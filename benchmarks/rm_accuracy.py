@@ -140,7 +140,8 @@ def main() -> None:
     sft = Path(args.model) if args.model else builtin_sft_model()
     results: dict[str, Any] = {"load_avg_start": os.getloadavg(), "threads": args.threads, "k": args.k,
                                "train_groups": args.groups, "eval_groups": args.eval_groups}
-    keys = ("rm/accuracy", "rm/top1_accuracy", "rm/kendall_tau", "rm/eval_loss", "train_seconds", "wall_seconds_incl_load")
+    keys = ("rm/accuracy", "rm/top1_accuracy", "rm/kendall_tau", "rm/eval_loss", "train_seconds", "train_cpu_seconds",
+            "wall_seconds_incl_load")
     if args.only in ("decoder", "both"):
         s = train_rm(sft, out / "train.jsonl", out / "eval.jsonl", out / "decoder", args)
         results["decoder"] = {k: s[k] for k in keys}

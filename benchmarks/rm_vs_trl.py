@@ -10,7 +10,9 @@ The same ranked groups (built-in world, K responses per prompt) train the same m
 Both use the same sequences per forward (Heed ``groups_per_step`` · K = TRL 2 · ``pairs_per_step``),
 float32, no gradient checkpointing, the same learning rate, and run a fixed number of steps.
 The figure is preference pairs learned per second of the training loop (model loading and
-tokenisation excluded on both sides), and the ratio Heed / TRL.
+tokenisation excluded on both sides), and the ratio Heed / TRL. After one untimed warm-up run,
+Heed and TRL alternate ``--repeats`` times and the medians are compared, so a shared machine's
+changing load hits both sides alike; the load average is printed with each result.
 
     python benchmarks/rm_vs_trl.py --threads 2 --k 4 9
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +61,7 @@ def run_heed(model: Path, groups_file: Path, out: Path, k: int, seqs: int, steps
     })
     s = train_reward(cfg)
     return {"pairs_per_s": s["pairs_per_s"], "seconds": s["train_seconds"], "steps": steps,
+            "pairs_per_cpu_s": s["pairs_per_s"] * s["train_seconds"] / s["train_cpu_seconds"],
             "sequences_per_forward": max(1, seqs // k) * k, "final_loss": s["train/loss"]}
 
 
@@ -81,10 +85,12 @@ def run_trl(model: Path, pairs: list[dict[str, Any]], out: Path, seqs: int, step
         disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(),
     )
     trainer = RewardTrainer(model=rm, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     result = trainer.train()
     seconds = result.metrics.get("train_runtime", time.time() - t0)
+    cpu_seconds = time.process_time() - cpu0
     return {"pairs_per_s": per_step * steps / seconds, "seconds": seconds, "steps": steps,
+            "pairs_per_cpu_s": per_step * steps / cpu_seconds,
             "sequences_per_forward": 2 * per_step, "final_loss": result.metrics.get("train_loss")}
 
 
@@ -96,6 +102,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=36, help="sequences per forward on both sides")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating Heed/TRL runs per K (medians compared)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -114,12 +121,23 @@ def main() -> None:
             groups = make_ranked_groups(args.groups, k=k, seed=0)
             write_jsonl(Path(tmp) / f"groups{k}.jsonl", groups)
             pairs = expand_pairs(groups)
-            heed = run_heed(model, Path(tmp) / f"groups{k}.jsonl", Path(tmp) / f"heed{k}", k, args.seqs, args.steps, args.lr)
-            trl = run_trl(model, pairs, Path(tmp) / f"trl{k}", args.seqs, args.steps, args.lr)
-            ratio = heed["pairs_per_s"] / trl["pairs_per_s"]
-            results["runs"][f"k{k}"] = {"heed": heed, "trl": trl, "ratio": ratio, "pairs": len(pairs)}
-            print(f"K={k}: heed {heed['pairs_per_s']:.1f} pairs/s  trl {trl['pairs_per_s']:.1f} pairs/s  "
-                  f"ratio {ratio:.2f}x  (load average {os.getloadavg()[0]:.1f})", flush=True)
+            groups_file = Path(tmp) / f"groups{k}.jsonl"
+            run_heed(model, groups_file, Path(tmp) / "warmup", k, args.seqs, 2, args.lr)  # untimed: process warm-up
+            heeds, trls = [], []
+            for _ in range(args.repeats):
+                heeds.append(run_heed(model, groups_file, Path(tmp) / f"heed{k}", k, args.seqs, args.steps, args.lr))
+                trls.append(run_trl(model, pairs, Path(tmp) / f"trl{k}", args.seqs, args.steps, args.lr))
+            heed_rate = statistics.median(h["pairs_per_s"] for h in heeds)
+            trl_rate = statistics.median(t["pairs_per_s"] for t in trls)
+            ratio = heed_rate / trl_rate
+            # pairs per CPU-second of the process: less sensitive to other jobs on a shared machine
+            cpu_ratio = (statistics.median(h["pairs_per_cpu_s"] for h in heeds)
+                         / statistics.median(t["pairs_per_cpu_s"] for t in trls))
+            results["runs"][f"k{k}"] = {"heed_pairs_per_s": heed_rate, "trl_pairs_per_s": trl_rate, "ratio": ratio,
+                                        "cpu_time_ratio": cpu_ratio, "pairs": len(pairs), "heed": heeds, "trl": trls}
+            print(f"K={k}: heed {heed_rate:.1f} pairs/s  trl {trl_rate:.1f} pairs/s  ratio {ratio:.2f}x  "
+                  f"(per CPU-second {cpu_ratio:.2f}x; medians of {args.repeats}; load average "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
     results["load_avg_end"] = os.getloadavg()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

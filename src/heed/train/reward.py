@@ -309,7 +309,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
 
     # step 7. the loop
     model.train()
-    pairs_seen, responses_seen, t0 = 0, 0, time.time()
+    pairs_seen, responses_seen, t0, cpu0 = 0, 0, time.time(), time.process_time()
     last: dict[str, float] = {}
     epoch_batches: dict[int, list[list[int]]] = {}
     with StepProgress("rm", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
@@ -370,7 +370,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
 
     # step 8. final evaluation, reward statistics beside the model, summary
     accelerator.wait_for_everyone()
-    elapsed = time.time() - t0
+    elapsed, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     summary: dict[str, Any] = {"algo": "rm", "steps": total_steps, "train/loss": last.get("loss", float("nan"))}
     if main:
         ev, eval_rewards = run_eval()
@@ -391,7 +391,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
         summary.update({
             "reward_mean": reward_stats["mean"], "reward_std": reward_stats["std"],
             "pairs_per_s": pairs_seen / max(elapsed, 1e-9), "responses_per_s": responses_seen / max(elapsed, 1e-9),
-            "train_seconds": elapsed, "feature_seconds": feature_seconds, "peak_memory_mb": peak_memory_mb(),
+            "train_seconds": elapsed, "train_cpu_seconds": cpu_seconds, "feature_seconds": feature_seconds, "peak_memory_mb": peak_memory_mb(),
             "train_groups": len(train_enc), "eval_groups": len(eval_enc), "train_pairs": sum(g.num_pairs for g in train_enc),
             "truncated_responses": cut + eval_cut, "backbone": backbone, "frozen_backbone": frozen is not None,
         })
