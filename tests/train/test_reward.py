@@ -226,3 +226,19 @@ def test_every_config_field_is_read():
             assert f".{name}" in source, f"{section.__name__}.{name} is never read"
     for name in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "max_grad_norm"):
         assert f".{name}" in source, name
+
+
+def test_continue_from_an_existing_reward_model(micro_sft_model: Path, small_groups_file: Path, tmp_path: Path):
+    """A reward model folder is a starting point: its head is kept, not replaced by a new one."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    train_reward(rm_config(micro_sft_model, small_groups_file, first, model={"freeze_backbone": True},
+                           train={"max_steps": 2}))
+    second = tmp_path / "second"
+    summary = train_reward(rm_config(first / "final", small_groups_file, second, model={"freeze_backbone": True},
+                                     train={"max_steps": 1}, optim={"lr": 1e-12, "warmup_steps": 0}))
+    before = load_file(first / "final" / "model.safetensors")["score.weight"]
+    after = load_file(second / "final" / "model.safetensors")["score.weight"]
+    torch.testing.assert_close(after, before, atol=1e-9, rtol=0)  # lr ~0: the head is the trained one
+    assert summary["backbone"] == "decoder"
