@@ -12,6 +12,7 @@ from heed.errors import HeedError
 from heed.cli import train_cmds  # noqa: F401  isort: skip
 from heed.cli import annotate_cmds  # noqa: F401  isort: skip
 from heed.cli import rm_cmds  # noqa: F401  isort: skip
+from heed.cli import dpo_cmds  # noqa: F401  isort: skip
 from heed.cli import report_cmds  # noqa: F401  isort: skip
 from heed.cli import control_cmds  # noqa: F401  isort: skip
 
