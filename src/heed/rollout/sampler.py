@@ -34,7 +34,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = probs.cumsum(-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    # Gumbel-max in its exponential form: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p
+    # (several times faster than torch.multinomial on CPU)
+    probs = logits.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
 @torch.no_grad()
