@@ -103,3 +103,24 @@ def test_pipeline_source(tmp_path: Path) -> None:
     assert [v > 0 for v in signed] == [v == 1.0 for v in label_only]
     with pytest.raises(ConfigError, match="not labels of this classifier"):
         pipeline_source(str(tmp_path / "clf"), {"HAPPY": 1.0})
+
+
+def test_reward_model_source(tmp_path: Path) -> None:
+    """A one-label sequence-classification folder scored through heed.load_reward_model (branch rm)."""
+    pytest.importorskip("heed.models.reward")
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    import heed
+    from heed.models.loading import save_pretrained
+    from heed.models.tiny import tiny_llama_config, train_tokenizer
+    from heed.rewards.sources import reward_model_source
+
+    tok = train_tokenizer(["good day", "bad day", "a fine time"] * 5, vocab_size=300)
+    cfg = tiny_llama_config(tok, size="micro", num_labels=1)
+    torch.manual_seed(0)
+    save_pretrained(LlamaForSequenceClassification(cfg), tok, tmp_path / "rm")
+    fn = reward_model_source(str(tmp_path / "rm"))
+    got = fn(["p", "q"], ["good day", "bad day"])
+    want = heed.load_reward_model(str(tmp_path / "rm")).score(["p", "q"], ["good day", "bad day"])
+    assert got == pytest.approx(want) and len(got) == 2

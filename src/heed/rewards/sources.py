@@ -80,12 +80,8 @@ def reward_model_source(path: str, normalize: bool = False, batch_size: int = 64
         rm = rm.to(device)
 
     def reward_model(prompts: list[Any], completions: list[str], **columns: Any) -> list[float | None]:
-        out: list[float | None] = []
-        for start in range(0, len(completions), batch_size):
-            scores = rm.score(prompts[start : start + batch_size], completions[start : start + batch_size],
-                              normalize=normalize)
-            out.extend(float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores))
-        return out
+        scores = rm.score(list(prompts), list(completions), batch_size=batch_size, normalize=normalize)
+        return [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
 
     return reward_model
 
