@@ -450,6 +450,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if cfg.eval.at_start and start_update == 0:
         start_eval = run_eval(0, cfg.eval.initial_policy_name)
         summary.update({f"start/{k}": v for k, v in start_eval.items()})
+    elif start_update > 0:  # resumed: the evaluation before training is in the log already
+        for row in read_metrics(run / "metrics.jsonl"):
+            if row.get("split") == "eval" and row.get("step") == 0:
+                summary.update({f"start/{k}": v for k, v in row.items() if k.startswith(("eval/", "gold/"))})
 
     # the loop
     samples_done, gen_seconds, t0 = 0, 0.0, time.time()
