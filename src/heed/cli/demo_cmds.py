@@ -38,9 +38,9 @@ def demo(
     if quick:
         from dataclasses import replace
 
-        settings = replace(settings, size="micro", n_records=1500, pretrain_epochs=1.0, sft_epochs=1.0,
-                           annotate_prompts=48, ppo_updates=6, ppo_updates_next_round=4, rloo_updates=8,
-                           eval_prompts=16, max_new_tokens=24)
+        from heed.demo.pipeline import QUICK
+
+        settings = replace(settings, **QUICK)
     t0 = time.time()
     report = run_demo(settings, say=console.print)
     db = (out / "feedback.db").resolve()

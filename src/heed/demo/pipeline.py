@@ -59,6 +59,14 @@ class DemoSettings:
     eval_prompts: int = 64
 
 
+# A minute or two on two cores: the micro model and a handful of updates (shows the plumbing, not results).
+QUICK = dict(size="micro", n_records=1500, pretrain_epochs=1.0, sft_epochs=1.0, annotate_prompts=48, ppo_updates=6,
+             ppo_updates_next_round=4, rloo_updates=8, eval_prompts=16, max_new_tokens=24)
+# Smaller still, for the test suite.
+SMOKE = dict(QUICK, n_records=400, annotate_prompts=12, ppo_updates=2, ppo_updates_next_round=1, rloo_updates=2,
+             eval_prompts=4, max_new_tokens=12, rm_epochs=1.0, dpo_epochs=1.0)
+
+
 @dataclass
 class StageLog:
     """Stage names, seconds and whether each was reused; written to ``stages.json``."""
