@@ -273,3 +273,49 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = No
     var_residual = masked_var(returns - values, m, unbiased=False)
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns == 0, nan, 1 - var_residual / var_returns.where(var_returns != 0, 1))
+
+
+@torch.no_grad()
+def kendall_tau(scores: Tensor, ranks: Tensor, response_mask: Tensor) -> Tensor:
+    """Kendall's τ_b between model scores and human ranks, one value per group (detached).
+
+        τ_b = (C − D) / sqrt((n₀ − n₁)(n₀ − n₂))
+
+    over the valid responses of a group: C / D count pairs ordered alike / oppositely by the
+    scores and by the humans (a lower rank is better, so the human score is −rank), n₀ the
+    number of pairs, n₁ the pairs tied in rank and n₂ the pairs tied in score
+    (https://en.wikipedia.org/wiki/Kendall_rank_correlation_coefficient#Tau-b). A group
+    where either side is all tied has no defined τ and gets 0.
+
+    Shapes: ``scores`` (G, K), ``ranks`` (G, K), ``response_mask`` (G, K) True for real
+    responses. Returns (G,).
+    """
+    valid = response_mask.to(device=scores.device, dtype=torch.bool)  # (G, K)
+    k = scores.shape[-1]
+    upper = torch.ones(k, k, dtype=torch.bool, device=scores.device).triu(diagonal=1)  # each pair once
+    pairs = upper & valid.unsqueeze(-1) & valid.unsqueeze(-2)  # (G, K, K)
+    s = torch.sign(scores.unsqueeze(-1) - scores.unsqueeze(-2))  # (G, K, K)
+    h = torch.sign(ranks.unsqueeze(-2) - ranks.unsqueeze(-1)).to(s.dtype)  # (G, K, K): +1 if i ranked above j
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    numerator = torch.where(pairs, s * h, zero).sum(dim=(-2, -1))  # C − D
+    n0 = pairs.sum(dim=(-2, -1)).to(s.dtype)
+    n1 = (pairs & (h == 0)).sum(dim=(-2, -1)).to(s.dtype)
+    n2 = (pairs & (s == 0)).sum(dim=(-2, -1)).to(s.dtype)
+    denominator = ((n0 - n1) * (n0 - n2)).sqrt()
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), zero)
+
+
+@torch.no_grad()
+def top1_accuracy(scores: Tensor, ranks: Tensor, response_mask: Tensor) -> Tensor:
+    """1.0 where the best-scored valid response of a group holds the group's best (lowest)
+    rank, else 0.0 (a tie for first place counts any of the tied responses as right).
+
+    Shapes: ``scores`` (G, K), ``ranks`` (G, K), ``response_mask`` (G, K). Returns (G,).
+    """
+    valid = response_mask.to(device=scores.device, dtype=torch.bool)  # (G, K)
+    neg_inf = torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device)
+    pick = torch.where(valid, scores, neg_inf).argmax(dim=-1, keepdim=True)  # (G, 1)
+    big = torch.full((), float("inf"), dtype=torch.float64, device=scores.device)
+    best_rank = torch.where(valid, ranks.to(torch.float64), big).amin(dim=-1)  # (G,)
+    picked_rank = ranks.to(torch.float64).gather(-1, pick).squeeze(-1)  # (G,)
+    return (picked_rank == best_rank).to(scores.dtype)

@@ -113,7 +113,7 @@ def build_builtin(out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progre
 def builtin_sft_model(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None = None, progress: bool = False) -> Path:
     """Folder of the built-in SFT model (tokenizer included), built once and cached.
 
-    The folder beside it, ``../../data``, holds the corpus files it was trained on.
+    The folder ``../../data`` (beside ``sft/``), holds the corpus files it was trained on.
     """
     root = Path(root) if root is not None else cache_dir()
     target = root / f"builtin-{spec.size}-{spec.key()}"
@@ -135,5 +135,5 @@ def builtin_sft_model(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None
 def builtin_data(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None = None) -> dict[str, Path]:
     """Corpus files that belong to the cached built-in model."""
     sft = builtin_sft_model(spec, root)
-    data = sft.parent.parent.parent / "data"
+    data = sft.parent.parent / "data"
     return {p.stem: p for p in data.glob("*.jsonl")}

@@ -1,0 +1,441 @@
+"""Reward models: a backbone plus a scalar head, stored as a plain Hugging Face
+``AutoModelForSequenceClassification`` with ``num_labels=1``.
+
+Decoder backbones (Llama-style) score at the last non-pad token, encoder backbones
+(BERT-style) at the first token; both are exactly what ``transformers`` computes for such a
+folder, because Heed scores with the model's own forward on right-padded batches. The text
+scored for (prompt, response) is the chat rendering of the two as a user and an assistant
+turn when the tokenizer has a chat template (``heed_chat`` in the saved config), else the
+prompt followed by the response and EOS (decoders) or the tokenizer's text pair (encoders).
+
+The folder also holds ``reward_stats.json`` (mean and std of the rewards on the eval set at
+the end of training) so scores can be normalised: ``(r - mean) / std``.
+
+The cheap variant (``freeze_backbone``) trains only the head on cached features of the
+frozen backbone. ``head: linear`` is the model's own score layer; ``head: mlp`` is BERT's
+pooler (dense + tanh) plus the classifier for encoders, and for decoders one extra decoder
+block on top of the trunk whose attention output projection is zero, i.e. the residual
+gated MLP ``h + W_down(silu(W_gate n(h)) * W_up n(h))`` before the final norm and score
+layer, so the saved model stays a standard ``LlamaForSequenceClassification``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from heed.data.records import Prompt
+from heed.data.templating import as_messages, has_chat_template, require_chat_template
+from heed.errors import ConfigError, HeedError, ModelLoadError
+
+Backbone = Literal["decoder", "encoder"]
+Head = Literal["linear", "mlp"]
+STATS_FILE = "reward_stats.json"
+ENCODER_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert",
+    "camembert", "mpnet", "modernbert", "ernie", "megatron-bert", "rembert",
+})
+
+
+# ---------------------------------------------------------------- what a folder holds
+
+
+def backbone_of(config: dict[str, Any] | Any) -> Backbone:
+    """``encoder`` for BERT-style model types, else ``decoder``."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return "encoder" if model_type in ENCODER_TYPES else "decoder"
+
+
+def is_reward_folder(config: dict[str, Any]) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def _num_labels(config: dict[str, Any]) -> int:
+    if "num_labels" in config:
+        return int(config["num_labels"])
+    return len(config.get("id2label") or {0: "", 1: ""})
+
+
+def read_stats(path: str | Path) -> dict[str, Any]:
+    """The ``reward_stats.json`` beside a reward model ({} when absent)."""
+    p = Path(path) / STATS_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{p}: unreadable ({exc.msg})") from None
+
+
+# ---------------------------------------------------------------- building a reward model
+
+
+def build_reward_model(
+    path: str | Path,
+    tokenizer_path: str | Path | None = None,
+    head: Head = "linear",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[Any, Any, Backbone]:
+    """A trainable reward model from a causal LM, an encoder, or an existing reward model folder.
+
+    A causal LM's softmax layer is replaced by a new linear ``score`` layer (its trunk weights
+    are kept); an encoder gets the classification head of its architecture. Returns
+    ``(model, tokenizer, backbone)``; the model's config has ``num_labels=1`` and ``pad_token_id``
+    set, so ``transformers`` finds the same scoring token as Heed.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from heed.models.loading import load_tokenizer, quiet_transformers, read_model_config, torch_dtype
+
+    quiet_transformers()
+    config = read_model_config(path)
+    tok = load_tokenizer(tokenizer_path or path, padding_side="right")
+    backbone = backbone_of(config)
+    existing = is_reward_folder(config)
+    if existing and _num_labels(config) != 1:
+        raise ModelLoadError(f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new head's initial weights depend on the seed only
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot load as a reward model ({str(exc).splitlines()[0]})") from None
+        model.config.pad_token_id = tok.pad_token_id
+        model.config.problem_type = "regression"
+        model.config.id2label = {0: "reward"}
+        model.config.label2id = {"reward": 0}
+        if head == "mlp" and backbone == "decoder" and getattr(model.config, "heed_head", "linear") != "mlp":
+            model = _add_mlp_block(model, seed)
+    if backbone == "encoder":  # BERT always has its pooler; `head` picks what a frozen backbone trains
+        model.config.heed_head = head
+    elif getattr(model.config, "heed_head", None) is None:
+        model.config.heed_head = "linear"
+    return model, tok, backbone
+
+
+def _decoder_layers(model: Any) -> Any:
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(body, "layers", None)
+    if layers is None or not len(layers) or not hasattr(layers[-1], "mlp") or not hasattr(body, "norm"):
+        raise ConfigError(
+            f"model.head: mlp on a decoder needs a Llama-style model (model.layers[*].mlp, model.norm); "
+            f"{type(model).__name__} has none; use head: linear"
+        )
+    return body, layers
+
+
+def _add_mlp_block(model: Any, seed: int) -> Any:
+    """Append one decoder block whose attention output is zero: a residual gated-MLP head.
+
+    The new block starts as the identity (``down_proj = 0``), so the model starts out scoring
+    exactly like the linear head; its MLP then learns on top of the frozen trunk.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    body, layers = _decoder_layers(model)
+    attn_out = getattr(getattr(layers[-1], "self_attn", None), "o_proj", None)
+    if attn_out is None or attn_out.bias is not None:
+        raise ConfigError("model.head: mlp on a decoder needs attention output projections without bias (self_attn.o_proj)")
+    config = model.config
+    config.num_hidden_layers += 1
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [*config.layer_types, config.layer_types[-1]]
+    config.heed_head = "mlp"
+    torch.manual_seed(seed)
+    bigger = AutoModelForSequenceClassification.from_config(config, dtype=next(model.parameters()).dtype)
+    missing, _ = bigger.load_state_dict(model.state_dict(), strict=False)
+    _, new_layers = _decoder_layers(bigger)
+    top = new_layers[-1]
+    with torch.no_grad():
+        top.self_attn.o_proj.weight.zero_()
+        top.mlp.down_proj.weight.zero_()
+        top.post_attention_layernorm.weight.copy_(body.norm.weight)
+    prefix = f"{bigger.base_model_prefix}.layers.{config.num_hidden_layers - 1}."
+    assert all(k.startswith(prefix) for k in missing), missing
+    return bigger
+
+
+# ---------------------------------------------------------------- the head on frozen features
+
+
+class FrozenFeatures:
+    """Train only the head of a reward model on features of its frozen backbone.
+
+    ``features(ids, att)`` runs the whole model once and keeps the input of the head at the
+    scoring position, shape (B, H); ``head(f)`` maps such features to rewards (B,) with the
+    model's own head modules, so ``head(features(x)) == model(x).logits[:, 0]``.
+    """
+
+    def __init__(self, model: Any, backbone: Backbone) -> None:
+        self.model = model
+        self.backbone = backbone
+        self.kind = getattr(model.config, "heed_head", "linear")
+        if backbone == "decoder":
+            body, layers = _decoder_layers(model) if self.kind == "mlp" else (None, None)
+            if not hasattr(model, "score"):
+                raise ConfigError(f"model.freeze_backbone: {type(model).__name__} has no `score` layer")
+            self.modules = [model.score] if self.kind != "mlp" else [
+                layers[-1].mlp, layers[-1].post_attention_layernorm, body.norm, model.score]
+            self._hooked = model.score if self.kind != "mlp" else layers[-1]
+        else:
+            base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+            pooler = getattr(base, "pooler", None)
+            classifier = getattr(model, "classifier", None)
+            if pooler is None or not isinstance(classifier, torch.nn.Linear):
+                raise ConfigError(
+                    f"model.freeze_backbone: supported for BERT-style encoders (pooler + linear classifier); "
+                    f"{type(model).__name__} is not one"
+                )
+            self.pooler, self.classifier = pooler, classifier
+            self.modules = [classifier] if self.kind == "linear" else [pooler, classifier]
+            self._hooked = classifier if self.kind == "linear" else pooler
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()]
+
+    def freeze(self) -> None:
+        """requires_grad only on the head's parameters."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Head inputs at the scoring position, (B, H)."""
+        captured: list[torch.Tensor] = []
+
+        def grab(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+
+        handle = self._hooked.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()
+        h = captured[0]
+        if h.dim() == 2:  # the classifier's input is already pooled
+            return h
+        if self.backbone == "encoder":
+            return h[:, 0]
+        idx = last_token_index(input_ids, self.model.config.pad_token_id)
+        return h[torch.arange(h.shape[0], device=h.device), idx]
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) from features (B, H)."""
+        f = features
+        if self.backbone == "decoder":
+            if self.kind == "mlp":
+                mlp, mlp_norm, final_norm, score = self.modules
+                # the extra block with zero attention output: h + MLP(n(h)), then the final norm and score
+                return score(final_norm(f + mlp(mlp_norm(f))))[:, 0]
+            return self.model.score(f)[:, 0]
+        if self.kind != "linear":
+            f = self.model.dropout(self.pooler.activation(self.pooler.dense(f)))
+        return self.classifier(f)[:, 0]
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """The rightmost non-pad position of each row, as ``transformers`` picks it. (B, T) -> (B,)."""
+    if pad_token_id is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+    not_pad = (input_ids != pad_token_id).long()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * not_pad).argmax(-1)
+
+
+# ---------------------------------------------------------------- text -> tokens -> rewards
+
+
+def use_chat_for(tokenizer: Any, chat: str | bool | None) -> bool:
+    if chat is None or chat == "auto":
+        return has_chat_template(tokenizer)
+    return chat in (True, "true")
+
+
+def encode_pair(tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone) -> list[int]:
+    """Token ids of one (prompt, response) as the reward model reads it (untruncated)."""
+    special = backbone == "encoder"  # encoders keep their own [CLS] ... [SEP] convention
+    if chat or isinstance(prompt, list):
+        require_chat_template(tokenizer, "prompt")
+        text = tokenizer.apply_chat_template(
+            [*as_messages(prompt), {"role": "assistant", "content": response}], tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+    if backbone == "encoder":
+        return tokenizer(prompt, response, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token or ""
+    return tokenizer(prompt + response + eos, add_special_tokens=False)["input_ids"]
+
+
+def truncate_ids(seqs: list[list[int]], max_length: int) -> tuple[list[list[int]], int]:
+    """Keep the first ``max_length`` tokens of each sequence; returns them and how many were cut."""
+    cut = sum(len(s) > max_length for s in seqs)
+    return [s[:max_length] for s in seqs], cut
+
+
+def pad_right(seqs: Sequence[list[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, T). Right padding keeps the
+    default position ids of ``transformers`` correct, so scores match a plain HF forward."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        att[i, : len(s)] = 1
+    return ids.to(device), att.to(device)
+
+
+def forward_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (B,) in float32 from the model's own forward (B, T) -> (B, 1)."""
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}  # no KV cache to build
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0].float()
+
+
+@dataclass
+class RewardModel:
+    """A loaded reward model: ``score(prompts, responses)`` and the reward-function contract
+    ``rm(prompts, completions, **columns) -> list[float]``."""
+
+    model: Any
+    tokenizer: Any
+    backbone: Backbone = "decoder"
+    chat: bool = True
+    max_length: int = 512
+    mean: float | None = None
+    std: float | None = None
+    path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> RewardModel:
+        self.model.to(device)
+        return self
+
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Token ids of each pair, truncated to ``max_length``, and the number truncated."""
+        if len(prompts) != len(responses):
+            raise HeedError(f"score: {len(prompts)} prompts but {len(responses)} responses (need one prompt per response)")
+        seqs = [encode_pair(self.tokenizer, p, r, self.chat, self.backbone) for p, r in zip(prompts, responses, strict=True)]
+        return truncate_ids(seqs, self.max_length)
+
+    def normalize(self, rewards: Sequence[float]) -> list[float]:
+        """``(r − mean) / std`` with the statistics saved at the end of training."""
+        if self.mean is None or self.std is None:
+            raise HeedError(f"{self.path or 'reward model'}: no {STATS_FILE} with mean/std; cannot normalise scores")
+        std = self.std if self.std > 0 else 1.0
+        return [(r - self.mean) / std for r in rewards]
+
+    @torch.inference_mode()
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[str],
+        batch_size: int = 32,
+        normalize: bool = False,
+        progress: Any = None,
+    ) -> list[float]:
+        """One scalar per (prompt, response), batched longest-first (less padding), in input order.
+
+        ``progress``, if given, is called with the number of pairs done after each batch.
+        """
+        seqs, cut = self.encode(prompts, responses)
+        if cut:
+            warnings.warn(f"{cut} of {len(seqs)} responses were longer than max_length={self.max_length} "
+                          "tokens and were truncated before scoring", stacklevel=2)
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = [0.0] * len(seqs)
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, att = pad_right([seqs[i] for i in idx], pad, self.device)
+            for i, r in zip(idx, forward_rewards(self.model, ids, att).tolist(), strict=True):
+                out[i] = r
+            if progress is not None:
+                progress(len(idx))
+        self.model.train(was_training)
+        return self.normalize(out) if normalize else out
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], **columns: Any) -> list[float]:
+        return self.score(prompts, completions)
+
+
+def reward_model_from(model: Any, tokenizer: Any, path: str | Path | None = None) -> RewardModel:
+    """Wrap a loaded ``*ForSequenceClassification`` model with the rendering settings it was trained with."""
+    config = model.config
+    backbone = getattr(config, "heed_backbone", None) or backbone_of(config)
+    chat = use_chat_for(tokenizer, getattr(config, "heed_chat", None))
+    limits = [getattr(config, "heed_max_length", None), getattr(config, "max_position_embeddings", None)]
+    max_length = min(v for v in limits if isinstance(v, int) and v > 0) if any(
+        isinstance(v, int) and v > 0 for v in limits) else 512
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    stats = read_stats(path) if path is not None else {}
+    return RewardModel(model, tokenizer, backbone, chat, max_length, stats.get("mean"), stats.get("std"),
+                       str(path) if path is not None else None)
+
+
+def load_reward_model(path: str | Path, device: str | None = None, dtype: str = "float32") -> RewardModel:
+    """Load a reward model folder (``heed rm train``'s ``final/``, or any one-label
+    ``AutoModelForSequenceClassification``) for scoring."""
+    from transformers import AutoModelForSequenceClassification
+
+    from heed.models.loading import load_tokenizer, quiet_transformers, read_model_config, torch_dtype
+
+    quiet_transformers()
+    config = read_model_config(path)
+    if not is_reward_folder(config):
+        archs = ", ".join(config.get("architectures") or ["no architecture"])
+        raise ModelLoadError(
+            f"{path}: holds {archs}, not a reward model (no classification head); "
+            f"train one with `heed rm train --set model.path={path}`"
+        )
+    if _num_labels(config) != 1:
+        raise ModelLoadError(f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)")
+    tok = load_tokenizer(path, padding_side="right")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot load the reward model ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return reward_model_from(model, tok, path)
+
+
+def score(model: Any, tokenizer: Any, prompt: Prompt, response: str) -> float:
+    """Score one (prompt, response) with a loaded reward model (a :class:`RewardModel`, or a
+    ``*ForSequenceClassification`` model and its tokenizer)."""
+    rm = model if isinstance(model, RewardModel) else reward_model_from(model, tokenizer)
+    return rm.score([prompt], [response])[0]
+
+
+def new_reward_model(tokenizer: Any, backbone: Backbone, size: str = "tiny", max_position_embeddings: int = 512,
+                     seed: int = 0) -> Any:
+    """A randomly initialised built-in reward model (Llama-style decoder or BERT-style encoder)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from heed.models.tiny import tiny_encoder_config, tiny_llama_config
+
+    if backbone == "encoder":
+        config = tiny_encoder_config(tokenizer, size=size, num_labels=1)
+    else:
+        config = tiny_llama_config(tokenizer, size=size, max_position_embeddings=max_position_embeddings)
+        config.num_labels = 1
+    config.problem_type = "regression"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_config(config)

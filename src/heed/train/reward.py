@@ -1,0 +1,408 @@
+"""Reward-model training on human rankings: the K-wise loss of InstructGPT, one explicit loop.
+
+Each optimizer step takes ``batch_size`` ranked groups (a preference pair is a group of two).
+The K responses of every group in a micro-batch go through the model in ONE right-padded
+forward; the rewards are reshaped to (G, K) with a response mask for ragged K, and
+:func:`heed.algos.losses.ranking_loss` averages −log σ(r_w − r_l − m) over each group's
+C(K, 2) pairs. So a group of K costs K sequence forwards, not 2 per pair.
+
+With ``model.freeze_backbone`` the backbone runs once per response before training and only
+the head learns on the cached features (the cheap variant of GPT-2-feature reward models).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heed.algos.losses import ranking_loss
+from heed.algos.ops import kendall_tau, top1_accuracy
+from heed.config.reward import RMConfig
+from heed.data.collate import length_grouped_batches
+from heed.data.records import PreferenceGroup, load_records
+from heed.errors import DataError
+from heed.report.metrics import MetricsLogger
+from heed.report.progress import StepProgress
+from heed.train.common import (
+    check_finite,
+    latest_checkpoint,
+    load_trainer_state,
+    make_optimizer,
+    make_scheduler,
+    peak_memory_mb,
+    prepare_run_dir,
+    save_checkpoint,
+    set_seed,
+    write_json,
+)
+
+
+@dataclass(frozen=True)
+class EncodedGroup:
+    """One ranked group as token ids. ``offset`` is the index of its first response in the
+    split's flat list of responses (where the frozen-backbone features are cached)."""
+
+    seqs: list[list[int]]
+    ranks: list[float]
+    margin: float
+    weight: float
+    offset: int
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(a < b for a in self.ranks for b in self.ranks)
+
+
+def prompt_key(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def split_by_prompt(groups: list[PreferenceGroup], frac: float, seed: int) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """Hold out ``frac`` of the distinct prompts (seeded): no prompt is in both splits."""
+    if frac <= 0:
+        return groups, []
+    prompts = sorted({prompt_key(g.prompt) for g in groups})
+    if len(prompts) < 2:
+        raise DataError(f"data.eval_split={frac}: the training data has only {len(prompts)} distinct prompt; "
+                        "set data.eval to an evaluation file or data.eval_split: 0")
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(len(prompts) * frac))])
+    return [g for g in groups if prompt_key(g.prompt) not in held], [g for g in groups if prompt_key(g.prompt) in held]
+
+
+def encode_groups(groups: list[PreferenceGroup], tokenizer: Any, cfg: RMConfig, chat: bool, backbone: str
+                  ) -> tuple[list[EncodedGroup], int, int]:
+    """Tokenize every response; returns the groups, the number of responses and how many were truncated."""
+    from heed.models.reward import encode_pair, truncate_ids
+
+    out, offset, cut = [], 0, 0
+    for g in groups:
+        seqs = [encode_pair(tokenizer, g.prompt, r, chat, backbone) for r in g.responses]  # type: ignore[arg-type]
+        seqs, n_cut = truncate_ids(seqs, cfg.data.max_length)
+        cut += n_cut
+        margin = g.margin if (cfg.data.use_margin and g.margin is not None) else 0.0
+        weight = g.weight if cfg.data.use_weight else 1.0
+        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset))
+        offset += len(seqs)
+    return out, offset, cut
+
+
+def stack_groups(groups: list[EncodedGroup], flat_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reshape the flat rewards (N,) of ``groups`` into (G, K) with a response mask for ragged K."""
+    k = max(len(g.seqs) for g in groups)
+    dev = flat_rewards.device
+    mask = torch.zeros(len(groups), k, dtype=torch.bool, device=dev)
+    ranks = torch.zeros(len(groups), k, dtype=torch.float32, device=dev)
+    index = torch.zeros(len(groups), k, dtype=torch.long, device=dev)
+    start = 0
+    for i, g in enumerate(groups):
+        n = len(g.seqs)
+        mask[i, :n] = True
+        ranks[i, :n] = torch.tensor(g.ranks, dtype=torch.float32)
+        index[i, :n] = torch.arange(start, start + n)
+        start += n
+    rewards = flat_rewards[index]  # (G, K); padded slots hold some other reward and are masked out
+    margins = torch.tensor([g.margin for g in groups], dtype=torch.float32, device=dev)  # (G,)
+    weights = torch.tensor([g.weight for g in groups], dtype=torch.float32, device=dev)  # (G,)
+    return {"rewards": rewards, "ranks": ranks, "mask": mask, "margins": margins, "weights": weights}
+
+
+RewardFn = Callable[[list[EncodedGroup]], torch.Tensor]
+
+
+def make_reward_fn(model: Any, pad_id: int, device: Any, features: torch.Tensor | None, frozen: Any) -> RewardFn:
+    """Flat rewards (N,) of the responses of some groups: one padded forward, or the head on cached features."""
+    from heed.models.reward import forward_rewards, pad_right
+
+    def reward_fn(groups: list[EncodedGroup]) -> torch.Tensor:
+        if features is not None:
+            idx = torch.tensor([g.offset + j for g in groups for j in range(len(g.seqs))], device=features.device)
+            return frozen.head(features[idx]).float()
+        ids, att = pad_right([s for g in groups for s in g.seqs], pad_id, device)
+        return forward_rewards(model, ids, att)
+
+    return reward_fn
+
+
+@torch.no_grad()
+def cache_features(frozen: Any, groups: list[EncodedGroup], pad_id: int, device: Any, batch_size: int) -> torch.Tensor:
+    """Frozen-backbone features of every response of a split, (N, H), computed once."""
+    from heed.models.reward import pad_right
+
+    seqs = [s for g in groups for s in g.seqs]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    was_training = frozen.model.training
+    frozen.model.eval()  # features without dropout, as at scoring time
+    feats: torch.Tensor | None = None
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        f = frozen.features(*pad_right([seqs[i] for i in idx], pad_id, device))
+        if feats is None:
+            feats = torch.zeros(len(seqs), f.shape[-1], dtype=f.dtype, device=f.device)
+        feats[torch.tensor(idx, device=f.device)] = f
+    frozen.model.train(was_training)
+    assert feats is not None
+    return feats
+
+
+@torch.no_grad()
+def evaluate(model: Any, reward_fn: RewardFn, groups: list[EncodedGroup], batch_size: int,
+             centering_coef: float) -> tuple[dict[str, float], torch.Tensor]:
+    """Ranking metrics on held-out groups, and every eval reward (flat, for the saved mean/std).
+
+    ``rm/eval_loss`` (weighted mean ranking loss), ``rm/accuracy`` (pairs ordered like the humans),
+    ``rm/top1_accuracy`` (the best-scored response is a best-ranked one), ``rm/kendall_tau`` (mean
+    τ_b per group), ``rm/reward_mean`` and ``rm/reward_std``.
+    """
+    if not groups:
+        return {}, torch.zeros(0)
+    was_training = model.training
+    model.eval()
+    loss_sum = weight_sum = correct = pairs = top1 = tau = 0.0
+    all_rewards = []
+    chunk: list[EncodedGroup] = []
+
+    def flush() -> None:
+        nonlocal loss_sum, weight_sum, correct, pairs, top1, tau
+        b = stack_groups(chunk, reward_fn(chunk))
+        loss, stats = ranking_loss(b["rewards"], b["ranks"], b["mask"], b["margins"], b["weights"], centering_coef)
+        loss_sum += loss.sum().item()
+        weight_sum += b["weights"].sum().item()
+        correct += stats.accuracy.item() * stats.num_pairs.item()
+        pairs += stats.num_pairs.item()
+        top1 += top1_accuracy(b["rewards"], b["ranks"], b["mask"]).sum().item()
+        tau += kendall_tau(b["rewards"], b["ranks"], b["mask"]).sum().item()
+        all_rewards.append(b["rewards"][b["mask"]].float().cpu())
+        chunk.clear()
+
+    size = 0
+    for g in groups:
+        if chunk and size + len(g.seqs) > batch_size:
+            flush()
+            size = 0
+        chunk.append(g)
+        size += len(g.seqs)
+    if chunk:
+        flush()
+    model.train(was_training)
+    rewards = torch.cat(all_rewards)
+    metrics = {
+        "rm/eval_loss": loss_sum / max(weight_sum, 1e-12),
+        "rm/accuracy": correct / max(pairs, 1.0),
+        "rm/top1_accuracy": top1 / len(groups),
+        "rm/kendall_tau": tau / len(groups),
+        "rm/reward_mean": rewards.mean().item(),
+        "rm/reward_std": rewards.std(unbiased=False).item(),
+    }
+    return metrics, rewards
+
+
+def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[Any, Any, str]:
+    """The reward model to train: from a folder (causal LM, encoder, reward model) or new."""
+    from heed.models.loading import load_tokenizer
+    from heed.models.reward import backbone_of, build_reward_model, new_reward_model
+
+    m = cfg.model
+    if path is None and m.init == "scratch":
+        tok = load_tokenizer(m.tokenizer, padding_side="right")  # type: ignore[arg-type]
+        model = new_reward_model(tok, m.backbone, m.size, m.max_position_embeddings, cfg.train.seed)  # type: ignore[arg-type]
+        model.config.pad_token_id = tok.pad_token_id
+        if m.head == "mlp" and m.backbone == "decoder":
+            from heed.models.reward import _add_mlp_block
+
+            model = _add_mlp_block(model, cfg.train.seed)
+        model.config.heed_head = m.head
+        return model, tok, m.backbone
+    source = path or m.path
+    model, tok, backbone = build_reward_model(source, None if path else m.tokenizer, m.head, m.dtype, cfg.train.seed)  # type: ignore[arg-type]
+    if m.backbone != "auto" and m.backbone != backbone:
+        warnings.warn(f"model.backbone={m.backbone} but {source} looks like a {backbone}; using {m.backbone}", stacklevel=2)
+        backbone = m.backbone
+    return model, tok, backbone or backbone_of(model.config)
+
+
+def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
+    """Train a reward model; returns the final summary (also written to ``summary.json``)."""
+    from accelerate import Accelerator
+
+    from heed.models.reward import STATS_FILE, FrozenFeatures, use_chat_for
+
+    # step 1. run folder, seed, processes
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed)
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None and main:
+        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
+
+    # step 2. data: read and validate every record up front; hold out prompts for eval
+    train_groups = load_records(cfg.data.train, "preferences")
+    eval_groups = load_records(cfg.data.eval, "preferences") if cfg.data.eval else []
+    if not cfg.data.eval:
+        train_groups, eval_groups = split_by_prompt(train_groups, cfg.data.eval_split, cfg.train.seed)
+
+    # step 3. model and tokenizer (a checkpoint's weights when resuming); rendering settings travel in its config
+    model, tokenizer, backbone = build_model_and_tokenizer(cfg, str(ckpt) if ckpt is not None else None)
+    chat = use_chat_for(tokenizer, cfg.data.chat)
+    model.config.heed_chat = chat
+    model.config.heed_backbone = backbone
+    model.config.heed_max_length = cfg.data.max_length
+    frozen = FrozenFeatures(model, backbone) if cfg.model.freeze_backbone else None
+    if frozen is not None:
+        frozen.freeze()
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    pad_id = tokenizer.pad_token_id
+
+    # step 4. tokenize every response; truncate with one warning that counts
+    train_enc, n_train, cut = encode_groups(train_groups, tokenizer, cfg, chat, backbone)
+    eval_enc, n_eval, eval_cut = encode_groups(eval_groups, tokenizer, cfg, chat, backbone)
+    if (cut or eval_cut) and main:
+        warnings.warn(f"{cfg.data.train}: {cut + eval_cut} of {n_train + n_eval} responses were longer than "
+                      f"data.max_length={cfg.data.max_length} tokens and were truncated", stacklevel=1)
+
+    # step 5. optimizer, schedule, step plan
+    lengths = [max(len(s) for s in g.seqs) * len(g.seqs) for g in train_enc]
+
+    def plan(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed * 1000 + epoch)
+
+    steps_per_epoch = len(plan(0))
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    params = frozen.parameters() if frozen is not None else model.parameters()
+    optimizer = make_optimizer(params, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = 0
+    if ckpt is not None:
+        start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
+    if ckpt is not None:
+        logger.truncate_after(start_step)
+
+    # step 6. frozen backbone: its features are computed once, then only the head trains
+    unwrapped = accelerator.unwrap_model(model)
+    t_feat = time.time()
+    train_feats = eval_feats = None
+    if frozen is not None:
+        train_feats = cache_features(frozen, train_enc, pad_id, accelerator.device, cfg.train.eval_batch_size)
+        eval_feats = cache_features(frozen, eval_enc, pad_id, accelerator.device, cfg.train.eval_batch_size) if eval_enc else None
+    feature_seconds = time.time() - t_feat
+    train_fn = make_reward_fn(model, pad_id, accelerator.device, train_feats, frozen)
+    eval_fn = make_reward_fn(unwrapped, pad_id, accelerator.device, eval_feats, frozen)
+
+    def run_eval() -> tuple[dict[str, float], torch.Tensor]:
+        return evaluate(unwrapped, eval_fn, eval_enc, cfg.train.eval_batch_size, cfg.train.centering_coef)
+
+    # step 7. the loop
+    model.train()
+    pairs_seen, responses_seen, t0, cpu0 = 0, 0, time.time(), time.process_time()
+    last: dict[str, float] = {}
+    epoch_batches: dict[int, list[list[int]]] = {}
+    with StepProgress("rm", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
+        for step in range(start_step, total_steps):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: plan(epoch)}
+            batch = [train_enc[i] for i in epoch_batches[epoch][pos]]
+            # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
+            total_weight = sum(g.weight for g in batch)
+            mine = batch[rank::world]
+            loss_sum = torch.zeros((), device=accelerator.device)
+            correct = torch.zeros((), device=accelerator.device)
+            rewards_seen = []
+            chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+            for ci, chunk in enumerate(chunks):
+                sync = ci == len(chunks) - 1
+                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
+                with ctx:
+                    b = stack_groups(chunk, train_fn(chunk))  # (G, K) from one forward of all K·G responses
+                    group_loss, stats = ranking_loss(b["rewards"], b["ranks"], b["mask"], b["margins"],
+                                                     b["weights"], cfg.train.centering_coef)  # (G,)
+                    loss = group_loss.sum() / max(total_weight, 1e-12) * world
+                    accelerator.backward(loss)
+                loss_sum += loss.detach() / world
+                correct += stats.accuracy * stats.num_pairs
+                rewards_seen.append(b["rewards"][b["mask"]].detach().float())
+            loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
+            check_finite(loss_value, step + 1, "ranking loss")
+            grad_norm = None
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(params if frozen is not None else model.parameters(),
+                                                        cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            batch_pairs = sum(g.num_pairs for g in batch)
+            pairs_seen += batch_pairs
+            responses_seen += sum(len(g.seqs) for g in batch)
+            done = step + 1
+            r = torch.cat(rewards_seen) if rewards_seen else torch.zeros(1)
+            last = {"loss": loss_value, "rm/accuracy": accelerator.reduce(correct, reduction="sum").item() / max(batch_pairs, 1),
+                    "rm/reward_mean": r.mean().item(), "rm/reward_std": r.std(unbiased=False).item(),
+                    "lr": scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            if done % cfg.log.log_every == 0 or done == total_steps:
+                elapsed = max(time.time() - t0, 1e-9)
+                logger.log(done, {**last, "epoch": done / steps_per_epoch, "pairs_per_s": pairs_seen / elapsed,
+                                  "responses_per_s": responses_seen / elapsed})
+            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main and eval_enc:
+                logger.log(done, run_eval()[0], split="eval")
+            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(run, done, unwrapped, tokenizer, optimizer, scheduler, keep=cfg.log.keep_checkpoints)
+            bar.advance(1, {"loss": loss_value, "acc": last["rm/accuracy"]})
+
+    # step 8. final evaluation, reward statistics beside the model, summary
+    accelerator.wait_for_everyone()
+    elapsed, cpu_seconds = time.time() - t0, time.process_time() - cpu0
+    summary: dict[str, Any] = {"algo": "rm", "steps": total_steps, "train/loss": last.get("loss", float("nan"))}
+    if main:
+        ev, eval_rewards = run_eval()
+        if ev:
+            logger.log(total_steps, ev, split="eval")
+        if eval_rewards.numel():
+            stats_rewards, stats_split = eval_rewards, "eval"
+        else:  # no held-out data: the statistics come from the training responses
+            stats_rewards, stats_split = evaluate(unwrapped, train_fn, train_enc, cfg.train.eval_batch_size,
+                                                  cfg.train.centering_coef)[1], "train"
+        reward_stats = {"mean": stats_rewards.mean().item(), "std": stats_rewards.std(unbiased=False).item(),
+                        "count": int(stats_rewards.numel()), "split": stats_split}
+        from heed.models.loading import save_pretrained
+
+        save_pretrained(unwrapped, tokenizer, run / "final")
+        write_json(run / "final" / STATS_FILE, reward_stats)
+        summary.update(ev)
+        summary.update({
+            "reward_mean": reward_stats["mean"], "reward_std": reward_stats["std"],
+            "pairs_per_s": pairs_seen / max(elapsed, 1e-9), "responses_per_s": responses_seen / max(elapsed, 1e-9),
+            "train_seconds": elapsed, "train_cpu_seconds": cpu_seconds, "feature_seconds": feature_seconds, "peak_memory_mb": peak_memory_mb(),
+            "train_groups": len(train_enc), "eval_groups": len(eval_enc), "train_pairs": sum(g.num_pairs for g in train_enc),
+            "truncated_responses": cut + eval_cut, "backbone": backbone, "frozen_backbone": frozen is not None,
+        })
+        write_json(run / "summary.json", summary)
+        logger.close()
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
