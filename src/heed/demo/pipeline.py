@@ -326,9 +326,9 @@ class Demo:
         cfg = config_from_dict(DPOConfig, {
             "model": {"path": str(self.runs / "sft" / "final")},
             "data": {"train": str(data), "pairs": "all", "max_length": 128, "eval_split": 0.1},
-            "loss": {"type": "sigmoid", "beta": 0.1},
+            "loss": {"type": "sigmoid", "beta": 0.1, "sft_coef": 0.3},
             "train": {"batch_size": 32, "epochs": self.s.dpo_epochs, "seed": self.s.seed},
-            "optim": {"lr": 5e-4, "warmup_steps": 5},
+            "optim": {"lr": 3e-4, "warmup_steps": 5},
             "sample": {"prompts": str(self.data / "prompts_eval.jsonl"), "num_prompts": 16},
             "log": self._log(log_every=5, eval_every=20),
             "out": str(run),
