@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import matmul_peak_flops, peak_rss_mb, ratio_line, run_isolated  # noqa: E402
+from _common import matmul_peak_flops, peak_rss_mb, ratio_line, run_isolated
 
 
 def prepare(workdir: Path, size: str, n: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from heed.data.io import write_jsonl
+from heed.demo.assets import MICRO, BuiltinSpec
 from heed.train.common import write_json
 
 GUIDELINES = """# How to rank
@@ -44,10 +45,7 @@ class DemoSettings:
     fresh: bool = False
     progress: bool = True
     seed: int = 0
-    n_records: int = 4000            # corpus records (chat) for SFT; text documents for the base model
-    size: str = "tiny"               # built-in architecture
-    pretrain_epochs: float = 2.0
-    sft_epochs: float = 2.0
+    spec: BuiltinSpec = field(default_factory=BuiltinSpec)  # corpus size, architecture and schedule of the base and SFT models
     annotate_prompts: int = 240      # prompts answered K times and ranked per round
     k: int = 4
     max_new_tokens: int = 40
@@ -60,11 +58,12 @@ class DemoSettings:
 
 
 # A minute or two on two cores: the micro model and a handful of updates (shows the plumbing, not results).
-QUICK = dict(size="micro", n_records=1500, pretrain_epochs=1.0, sft_epochs=1.0, annotate_prompts=48, ppo_updates=6,
-             ppo_updates_next_round=4, rloo_updates=8, eval_prompts=16, max_new_tokens=24)
+QUICK = dict(spec=MICRO, annotate_prompts=48, ppo_updates=6, ppo_updates_next_round=4, rloo_updates=8, eval_prompts=16,
+             max_new_tokens=24)
 # Smaller still, for the test suite.
-SMOKE = dict(QUICK, n_records=400, annotate_prompts=12, ppo_updates=2, ppo_updates_next_round=1, rloo_updates=2,
-             eval_prompts=4, max_new_tokens=12, rm_epochs=1.0, dpo_epochs=1.0)
+SMOKE = dict(QUICK, spec=BuiltinSpec(size="micro", n_records=400, pretrain_epochs=1.0, sft_epochs=1.0, pretrain_lr=5e-3,
+                                     sft_lr=3e-3), annotate_prompts=12, ppo_updates=2, ppo_updates_next_round=1,
+             rloo_updates=2, eval_prompts=4, max_new_tokens=12, rm_epochs=1.0, dpo_epochs=1.0)
 
 
 @dataclass
@@ -129,42 +128,26 @@ class Demo:
         def make() -> None:
             tmp = self.out / "data.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write_corpus(tmp, self.s.n_records, self.s.seed, n_eval_prompts=max(200, self.s.eval_prompts))
+            write_corpus(tmp, self.s.spec.n_records, self.s.seed, n_eval_prompts=max(200, self.s.eval_prompts))
             shutil.rmtree(self.data, ignore_errors=True)
             tmp.rename(self.data)
 
         self.stage("corpus", self.data / "prompts_eval.jsonl", make)
 
     def base(self) -> None:
-        from heed.config import config_from_dict
-        from heed.config.sft import SFTConfig
+        from heed.demo.assets import base_config
         from heed.train.sft import train_sft
 
         run = self.runs / "base"
-        cfg = config_from_dict(SFTConfig, {
-            "model": {"init": "scratch", "size": self.s.size, "vocab_size": 2048},
-            "data": {"train": str(self.data / "text.jsonl"), "kind": "text", "packing": True, "max_length": 128},
-            "train": {"batch_size": 32, "epochs": self.s.pretrain_epochs, "seed": self.s.seed},
-            "optim": {"lr": 3e-3, "warmup_steps": 20},
-            "log": self._log(log_every=10, save_every=50),
-            "out": str(run),
-        }, "demo base model")
+        cfg = base_config(self.s.spec, self.data / "text.jsonl", run, self.s.progress)
         self.stage("base model", run / "summary.json", lambda: train_sft(cfg, resume=self._resume(run)))
 
     def sft(self) -> None:
-        from heed.config import config_from_dict
-        from heed.config.sft import SFTConfig
+        from heed.demo.assets import sft_config
         from heed.train.sft import train_sft
 
         run = self.runs / "sft"
-        cfg = config_from_dict(SFTConfig, {
-            "model": {"path": str(self.runs / "base" / "final")},
-            "data": {"train": str(self.data / "chat.jsonl"), "kind": "sft", "max_length": 128},
-            "train": {"batch_size": 32, "epochs": self.s.sft_epochs, "seed": self.s.seed},
-            "optim": {"lr": 1e-3, "warmup_steps": 10},
-            "log": self._log(log_every=10, save_every=100),
-            "out": str(run),
-        }, "demo SFT")
+        cfg = sft_config(self.s.spec, self.runs / "base" / "final", self.data / "chat.jsonl", run, self.s.progress)
 
         def go() -> None:
             summary = train_sft(cfg, resume=self._resume(run))
