@@ -110,6 +110,17 @@ def test_ppo_ptx_separate_critic_adaptive_kl_and_eval(tmp_path: Path) -> None:
     assert {s["policy"] for s in samples} == {"sft", "ppo"} and {"step", "prompt", "completion", "reward", "gold"} <= set(samples[0])
 
 
+def test_second_round_continues_from_a_ppo_policy(tmp_path: Path) -> None:
+    """Round 2 starts from round 1's final/ (policy and value head), with the SFT model as reference."""
+    small = {"algorithm": "ppo", "train.updates": 2, "rollout.prompts_per_step": 4, "critic_lr": 1e-2}
+    train_rl(_cfg(tmp_path / "round1", **small))
+    train_rl(_cfg(tmp_path / "round2", **{**small, "train.updates": 1, "model.path": str(tmp_path / "round1" / "final"),
+                                          "ref_model": "builtin:micro"}))
+    first = _train_rows(tmp_path / "round2")[0]
+    assert first["values/mean"] != 0.0  # a fresh value head is zero-initialised: this one was loaded
+    assert first["kl/k1"] != 0.0  # the policy starts away from its reference
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="algorithm"):
         load_config(RLConfig, None, ["algorithm=ppg", "model.path=x", "data.prompts=x",

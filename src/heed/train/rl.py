@@ -380,6 +380,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if algo == "ppo":
         if cfg.ppo.critic == "shared":
             value_head = ValueHead(hidden_size(model))
+            saved_head = Path(policy_path) / VALUE_HEAD_FILE
+            if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
+                value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
         else:
             critic = Critic(load_causal_lm(resolve_builtin(cfg.ppo.critic_path or policy_path), dtype=cfg.model.dtype))
 
