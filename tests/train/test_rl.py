@@ -19,6 +19,18 @@ from heed.train.common import latest_checkpoint
 from heed.train.rl import train_rl
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one intra-op thread
+    (two busy processes spinning two OpenMP threads each mostly wait on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _cfg(out: Path, **over: Any) -> RLConfig:
     base: dict[str, Any] = {
         "model": {"path": "builtin:micro"},
@@ -108,6 +120,17 @@ def test_ppo_ptx_separate_critic_adaptive_kl_and_eval(tmp_path: Path) -> None:
         assert key in summary, key
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert {s["policy"] for s in samples} == {"sft", "ppo"} and {"step", "prompt", "completion", "reward", "gold"} <= set(samples[0])
+
+
+def test_second_round_continues_from_a_ppo_policy(tmp_path: Path) -> None:
+    """Round 2 starts from round 1's final/ (policy and value head), with the SFT model as reference."""
+    small = {"algorithm": "ppo", "train.updates": 2, "rollout.prompts_per_step": 4, "critic_lr": 1e-2}
+    train_rl(_cfg(tmp_path / "round1", **small))
+    train_rl(_cfg(tmp_path / "round2", **{**small, "train.updates": 1, "model.path": str(tmp_path / "round1" / "final"),
+                                          "ref_model": "builtin:micro"}))
+    first = _train_rows(tmp_path / "round2")[0]
+    assert first["values/mean"] != 0.0  # a fresh value head is zero-initialised: this one was loaded
+    assert first["kl/k1"] != 0.0  # the policy starts away from its reference
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:

@@ -101,7 +101,9 @@ class PPOConfig(HeedConfig):
 
     epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     minibatch_size: int | None = Field(None, ge=1, description="Answers per optimizer step (default: the whole batch).")
-    micro_batch_size: int | None = Field(None, ge=1, description="Answers per forward pass (gradient accumulation).")
+    micro_batch_size: int = Field(
+        16, ge=1, description="Answers per forward pass, grouped by length so padding is cut (gradient accumulation)."
+    )
     clip_eps: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip range (clip-higher); default clip_eps.")
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(

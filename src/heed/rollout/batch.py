@@ -45,6 +45,26 @@ class Rollout:
             out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
         return Rollout(**out)
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every row (left of the longest
+        prompt, right of the longest answer): less compute for a micro-batch of similar lengths.
+        Per-token (N, C) tensors keep their first C' columns; (N, 1) tensors are unchanged."""
+        real = self.attention_mask.any(0).nonzero().squeeze(-1)
+        left = min(int(real[0]), self.prompt_width) if len(real) else self.prompt_width
+        end = max(int(real[-1]) + 1, self.prompt_width + 1) if len(real) else self.input_ids.shape[1]
+        width = self.input_ids.shape[1] - self.prompt_width  # C
+        keep = end - self.prompt_width  # C'
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask", "target_mask"):
+                v = v[:, left:end]
+            elif isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
+                v = v[:, :keep]
+            out[f.name] = v
+        out["prompt_width"] = self.prompt_width - left
+        return Rollout(**out)
+
     def to(self, device: Any) -> Rollout:
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -61,3 +81,20 @@ def rollout_from_generation(gen: Generation, scores: torch.Tensor) -> Rollout:
     target = torch.cat([torch.zeros_like(gen.prompt_mask), gen.completion_mask], dim=1)
     valid = ~torch.isnan(scores)
     return Rollout(input_ids, attention, target, gen.completion_mask & valid.unsqueeze(-1), p, scores)
+
+
+def length_sorted_chunks(ro: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split rows ``idx`` into chunks of ``size`` rows of similar length (longest first), so that
+    :meth:`Rollout.trimmed` cuts most of the padding from each chunk."""
+    lengths = ro.attention_mask[idx].sum(-1)
+    order = idx[torch.argsort(lengths, descending=True, stable=True)]
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+def scatter_response(parts: list[tuple[torch.Tensor, torch.Tensor]], n: int, width: int) -> torch.Tensor:
+    """Reassemble (rows, (n_i, C_i) values) chunks into one (N, C) tensor, zero-padded on the right."""
+    dev = parts[0][1].device
+    out = torch.zeros((n, width), dtype=parts[0][1].dtype, device=dev)
+    for rows, values in parts:
+        out[rows, : values.shape[1]] = values
+    return out

@@ -35,7 +35,7 @@ from heed.report.metrics import MetricsLogger, read_metrics
 from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
 from heed.rewards.combine import RewardSet, build_rewards
-from heed.rollout.batch import Rollout, rollout_from_generation
+from heed.rollout.batch import Rollout, length_sorted_chunks, rollout_from_generation, scatter_response
 from heed.rollout.engine import Engine, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import policy_forward
@@ -156,22 +156,26 @@ def score_batch(rewards: RewardSet, prompts: Prompts, idx: list[int], texts: lis
 @torch.no_grad()
 def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, ro: Rollout, temperature: float,
                      micro: int) -> None:
-    """Step 3: old log-probs (and values) of the policy, reference log-probs, on every answer token."""
+    """Step 3: old log-probs (and values) of the policy, reference log-probs, on every answer token.
+    Rows go through in length-sorted micro-batches with their common padding cut off."""
     old, ref, vals = [], [], []
-    for s in range(0, len(ro), micro):
-        sl = slice(s, s + micro)
-        ids, att, tgt = ro.input_ids[sl], ro.attention_mask[sl], ro.target_mask[sl]
+    all_rows = torch.arange(len(ro), device=ro.input_ids.device)
+    for rows in length_sorted_chunks(ro, all_rows, micro):
+        part = ro.select(rows).trimmed()
+        ids, att, tgt = part.input_ids, part.attention_mask, part.target_mask
         out = policy_forward(model, ids, att, tgt, temperature, value_head=value_head)
-        old.append(ro.response(out.logprobs))
+        old.append((rows, part.response(out.logprobs)))
         if out.values is not None:
-            vals.append(ro.response(out.values))
+            vals.append((rows, part.response(out.values)))
         elif critic is not None:
-            vals.append(ro.response(critic(ids, att, tgt)))
+            vals.append((rows, part.response(critic(ids, att, tgt))))
         with torch.inference_mode():
-            ref.append(ro.response(policy_forward(ref_model, ids, att, tgt, temperature).logprobs))
-    ro.old_logprobs = torch.cat(old)
-    ro.ref_logprobs = torch.cat(ref).clone()  # leave inference mode
-    ro.old_values = torch.cat(vals) if vals else None
+            ref_lp = part.response(policy_forward(ref_model, ids, att, tgt, temperature).logprobs)
+        ref.append((rows, ref_lp.clone()))  # leave inference mode
+    n, width = ro.response_mask.shape
+    ro.old_logprobs = scatter_response(old, n, width)
+    ro.ref_logprobs = scatter_response(ref, n, width)
+    ro.old_values = scatter_response(vals, n, width) if vals else None
 
 
 def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any]) -> dict[str, float]:
@@ -265,10 +269,10 @@ def evaluate_policy(
     ro = rollout_from_generation(gen, torch.zeros(len(texts)))
     dev = next(model.parameters()).device
     ro = ro.to(dev)
-    micro = cfg.ppo.micro_batch_size or len(ro)
+    micro = cfg.ppo.micro_batch_size
     kl1, kl3, ent = [], [], []
-    for s in range(0, len(ro), micro):
-        part = ro.select(torch.arange(s, min(s + micro, len(ro)), device=dev))
+    for rows in length_sorted_chunks(ro, torch.arange(len(ro), device=dev), micro):
+        part = ro.select(rows).trimmed()
         pol = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, with_entropy=True)
         ref = policy_forward(ref_model, part.input_ids, part.attention_mask, part.target_mask)
         lp, rlp = part.response(pol.logprobs), part.response(ref.logprobs)
@@ -376,6 +380,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if algo == "ppo":
         if cfg.ppo.critic == "shared":
             value_head = ValueHead(hidden_size(model))
+            saved_head = Path(policy_path) / VALUE_HEAD_FILE
+            if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
+                value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
         else:
             critic = Critic(load_causal_lm(resolve_builtin(cfg.ppo.critic_path or policy_path), dtype=cfg.model.dtype))
 
@@ -397,7 +404,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     # step 0d. optimizer over policy (+ value head / critic), schedule, restored state
     n = cfg.batch_size
     mb_size = cfg.ppo.minibatch_size or n
-    micro = min(cfg.ppo.micro_batch_size or mb_size, mb_size)
+    micro = min(cfg.ppo.micro_batch_size, mb_size)
     steps_per_update = cfg.ppo.epochs * (n // mb_size)
     total_steps = cfg.train.updates * steps_per_update
     model.to(dev)
@@ -576,8 +583,8 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
             mb_idx = perm[ms : ms + mb_size]
             full_mask = ro.response_mask[mb_idx]
             loss_total = 0.0
-            for us in range(0, len(mb_idx), micro):
-                part = ro.select(mb_idx[us : us + micro])
+            for rows in length_sorted_chunks(ro, mb_idx, micro):
+                part = ro.select(rows).trimmed()
                 mask = part.response_mask
                 w = _share(mask, full_mask, mode)
                 if w == 0:
