@@ -26,5 +26,5 @@ def tiny_sft_model() -> Path:
 @pytest.fixture(scope="session")
 def corpus_files(micro_sft_model: Path) -> dict[str, Path]:
     """Corpus files beside the micro model: text, chat, prompts_train, prompts_eval."""
-    data = micro_sft_model.parent.parent.parent / "data"
+    data = micro_sft_model.parent.parent / "data"
     return {p.stem: p for p in data.glob("*.jsonl")}

@@ -9,9 +9,14 @@ from heed.cli.app import app
 from heed.errors import HeedError
 
 # Each module below adds its commands to ``app``; heavy imports stay inside the commands.
+from heed.cli import demo_cmds  # noqa: F401  isort: skip
 from heed.cli import train_cmds  # noqa: F401  isort: skip
+from heed.cli import annotate_cmds  # noqa: F401  isort: skip
 from heed.cli import rm_cmds  # noqa: F401  isort: skip
+from heed.cli import dpo_cmds  # noqa: F401  isort: skip
+from heed.cli import rl_cmds  # noqa: F401  isort: skip
 from heed.cli import report_cmds  # noqa: F401  isort: skip
+from heed.cli import control_cmds  # noqa: F401  isort: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,15 +30,16 @@ class BuiltinSpec:
     """Settings of the built-in base + SFT model."""
 
     size: str = "tiny"
-    n_records: int = 4000
+    n_records: int = 8000
     seed: int = 0
     vocab_size: int = 2048
     max_length: int = 128
-    pretrain_epochs: float = 2.0
+    pretrain_epochs: float = 3.0
     pretrain_lr: float = 3e-3
     sft_epochs: float = 2.0
     sft_lr: float = 1e-3
     batch_size: int = 32
+    version: int = 2  # bump when the build recipe changes, so caches are rebuilt
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -70,35 +71,47 @@ def write_corpus(out_dir: str | Path, n_records: int = 4000, seed: int = 0, n_ev
     return paths
 
 
-def build_builtin(out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progress: bool = True) -> dict[str, Any]:
-    """corpus → tokenizer → base model → SFT model, in ``out_dir``; returns paths and timings."""
+def base_config(spec: BuiltinSpec, text_file: str | Path, out: str | Path, progress: bool = True) -> Any:
+    """Config of the built-in base model: a tokenizer trained on the text, a model of ``spec.size``,
+    packed rows of ``spec.max_length`` tokens."""
     from heed.config import config_from_dict
     from heed.config.sft import SFTConfig
+
+    return config_from_dict(SFTConfig, {
+        "model": {"init": "scratch", "size": spec.size, "vocab_size": spec.vocab_size},
+        "data": {"train": str(text_file), "kind": "text", "packing": True, "max_length": spec.max_length},
+        "train": {"batch_size": spec.batch_size, "epochs": spec.pretrain_epochs, "seed": spec.seed},
+        "optim": {"lr": spec.pretrain_lr, "warmup_steps": 20},
+        "log": {"progress": progress, "log_every": 10, "save_every": 100},
+        "out": str(out),
+    }, "built-in base model")
+
+
+def sft_config(spec: BuiltinSpec, base: str | Path, chat_file: str | Path, out: str | Path, progress: bool = True) -> Any:
+    """Config of the built-in SFT model: chats packed into full rows (loss on assistant tokens)."""
+    from heed.config import config_from_dict
+    from heed.config.sft import SFTConfig
+
+    return config_from_dict(SFTConfig, {
+        "model": {"path": str(base)},
+        "data": {"train": str(chat_file), "kind": "sft", "packing": True, "max_length": spec.max_length},
+        "train": {"batch_size": spec.batch_size, "epochs": spec.sft_epochs, "seed": spec.seed},
+        "optim": {"lr": spec.sft_lr, "warmup_steps": 10},
+        "log": {"progress": progress, "log_every": 10, "save_every": 100},
+        "out": str(out),
+    }, "built-in SFT model")
+
+
+def build_builtin(out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progress: bool = True) -> dict[str, Any]:
+    """corpus → tokenizer → base model → SFT model, in ``out_dir``; returns paths and timings."""
     from heed.train.sft import train_sft
 
     out = Path(out_dir)
     files = write_corpus(out / "data", spec.n_records, spec.seed)
     t0 = time.time()
-    common = {"log": {"progress": progress, "log_every": 10}, "overwrite": True}
-    base_cfg = config_from_dict(SFTConfig, {
-        **common,
-        "model": {"init": "scratch", "size": spec.size, "vocab_size": spec.vocab_size},
-        "data": {"train": str(files["text"]), "kind": "text", "packing": True, "max_length": spec.max_length},
-        "train": {"batch_size": spec.batch_size, "epochs": spec.pretrain_epochs, "seed": spec.seed},
-        "optim": {"lr": spec.pretrain_lr, "warmup_steps": 20},
-        "out": str(out / "base"),
-    }, "built-in base model")
-    base = train_sft(base_cfg)
+    base = train_sft(base_config(spec, files["text"], out / "base", progress))
     t1 = time.time()
-    sft_cfg = config_from_dict(SFTConfig, {
-        **common,
-        "model": {"path": str(out / "base" / "final")},
-        "data": {"train": str(files["chat"]), "kind": "sft", "max_length": spec.max_length},
-        "train": {"batch_size": spec.batch_size, "epochs": spec.sft_epochs, "seed": spec.seed},
-        "optim": {"lr": spec.sft_lr, "warmup_steps": 10},
-        "out": str(out / "sft"),
-    }, "built-in SFT model")
-    sft = train_sft(sft_cfg)
+    sft = train_sft(sft_config(spec, out / "base" / "final", files["chat"], out / "sft", progress))
     t2 = time.time()
     return {
         "base": out / "base" / "final",
@@ -113,7 +126,7 @@ def build_builtin(out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progre
 def builtin_sft_model(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None = None, progress: bool = False) -> Path:
     """Folder of the built-in SFT model (tokenizer included), built once and cached.
 
-    The folder beside it, ``../../data``, holds the corpus files it was trained on.
+    The folder ``../../data`` (beside ``sft/``), holds the corpus files it was trained on.
     """
     root = Path(root) if root is not None else cache_dir()
     target = root / f"builtin-{spec.size}-{spec.key()}"
@@ -135,5 +148,5 @@ def builtin_sft_model(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None
 def builtin_data(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None = None) -> dict[str, Path]:
     """Corpus files that belong to the cached built-in model."""
     sft = builtin_sft_model(spec, root)
-    data = sft.parent.parent.parent / "data"
+    data = sft.parent.parent / "data"
     return {p.stem: p for p in data.glob("*.jsonl")}

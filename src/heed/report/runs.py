@@ -209,7 +209,8 @@ def load_collection(root: str | Path) -> Collection:
         raise HeedError(f"{root}: expected a run folder (or a folder of runs), got a file")
     stages = _stages(_read_json(root / "stages.json")) if (root / "stages.json").is_file() else []
     agreement = _read_json(root / "agreement.json") if (root / "agreement.json").is_file() else None
-    if is_run_dir(root):
+    collection = (root / "runs").is_dir() and any(is_run_dir(d) for d in (root / "runs").iterdir())
+    if is_run_dir(root) and not collection:
         runs = [load_run(root)]
         agreement = runs[0].agreement
     else:
@@ -228,5 +229,5 @@ def load_collection(root: str | Path) -> Collection:
         if agreement is None:
             agreement = next((r.agreement for r in runs if r.agreement is not None), None)
     top_samples = root / "samples.jsonl"
-    samples = _read_jsonl(top_samples) if not is_run_dir(root) and top_samples.is_file() else []
+    samples = _read_jsonl(top_samples) if (collection or not is_run_dir(root)) and top_samples.is_file() else []
     return Collection(root=root, runs=runs, agreement=agreement, stages=stages, samples=samples)

@@ -188,8 +188,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
-    if ckpt is not None:
-        logger.truncate_after(start_step)
+    if resume:
+        logger.truncate_after(start_step)  # drop what a killed run logged after its last checkpoint
 
     # step 6. the loop
     model.train()
@@ -247,6 +247,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
                                     keep=cfg.log.keep_checkpoints)
             bar.advance(1, {"loss": loss_value})
 
+    loop_seconds = time.time() - t0
+
     # step 7. final evaluation, model and summary
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"steps": total_steps, "train/loss": last.get("loss", float("nan"))}
@@ -260,9 +262,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         unwrapped.generation_config.pad_token_id = pad_id
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         save_pretrained(unwrapped, tokenizer, run / "final")
-        elapsed = time.time() - t0
         summary.update(ev)
-        summary.update({"tokens_per_s": tokens_seen / max(elapsed, 1e-9), "train_seconds": elapsed,
+        summary.update({"tokens_per_s": tokens_seen / max(loop_seconds, 1e-9), "train_seconds": loop_seconds,
                         "peak_memory_mb": peak_memory_mb(), "train_sequences": len(train_seqs),
                         "eval_sequences": len(eval_seqs)})
         write_json(run / "summary.json", summary)

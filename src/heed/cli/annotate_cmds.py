@@ -1,0 +1,275 @@
+"""``heed annotate ...``: the human-feedback collection app (server, projects, users, import/export)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from heed.cli.app import app
+
+annotate = typer.Typer(
+    help="Collect human preferences in the browser: serve, import, export, users.", no_args_is_help=True
+)
+user_app = typer.Typer(help="Manage annotators and admins.", no_args_is_help=True)
+project_app = typer.Typer(help="Create and list projects.", no_args_is_help=True)
+annotate.add_typer(user_app, name="user")
+annotate.add_typer(project_app, name="project")
+app.add_typer(annotate, name="annotate")
+
+DbOpt = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="HEED_ANNOTATE_DB",
+        help="SQLAlchemy URL or SQLite file (postgresql+psycopg2://... for PostgreSQL).",
+    ),
+]
+ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Project name.")]
+
+
+def _feedback(db: str):  # type: ignore[no-untyped-def]
+    from heed.feedback.service import Feedback
+
+    return Feedback(db)
+
+
+@annotate.command("serve")
+def serve(
+    db: DbOpt = "heed-annotate.db",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    secure_cookies: Annotated[
+        bool, typer.Option(help="Mark the session cookie Secure (behind HTTPS).")
+    ] = False,
+) -> None:
+    """Run the annotation web app (pages at /, JSON API at /api, schema at /docs)."""
+    from heed.feedback.api import serve as run
+
+    typer.echo(f"heed annotate: http://{host}:{port}/  (database {db})")
+    run(db, host=host, port=port, secure_cookies=secure_cookies)
+
+
+@project_app.command("create")
+def project_create(
+    name: Annotated[str, typer.Argument(help="Project name (letters, digits, _ . -).")],
+    task: Annotated[str, typer.Option(help="pairwise (A/B) or ranking (K responses).")] = "pairwise",
+    overlap: Annotated[int, typer.Option(help="Annotations wanted per record.")] = 1,
+    guidelines: Annotated[Path | None, typer.Option(help="Markdown file shown beside every record.")] = None,
+    tie: Annotated[bool, typer.Option("--tie/--no-tie", help="Allow ties.")] = True,
+    discard: Annotated[
+        bool, typer.Option("--discard/--no-discard", help="Allow discarding a record.")
+    ] = True,
+    rationale: Annotated[str, typer.Option(help="off, optional or required.")] = "optional",
+    lease_seconds: Annotated[int, typer.Option(help="How long a handed-out record stays reserved.")] = 600,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Create a project."""
+    from heed.errors import DataError
+
+    text = ""
+    if guidelines is not None:
+        if not guidelines.is_file():
+            raise DataError(f"--guidelines {guidelines}: no such file")
+        text = guidelines.read_text(encoding="utf-8")
+    p = _feedback(db).create_project(
+        name,
+        task,
+        guidelines=text,
+        overlap=overlap,
+        allow_tie=tie,  # type: ignore[arg-type]
+        allow_discard=discard,
+        rationale=rationale,
+        lease_seconds=lease_seconds,
+    )  # type: ignore[arg-type]
+    typer.echo(f"created project {p.name} ({p.task}, overlap {p.overlap})")
+
+
+@project_app.command("list")
+def project_list(db: DbOpt = "heed-annotate.db") -> None:
+    """List projects with their progress."""
+    fb = _feedback(db)
+    for p in fb.projects():
+        prog = fb.progress(p.name)
+        typer.echo(
+            f"{p.name}\t{p.task}\toverlap={p.overlap}\trecords={p.num_records}\t"
+            f"annotations={prog['annotations']}/{prog['target']}"
+        )
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    role: Annotated[str, typer.Option(help="annotator or admin.")] = "annotator",
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Create a user and print a one-time password (only its argon2 hash is stored)."""
+    info, password = _feedback(db).add_user(name, role)  # type: ignore[arg-type]
+    typer.echo(f"user {info.name} ({info.role}) password: {password}")
+
+
+@user_app.command("reset")
+def user_reset(
+    name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """Give a user a new one-time password and end their sessions."""
+    typer.echo(f"user {name} password: {_feedback(db).set_password(name)}")
+
+
+@user_app.command("list")
+def user_list(db: DbOpt = "heed-annotate.db") -> None:
+    """List users."""
+    for u in _feedback(db).users():
+        typer.echo(f"{u.name}\t{u.role}")
+
+
+def _scorer(reward_model: Path):  # type: ignore[no-untyped-def]
+    import heed
+    from heed.errors import ModelLoadError
+
+    try:
+        rm = heed.load_reward_model(str(reward_model))
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"--reward-model {reward_model}: reward models are not available in this build ({exc})"
+        ) from exc
+    return rm.score
+
+
+@annotate.command("import")
+def import_(
+    project: ProjectOpt,
+    data: Annotated[Path, typer.Option("--data", help="JSONL, Parquet or a datasets folder of records.")],
+    file_format: Annotated[
+        str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")
+    ] = None,
+    reward_model: Annotated[
+        Path | None, typer.Option(help="Show records with the smallest score gap first.")
+    ] = None,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Import records {prompt, responses} (or {prompt, chosen, rejected}) into a project."""
+    fb = _feedback(db)
+    n = fb.import_file(project, data, file_format)
+    typer.echo(f"imported {n} records into {project}")
+    if reward_model is not None:
+        typer.echo(
+            f"scored {fb.set_priorities(project, _scorer(reward_model))} records by reward-model uncertainty"
+        )
+
+
+@annotate.command("generate")
+def generate(
+    project: ProjectOpt,
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local policy folder (Hugging Face format).")],
+    prompts: Annotated[Path, typer.Option("--prompts", help='Prompts file: {"prompt": ...} per record.')],
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", "-k", help="Answers sampled per prompt (2-9).")
+    ] = 2,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    reward_model: Annotated[
+        Path | None,
+        typer.Option(help="Pick the closest-scored pair (pairwise) and show uncertain records first."),
+    ] = None,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Sample K answers per prompt from a policy and import them as records of the project."""
+    from heed.feedback.generate import generate_records
+
+    fb = _feedback(db)
+    task = fb.project(project).task
+    scorer = _scorer(reward_model) if reward_model is not None else None
+    records = generate_records(
+        model,
+        prompts,
+        num_samples,
+        task,
+        scorer=scorer,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    n = fb.import_records(project, records)
+    typer.echo(f"imported {n} generated records into {project}")
+    if scorer is not None:
+        typer.echo(f"scored {fb.set_priorities(project, scorer)} records by reward-model uncertainty")
+
+
+@annotate.command("prioritize")
+def prioritize(
+    project: ProjectOpt,
+    reward_model: Annotated[Path, typer.Option(help="Reward model folder: smallest score gap first.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Order a project's records by reward-model uncertainty (small score gaps first)."""
+    n = _feedback(db).set_priorities(project, _scorer(reward_model))
+    typer.echo(f"scored {n} records")
+
+
+@annotate.command("export")
+def export(
+    project: ProjectOpt,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="FILE.jsonl, FILE.parquet or a folder (datasets).")
+    ],
+    format: Annotated[str, typer.Option("--format", help="pairs (chosen/rejected) or ranked.")] = "pairs",
+    file_format: Annotated[
+        str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Ranking aggregation: mean_rank or borda.")] = "mean_rank",
+    complete_only: Annotated[bool, typer.Option(help="Only records with all `overlap` annotations.")] = False,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Aggregate the annotations and write the training file (feeds `heed rm train` / `heed dpo`)."""
+    from heed.errors import DataError
+
+    if format not in ("pairs", "ranked"):
+        raise DataError(f"--format {format!r}: expected pairs or ranked")
+    if method not in ("mean_rank", "borda"):
+        raise DataError(f"--method {method!r}: expected mean_rank or borda")
+    fb = _feedback(db)
+    path, n = fb.export_file(
+        project,
+        format,
+        out,
+        file_format,
+        method=method,  # type: ignore[arg-type]
+        complete_only=complete_only,
+    )
+    summary = fb.summary(project)
+    typer.echo(f"wrote {n} {format} rows to {path}; record outcomes: {json.dumps(summary)}")
+
+
+@annotate.command("stats")
+def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
+    """Print progress, agreement and position bias as JSON."""
+    fb = _feedback(db)
+
+    def finite(x):  # type: ignore[no-untyped-def]
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return x
+
+    typer.echo(
+        json.dumps(
+            finite(
+                {
+                    "progress": fb.progress(project),
+                    "agreement": asdict(fb.agreement(project)),
+                    "outcomes": fb.summary(project),
+                }
+            ),
+            indent=2,
+            ensure_ascii=False,
+        )
+    )

@@ -1,0 +1,81 @@
+"""Simulated annotators: each ranks answers by the hidden utility, with its own noise and bias.
+
+They label **through the annotation service** (`heed.feedback.service.Feedback`), the same code
+path as people using the web app: they take assignments, see answers in their own display
+order, and submit rankings with idempotency keys.
+
+A ranking is a Plackett-Luce sample (the K-wise form of Bradley-Terry): each answer's score is
+its utility plus Gumbel noise of scale ``noise``, and answers are ordered by score.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from heed.demo.preferences import count_sentences, hidden_utility
+
+
+@dataclass(frozen=True)
+class SimulatedAnnotator:
+    """One simulated person.
+
+    ``length_bias`` adds this much utility per sentence (a taste for long answers);
+    ``position_bias`` adds this much to whatever answer is shown first.
+    """
+
+    name: str
+    noise: float = 0.1
+    length_bias: float = 0.0
+    position_bias: float = 0.0
+    seed: int = 0
+
+    def utilities(self, responses: list[str]) -> list[float]:
+        return [hidden_utility(r) + self.length_bias * count_sentences(r) for r in responses]
+
+    def rank(self, responses: list[str], rng: random.Random) -> list[int]:
+        """Dense ranks (1 = best) of ``responses`` in the order they are shown."""
+        scores = []
+        for pos, u in enumerate(self.utilities(responses)):
+            g = -math.log(-math.log(max(rng.random(), 1e-12))) if self.noise > 0 else 0.0
+            scores.append(u + (self.position_bias if pos == 0 else 0.0) + self.noise * g)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        ranks = [0] * len(scores)
+        for r, i in enumerate(order, start=1):
+            ranks[i] = r
+        return ranks
+
+
+DEFAULT_ANNOTATORS = (
+    SimulatedAnnotator("ann-careful", noise=0.08),
+    SimulatedAnnotator("ann-verbose", noise=0.15, length_bias=0.12),
+    SimulatedAnnotator("ann-hasty", noise=0.35, position_bias=0.25),
+)
+
+
+def annotate_project(fb: Any, project: str, annotators: tuple[SimulatedAnnotator, ...] = DEFAULT_ANNOTATORS,
+                     seed: int = 0) -> dict[str, int]:
+    """Let every annotator label until the service hands them nothing more; returns counts per annotator.
+
+    Annotators take turns one record at a time, as people working side by side would.
+    """
+    existing = {u.name for u in fb.users()}
+    for a in annotators:
+        if a.name not in existing:
+            fb.add_user(a.name, role="annotator")
+    rngs = {a.name: random.Random(f"{seed}-{a.name}-{a.seed}") for a in annotators}
+    counts = {a.name: 0 for a in annotators}
+    active = list(annotators)
+    while active:
+        for a in list(active):
+            job = fb.next_assignment(a.name, project)
+            if job is None:
+                active.remove(a)
+                continue
+            shown = list(job.responses)  # display order of this annotator
+            ranks = a.rank(shown, rngs[a.name])
+            fb.submit(a.name, project, job.record_id, ranks=ranks, key=f"{a.name}:{project}:{job.record_id}")
+            counts[a.name] += 1
+    return counts

@@ -1,0 +1,326 @@
+"""Load test over real HTTP on loopback: N annotators label a project to completion through a
+``heed annotate serve`` subprocess, optionally SIGKILLed and restarted mid-run.
+
+Checks (returned, and asserted by the tests): every acknowledged submission is stored exactly once
+(the idempotency key is ``user:record``, so a retry after a lost reply or a crash is recognised),
+no record holds more than ``overlap`` annotations, and the stored count equals the distinct
+acknowledged count. Reports p50/p99 submit latency. Used by ``benchmarks/annotate_load.py`` and
+``tests/feedback/test_load.py``; run directly with ``python -m heed.feedback.loadtest --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m heed annotate serve`` as a child process bound to 127.0.0.1."""
+
+    def __init__(self, db: str, port: int, log: Path) -> None:
+        self.db, self.port, self.log = db, port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "heed",
+                    "annotate",
+                    "serve",
+                    "--db",
+                    self.db,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not answer /health within {timeout} s; see {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run, like a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Ack:
+    user: str
+    record_id: int
+    annotation_id: int
+    duplicate: bool
+
+
+@dataclass
+class Shared:
+    acks: list[Ack] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    retries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _request(
+    client: httpx.Client, shared: Shared, method: str, url: str, stop: threading.Event, **kw: Any
+) -> httpx.Response | None:
+    """One request, retried (bounded) while the server is down or restarting."""
+    for attempt in range(240):
+        if stop.is_set():
+            return None
+        try:
+            r = client.request(method, url, **kw)
+            if r.status_code < 500:
+                return r
+        except httpx.HTTPError:
+            pass
+        with shared.lock:
+            shared.retries += 1
+        time.sleep(min(0.05 * (attempt + 1), 0.5))
+    return None
+
+
+def annotator(
+    base: str,
+    name: str,
+    password: str,
+    project: str,
+    task: str,
+    shared: Shared,
+    max_steps: int,
+    stop: threading.Event,
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(base_url=base, timeout=30.0) as client:
+        r = _request(
+            client,
+            shared,
+            "POST",
+            "/api/login",
+            stop,
+            json={"name": name, "password": password, "bearer": True},
+        )
+        if r is None or r.status_code != 200:
+            shared.errors.append(f"{name}: login failed: {r.status_code if r else 'no answer'}")
+            return
+        client.headers["Authorization"] = f"Bearer {r.json()['token']}"
+        for _ in range(max_steps):
+            r = _request(client, shared, "GET", f"/api/projects/{project}/next", stop)
+            if r is None or r.status_code != 200:
+                shared.errors.append(
+                    f"{name}: next: {r.status_code if r else 'no answer'} {r.text if r else ''}"
+                )
+                return
+            item = r.json()
+            if item["done"]:
+                return
+            k = len(item["responses"])
+            body: dict[str, Any] = {
+                "record_id": item["record_id"],
+                "idempotency_key": f"{name}:{item['record_id']}",
+            }
+            if task == "pairwise":
+                body["choice"] = rng.choice(["A", "B", "A", "B", "tie"])
+            else:
+                body["ranks"] = [rng.randint(1, k) for _ in range(k)]
+            t0 = time.perf_counter()
+            r = _request(client, shared, "POST", f"/api/projects/{project}/annotations", stop, json=body)
+            dt = time.perf_counter() - t0
+            if r is None or r.status_code != 200:
+                shared.errors.append(
+                    f"{name}: submit: {r.status_code if r else 'no answer'} {r.text if r else ''}"
+                )
+                return
+            out = r.json()
+            with shared.lock:
+                shared.acks.append(Ack(name, out["record_id"], out["annotation_id"], out["duplicate"]))
+                shared.latencies.append(dt)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def run_load(
+    workdir: str | Path,
+    *,
+    annotators: int = 20,
+    annotations: int = 1000,
+    overlap: int = 2,
+    task: str = "pairwise",
+    kill_after: int | None = None,
+    db: str | None = None,
+    fast_hashes: bool = False,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Run the load test and return its figures and checks (see the module docstring)."""
+    from heed.feedback.service import Feedback
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if db is None:
+        for old in workdir.glob("load.db*"):  # a fresh database per run
+            old.unlink()
+        db = f"sqlite:///{workdir / 'load.db'}"
+    hasher = None
+    if fast_hashes:
+        from argon2 import PasswordHasher
+
+        hasher = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    fb = Feedback(db, hasher=hasher)
+    records = annotations // overlap
+    k = 2 if task == "pairwise" else 4
+    fb.create_project("load", task, overlap=overlap)  # type: ignore[arg-type]
+    fb.import_records(
+        "load",
+        [
+            {"prompt": f"prompt {i} 你好", "responses": [f"answer {i}.{j}" for j in range(k)]}
+            for i in range(records)
+        ],
+    )
+    users = {f"ann{i:02d}": fb.add_user(f"ann{i:02d}")[1] for i in range(annotators)}
+
+    server = Server(db, free_port(), workdir / "server.log")
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    shared, stop = Shared(), threading.Event()
+    kills = 0
+    t0 = time.perf_counter()
+    threads = [
+        threading.Thread(
+            target=annotator, args=(base, n, p, "load", task, shared, 4 * records, stop, i), daemon=True
+        )
+        for i, (n, p) in enumerate(users.items())
+    ]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout_s
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            if kill_after is not None and kills == 0 and len(shared.acks) >= kill_after:
+                server.kill()
+                kills += 1
+                time.sleep(0.5)
+                server.start()
+            time.sleep(0.02)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        server.stop()
+    elapsed = time.perf_counter() - t0
+
+    # verify against the database itself
+    judgements = fb.annotations("load")
+    stored = {(a["user"], a["record_id"]): a["annotation_id"] for a in judgements}
+    ack_ids: dict[tuple[str, int], set[int]] = {}
+    for a in shared.acks:
+        ack_ids.setdefault((a.user, a.record_id), set()).add(a.annotation_id)
+    lost = [key for key, ids in ack_ids.items() if stored.get(key) not in ids]
+    double = [key for key, ids in ack_ids.items() if len(ids) > 1]
+    per_record: dict[int, int] = {}
+    for a in judgements:
+        per_record[a["record_id"]] = per_record.get(a["record_id"], 0) + 1
+    over = [rid for rid, c in per_record.items() if c > overlap]
+    progress = fb.progress("load")
+    fb.close()
+    return {
+        "annotators": annotators,
+        "target_annotations": records * overlap,
+        "acknowledged": len(ack_ids),
+        "acks_total": len(shared.acks),
+        "duplicate_acks": sum(a.duplicate for a in shared.acks),
+        "stored": len(judgements),
+        "lost": len(lost),
+        "stored_twice": len(double),
+        "over_assigned_records": len(over),
+        "complete_records": progress["complete_records"],
+        "unacknowledged_stored": len(set(stored) - set(ack_ids)),
+        "kills": kills,
+        "retries": shared.retries,
+        "errors": shared.errors[:10],
+        "elapsed_s": round(elapsed, 2),
+        "submits_per_s": round(len(shared.latencies) / elapsed, 1) if elapsed else None,
+        "p50_submit_ms": round(1000 * percentile(shared.latencies, 50), 2),
+        "p99_submit_ms": round(1000 * percentile(shared.latencies, 99), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="runs/annotate-load")
+    ap.add_argument("--annotators", type=int, default=20)
+    ap.add_argument("--annotations", type=int, default=1000)
+    ap.add_argument("--overlap", type=int, default=2)
+    ap.add_argument("--task", choices=["pairwise", "ranking"], default="pairwise")
+    ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL the server after this many acks.")
+    ap.add_argument("--db", default=None, help="Database URL (default: a SQLite file in --workdir).")
+    args = ap.parse_args(argv)
+    print(
+        json.dumps(
+            run_load(
+                args.workdir,
+                annotators=args.annotators,
+                annotations=args.annotations,
+                overlap=args.overlap,
+                task=args.task,
+                kill_after=args.kill_after,
+                db=args.db,
+            ),
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

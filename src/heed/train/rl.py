@@ -1,0 +1,677 @@
+"""On-policy RL for language models: PPO, RLOO, GRPO and REINFORCE in one loop.
+
+Every update reads as the numbered steps of the issue, each calling the library:
+(1) sample K completions per prompt (:mod:`heed.rollout.engine`), (2) score them with the reward
+sources (:mod:`heed.rewards`), (3) log-probs of policy and reference, and values for PPO
+(:func:`heed.rollout.logprobs.policy_forward`), (4) KL-penalised token rewards
+(:func:`heed.algos.kl_penalized_rewards`), (5) advantages (GAE / leave-one-out / group-normalised /
+moving-average baseline, :mod:`heed.algos.advantages`), (6) epochs of clipped-surrogate updates
+over minibatches (:func:`heed.algos.policy_loss`, :func:`heed.algos.value_loss`), (7) log, watch,
+evaluate and checkpoint.
+
+Statistics over the whole rollout batch (whitening, the REINFORCE baseline, logged means) are taken
+in :func:`batch_statistics` and step 5 only, the places a data-parallel version must gather.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heed import algos
+from heed.config.rl import RLConfig
+from heed.data.records import PromptExample, load_records, prompt_text
+from heed.errors import ConfigError, HeedError
+from heed.report.diversity import diversity_metrics
+from heed.report.metrics import MetricsLogger, read_metrics
+from heed.report.monitors import Monitor, append_alarms, resume_monitor
+from heed.report.progress import StepProgress
+from heed.rewards.combine import RewardSet, build_rewards
+from heed.rollout.batch import Rollout, length_sorted_chunks, rollout_from_generation, scatter_response
+from heed.rollout.engine import Engine, make_engine
+from heed.rollout.generate import SamplingParams, encode_prompts
+from heed.rollout.logprobs import policy_forward
+from heed.train.common import (
+    check_finite,
+    latest_checkpoint,
+    load_trainer_state,
+    make_optimizer,
+    make_scheduler,
+    peak_memory_mb,
+    prepare_run_dir,
+    save_checkpoint,
+    set_seed,
+    write_json,
+)
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# built-in assets named in configs
+
+
+def resolve_builtin(value: str) -> str:
+    """Map ``builtin`` names in configs to cached built-in assets; any other value is returned as is.
+
+    ``builtin`` / ``builtin:tiny`` / ``builtin:micro``: the built-in SFT model folder;
+    ``builtin:prompts_train`` / ``builtin:prompts_eval`` / ``builtin:text`` / ``builtin:chat``:
+    the corpus files beside it (``builtin:micro:prompts_eval`` for the micro model's);
+    ``builtin:tone_classifier``: the optimism classifier (:mod:`heed.demo.classifier`).
+    """
+    if not isinstance(value, str) or not value.startswith("builtin"):
+        return value
+    from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+
+    parts = value.split(":")
+    if parts[0] != "builtin":
+        return value
+    spec = BuiltinSpec()
+    if len(parts) > 1 and parts[1] in ("tiny", "micro"):
+        spec = MICRO if parts[1] == "micro" else spec
+        parts = parts[:1] + parts[2:]
+    if len(parts) == 1:
+        return str(builtin_sft_model(spec))
+    name = parts[1]
+    if name == "tone_classifier":
+        from heed.demo.classifier import builtin_tone_classifier
+
+        return str(builtin_tone_classifier())
+    # the corpus files sit in <asset>/data beside <asset>/sft/final
+    data_dir = builtin_sft_model(spec).parent.parent / "data"
+    files = {p.stem: p for p in data_dir.glob("*.jsonl")}
+    if name not in files:
+        raise ConfigError(f"{value!r}: unknown built-in asset; expected builtin[:tiny|:micro][:{'|:'.join(sorted(files))}]"
+                          " or builtin:tone_classifier")
+    return str(files[name])
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class Prompts:
+    examples: list[PromptExample]
+    ids: list[list[int]]
+
+    def columns(self, idx: list[int], k: int) -> dict[str, list[Any]]:
+        """Extra record columns for the reward functions, repeated for the k answers of each prompt."""
+        keys = sorted({key for i in idx for key in self.examples[i].extra})
+        return {key: [self.examples[i].extra.get(key) for i in idx for _ in range(k)] for key in keys}
+
+
+def load_prompts(path: str, tokenizer: Any, cfg: RLConfig) -> Prompts:
+    from heed.data.templating import use_chat
+
+    examples = load_records(path, "prompts")
+    chat = use_chat(tokenizer, cfg.data.chat)
+    ids = encode_prompts(tokenizer, [e.prompt for e in examples], chat, cfg.data.max_prompt_length, where=str(path))
+    return Prompts(examples, ids)
+
+
+def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Prompt indices of update ``step``: consecutive slices of per-epoch shuffles (deterministic,
+    so a resumed run sees the same prompts)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n_prompts)
+        order = list(range(n_prompts))
+        random.Random(seed * 100003 + epoch).shuffle(order)
+        out.append(order[i])
+    return out
+
+
+def _sampling(cfg: RLConfig, eval_mode: bool = False) -> SamplingParams:
+    if eval_mode:
+        t = cfg.eval.temperature
+        return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                              temperature=max(t, 1e-5), top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                              do_sample=t > 0)
+    r = cfg.rollout
+    return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces of one update
+
+
+def score_batch(rewards: RewardSet, prompts: Prompts, idx: list[int], texts: list[str], k: int,
+                step: int) -> tuple[torch.Tensor, Any]:
+    """Step 2: total reward per answer (N,), NaN where a source returned None, plus per-source values."""
+    batch_prompts = [prompts.examples[i].prompt for i in idx for _ in range(k)]
+    scored = rewards(batch_prompts, texts, prompts.columns(idx, k), step=step)
+    total = torch.tensor([math.nan if v is None else v for v in scored.total], dtype=torch.float32)
+    return total, scored
+
+
+@torch.no_grad()
+def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, ro: Rollout, temperature: float,
+                     micro: int) -> None:
+    """Step 3: old log-probs (and values) of the policy, reference log-probs, on every answer token.
+    Rows go through in length-sorted micro-batches with their common padding cut off."""
+    old, ref, vals = [], [], []
+    all_rows = torch.arange(len(ro), device=ro.input_ids.device)
+    for rows in length_sorted_chunks(ro, all_rows, micro):
+        part = ro.select(rows).trimmed()
+        ids, att, tgt = part.input_ids, part.attention_mask, part.target_mask
+        out = policy_forward(model, ids, att, tgt, temperature, value_head=value_head)
+        old.append((rows, part.response(out.logprobs)))
+        if out.values is not None:
+            vals.append((rows, part.response(out.values)))
+        elif critic is not None:
+            vals.append((rows, part.response(critic(ids, att, tgt))))
+        with torch.inference_mode():
+            ref_lp = part.response(policy_forward(ref_model, ids, att, tgt, temperature).logprobs)
+        ref.append((rows, ref_lp.clone()))  # leave inference mode
+    n, width = ro.response_mask.shape
+    ro.old_logprobs = scatter_response(old, n, width)
+    ro.ref_logprobs = scatter_response(ref, n, width)
+    ro.old_values = scatter_response(vals, n, width) if vals else None
+
+
+def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any]) -> dict[str, float]:
+    """Steps 4-5: KL-penalised token rewards, then the algorithm's advantages (and PPO's returns)."""
+    mask = ro.response_mask
+    valid = ~torch.isnan(ro.scores)
+    scores = torch.nan_to_num(ro.scores, nan=0.0)
+    assert ro.old_logprobs is not None and ro.ref_logprobs is not None
+    # step 4. r_t = −β·kl_t on every answer token, + score on the last one
+    token_rewards, _ = algos.kl_penalized_rewards(scores, ro.old_logprobs, ro.ref_logprobs, mask, beta_reward,
+                                                  kind=cfg.kl_estimator)
+    # step 5. advantages
+    stats: dict[str, float] = {}
+    if cfg.algorithm == "ppo":
+        assert ro.old_values is not None
+        if cfg.ppo.whiten_rewards:
+            token_rewards = algos.whiten(token_rewards, mask, shift_mean=False)
+        adv, returns = algos.token_gae(token_rewards, ro.old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.whiten_advantages:
+            adv = algos.whiten(adv, mask)
+        ro.advantages, ro.returns = adv, returns
+        stats["returns/mean"] = float(algos.masked_mean(returns, mask))
+        stats["values/mean"] = float(algos.masked_mean(ro.old_values, mask))
+        return stats
+    seq_return = token_rewards.sum(-1)  # (N,) score − β·Σ_t kl_t
+    seq_return = torch.where(valid, seq_return, torch.full_like(seq_return, math.nan))
+    k = cfg.rollout.k
+    if cfg.algorithm == "rloo":
+        adv = algos.rloo_advantages(seq_return, k)
+    elif cfg.algorithm == "grpo":
+        adv = algos.grpo_advantages(seq_return, k, scale=cfg.ppo.grpo_scale)
+    else:  # reinforce: moving-average baseline, updated after use
+        if state.get("baseline") is None:
+            state["baseline"] = float(torch.nanmean(seq_return)) if valid.any() else 0.0
+        adv = algos.reinforce_advantages(seq_return, state["baseline"])
+        state["baseline"] = float(algos.ema_update(state["baseline"], seq_return, cfg.ppo.reinforce_decay))
+        stats["baseline"] = state["baseline"]
+    ro.advantages = adv.unsqueeze(-1)  # (N, 1): one advantage for every token of an answer
+    return stats
+
+
+def _share(mask: torch.Tensor, full: torch.Tensor, mode: str) -> float:
+    """Weight of a micro-batch's aggregated loss inside its minibatch (token- or sequence-weighted)."""
+    if mode == "token_mean":
+        return float(mask.sum()) / max(float(full.sum()), 1.0)
+    return float((mask.sum(-1) > 0).sum()) / max(float((full.sum(-1) > 0).sum()), 1.0)
+
+
+def ptx_loss(model: Any, texts: list[Any], pad_id: int, device: Any) -> torch.Tensor:
+    """PPO-ptx: token-mean language-modelling loss on a batch of pretraining text."""
+    from heed.data.collate import pad_batch
+    from heed.train.sft import lm_token_losses
+
+    ids, att, mask = (t.to(device) for t in pad_batch(texts, pad_id))
+    mask[:, 0] = False
+    return algos.masked_mean(lm_token_losses(model, ids, att, mask), mask)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model: Any,
+    ref_model: Any,
+    tokenizer: Any,
+    prompts: Prompts,
+    rewards: RewardSet,
+    metrics: RewardSet | None,
+    gold: RewardSet | None,
+    cfg: RLConfig,
+    engine: Engine,
+    step: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Answer held-out prompts once each; reward per source, task and gold metrics, KL to the
+    reference, entropy, length and distinct-n. Returns (metrics with ``eval/`` / ``gold/`` keys, rows)."""
+    idx = list(range(min(cfg.eval.num_prompts, len(prompts.ids))))
+    gen = engine(model, tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg, eval_mode=True), 1)
+    texts = gen.texts
+    batch_prompts = [prompts.examples[i].prompt for i in idx]
+    columns = prompts.columns(idx, 1)
+    scored = rewards(batch_prompts, texts, columns, step=step)
+    out: dict[str, float] = {}
+    totals = [v for v in scored.total if v is not None]
+    out["eval/reward"] = sum(totals) / len(totals) if totals else math.nan
+    out.update(scored.means(prefix="eval/reward/"))
+    for group, prefix in ((metrics, "eval/"), (gold, "gold/")):
+        if group is not None:
+            out.update(group(batch_prompts, texts, columns, step=step).means(prefix=prefix))
+    ro = rollout_from_generation(gen, torch.zeros(len(texts)))
+    dev = next(model.parameters()).device
+    ro = ro.to(dev)
+    micro = cfg.ppo.micro_batch_size
+    kl1, kl3, ent = [], [], []
+    for rows in length_sorted_chunks(ro, torch.arange(len(ro), device=dev), micro):
+        part = ro.select(rows).trimmed()
+        pol = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, with_entropy=True)
+        ref = policy_forward(ref_model, part.input_ids, part.attention_mask, part.target_mask)
+        lp, rlp = part.response(pol.logprobs), part.response(ref.logprobs)
+        m = part.response_mask
+        kl1.append(algos.masked_sum(algos.kl_estimate(lp, rlp, "k1"), m, dim=-1))
+        kl3.append(algos.masked_sum(algos.kl_estimate(lp, rlp, "k3"), m, dim=-1))
+        assert pol.entropy is not None
+        ent.append(part.response(pol.entropy)[m])
+    out["eval/kl"] = float(torch.cat(kl1).mean())
+    out["eval/kl_k3"] = float(torch.cat(kl3).mean())
+    out["eval/entropy"] = float(torch.cat(ent).mean()) if ent else math.nan
+    out["eval/length"] = float(gen.lengths.float().mean())
+    div = diversity_metrics(texts)
+    out["eval/distinct_1"] = div["diversity/distinct_1"]
+    out["eval/distinct_2"] = div["diversity/distinct_2"]
+    out["eval/length_words"] = div["length/words"]
+    rows = []
+    for j in range(min(cfg.eval.samples, len(texts))):
+        row: dict[str, Any] = {"step": step, "prompt": prompt_text(batch_prompts[j]), "completion": texts[j],
+                               "reward": scored.total[j]}
+        if gold is not None:
+            g = gold(batch_prompts[j : j + 1], texts[j : j + 1], {k: v[j : j + 1] for k, v in columns.items()})
+            row["gold"] = next(iter(g.per_source.values()))[0]
+        rows.append(row)
+    return out, rows
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def _append_samples(run: Path, rows: list[dict[str, Any]]) -> None:
+    with (run / "samples.jsonl").open("a", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (a resumed run writes them again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def batch_statistics(ro: Rollout, texts: list[str], scored: Any, entropy: float | None) -> dict[str, float]:
+    """Figures of one rollout batch logged every step (reward, KL to the reference, length, diversity)."""
+    mask = ro.response_mask
+    valid = ~torch.isnan(ro.scores)
+    scores = ro.scores[valid]
+    assert ro.old_logprobs is not None and ro.ref_logprobs is not None
+    lengths = ro.response_mask.sum(-1).float()
+    out = {
+        "reward/mean": float(scores.mean()) if len(scores) else math.nan,
+        "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "reward/none_frac": float((~valid).float().mean()),
+        **scored.means(),
+        "kl/k1": float(algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1"), mask, dim=-1)[valid].mean()),
+        "kl/k3": float(algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3"), mask, dim=-1)[valid].mean()),
+        "length/mean": float(lengths.mean()),
+        **diversity_metrics(texts),
+    }
+    if entropy is not None:
+        out["entropy"] = entropy
+    return out
+
+
+def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run PPO / RLOO / GRPO / REINFORCE; returns the final summary (also written to ``summary.json``).
+
+    ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
+    """
+    from accelerate import Accelerator
+
+    from heed.models.loading import load_causal_lm, load_tokenizer, save_pretrained
+    from heed.models.value import Critic, ValueHead, hidden_size
+
+    # step 0. run folder, seed, resume point
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        raise HeedError("heed rl runs in one process for now (the data-parallel rollout is not written yet); "
+                        "start it with python/heed, not accelerate launch")
+    t_start = time.time()
+    run = prepare_run_dir(cfg.out, cfg, resume)
+    set_seed(cfg.train.seed)
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None:
+        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
+    dev = accelerator.device
+    algo = cfg.algorithm
+
+    # step 0b. models: policy (from the checkpoint when resuming), frozen reference, critic
+    policy_path = resolve_builtin(cfg.model.path or "")
+    ref_path = resolve_builtin(cfg.ref_model) if cfg.ref_model else policy_path
+    tokenizer = load_tokenizer(policy_path, padding_side="left")
+    model = load_causal_lm(ckpt or policy_path, dtype=cfg.model.dtype)
+    _no_dropout(model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).to(dev).eval()
+    ref_model.requires_grad_(False)
+    value_head: ValueHead | None = None
+    critic: Critic | None = None
+    if algo == "ppo":
+        if cfg.ppo.critic == "shared":
+            value_head = ValueHead(hidden_size(model))
+            saved_head = Path(policy_path) / VALUE_HEAD_FILE
+            if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
+                value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
+        else:
+            critic = Critic(load_causal_lm(resolve_builtin(cfg.ppo.critic_path or policy_path), dtype=cfg.model.dtype))
+
+    # step 0c. reward sources, prompts, PPO-ptx text
+    rewards = build_rewards(cfg.rewards, config_dir, resolve_builtin)
+    metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
+    gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
+    train_prompts = load_prompts(resolve_builtin(cfg.data.prompts), tokenizer, cfg)
+    eval_prompts = load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg) if cfg.data.eval_prompts else None
+    ptx_texts: list[Any] = []
+    if cfg.ptx.coef > 0 and cfg.ptx.data:
+        from heed.data.collate import truncate
+        from heed.data.templating import encode_text
+
+        ptx_texts, _ = truncate([encode_text(tokenizer, r.text) for r in load_records(resolve_builtin(cfg.ptx.data), "text")],
+                                cfg.ptx.max_length)
+    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size)
+
+    # step 0d. optimizer over policy (+ value head / critic), schedule, restored state
+    n = cfg.batch_size
+    mb_size = cfg.ppo.minibatch_size or n
+    micro = min(cfg.ppo.micro_batch_size, mb_size)
+    steps_per_update = cfg.ppo.epochs * (n // mb_size)
+    total_steps = cfg.train.updates * steps_per_update
+    model.to(dev)
+    value_params = list(value_head.parameters()) if value_head is not None else (
+        list(critic.parameters()) if critic is not None else [])
+    if value_head is not None:
+        value_head.to(dev)
+    if critic is not None:
+        critic.to(dev)
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    if value_params:
+        optimizer.add_param_group({"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr})
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
+    start_update = 0
+    state: dict[str, Any] = {"baseline": None}
+    kl_ctl: Any = (algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+                   else algos.FixedKLController(cfg.kl.beta))
+    if ckpt is not None:
+        saved = load_trainer_state(ckpt, optimizer, scheduler)
+        start_update = saved["step"]
+        extra = saved.get("extra", {})
+        kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
+        state["baseline"] = extra.get("baseline")
+        if value_head is not None and extra.get("value_head") is not None:
+            value_head.load_state_dict(extra["value_head"])
+        if critic is not None and extra.get("critic") is not None:
+            critic.load_state_dict(extra["critic"])
+    logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard)
+    if ckpt is not None:
+        logger.truncate_after(start_update)
+        _truncate_jsonl(run / "samples.jsonl", start_update)
+        _truncate_jsonl(run / "alarms.jsonl", start_update)
+        monitor = resume_monitor(read_metrics(run / "metrics.jsonl"), cfg.monitor)
+    else:
+        monitor = Monitor(cfg.monitor)
+    append_alarms(run, [])
+    trainable = [p for p in model.parameters() if p.requires_grad] + value_params
+    sampling = _sampling(cfg)
+
+    def run_eval(step: int, policy_name: str) -> dict[str, float]:
+        if eval_prompts is None:
+            return {}
+        ev, rows = evaluate_policy(model, ref_model, tokenizer, eval_prompts, rewards, metrics_set, gold_set, cfg,
+                                   engine, step)
+        logger.log(step, ev, split="eval")
+        _append_samples(run, [{**r, "policy": policy_name} for r in rows])
+        return ev
+
+    summary: dict[str, Any] = {"algo": algo}
+    if cfg.eval.at_start and start_update == 0:
+        start_eval = run_eval(0, cfg.eval.initial_policy_name)
+        summary.update({f"start/{k}": v for k, v in start_eval.items()})
+    elif start_update > 0:  # resumed: the evaluation before training is in the log already
+        for row in read_metrics(run / "metrics.jsonl"):
+            if row.get("split") == "eval" and row.get("step") == 0:
+                summary.update({f"start/{k}": v for k, v in row.items() if k.startswith(("eval/", "gold/"))})
+
+    # the loop
+    samples_done, gen_seconds, t0 = 0, 0.0, time.time()
+    last: dict[str, float] = {}
+    with StepProgress(f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress, start=start_update) as bar:
+        for update in range(start_update, cfg.train.updates):
+            step = update + 1
+            model.eval()
+            # step 1. sample K completions per prompt
+            idx = prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed)
+            tg = time.time()
+            gen = engine(model, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k)
+            gen_seconds += time.time() - tg
+
+            # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
+            scores, scored = score_batch(rewards, train_prompts, idx, gen.texts, cfg.rollout.k, step)
+            ro = rollout_from_generation(gen, scores).to(dev)
+
+            # step 3. log-probs of policy and reference (and values for PPO), once per rollout
+            rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro)
+
+            # steps 4-5. KL-penalised rewards and advantages
+            beta = kl_ctl.value
+            adv_stats = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, state)
+
+            # step 6. epochs of clipped-surrogate updates over minibatches
+            model.train()
+            upd = _update(cfg, ro, model, value_head, critic, optimizer, scheduler, trainable, micro, mb_size,
+                          beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step)
+
+            # step 7. log, adapt β, watch, evaluate, checkpoint
+            samples_done += len(ro)
+            metrics = batch_statistics(ro, gen.texts, scored, upd.pop("entropy", None))
+            kl_ctl.update(metrics["kl/k1"], len(ro))
+            metrics.update(upd)
+            metrics.update(adv_stats)
+            metrics["kl/beta"] = beta
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            elapsed = time.time() - t0
+            metrics["samples_per_s"] = samples_done / max(elapsed, 1e-9)
+            last = metrics
+            if step % cfg.log.log_every == 0 or step == cfg.train.updates:
+                logger.log(step, metrics)
+            valid_rewards = [v for v in scored.total if v is not None]
+            texts_scored = [t for t, v in zip(gen.texts, scored.total, strict=True) if v is not None]
+            alarms = monitor.update(step, metrics, texts_scored, valid_rewards)
+            for alarm in alarms:
+                bar.log(f"alarm: {alarm}")
+            append_alarms(run, alarms)
+            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.train.updates:
+                run_eval(step, algo)
+            if cfg.log.save_every and step % cfg.log.save_every == 0 and step != cfg.train.updates:
+                _save(run, step, model, tokenizer, optimizer, scheduler, cfg, kl_ctl, state, value_head, critic)
+            bar.advance(1, {"reward": metrics["reward/mean"], "kl": metrics["kl/k1"]})
+
+    # final evaluation, model and summary
+    elapsed = time.time() - t0
+    final_eval = run_eval(cfg.train.updates, algo)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_pretrained(model, tokenizer, run / "final")
+    if value_head is not None:
+        torch.save(value_head.state_dict(), run / "final" / VALUE_HEAD_FILE)
+    summary.update(final_eval)
+    summary.update({k: v for k, v in last.items() if isinstance(v, int | float)})
+    summary.update({
+        "updates": cfg.train.updates,
+        "samples": samples_done,
+        "samples_per_s": samples_done / max(elapsed, 1e-9),
+        "generation_seconds": gen_seconds,
+        "train_seconds": elapsed,
+        "total_seconds": time.time() - t_start,
+        "peak_memory_mb": peak_memory_mb(),
+        "alarms": len(monitor.alarms),
+    })
+    write_json(run / "summary.json", summary)
+    logger.close()
+    return summary
+
+
+def _no_dropout(model: Any) -> None:
+    """Dropout would make the rollout's and the update's log-probs differ (ratio ≠ 1 before any step)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def _save(run: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, cfg: RLConfig,
+          kl_ctl: Any, state: dict[str, Any], value_head: Any, critic: Any) -> None:
+    extra = {
+        "kl_beta": kl_ctl.value,
+        "baseline": state.get("baseline"),
+        "value_head": value_head.state_dict() if value_head is not None else None,
+        "critic": critic.state_dict() if critic is not None else None,
+    }
+    save_checkpoint(run, step, model, tokenizer, optimizer, scheduler, extra=extra, keep=cfg.log.keep_checkpoints)
+
+
+def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any, optimizer: Any, scheduler: Any,
+            trainable: list[torch.nn.Parameter], micro: int, mb_size: int, beta_loss: float, ptx_texts: list[Any],
+            pad_id: int, step: int) -> dict[str, float]:
+    """Step 6: ``ppo.epochs`` passes over the rollout in shuffled minibatches; one optimizer step each."""
+    p = cfg.ppo
+    mode = p.loss_aggregation
+    n = len(ro)
+    dev = ro.input_ids.device
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+    sums: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        sums.setdefault(key, []).append(float(value))
+
+    ptx_rng = random.Random(cfg.train.seed * 31 + step)
+    for _epoch in range(p.epochs):
+        perm = torch.randperm(n, generator=gen).to(dev)
+        for ms in range(0, n, mb_size):
+            mb_idx = perm[ms : ms + mb_size]
+            full_mask = ro.response_mask[mb_idx]
+            loss_total = 0.0
+            for rows in length_sorted_chunks(ro, mb_idx, micro):
+                part = ro.select(rows).trimmed()
+                mask = part.response_mask
+                w = _share(mask, full_mask, mode)
+                if w == 0:
+                    continue
+                out = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask,
+                                     cfg.rollout.temperature, value_head=value_head, with_entropy=True,
+                                     entropy_grad=p.entropy_coef > 0)
+                logprobs = part.response(out.logprobs)
+                pg_tok, pstats = algos.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, p.clip_eps,
+                                                   p.clip_eps_high)
+                pg = algos.aggregate(pg_tok, mask, mode)
+                loss = pg
+                assert out.entropy is not None
+                entropy = part.response(out.entropy)
+                if p.entropy_coef > 0:
+                    loss = loss - p.entropy_coef * algos.aggregate(entropy, mask, mode)
+                if beta_loss > 0:
+                    kl_tok = algos.kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator)
+                    loss = loss + beta_loss * algos.aggregate(kl_tok, mask, mode)
+                if cfg.algorithm == "ppo":
+                    values = part.response(out.values if out.values is not None
+                                           else critic(part.input_ids, part.attention_mask, part.target_mask))
+                    vl_tok, vstats = algos.value_loss(values, part.old_values, part.returns, mask, p.value_clip)
+                    vl = algos.aggregate(vl_tok, mask, mode)
+                    loss = loss + p.vf_coef * vl
+                    add("value_loss", vl.detach())
+                    add("value_clipfrac", vstats.clipfrac)
+                    add("explained_variance", algos.explained_variance(part.old_values, part.returns, mask))
+                (loss * w).backward()
+                loss_total += float(loss.detach()) * w
+                add("policy_loss", pg.detach())
+                add("clipfrac", pstats.clipfrac)
+                add("approx_kl/k1", pstats.approx_kl_k1)
+                add("approx_kl/k3", pstats.approx_kl_k3)
+                add("ratio", pstats.ratio_mean)
+                add("entropy", algos.masked_mean(entropy.detach(), mask))
+            if cfg.ptx.coef > 0 and ptx_texts:
+                batch = ptx_rng.sample(ptx_texts, min(cfg.ptx.batch_size, len(ptx_texts)))
+                lm = ptx_loss(model, batch, pad_id, dev)
+                (cfg.ptx.coef * lm).backward()
+                loss_total += cfg.ptx.coef * float(lm.detach())
+                add("ptx_loss", lm.detach())
+            check_finite(loss_total, step, f"{cfg.algorithm} loss")
+            grad_norm = None
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                check_finite(float(grad_norm), step, "gradient norm")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            add("loss", loss_total)
+            if grad_norm is not None:
+                add("grad_norm", grad_norm)
+    means = {}
+    for key, values in sums.items():
+        finite = [v for v in values if not math.isnan(v)]  # explained variance is NaN on constant returns
+        if finite:
+            means[key] = sum(finite) / len(finite)
+    return means
+
+
+def evaluate_model(cfg: RLConfig, model_dir: str | Path, out: str | Path | None = None,
+                   config_dir: str | Path | None = None) -> dict[str, Any]:
+    """``heed eval``: the evaluation of :func:`train_rl` for any model folder, against the config's
+    reference (``ref_model``, else ``model.path``). Writes ``eval.json`` and ``samples.jsonl`` to ``out``."""
+    from heed.models.loading import load_causal_lm, load_tokenizer
+
+    if not cfg.data.eval_prompts:
+        raise ConfigError("data.eval_prompts: heed eval needs held-out prompts (e.g. builtin:prompts_eval)")
+    set_seed(cfg.train.seed)
+    model_dir = resolve_builtin(str(model_dir))
+    ref_path = resolve_builtin(cfg.ref_model or cfg.model.path or "")
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    model = load_causal_lm(model_dir, dtype=cfg.model.dtype).eval()
+    ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).eval()
+    rewards = build_rewards(cfg.rewards, config_dir, resolve_builtin)
+    metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
+    gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
+    prompts = load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg)
+    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size)
+    result, rows = evaluate_policy(model, ref_model, tokenizer, prompts, rewards, metrics_set, gold_set, cfg, engine, 0)
+    result = {"model": str(model_dir), "reference": str(ref_path), **result}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval.json", result)
+        from heed.data.io import write_jsonl
+
+        write_jsonl(out / "samples.jsonl", [{**r, "policy": Path(model_dir).name} for r in rows])
+    return result

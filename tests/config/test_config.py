@@ -1,0 +1,66 @@
+"""Config loading: YAML < --set overrides, unknown keys and bad values name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from heed.config import load_config, parse_overrides, save_config
+from heed.config.sft import SFTConfig
+from heed.errors import ConfigError
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {path: m}\ndata: {train: t.jsonl, max_length: 64}\noptim: {lr: 0.001}\n")
+    cfg = load_config(SFTConfig, f, ["optim.lr=5e-4", "data.packing=true", "train.max_steps=7"])
+    assert cfg.optim.lr == 5e-4 and cfg.data.packing is True and cfg.train.max_steps == 7
+    assert cfg.data.max_length == 64 and cfg.model.path == "m"
+
+
+def test_parse_overrides_nested_and_typed() -> None:
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=hello", "e=null"]) == {
+        "a": {"b": 1, "c": [1, 2]}, "d": "hello", "e": None,
+    }
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, None, ["model.path=m", "data.train=t", "optim.lrr=1"])
+    msg = str(err.value)
+    assert "unknown config key 'optim.lrr'" in msg and "lr" in msg and "warmup_steps" in msg
+
+
+def test_bad_value_names_key_and_allowed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, None, ["model.path=m", "data.train=t", "data.kind=images"])
+    assert "data.kind" in str(err.value) and "'sft' or 'text'" in str(err.value)
+    with pytest.raises(ConfigError, match=r"optim\.lr.*greater than 0"):
+        load_config(SFTConfig, None, ["model.path=m", "data.train=t", "optim.lr=-1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: not valid YAML"):
+        load_config(SFTConfig, bad)
+
+
+def test_saved_config_reloads_identically(tmp_path: Path) -> None:
+    cfg = load_config(SFTConfig, None, ["model.path=m", "data.train=t", "optim.betas=[0.8, 0.9]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(SFTConfig, tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["betas"] == [0.8, 0.9]
+
+
+def test_configs_are_frozen() -> None:
+    cfg = load_config(SFTConfig, None, ["model.path=m", "data.train=t"])
+    with pytest.raises(Exception, match="frozen"):
+        cfg.out = "x"  # type: ignore[misc]

@@ -1,0 +1,172 @@
+"""heed rl on the micro model: every algorithm learns, resume continues the same run, bad input stops cleanly.
+
+The micro model is too weak for the banana task in a few updates, so the smoke tests reward short
+answers (length_penalty), which a policy learns within a handful of updates by ending earlier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heed.config import config_from_dict, load_config
+from heed.config.rl import RLConfig
+from heed.errors import ConfigError, DataError, HeedError, TrainingDivergedError
+from heed.train.common import latest_checkpoint
+from heed.train.rl import train_rl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one intra-op thread
+    (two busy processes spinning two OpenMP threads each mostly wait on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(out: Path, **over: Any) -> RLConfig:
+    base: dict[str, Any] = {
+        "model": {"path": "builtin:micro"},
+        "data": {"prompts": "builtin:micro:prompts_train"},
+        "rewards": [{"function": "length_penalty", "args": {"per_word": 0.1}}],
+        "rollout": {"prompts_per_step": 8, "k": 4, "max_new_tokens": 16},
+        "optim": {"lr": 5e-4},
+        "train": {"updates": 6},
+        "log": {"progress": False},
+        "out": str(out),
+    }
+    for key, value in over.items():
+        node = base
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return config_from_dict(RLConfig, base, "test")
+
+
+def _train_rows(run: Path) -> list[dict[str, Any]]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+PPO = {"ppo.epochs": 2, "ppo.minibatch_size": 16, "critic_lr": 3e-3}
+
+
+@pytest.mark.parametrize("algo, extra", [("rloo", {}), ("grpo", {}), ("reinforce", {}), ("ppo", PPO)])
+def test_every_algorithm_learns(tmp_path: Path, algo: str, extra: dict[str, Any]) -> None:
+    summary = train_rl(_cfg(tmp_path / algo, algorithm=algo, **extra))
+    rows = _train_rows(tmp_path / algo)
+    rewards = [r["reward/mean"] for r in rows]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert last > first + 0.1, rewards  # answers got shorter: reward rose
+    for key in ("kl/k1", "kl/k3", "clipfrac", "approx_kl/k1", "approx_kl/k3", "entropy", "length/mean",
+                "reward/std", "diversity/distinct_2", "kl/beta"):
+        assert key in rows[-1], key
+    if algo == "ppo":
+        assert "explained_variance" in rows[-1] and "value_loss" in rows[-1]
+        assert (tmp_path / algo / "final" / "value_head.pt").exists()
+    assert summary["algo"] == algo and (tmp_path / algo / "final" / "config.json").exists()
+    assert (tmp_path / algo / "alarms.jsonl").exists()
+
+
+def test_resume_continues_the_same_run(tmp_path: Path) -> None:
+    """A run stopped by a NaN reward at update 3 keeps its update-2 checkpoint; resuming it reproduces
+    the uninterrupted run's updates 3-4."""
+    bomb = tmp_path / "bomb.py"
+    bomb.write_text(
+        "calls = 0\n"
+        "def reward(prompts, completions, **cols):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    return [float('nan') if calls == 3 else -0.1 * len(c.split()) for c in completions]\n"
+    )
+    common = {"train.updates": 4, "log.save_every": 1, "log.keep_checkpoints": 1, "rollout.prompts_per_step": 4,
+              "rollout.max_new_tokens": 8}
+    train_rl(_cfg(tmp_path / "straight", **common))
+    crashed = _cfg(tmp_path / "resumed", rewards=[{"function": f"{bomb}:reward", "name": "length_penalty"}], **common)
+    with pytest.raises(TrainingDivergedError, match="step 3: reward 'length_penalty' is nan"):
+        train_rl(crashed)
+    ckpt = latest_checkpoint(tmp_path / "resumed")
+    assert ckpt is not None and ckpt.name == "step-2" and (ckpt / "config.json").exists()
+    train_rl(_cfg(tmp_path / "resumed", **common), resume=True)
+    a, b = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a[2:], b[2:], strict=True):
+        assert ra["reward/mean"] == pytest.approx(rb["reward/mean"], abs=1e-6)
+        assert ra["kl/k1"] == pytest.approx(rb["kl/k1"], abs=1e-4)
+
+
+def test_ppo_ptx_separate_critic_adaptive_kl_and_eval(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "run", algorithm="ppo", **{
+        "train.updates": 2, "rollout.prompts_per_step": 4, "ppo.critic": "separate",
+        "ptx.data": "builtin:micro:text", "ptx.coef": 0.5, "ptx.batch_size": 4,
+        "kl.adaptive": True, "kl.target": 0.01, "kl.horizon": 100,
+        "data.eval_prompts": "builtin:micro:prompts_eval", "eval.num_prompts": 8, "eval.samples": 3,
+        "eval.metrics": [{"function": "banana_success"}], "eval.gold": [{"function": "gold_positivity", "name": "positivity"}],
+    })
+    summary = train_rl(cfg)
+    rows = _train_rows(tmp_path / "run")
+    assert all(r["ptx_loss"] > 0 for r in rows)
+    # KL above target (0.01) on update 1 -> beta grows: 0.05 * (1 + 0.2 * 16 / 100) = 0.0516
+    assert rows[1]["kl/beta"] == pytest.approx(0.05 * (1 + 0.2 * 16 / 100)) or rows[0]["kl/k1"] <= 0.01
+    for key in ("eval/banana_success", "eval/kl", "eval/entropy", "eval/distinct_1", "eval/distinct_2",
+                "eval/length", "gold/positivity", "eval/reward/length_penalty", "start/eval/kl"):
+        assert key in summary, key
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["policy"] for s in samples} == {"sft", "ppo"} and {"step", "prompt", "completion", "reward", "gold"} <= set(samples[0])
+
+
+def test_second_round_continues_from_a_ppo_policy(tmp_path: Path) -> None:
+    """Round 2 starts from round 1's final/ (policy and value head), with the SFT model as reference."""
+    small = {"algorithm": "ppo", "train.updates": 2, "rollout.prompts_per_step": 4, "critic_lr": 1e-2}
+    train_rl(_cfg(tmp_path / "round1", **small))
+    train_rl(_cfg(tmp_path / "round2", **{**small, "train.updates": 1, "model.path": str(tmp_path / "round1" / "final"),
+                                          "ref_model": "builtin:micro"}))
+    first = _train_rows(tmp_path / "round2")[0]
+    assert first["values/mean"] != 0.0  # a fresh value head is zero-initialised: this one was loaded
+    assert first["kl/k1"] != 0.0  # the policy starts away from its reference
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="algorithm"):
+        load_config(RLConfig, None, ["algorithm=ppg", "model.path=x", "data.prompts=x",
+                                     "rewards=[{function: banana_format}]"])
+    with pytest.raises(ConfigError, match="expected a built-in"):
+        train_rl(_cfg(tmp_path / "a", rewards=[{"function": "banana"}]))
+    with pytest.raises(DataError, match=r"prompts_train.jsonl: record 0: prompt: \d+ tokens, over the limit of 2"):
+        train_rl(_cfg(tmp_path / "b", **{"data.max_prompt_length": 2}))
+    bad = tmp_path / "bad.py"
+    bad.write_text("def r(prompts, completions, **k):\n    return [1.0]\n")
+    with pytest.raises(HeedError, match=r"step 1: reward 'r' returned 1 values for 32 completions"):
+        train_rl(_cfg(tmp_path / "c", rewards=[{"function": f"{bad}:r"}]))
+    with pytest.raises(ConfigError, match=r"rollout\.k"):
+        _cfg(tmp_path / "d", algorithm="rloo", **{"rollout.k": 1})
+
+
+def test_cli_rl_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from heed.cli import main
+
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text(
+        "algorithm: rloo\nmodel: {path: 'builtin:micro'}\n"
+        "data: {prompts: 'builtin:micro:prompts_train', eval_prompts: 'builtin:micro:prompts_eval'}\n"
+        "rewards: [{function: banana_format}]\nrollout: {prompts_per_step: 2, k: 2, max_new_tokens: 8}\n"
+        "train: {updates: 1}\neval: {num_prompts: 4, at_start: false, metrics: [{function: banana_success}]}\n"
+        "log: {progress: false}\n"
+    )
+    main(["rl", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "eval/banana_success" in summary and "eval/kl" in summary
+    capsys.readouterr()
+    main(["eval", "--model", str(tmp_path / "run" / "final"), "--config", str(cfg), "--out", str(tmp_path / "ev")])
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["eval/banana_success"] <= 1.0 and (tmp_path / "ev" / "eval.json").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["rl", "--config", str(cfg), "--out", str(tmp_path / "run")])  # folder holds a run: refuse
+    assert exc.value.code == 2
