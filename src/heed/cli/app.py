@@ -18,6 +18,23 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from heed import __version__
+
+        typer.echo(f"heed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print Heed's version and exit.")
+    ] = False,
+) -> None:
+    """Heed: reinforcement learning from human feedback, end to end."""
+
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file.", show_default=False)
 ]
