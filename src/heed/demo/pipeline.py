@@ -196,7 +196,11 @@ class Demo:
                     fb.create_project(project, task="ranking", overlap=3, guidelines=GUIDELINES)
                     fb.import_file(project, samples)
                 counts = annotate_project(fb, project, seed=self.s.seed + round_no)
-                rows = fb.export(project, "ranked")
+                exported = fb.export(project, "ranked")
+                # a consensus that ties every answer carries no preference: left out, and counted
+                rows = [r for r in exported if len(set(r["ranks"])) > 1]
+                if len(rows) < len(exported):
+                    self.say(f"  {len(exported) - len(rows)} of {len(exported)} records ended all tied; left out")
                 write_jsonl(ranked, rows)
                 rep = fb.agreement(project)
                 agreement = {
