@@ -55,6 +55,26 @@ def prepare_run_dir(out: str | Path, cfg: HeedConfig, resume: bool) -> Path:
     return run
 
 
+def make_accelerator(mixed_precision: str = "no") -> Any:
+    """The run's ``accelerate.Accelerator`` (processes, device, mixed precision).
+
+    ``mixed_precision`` (``model.mixed_precision``): no | bf16 | fp16. Trainers run their forward
+    passes under ``accelerator.autocast()``, because Heed's forwards call the transformer body
+    directly rather than the wrapped ``model.forward``. fp16 needs a GPU (its gradient scaler);
+    bf16 also autocasts on CPU.
+    """
+    from accelerate import Accelerator
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise HeedError("model.mixed_precision: fp16 needs a GPU (none is visible); use bf16 or no on CPU")
+    try:
+        return Accelerator(mixed_precision=mixed_precision)
+    except (ValueError, RuntimeError) as exc:
+        raise HeedError(f"accelerate could not start this run ({str(exc).splitlines()[0]}); check the "
+                        "accelerate config / launch flags against this machine (e.g. --cpu without GPUs, "
+                        "--num_processes no larger than the GPU count)") from None
+
+
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
     params = [p for p in params if p.requires_grad]
