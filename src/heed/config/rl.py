@@ -175,7 +175,8 @@ class RLConfig(HeedConfig):
 
     algorithm: Literal["ppo", "rloo", "grpo", "reinforce"] = Field("rloo", description="ppo | rloo | grpo | reinforce.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy (initialised from model.path).")
-    ref_model: str | None = Field(None, description="Reference policy folder (default: model.path).")
+    ref_model: str | None = Field(None, description="Reference policy folder (default: model.path; with LoRA, the policy with its adapter disabled).")
+    offload_ref: bool = Field(False, description="Keep a separately loaded reference model on the CPU (saves accelerator memory).")
     data: RLDataConfig = Field(..., description="Prompts.")
     rewards: list[RewardSpec] = Field(..., min_length=1, description="Reward sources; the total is their weighted sum.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
