@@ -73,6 +73,10 @@ class RMConfig(HeedConfig):
             raise ValueError("model.path is required unless model.init is 'scratch'")
         if m.lora is not None and m.freeze_backbone:
             raise ValueError("model.lora and model.freeze_backbone exclude each other (a frozen backbone has no adapters to train)")
+        if m.lora is not None and m.init == "scratch":
+            raise ValueError("model.lora: LoRA adapts a pretrained backbone; set model.init: pretrained and model.path")
+        if m.lora is not None and m.head == "mlp":
+            raise ValueError("model.lora: use head: linear with LoRA (the mlp head's new block would stay frozen)")
         if m.init == "scratch":
             if m.backbone == "auto":
                 raise ValueError("model.backbone must be decoder or encoder when model.init is 'scratch'")
