@@ -67,8 +67,11 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
 
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise HeedError("model.mixed_precision: fp16 needs a GPU (none is visible); use bf16 or no on CPU")
+    # several processes without a GPU (torchrun / accelerate launch --cpu): accelerate only forms the
+    # gloo process group when told to run on the CPU; without it each process would train alone
+    cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu_group)
     except (ValueError, RuntimeError) as exc:
         raise HeedError(f"accelerate could not start this run ({str(exc).splitlines()[0]}); check the "
                         "accelerate config / launch flags against this machine (e.g. --cpu without GPUs, "
