@@ -95,5 +95,5 @@ def test_bad_target_modules_are_one_line(micro_sft_model: Path) -> None:
 
 
 def test_lora_on_a_scratch_model_is_a_config_error(corpus_files: dict) -> None:
-    with pytest.raises(ConfigError, match="model.lora"):
+    with pytest.raises(ConfigError, match=r"model\.lora"):
         config_from_dict(SFTConfig, {"model": {"init": "scratch", "lora": {}}, "data": {"train": "x.jsonl"}})

@@ -43,5 +43,5 @@ def test_reward_model_with_lora_learns_and_final_is_plain(micro_sft_model: Path,
 
 def test_lora_with_frozen_backbone_or_mlp_head_is_a_config_error() -> None:
     for extra in ({"freeze_backbone": True}, {"head": "mlp"}):
-        with pytest.raises(ConfigError, match="model.lora"):
+        with pytest.raises(ConfigError, match=r"model\.lora"):
             config_from_dict(RMConfig, {"model": {"path": "m", "lora": {}, **extra}, "data": {"train": "x"}})

@@ -70,6 +70,13 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     # several processes without a GPU (torchrun / accelerate launch --cpu): accelerate only forms the
     # gloo process group when told to run on the CPU; without it each process would train alone
     cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        # accelerate keeps one state per process; a second trainer in the same process (the demo, tests)
+        # with another precision starts a fresh one (the process group, kept in PartialState, stays)
+        AcceleratorState._reset_state()
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu_group)
     except (ValueError, RuntimeError) as exc:

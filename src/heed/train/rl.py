@@ -36,7 +36,7 @@ from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
 from heed.rewards.combine import RewardSet, build_rewards
 from heed.rollout.batch import Rollout, length_sorted_chunks, rollout_from_generation, scatter_response
-from heed.rollout.engine import Engine, make_engine
+from heed.rollout.engine import Engine, check_vllm, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import policy_forward
 from heed.train.common import (
@@ -364,6 +364,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     from heed.models.value import Critic, ValueHead, hidden_size
 
     # step 0. run folder, seed, resume point, mixed precision
+    if cfg.rollout.engine == "vllm":  # before any model is loaded
+        check_vllm()
     if cfg.model.mixed_precision == "fp16":
         raise ConfigError("model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
                           "in its update loop); use bf16")
