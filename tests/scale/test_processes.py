@@ -61,33 +61,54 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> None:
         pytest.skip("cannot launch 2 gloo processes here: " + (res.stderr.strip().splitlines() or ["?"])[-1])
 
 
-def _config(tmp: Path, model: Path, data: Path, out: Path) -> Path:
+def _config(tmp: Path, command: str, model: Path, data: Path, out: Path) -> Path:
     import yaml
 
-    cfg = {
+    cfg: dict = {
         "model": {"path": str(model)},
-        "data": {"train": str(data), "max_length": 64, "eval_split": 0.0, "group_by_length": False},
         "train": {"batch_size": 8, "max_steps": 4, "seed": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 1, "max_grad_norm": 1.0},
         "log": {"log_every": 1, "progress": False},
         "out": str(out),
     }
+    if command == "sft":
+        cfg["data"] = {"train": str(data), "max_length": 64, "eval_split": 0.0, "group_by_length": False}
+    elif command == "dpo":
+        cfg["data"] = {"train": str(data), "max_length": 64, "eval_split": 0.0}
+        cfg["sample"] = {"num_prompts": 0}
+    else:
+        cfg["data"] = {"train": str(data), "max_length": 64, "eval_split": 0.25}
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_sft_on_two_processes_matches_one(two_processes: None, tmp_path: Path, micro_sft_model: Path,
-                                          corpus_files: dict) -> None:
+def _data(tmp: Path, command: str, corpus_files: dict) -> Path:
+    from heed.data.io import write_jsonl
+    from heed.demo.preferences import make_pairs, make_ranked_groups
+
+    data = tmp / f"{command}.jsonl"
+    if command == "sft":
+        data.write_text("".join(corpus_files["chat"].read_text().splitlines(keepends=True)[:64]))
+    elif command == "dpo":
+        write_jsonl(data, make_pairs(40, seed=0))
+    else:
+        write_jsonl(data, make_ranked_groups(40, k=3, seed=0))
+    return data
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "rm"])
+def test_two_processes_match_one(two_processes: None, tmp_path: Path, micro_sft_model: Path,
+                                 corpus_files: dict, command: str) -> None:
     from safetensors.torch import load_file
 
     from heed.cli import main
 
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(corpus_files["chat"].read_text().splitlines(keepends=True)[:64]))
+    argv = ["rm", "train"] if command == "rm" else [command]
+    data = _data(tmp_path, command, corpus_files)
     one, two = tmp_path / "one", tmp_path / "two"
-    main(["sft", "--config", str(_config(tmp_path, micro_sft_model, data, one))])
-    res = _launch(["-m", "heed", "sft", "--config", str(_config(tmp_path, micro_sft_model, data, two))])
+    main([*argv, "--config", str(_config(tmp_path, command, micro_sft_model, data, one))])
+    res = _launch(["-m", "heed", *argv, "--config", str(_config(tmp_path, command, micro_sft_model, data, two))])
     assert res.returncode == 0, res.stderr[-3000:]
 
     def losses(run: Path) -> list[float]:
@@ -99,9 +120,10 @@ def test_sft_on_two_processes_matches_one(two_processes: None, tmp_path: Path, m
     assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-4, (l1, l2)
     w1 = load_file(one / "final" / "model.safetensors")
     w2 = load_file(two / "final" / "model.safetensors")
-    base = load_file(micro_sft_model / "model.safetensors")
-    moved = max(float((w1[k] - base[k]).abs().max()) for k in w1)
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert moved > 1e-3 and diff < 1e-5 * max(1.0, moved) * 10, (moved, diff)
+    assert diff < 1e-4, diff
+    base = load_file(micro_sft_model / "model.safetensors")
+    shared = [k for k in w1 if k in base and w1[k].shape == base[k].shape]
+    assert max(float((w1[k] - base[k]).abs().max()) for k in shared) > 1e-3  # training moved the weights
     shutil.rmtree(one)
     shutil.rmtree(two)

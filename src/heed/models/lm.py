@@ -40,11 +40,13 @@ def trunk(model: Any) -> Any:
 def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, H), positions computed from the attention mask.
 
-    Under a data-parallel wrapper (DDP) the forward must go through the wrapper, which is what
-    synchronises gradients: the whole model runs with ``logits_to_keep=1`` (one logit per row) and
+    Under a data-parallel wrapper (DDP; DeepSpeed and FSDP likewise, untested here) the forward must go
+    through the wrapper, which is what synchronises gradients (or gathers sharded weights): the whole model runs with ``logits_to_keep=1`` (one logit per row) and
     the last hidden state is taken from its outputs.
     """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "module") or (
+        type(model).__name__.startswith("FSDP"))  # DDP, DeepSpeed's engine, FSDP2's fully_shard class
+    if wrapped:
         out = model(input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
