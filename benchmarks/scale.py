@@ -2,8 +2,10 @@
 gradient checkpointing), on the built-in micro model and a ~100M-parameter model built from
 ``heed.models.tiny.SIZES['100m']``, and SFT on 1 vs 2 processes (CPU, gloo).
 
-Each configuration runs in its own process (so peak memory is its own): ru_maxrss on CPU,
-``torch.cuda.max_memory_allocated`` on a GPU. A few steps only; figures are indicative.
+Each configuration runs in its own process (so peak memory is its own): ru_maxrss on CPU (which
+includes the ~0.4 GiB of the Python + torch runtime, so small models show no difference),
+``torch.cuda.max_memory_allocated`` on a GPU. samples/s counts the training loop only (after
+loading). A few steps only; figures are indicative.
 
     PYTHONPATH=src python benchmarks/scale.py                 # micro model + 1 vs 2 processes
     PYTHONPATH=src python benchmarks/scale.py --with-100m     # also the ~100M model (minutes on a CPU)
@@ -53,8 +55,8 @@ def sft_config(model: Path, data: Path, out: Path, steps: int, batch: int, **mod
     return path
 
 
-def run(config: Path, processes: int = 1) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
+def run(config: Path, processes: int = 1, threads: int = 1) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     if processes == 1:
         cmd = [sys.executable, "-m", "heed", "sft", "--config", str(config)]
     else:
@@ -69,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--with-100m", action="store_true", help="also the ~100M-parameter model (a few steps)")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from heed.demo.assets import MICRO, builtin_sft_model
@@ -79,7 +82,8 @@ def main() -> None:
     rows = []
 
     def bench(name: str, model: Path, steps: int, batch: int, processes: int = 1, **extra: object) -> None:
-        s = run(sft_config(model, data, tmp / name, steps, batch, **extra), processes)
+        s = run(sft_config(model, data, tmp / name.replace(" ", "_").replace(",", ""), steps, batch, **extra),
+                processes, args.threads)
         seqs = steps * batch
         rows.append((name, s["peak_memory_mb"], seqs / s["train_seconds"], s["tokens_per_s"]))
         print(f"{name:34s} peak {s['peak_memory_mb']:8.0f} MiB   {seqs / s['train_seconds']:8.1f} samples/s   "

@@ -81,6 +81,9 @@ def test_sft_with_lora_learns_changes_only_the_adapter_and_merges(tmp_path: Path
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert (got - orig).abs().max() > 1e-2  # the merge carried the learned update
     assert (merged_dir / "tokenizer.json").exists()
+    # every Heed loader (heed generate, eval, a next round) takes the adapter folder as the merged model
+    with torch.no_grad():
+        assert torch.allclose(load_causal_lm(final).eval()(input_ids=ids).logits, want, atol=1e-4)
 
 
 def test_bad_target_modules_are_one_line(micro_sft_model: Path) -> None:
