@@ -11,6 +11,7 @@ from heed.errors import HeedError
 # Each module below adds its commands to ``app``; heavy imports stay inside the commands.
 from heed.cli import demo_cmds  # noqa: F401  isort: skip
 from heed.cli import train_cmds  # noqa: F401  isort: skip
+from heed.cli import scale_cmds  # noqa: F401  isort: skip
 from heed.cli import annotate_cmds  # noqa: F401  isort: skip
 from heed.cli import rm_cmds  # noqa: F401  isort: skip
 from heed.cli import dpo_cmds  # noqa: F401  isort: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from heed.errors import ConfigError
 
@@ -49,6 +49,20 @@ class LogConfig(HeedConfig):
     progress: bool = Field(True, description="Show a progress bar with ETA.")
 
 
+class LoraConfig(HeedConfig):
+    """LoRA adapters (via ``peft``): only the low-rank matrices train, the base weights stay frozen."""
+
+    r: int = Field(16, ge=1, description="Rank of the update matrices.")
+    alpha: float = Field(32.0, gt=0, description="Scale of the update: W + (alpha / r)·B·A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names (last component) of the linear layers that get adapters, or 'all-linear'.")
+
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
 class ModelConfig(HeedConfig):
     """Which model to train and how to load it."""
 
@@ -60,6 +74,14 @@ class ModelConfig(HeedConfig):
     max_position_embeddings: int = Field(512, ge=16, description="Context length of a scratch model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters ({r, alpha, dropout, target_modules}); null = full fine-tuning.")
+    mixed_precision: MixedPrecision = Field("no", description="Autocast compute through accelerate: no, bf16 or fp16 (GPU).")
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> ModelConfig:
+        if self.lora is not None and self.init == "scratch":
+            raise ValueError("model.lora: LoRA adapts a pretrained model; set model.init: pretrained and model.path")
+        return self
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

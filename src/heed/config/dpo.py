@@ -68,7 +68,8 @@ class DPOConfig(HeedConfig):
     """``heed dpo``."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy to tune (usually the SFT model).")
-    ref_model: str | None = Field(None, description="Reference model folder; default: model.path (the policy before tuning).")
+    ref_model: str | None = Field(None, description="Reference model folder; default: model.path (the policy before tuning; with LoRA, the policy with its adapter disabled).")
+    offload_ref: bool = Field(False, description="Keep a separately loaded reference model on the CPU (saves accelerator memory).")
     data: DPODataConfig = Field(..., description="Preference data.")
     loss: DPOLossConfig = Field(default_factory=DPOLossConfig, description="Preference loss.")
     train: DPOTrainConfig = Field(default_factory=DPOTrainConfig, description="Loop settings.")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, OptimConfig
+from heed.config.base import HeedConfig, LogConfig, LoraConfig, MixedPrecision, OptimConfig
 
 
 class RMModelConfig(HeedConfig):
@@ -20,6 +20,8 @@ class RMModelConfig(HeedConfig):
     max_position_embeddings: int = Field(512, ge=16, description="Context length of a scratch decoder.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters on the backbone (the score head trains fully); null = full fine-tuning.")
+    mixed_precision: MixedPrecision = Field("no", description="Autocast compute through accelerate: no, bf16 or fp16 (GPU).")
 
     backbone: Literal["auto", "decoder", "encoder"] = Field(
         "auto", description="Backbone kind: auto reads it from the folder; scratch models need decoder or encoder.")
@@ -69,6 +71,12 @@ class RMConfig(HeedConfig):
         m = self.model
         if m.init == "pretrained" and not m.path:
             raise ValueError("model.path is required unless model.init is 'scratch'")
+        if m.lora is not None and m.freeze_backbone:
+            raise ValueError("model.lora and model.freeze_backbone exclude each other (a frozen backbone has no adapters to train)")
+        if m.lora is not None and m.init == "scratch":
+            raise ValueError("model.lora: LoRA adapts a pretrained backbone; set model.init: pretrained and model.path")
+        if m.lora is not None and m.head == "mlp":
+            raise ValueError("model.lora: use head: linear with LoRA (the mlp head's new block would stay frozen)")
         if m.init == "scratch":
             if m.backbone == "auto":
                 raise ValueError("model.backbone must be decoder or encoder when model.init is 'scratch'")

@@ -74,8 +74,8 @@ class RolloutConfig(HeedConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     batch_size: int = Field(128, ge=1, description="Rows per generate call.")
-    engine: Literal["heed", "hf"] = Field(
-        "heed", description="Generation engine: heed (lean KV-cache loop) or hf (transformers generate)."
+    engine: Literal["heed", "hf", "vllm"] = Field(
+        "heed", description="Generation engine: heed (lean KV-cache loop), hf (transformers generate); vllm is planned (GPU extra)."
     )
 
 
@@ -175,7 +175,8 @@ class RLConfig(HeedConfig):
 
     algorithm: Literal["ppo", "rloo", "grpo", "reinforce"] = Field("rloo", description="ppo | rloo | grpo | reinforce.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy (initialised from model.path).")
-    ref_model: str | None = Field(None, description="Reference policy folder (default: model.path).")
+    ref_model: str | None = Field(None, description="Reference policy folder (default: model.path; with LoRA, the policy with its adapter disabled).")
+    offload_ref: bool = Field(False, description="Keep a separately loaded reference model on the CPU (saves accelerator memory).")
     data: RLDataConfig = Field(..., description="Prompts.")
     rewards: list[RewardSpec] = Field(..., min_length=1, description="Reward sources; the total is their weighted sum.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")

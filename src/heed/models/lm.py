@@ -20,8 +20,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def unwrap(model: Any) -> Any:
+    """The transformers model under a data-parallel wrapper (``.module``) and a peft ``PeftModel``
+    (whose layers carry the LoRA adapters, so adapters stay active)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def trunk(model: Any) -> Any:
     """The transformer body under the LM head (``model.model`` for Llama-style models)."""
+    model = unwrap(model)
     base = getattr(model, "base_model_prefix", "model")
     body = getattr(model, base, None)
     if body is None or body is model:
@@ -30,7 +38,19 @@ def trunk(model: Any) -> Any:
 
 
 def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, H), positions computed from the attention mask."""
+    """Final hidden states (B, T, H), positions computed from the attention mask.
+
+    Under a data-parallel wrapper (DDP; DeepSpeed and FSDP likewise, untested here) the forward must go
+    through the wrapper, which is what synchronises gradients (or gathers sharded weights): the whole model runs with ``logits_to_keep=1`` (one logit per row) and
+    the last hidden state is taken from its outputs.
+    """
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "module") or (
+        type(model).__name__.startswith("FSDP"))  # DDP, DeepSpeed's engine, FSDP2's fully_shard class
+    if wrapped:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
     out = trunk(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -42,6 +62,7 @@ def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the LM head (and the model's final logit soft-cap or scale, if it has one). (N, H) -> (N, V)."""
+    model = unwrap(model)
     logits = model.get_output_embeddings()(hidden)
     cfg = model.config
     scale = getattr(cfg, "logit_scale", None)

@@ -68,10 +68,16 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM`` from a local folder (a reward-model or encoder folder is an error)."""
+    """``AutoModelForCausalLM`` from a local folder (a reward-model or encoder folder is an error).
+
+    A LoRA run's ``final/`` (an adapter folder) loads as its base model with the adapter merged in."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    from heed.models.lora import is_adapter_folder, load_adapter_base
+
+    if is_adapter_folder(path):
+        return load_adapter_base(path, dtype).merge_and_unload()
     cfg = read_model_config(path)
     archs = cfg.get("architectures") or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):

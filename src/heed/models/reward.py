@@ -297,7 +297,8 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int, device: Any = None) -> tup
 
 def forward_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Rewards (B,) in float32 from the model's own forward (B, T) -> (B, 1)."""
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}  # no KV cache to build
+    config = getattr(model, "module", model).config  # under DDP the forward goes through the wrapper
+    extra = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}  # no KV cache to build
     return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0].float()
 
 

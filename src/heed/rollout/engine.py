@@ -18,11 +18,29 @@ Engine = Callable[[Any, Any, list[list[int]], SamplingParams, int], Generation]
 
 
 ENGINES = ("heed", "hf")
+PLANNED = ("vllm",)
+
+
+def check_vllm() -> None:
+    """Why ``rollout.engine: vllm`` cannot run here, as one line naming the fix (it never returns)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("rollout.engine: vllm needs a CUDA GPU and none is visible; use rollout.engine: heed (or hf)")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine: vllm is not installed; install the GPU extra (pip install 'heed[vllm]') "
+                          "or use rollout.engine: heed")
+    raise ConfigError("rollout.engine: the vllm engine is not implemented in this version of Heed yet "
+                      "(see docs/scale.md); use rollout.engine: heed (or hf)")
 
 
 def make_engine(name: str, batch_size: int) -> Engine:
     """``heed``: Heed's KV-cache sampling loop (:mod:`heed.rollout.sampler`); ``hf``: ``model.generate``.
-    Both use left padding and prompts sorted by length."""
+    Both use left padding and prompts sorted by length. ``vllm`` is planned: asking for it is a clear error."""
+    if name == "vllm":
+        check_vllm()
     if name not in ENGINES:
         raise ConfigError(f"rollout.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
 

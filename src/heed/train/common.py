@@ -55,6 +55,36 @@ def prepare_run_dir(out: str | Path, cfg: HeedConfig, resume: bool) -> Path:
     return run
 
 
+def make_accelerator(mixed_precision: str = "no") -> Any:
+    """The run's ``accelerate.Accelerator`` (processes, device, mixed precision).
+
+    ``mixed_precision`` (``model.mixed_precision``): no | bf16 | fp16. Trainers run their forward
+    passes under ``accelerator.autocast()``, because Heed's forwards call the transformer body
+    directly rather than the wrapped ``model.forward``. fp16 needs a GPU (its gradient scaler);
+    bf16 also autocasts on CPU.
+    """
+    from accelerate import Accelerator
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise HeedError("model.mixed_precision: fp16 needs a GPU (none is visible); use bf16 or no on CPU")
+    # several processes without a GPU (torchrun / accelerate launch --cpu): accelerate only forms the
+    # gloo process group when told to run on the CPU; without it each process would train alone
+    cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        # accelerate keeps one state per process; a second trainer in the same process (the demo, tests)
+        # with another precision starts a fresh one (the process group, kept in PartialState, stays)
+        AcceleratorState._reset_state()
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu_group)
+    except (ValueError, RuntimeError) as exc:
+        raise HeedError(f"accelerate could not start this run ({str(exc).splitlines()[0]}); check the "
+                        "accelerate config / launch flags against this machine (e.g. --cpu without GPUs, "
+                        "--num_processes no larger than the GPU count)") from None
+
+
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
     params = [p for p in params if p.requires_grad]

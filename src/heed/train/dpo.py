@@ -38,6 +38,7 @@ from heed.train.common import (
     check_finite,
     latest_checkpoint,
     load_trainer_state,
+    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
@@ -257,6 +258,8 @@ def ref_logps_for(batch_idx: Sequence[int], ref_table: torch.Tensor) -> tuple[to
 def reference_table(model: Any, data: EncodedPairs, pad_id: int, batch_size: int, desc: str = "reference",
                     progress: bool = False) -> torch.Tensor:
     """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg]."""
+    from heed.models.lora import adapter_disabled
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -269,7 +272,8 @@ def reference_table(model: Any, data: EncodedPairs, pad_id: int, batch_size: int
             idx = order[start : start + batch_size]
             ids, att, mask = (t.to(device) for t in collate_pairs(
                 [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id))
-            lp = pair_logps(model, ids, att, mask)
+            with adapter_disabled(model):  # a LoRA policy's reference is its base model
+                lp = pair_logps(model, ids, att, mask)
             s_c, s_r = lp.halves(lp.logps.float().cpu())
             a_c, a_r = lp.halves(lp.avg_logps.float().cpu())
             table[idx] = torch.stack([s_c, s_r, a_c, a_r], dim=-1)
@@ -356,9 +360,12 @@ def _reference(idx: Sequence[int], ref_table: torch.Tensor | None, ref_model: An
         s, a = ref_logps_for(idx, ref_table)
         return s.to(ids.device), a.to(ids.device)
     assert ref_model is not None
-    with torch.inference_mode():
-        lp = pair_logps(ref_model, ids, att, mask)
-        return lp.logps.clone(), lp.avg_logps.clone()
+    from heed.models.lora import adapter_disabled
+
+    ref_dev = next(ref_model.parameters()).device  # the CPU with offload_ref
+    with torch.inference_mode(), adapter_disabled(ref_model):
+        lp = pair_logps(ref_model, ids.to(ref_dev), att.to(ref_dev), mask.to(ref_dev))
+        return lp.logps.to(ids.device).clone(), lp.avg_logps.to(ids.device).clone()
 
 
 @dataclass
@@ -376,6 +383,7 @@ def sample_and_kl(policy: Any, ref: Any, tokenizer: Any, prompts: list[Prompt], 
     on the policy's answers: per answer Σ_t k(log π − log π_ref) over its tokens (k1 and k3),
     averaged over answers (``kl/k1``, ``kl/k3``), plus length and diversity of the policy's answers."""
     from heed.models.lm import sequence_logprobs
+    from heed.models.lora import adapter_disabled
     from heed.report.diversity import diversity_metrics
     from heed.rollout.generate import SamplingParams, encode_prompts, generate
 
@@ -383,7 +391,8 @@ def sample_and_kl(policy: Any, ref: Any, tokenizer: Any, prompts: list[Prompt], 
     prompt_ids = encode_prompts(tokenizer, prompts, chat)
     texts = {}
     torch.manual_seed(seed)
-    gen_ref = generate(ref, tokenizer, prompt_ids, params, num_samples, batch_size)
+    with adapter_disabled(ref):
+        gen_ref = generate(ref, tokenizer, prompt_ids, params, num_samples, batch_size)
     texts[ref_name] = gen_ref.texts
     torch.manual_seed(seed)
     gen = generate(policy, tokenizer, prompt_ids, params, num_samples, batch_size)
@@ -396,7 +405,10 @@ def sample_and_kl(policy: Any, ref: Any, tokenizer: Any, prompts: list[Prompt], 
         att = torch.cat([gen.prompt_mask[sl], gen.completion_mask[sl]], dim=1).to(device)
         target = torch.cat([torch.zeros_like(gen.prompt_mask[sl]), gen.completion_mask[sl]], dim=1).to(device)
         lp, _ = sequence_logprobs(policy, ids, att.long(), target)
-        lp_ref, _ = sequence_logprobs(ref, ids, att.long(), target)
+        ref_dev = next(ref.parameters()).device
+        with adapter_disabled(ref):
+            lp_ref, _ = sequence_logprobs(ref, ids.to(ref_dev), att.long().to(ref_dev), target.to(ref_dev))
+        lp_ref = lp_ref.to(device)
         kl1.append(masked_sum(kl_estimate(lp, lp_ref, "k1"), target, dim=-1))
         kl3.append(masked_sum(kl_estimate(lp, lp_ref, "k3"), target, dim=-1))
     metrics = {
@@ -443,13 +455,12 @@ def load_preference_data(cfg: DPOConfig) -> tuple[list[PreferencePair], list[Pre
 
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
-    from accelerate import Accelerator
-
     from heed.models.loading import load_causal_lm, load_tokenizer
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
 
-    # step 1. run folder, seed, processes
-    accelerator = Accelerator()
+    # step 1. run folder, seed, processes, mixed precision
+    accelerator = make_accelerator(cfg.model.mixed_precision)
     main = accelerator.is_main_process
     run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
     accelerator.wait_for_everyone()
@@ -465,13 +476,17 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         raise DataError(f"{cfg.data.train}: no preference pair to train on after expanding groups "
                         f"(pairs: {cfg.data.pairs}; {train_counts.ties_skipped} tied pairs skipped)")
 
-    # step 3. policy (a checkpoint's weights when resuming) and tokenizer
+    # step 3. policy (a checkpoint's weights when resuming; with LoRA, the base model plus a new
+    # adapter or the checkpoint's adapter) and tokenizer
     ref_path = cfg.ref_model or cfg.model.path
     assert cfg.model.path is not None and ref_path is not None
+    lora = cfg.model.lora
     tokenizer = load_tokenizer(ckpt or cfg.model.tokenizer or cfg.model.path)
-    model = load_causal_lm(ckpt or cfg.model.path, dtype=cfg.model.dtype)
+    model = load_causal_lm(cfg.model.path if lora else (ckpt or cfg.model.path), dtype=cfg.model.dtype)
+    if lora is not None:
+        model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     model.to(device)
     pad_id = tokenizer.pad_token_id
     chat = use_chat(tokenizer, cfg.data.chat)
@@ -492,7 +507,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     needs_ref = cfg.loss.type != "simpo"
 
     def load_ref() -> Any:
-        ref = load_causal_lm(ref_path, dtype=cfg.model.dtype).to(device)
+        if lora is not None and cfg.ref_model is None:
+            return accelerator.unwrap_model(model)  # the base under the adapter: no second copy of the weights
+        ref = load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else device)
         ref.eval().requires_grad_(False)
         return ref
 
@@ -566,7 +583,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
                     [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id))
                 sync = start + micro >= len(mine)
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx:
+                with ctx, accelerator.autocast():
                     policy = pair_logps(model, ids, att, mask)
                     ref_sum, ref_avg = _reference(idx, ref_tables.get("train"), ref_model, ids, att, mask, cfg.loss)
                     losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)

@@ -36,6 +36,7 @@ from heed.train.common import (
     check_finite,
     latest_checkpoint,
     load_trainer_state,
+    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
@@ -232,12 +233,11 @@ def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[A
 
 def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     """Train a reward model; returns the final summary (also written to ``summary.json``)."""
-    from accelerate import Accelerator
-
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing
     from heed.models.reward import STATS_FILE, FrozenFeatures, use_chat_for
 
-    # step 1. run folder, seed, processes
-    accelerator = Accelerator()
+    # step 1. run folder, seed, processes, mixed precision
+    accelerator = make_accelerator(cfg.model.mixed_precision)
     main = accelerator.is_main_process
     run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
     accelerator.wait_for_everyone()
@@ -252,8 +252,12 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     if not cfg.data.eval:
         train_groups, eval_groups = split_by_prompt(train_groups, cfg.data.eval_split, cfg.train.seed)
 
-    # step 3. model and tokenizer (a checkpoint's weights when resuming); rendering settings travel in its config
-    model, tokenizer, backbone = build_model_and_tokenizer(cfg, str(ckpt) if ckpt is not None else None)
+    # step 3. model and tokenizer (a checkpoint's weights when resuming; with LoRA, the backbone plus a new
+    # adapter or the checkpoint's, the score head training in full); rendering settings travel in its config
+    lora = cfg.model.lora
+    model, tokenizer, backbone = build_model_and_tokenizer(cfg, str(ckpt) if ckpt is not None and lora is None else None)
+    if lora is not None:
+        model = apply_lora(model, lora, task="seq_cls", adapter=ckpt)
     chat = use_chat_for(tokenizer, cfg.data.chat)
     model.config.heed_chat = chat
     model.config.heed_backbone = backbone
@@ -262,7 +266,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     if frozen is not None:
         frozen.freeze()
     elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id
 
     # step 4. tokenize every response; truncate with one warning that counts
@@ -328,7 +332,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
             for ci, chunk in enumerate(chunks):
                 sync = ci == len(chunks) - 1
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx:
+                with ctx, accelerator.autocast():
                     b = stack_groups(chunk, train_fn(chunk))  # (G, K) from one forward of all K·G responses
                     group_loss, stats = ranking_loss(b["rewards"], b["ranks"], b["mask"], b["margins"],
                                                      b["weights"], cfg.train.centering_coef)  # (G,)
@@ -385,7 +389,11 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                         "count": int(stats_rewards.numel()), "split": stats_split}
         from heed.models.loading import save_pretrained
 
-        save_pretrained(unwrapped, tokenizer, run / "final")
+        if lora is not None:  # the adapter beside final/, which holds the merged plain reward model
+            save_pretrained(unwrapped, tokenizer, run / "adapter")
+            save_pretrained(unwrapped.merge_and_unload(), tokenizer, run / "final")
+        else:
+            save_pretrained(unwrapped, tokenizer, run / "final")
         write_json(run / "final" / STATS_FILE, reward_stats)
         summary.update(ev)
         summary.update({

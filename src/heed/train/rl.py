@@ -36,13 +36,14 @@ from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
 from heed.rewards.combine import RewardSet, build_rewards
 from heed.rollout.batch import Rollout, length_sorted_chunks, rollout_from_generation, scatter_response
-from heed.rollout.engine import Engine, make_engine
+from heed.rollout.engine import Engine, check_vllm, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import policy_forward
 from heed.train.common import (
     check_finite,
     latest_checkpoint,
     load_trainer_state,
+    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
@@ -170,12 +171,24 @@ def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, r
         elif critic is not None:
             vals.append((rows, part.response(critic(ids, att, tgt))))
         with torch.inference_mode():
-            ref_lp = part.response(policy_forward(ref_model, ids, att, tgt, temperature).logprobs)
+            ref_lp = part.response(reference_logprobs(ref_model, ids, att, tgt, temperature))
         ref.append((rows, ref_lp.clone()))  # leave inference mode
     n, width = ro.response_mask.shape
     ro.old_logprobs = scatter_response(old, n, width)
     ro.ref_logprobs = scatter_response(ref, n, width)
     ro.old_values = scatter_response(vals, n, width) if vals else None
+
+
+def reference_logprobs(ref_model: Any, ids: torch.Tensor, att: torch.Tensor, tgt: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Reference log-probs (B, T) on the inputs' device: a LoRA policy with its adapter disabled (the base
+    weights, no second copy), or a separate reference model wherever it lives (the CPU with offload_ref)."""
+    from heed.models.lora import adapter_disabled
+
+    ref_dev = next(ref_model.parameters()).device
+    with adapter_disabled(ref_model):
+        out = policy_forward(ref_model, ids.to(ref_dev), att.to(ref_dev), tgt.to(ref_dev), temperature)
+    return out.logprobs.to(ids.device)
 
 
 def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any]) -> dict[str, float]:
@@ -274,8 +287,8 @@ def evaluate_policy(
     for rows in length_sorted_chunks(ro, torch.arange(len(ro), device=dev), micro):
         part = ro.select(rows).trimmed()
         pol = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, with_entropy=True)
-        ref = policy_forward(ref_model, part.input_ids, part.attention_mask, part.target_mask)
-        lp, rlp = part.response(pol.logprobs), part.response(ref.logprobs)
+        ref = reference_logprobs(ref_model, part.input_ids, part.attention_mask, part.target_mask)
+        lp, rlp = part.response(pol.logprobs), part.response(ref)
         m = part.response_mask
         kl1.append(algos.masked_sum(algos.kl_estimate(lp, rlp, "k1"), m, dim=-1))
         kl3.append(algos.masked_sum(algos.kl_estimate(lp, rlp, "k3"), m, dim=-1))
@@ -346,13 +359,17 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
     ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
     """
-    from accelerate import Accelerator
-
     from heed.models.loading import load_causal_lm, load_tokenizer, save_pretrained
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing
     from heed.models.value import Critic, ValueHead, hidden_size
 
-    # step 0. run folder, seed, resume point
-    accelerator = Accelerator()
+    # step 0. run folder, seed, resume point, mixed precision
+    if cfg.rollout.engine == "vllm":  # before any model is loaded
+        check_vllm()
+    if cfg.model.mixed_precision == "fp16":
+        raise ConfigError("model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
+                          "in its update loop); use bf16")
+    accelerator = make_accelerator(cfg.model.mixed_precision)
     if accelerator.num_processes > 1:
         raise HeedError("heed rl runs in one process for now (the data-parallel rollout is not written yet); "
                         "start it with python/heed, not accelerate launch")
@@ -369,12 +386,18 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     policy_path = resolve_builtin(cfg.model.path or "")
     ref_path = resolve_builtin(cfg.ref_model) if cfg.ref_model else policy_path
     tokenizer = load_tokenizer(policy_path, padding_side="left")
-    model = load_causal_lm(ckpt or policy_path, dtype=cfg.model.dtype)
+    lora = cfg.model.lora
+    model = load_causal_lm(policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype)
     _no_dropout(model)
+    if lora is not None:  # a new adapter, or the checkpoint's when resuming
+        model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).to(dev).eval()
-    ref_model.requires_grad_(False)
+        enable_gradient_checkpointing(model)
+    if lora is not None and cfg.ref_model is None:
+        ref_model = model  # the base under the adapter (disabled for reference passes): no second copy
+    else:
+        ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else dev).eval()
+        ref_model.requires_grad_(False)
     value_head: ValueHead | None = None
     critic: Critic | None = None
     if algo == "ppo":
@@ -480,7 +503,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             ro = rollout_from_generation(gen, scores).to(dev)
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
-            rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro)
+            with accelerator.autocast():
+                rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro)
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = kl_ctl.value
@@ -488,8 +512,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # step 6. epochs of clipped-surrogate updates over minibatches
             model.train()
-            upd = _update(cfg, ro, model, value_head, critic, optimizer, scheduler, trainable, micro, mb_size,
-                          beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step)
+            with accelerator.autocast():
+                upd = _update(cfg, ro, model, value_head, critic, optimizer, scheduler, trainable, micro, mb_size,
+                              beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step)
 
             # step 7. log, adapt β, watch, evaluate, checkpoint
             samples_done += len(ro)

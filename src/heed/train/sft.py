@@ -27,6 +27,7 @@ from heed.train.common import (
     check_finite,
     latest_checkpoint,
     load_trainer_state,
+    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
@@ -128,10 +129,10 @@ def evaluate(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int) -> d
 
 def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT / language modelling; returns the final summary (also written to ``summary.json``)."""
-    from accelerate import Accelerator
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing
 
-    # step 1. run folder, seed, processes
-    accelerator = Accelerator()
+    # step 1. run folder, seed, processes, mixed precision
+    accelerator = make_accelerator(cfg.model.mixed_precision)
     main = accelerator.is_main_process
     run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
     accelerator.wait_for_everyone()
@@ -147,16 +148,19 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     if not cfg.data.eval:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_split, cfg.train.seed)
 
-    # step 3. model and tokenizer (a checkpoint's weights when resuming)
-    if ckpt is not None:
+    # step 3. model and tokenizer (a checkpoint's weights when resuming; with LoRA, the base model plus
+    # a new adapter or the checkpoint's adapter)
+    if ckpt is not None and cfg.model.lora is None:
         from heed.models.loading import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(ckpt)
         model = load_causal_lm(ckpt, dtype=cfg.model.dtype)
     else:
         model, tokenizer = build_model_and_tokenizer(cfg, _raw_texts(train_ex))
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg.model.lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id
 
     # step 4. tokenize; truncate (with a count) or pack
@@ -215,7 +219,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
                 mask[:, 0] = False
                 sync = ci == len(chunks) - 1
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx:
+                with ctx, accelerator.autocast():
                     nll = lm_token_losses(model, ids, att, mask)
                     loss = masked_sum(nll, mask) / global_tokens * world
                     accelerator.backward(loss)

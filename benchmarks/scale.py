@@ -1,0 +1,105 @@
+"""Scale-out benchmark: peak memory and samples/s of SFT, full fine-tuning vs LoRA (with and without
+gradient checkpointing), on the built-in micro model and a ~100M-parameter model built from
+``heed.models.tiny.SIZES['100m']``, and SFT on 1 vs 2 processes (CPU, gloo).
+
+Each configuration runs in its own process (so peak memory is its own): ru_maxrss on CPU (which
+includes the ~0.4 GiB of the Python + torch runtime, so small models show no difference),
+``torch.cuda.max_memory_allocated`` on a GPU. samples/s counts the training loop only (after
+loading). A few steps only; figures are indicative.
+
+    PYTHONPATH=src python benchmarks/scale.py                 # micro model + 1 vs 2 processes
+    PYTHONPATH=src python benchmarks/scale.py --with-100m     # also the ~100M model (minutes on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+
+
+def build_100m(out: Path, tokenizer_dir: Path) -> Path:
+    """A randomly initialised ~100M-parameter Llama-style model with the micro model's tokenizer."""
+    if (out / "config.json").exists():
+        return out
+    from heed.models.loading import load_tokenizer, save_pretrained
+    from heed.models.tiny import build_model, tiny_llama_config
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = build_model(tiny_llama_config(tok, size="100m", max_position_embeddings=256), seed=0)
+    save_pretrained(model, tok, out)
+    return out
+
+
+def sft_config(model: Path, data: Path, out: Path, steps: int, batch: int, **model_extra: object) -> Path:
+    cfg = {
+        "model": {"path": str(model), **model_extra},
+        "data": {"train": str(data), "max_length": 128, "eval_split": 0.0},
+        "train": {"batch_size": batch, "max_steps": steps, "seed": 0},
+        "optim": {"lr": 1e-4},
+        "log": {"log_every": steps, "progress": False},
+        "out": str(out),
+        "overwrite": True,
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(config: Path, processes: int = 1, threads: int = 1) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "heed", "sft", "--config", str(config)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29577",
+               "-m", "heed", "sft", "--config", str(config)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    out = Path(yaml.safe_load(config.read_text())["out"])
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--with-100m", action="store_true", help="also the ~100M-parameter model (a few steps)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from heed.demo.assets import MICRO, builtin_sft_model
+
+    micro = builtin_sft_model(MICRO)
+    data = micro.parent.parent / "data" / "chat.jsonl"
+    tmp = Path(tempfile.mkdtemp(prefix="heed-scale-"))
+    rows = []
+
+    def bench(name: str, model: Path, steps: int, batch: int, processes: int = 1, **extra: object) -> None:
+        s = run(sft_config(model, data, tmp / name.replace(" ", "_").replace(",", ""), steps, batch, **extra),
+                processes, args.threads)
+        seqs = steps * batch
+        rows.append((name, s["peak_memory_mb"], seqs / s["train_seconds"], s["tokens_per_s"]))
+        print(f"{name:34s} peak {s['peak_memory_mb']:8.0f} MiB   {seqs / s['train_seconds']:8.1f} samples/s   "
+              f"{s['tokens_per_s']:9.0f} tokens/s", flush=True)
+
+    bench("micro full", micro, args.steps, 32)
+    bench("micro lora", micro, args.steps, 32, lora=LORA)
+    bench("micro lora + checkpointing", micro, args.steps, 32, lora=LORA, gradient_checkpointing=True)
+    bench("micro full, 2 processes", micro, args.steps, 32, processes=2)
+    if args.with_100m:
+        big = build_100m(tmp / "m100", micro)
+        bench("100m full", big, 2, 8)
+        bench("100m lora", big, 2, 8, lora=LORA)
+        bench("100m lora + checkpointing", big, 2, 8, lora=LORA, gradient_checkpointing=True)
+    print("peak memory of the 2-process run is that of rank 0 (the main process)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""LoRA adapters through ``peft``: wrap a model, find its base, resume an adapter, merge for export.
+
+A LoRA layer computes ``W x + (alpha / r) · B A x`` with ``A`` (r, in) and ``B`` (out, r); ``B``
+starts at zero, so the wrapped model is exactly the base model before the first step
+(Hu et al. 2021, https://arxiv.org/abs/2106.09685). Only ``A`` and ``B`` train (plus a reward
+model's new score head). With the adapter disabled (``with model.disable_adapter():``) the same
+weights compute the base model, which DPO and RL use as their reference: no second copy.
+
+A LoRA run's ``final/`` holds the adapter (``adapter_config.json``, ``adapter_model.safetensors``)
+and the tokenizer; ``heed merge`` (:func:`merge_adapter`) writes a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+from heed.config.base import LoraConfig
+from heed.errors import ConfigError, ModelLoadError
+
+ADAPTER_CONFIG = "adapter_config.json"
+Task = Literal["causal_lm", "seq_cls"]
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """True for a folder written by a LoRA run (an adapter, not a whole model)."""
+    p = Path(path)
+    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def linear_names(model: Any) -> list[str]:
+    """Last-component names of the model's linear layers (what ``target_modules`` may name)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if name and isinstance(m, torch.nn.Linear)})
+
+
+def check_targets(model: Any, targets: list[str] | str) -> None:
+    """One-line error when a target module does not exist in ``model`` (listing the ones that do)."""
+    if targets == "all-linear":
+        return
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    if not wanted:
+        raise ConfigError("model.lora.target_modules: empty; name the linear layers to adapt (or 'all-linear')")
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    missing = [t for t in wanted if t not in names]
+    if missing:
+        raise ConfigError(
+            f"model.lora.target_modules: {', '.join(missing)} not in {type(model).__name__}; "
+            f"its linear layers are: {', '.join(linear_names(model))} (or use 'all-linear')"
+        )
+
+
+def apply_lora(model: Any, cfg: LoraConfig, task: Task = "causal_lm", adapter: str | Path | None = None) -> Any:
+    """Wrap ``model`` with LoRA adapters (a new adapter, or the trainable one saved in ``adapter``).
+
+    ``task: seq_cls`` also trains the reward model's score head in full (peft's ``modules_to_save``).
+    The base weights are frozen; the returned ``PeftModel`` saves only the adapter.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, TaskType, get_peft_model
+
+    check_targets(model, cfg.target_modules)
+    if adapter is not None and (Path(adapter) / ADAPTER_CONFIG).is_file():
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    base_path = str(getattr(model.config, "_name_or_path", "") or "")
+    if base_path and Path(base_path).is_dir():
+        base_path = str(Path(base_path).resolve())  # heed merge finds the base through this absolute path
+    peft_cfg = PeftLoraConfig(
+        base_model_name_or_path=base_path or None,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def base_of(model: Any) -> Any:
+    """The transformers model under a ``PeftModel`` (its layers carry the adapters), else ``model``."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if is_peft(model) else model
+
+
+def adapter_disabled(model: Any) -> AbstractContextManager[Any]:
+    """Context in which a LoRA model computes its base model (the reference); a no-op otherwise."""
+    model = getattr(model, "module", model)
+    return model.disable_adapter() if is_peft(model) else nullcontext()
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Gradient checkpointing that also works when the embeddings are frozen (LoRA): the
+    non-reentrant variant needs no input that requires grad."""
+    base_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_adapter_base(path: str | Path, dtype: str = "float32") -> Any:
+    """Load the base model named in an adapter folder and apply the adapter (not merged, frozen)."""
+    import json
+
+    from peft import PeftModel
+
+    from heed.models.loading import load_causal_lm
+
+    p = Path(path)
+    try:
+        base_path = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{p / ADAPTER_CONFIG}: unreadable adapter config ({exc})") from None
+    if not base_path or not Path(base_path).is_dir():
+        raise ModelLoadError(f"{p}: the adapter's base model {base_path!r} is not a local folder; "
+                             "re-run heed merge with --base DIR")
+    return PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(p))
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32") -> Path:
+    """``heed merge``: base + adapter -> a plain Hugging Face model folder (``merge_and_unload``), with the tokenizer."""
+    import json
+    import shutil
+
+    from peft import PeftModel
+
+    from heed.models.loading import load_causal_lm, load_tokenizer, save_pretrained
+
+    a = Path(adapter)
+    if not (a / ADAPTER_CONFIG).is_file():
+        raise ModelLoadError(f"{a}: no {ADAPTER_CONFIG}; --adapter must be a LoRA run's final/ (or a checkpoint)")
+    if base is not None:
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(a))
+    else:
+        model = load_adapter_base(a, dtype)
+    merged = model.merge_and_unload()
+    tok_dir = a if (a / "tokenizer_config.json").is_file() else Path(
+        base or json.loads((a / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"])
+    tokenizer = load_tokenizer(tok_dir)
+    out = save_pretrained(merged, tokenizer, out)
+    gen = a / "generation_config.json"
+    if gen.is_file() and not (out / "generation_config.json").exists():
+        shutil.copy(gen, out / "generation_config.json")
+    return out
