@@ -95,6 +95,22 @@ def sequence_logprobs(
         logprobs (B, T) and entropy (B, T) of the predictive distribution at each target, or None.
     """
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    return logprobs_from_hidden(model, hidden, input_ids, target_mask, temperature, with_entropy,
+                                chunk_size=chunk_size)
+
+
+def logprobs_from_hidden(
+    model: Any,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sequence_logprobs` from final hidden states (B, T, H) already computed (e.g. shared
+    with a value head). Entropy carries a gradient only with ``entropy_grad`` (an entropy bonus)."""
     sel = target_mask[:, 1:].bool()  # (B, T-1): hidden t-1 predicts token t
     h = hidden[:, :-1][sel]  # (N, H)
     targets = input_ids[:, 1:][sel]  # (N,)
@@ -105,12 +121,12 @@ def sequence_logprobs(
             logits = logits / temperature
         lps.append(selective_log_softmax(logits.unsqueeze(0), targets[start : start + chunk_size].unsqueeze(0))[0])
         if with_entropy:
-            with torch.no_grad():
-                ents.append(entropy_from_logits(logits.detach()))
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ents.append(entropy_from_logits(logits if entropy_grad else logits.detach()))
     logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     entropy = torch.zeros_like(logprobs) if with_entropy else None
     if lps:
         logprobs[:, 1:][sel] = torch.cat(lps).float()
-        if with_entropy:
+        if entropy is not None:
             entropy[:, 1:][sel] = torch.cat(ents).float()
     return logprobs, entropy

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from heed.algos.ops import entropy_from_logits, selective_log_softmax
-from heed.models.lm import head_logits, hidden_states
+from heed.models.lm import hidden_states, logprobs_from_hidden
 from heed.models.value import ValueHead, values_at_targets
 
 
@@ -45,23 +44,7 @@ def policy_forward(
     gradient only with ``entropy_grad`` (an entropy bonus).
     """
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    sel = target_mask[:, 1:].bool()  # (B, T-1): hidden t-1 predicts token t
-    h = hidden[:, :-1][sel]  # (N, H)
-    targets = input_ids[:, 1:][sel]  # (N,)
-    lps, ents = [], []
-    for start in range(0, h.shape[0], chunk_size):
-        logits = head_logits(model, h[start : start + chunk_size])  # (n, V)
-        if temperature != 1.0:
-            logits = logits / temperature
-        lps.append(selective_log_softmax(logits.unsqueeze(0), targets[start : start + chunk_size].unsqueeze(0))[0])
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ents.append(entropy_from_logits(logits if entropy_grad else logits.detach()))
-    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    entropy = torch.zeros_like(logprobs) if with_entropy else None
-    if lps:
-        logprobs[:, 1:][sel] = torch.cat(lps).float()
-        if entropy is not None:
-            entropy[:, 1:][sel] = torch.cat(ents).float()
+    logprobs, entropy = logprobs_from_hidden(model, hidden, input_ids, target_mask, temperature, with_entropy,
+                                             entropy_grad, chunk_size)
     values = values_at_targets(value_head, hidden, target_mask) if value_head is not None else None
     return TokenOutputs(logprobs, entropy, values)
