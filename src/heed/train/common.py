@@ -85,6 +85,23 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
                         "--num_processes no larger than the GPU count)") from None
 
 
+def start_run(cfg: HeedConfig, out: str | Path, seed: int, mixed_precision: str, resume: bool,
+              accelerator: Any = None) -> tuple[Any, Path, Path | None]:
+    """Step 1 of every trainer: the accelerator, the run folder (prepared by the main process only),
+    the seed and the checkpoint to resume from. Returns ``(accelerator, run_dir, checkpoint or None)``."""
+    import warnings
+
+    accelerator = accelerator or make_accelerator(mixed_precision)
+    main = accelerator.is_main_process
+    run = prepare_run_dir(out, cfg, resume) if main else Path(out)
+    accelerator.wait_for_everyone()
+    set_seed(seed)
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None and main:
+        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=2)
+    return accelerator, run, ckpt
+
+
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
     params = [p for p in params if p.requires_grad]

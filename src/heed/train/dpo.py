@@ -36,15 +36,12 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
     check_finite,
-    latest_checkpoint,
     load_trainer_state,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
-    prepare_run_dir,
     save_checkpoint,
-    set_seed,
+    start_run,
     write_json,
 )
 
@@ -460,14 +457,8 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
 
     # step 1. run folder, seed, processes, mixed precision
-    accelerator = make_accelerator(cfg.model.mixed_precision)
+    accelerator, run, ckpt = start_run(cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume)
     main = accelerator.is_main_process
-    run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
-    accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-    ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None and main:
-        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
     device = accelerator.device
 
     # step 2. data: validate every record, expand groups into pairs (ties skipped, counted)

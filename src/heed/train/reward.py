@@ -19,7 +19,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,15 +33,12 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
     check_finite,
-    latest_checkpoint,
     load_trainer_state,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
-    prepare_run_dir,
     save_checkpoint,
-    set_seed,
+    start_run,
     write_json,
 )
 
@@ -237,14 +233,8 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     from heed.models.reward import STATS_FILE, FrozenFeatures, use_chat_for
 
     # step 1. run folder, seed, processes, mixed precision
-    accelerator = make_accelerator(cfg.model.mixed_precision)
+    accelerator, run, ckpt = start_run(cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume)
     main = accelerator.is_main_process
-    run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
-    accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-    ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None and main:
-        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
 
     # step 2. data: read and validate every record up front; hold out prompts for eval
     train_groups = load_records(cfg.data.train, "preferences")

@@ -19,7 +19,6 @@ import json
 import math
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,14 @@ from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import policy_forward
 from heed.train.common import (
     check_finite,
-    latest_checkpoint,
     load_trainer_state,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
-    prepare_run_dir,
     save_checkpoint,
     set_seed,
+    start_run,
     write_json,
 )
 
@@ -374,11 +372,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         raise HeedError("heed rl runs in one process for now (the data-parallel rollout is not written yet); "
                         "start it with python/heed, not accelerate launch")
     t_start = time.time()
-    run = prepare_run_dir(cfg.out, cfg, resume)
-    set_seed(cfg.train.seed)
-    ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None:
-        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
+    accelerator, run, ckpt = start_run(cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator)
     dev = accelerator.device
     algo = cfg.algorithm
 

@@ -10,7 +10,6 @@ import math
 import random
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,15 +24,12 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
     check_finite,
-    latest_checkpoint,
     load_trainer_state,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
     peak_memory_mb,
-    prepare_run_dir,
     save_checkpoint,
-    set_seed,
+    start_run,
     write_json,
 )
 
@@ -132,14 +128,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
 
     # step 1. run folder, seed, processes, mixed precision
-    accelerator = make_accelerator(cfg.model.mixed_precision)
+    accelerator, run, ckpt = start_run(cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume)
     main = accelerator.is_main_process
-    run = prepare_run_dir(cfg.out, cfg, resume) if main else Path(cfg.out)
-    accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-    ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None and main:
-        warnings.warn(f"{run}: --resume given but no checkpoint found; starting from scratch", stacklevel=1)
 
     # step 2. data: read and validate every record up front
     kind = cfg.data.kind
