@@ -10,12 +10,11 @@ its utility plus Gumbel noise of scale ``noise``, and answers are ordered by sco
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any
 
-from heed.demo.preferences import count_sentences, hidden_utility
+from heed.demo.preferences import count_sentences, gumbel, hidden_utility
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class SimulatedAnnotator:
         """Dense ranks (1 = best) of ``responses`` in the order they are shown."""
         scores = []
         for pos, u in enumerate(self.utilities(responses)):
-            g = -math.log(-math.log(max(rng.random(), 1e-12))) if self.noise > 0 else 0.0
+            g = gumbel(rng) if self.noise > 0 else 0.0
             scores.append(u + (self.position_bias if pos == 0 else 0.0) + self.noise * g)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         ranks = [0] * len(scores)

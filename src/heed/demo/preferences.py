@@ -31,6 +31,12 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [distinct.index(s) + 1 for s in scores]
 
 
+def gumbel(rng: random.Random) -> float:
+    """A standard Gumbel sample, −log(−log U): adding scale·Gumbel noise to utilities and sorting
+    draws a Plackett-Luce ranking (the K-wise Bradley-Terry model)."""
+    return -math.log(-math.log(max(rng.random(), 1e-12)))
+
+
 def bradley_terry_prefers(u_a: float, u_b: float, rng: random.Random, temperature: float) -> bool:
     """Sample "a beats b" with probability σ((u_a − u_b) / temperature); temperature 0 is noise-free."""
     if temperature <= 0:
@@ -56,7 +62,7 @@ def make_ranked_groups(n: int, k: int = 4, seed: int = 0, heldout: bool = False,
                 responses.append(r)
         utils = [hidden_utility(r) for r in responses]
         if noise > 0:
-            utils = [u - noise * math.log(-math.log(rng.random() or 1e-12)) for u in utils]
+            utils = [u + noise * gumbel(rng) for u in utils]
         ranks = ranks_from_scores([round(u, 6) for u in utils])
         if len(set(ranks)) == 1:
             continue
