@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,7 +22,10 @@ def run_isolated(script: Path, name: str, args: dict[str, Any], timeout: int = 3
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory in MiB (``VmHWM``; ``ru_maxrss`` inherits the parent's)."""
+    from heed.train.common import peak_memory_mb
+
+    return peak_memory_mb()
 
 
 def matmul_peak_flops(n: int = 1536, repeats: int = 10) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -128,7 +127,9 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     out = Path(args.workdir)
     result = run_heed(args, out) if args.child == "heed" else run_trl(args, out)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from heed.train.common import peak_memory_mb
+
+    result["peak_rss_mb"] = peak_memory_mb()
     result["banana_success"] = evaluate(args, result["final"])
     print("RESULT " + json.dumps(result))
 

@@ -2,7 +2,7 @@
 gradient checkpointing), on the built-in micro model and a ~100M-parameter model built from
 ``heed.models.tiny.SIZES['100m']``, and SFT on 1 vs 2 processes (CPU, gloo).
 
-Each configuration runs in its own process (so peak memory is its own): ru_maxrss on CPU (which
+Each configuration runs in its own process (so peak memory is its own): VmHWM on CPU (which
 includes the ~0.4 GiB of the Python + torch runtime, so small models show no difference),
 ``torch.cuda.max_memory_allocated`` on a GPU. samples/s counts the training loop only (after
 loading). A few steps only; figures are indicative.

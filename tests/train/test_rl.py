@@ -70,7 +70,12 @@ def test_every_algorithm_learns(tmp_path: Path, algo: str, extra: dict[str, Any]
         assert key in rows[-1], key
     if algo == "ppo":
         assert "explained_variance" in rows[-1] and "value_loss" in rows[-1]
+        # PPO recomputes the behaviour log-probs (with its values): they match the sampler's
+        assert all(r["rollout/logprob_diff"] < 1e-3 for r in rows)
         assert (tmp_path / algo / "final" / "value_head.pt").exists()
+    else:
+        # one epoch over the whole batch with the sampler's log-probs as the old ones: ratio 1 up to float noise
+        assert all(abs(r["ratio"] - 1) < 1e-3 for r in rows) and "rollout/logprob_diff" not in rows[-1]
     assert summary["algo"] == algo and (tmp_path / algo / "final" / "config.json").exists()
     assert (tmp_path / algo / "alarms.jsonl").exists()
 

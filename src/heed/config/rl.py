@@ -74,6 +74,11 @@ class RolloutConfig(HeedConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     batch_size: int = Field(128, ge=1, description="Rows per generate call.")
+    reuse_logprobs: bool = Field(
+        True,
+        description="Use the log-probs the engine computed while sampling as the behaviour policy's (one forward "
+        "pass less per update); false recomputes them. PPO always recomputes them (with its values).",
+    )
     engine: Literal["heed", "hf", "vllm"] = Field(
         "heed", description="Generation engine: heed (lean KV-cache loop), hf (transformers generate); vllm is planned (GPU extra)."
     )

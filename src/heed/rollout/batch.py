@@ -74,13 +74,15 @@ class Rollout:
 
 
 def rollout_from_generation(gen: Generation, scores: torch.Tensor) -> Rollout:
-    """Join prompts and completions into full rows; rows whose score is NaN do not count in the loss."""
+    """Join prompts and completions into full rows; rows whose score is NaN do not count in the loss.
+    The engine's log-probs (when it reports them) become ``old_logprobs``, the behaviour policy's."""
     p = gen.prompt_ids.shape[1]
     input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)  # (N, P + C)
     attention = torch.cat([gen.prompt_mask, gen.completion_mask], dim=1)
     target = torch.cat([torch.zeros_like(gen.prompt_mask), gen.completion_mask], dim=1)
     valid = ~torch.isnan(scores)
-    return Rollout(input_ids, attention, target, gen.completion_mask & valid.unsqueeze(-1), p, scores)
+    return Rollout(input_ids, attention, target, gen.completion_mask & valid.unsqueeze(-1), p, scores,
+                   old_logprobs=gen.logprobs)
 
 
 def length_sorted_chunks(ro: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
 """The generation engine behind RL rollouts and evaluation: one small function, so another engine
 (vLLM) can slot in later without touching the training loop.
 
-An engine is a callable ``(model, tokenizer, prompt_ids, params, num_samples) -> Generation``;
+An engine is a callable ``(model, tokenizer, prompt_ids, params, num_samples, keys=None) -> Generation``
+(``keys``: one int64 per output row that fixes its random draws, where the engine supports it);
 after each update the trainer calls it with the current policy, so an engine that keeps its own
 copy of the weights must refresh them there.
 """
@@ -14,7 +15,7 @@ from typing import Any
 from heed.errors import ConfigError
 from heed.rollout.generate import Generation, SamplingParams, generate
 
-Engine = Callable[[Any, Any, list[list[int]], SamplingParams, int], Generation]
+Engine = Callable[..., Generation]
 
 
 ENGINES = ("heed", "hf")
@@ -45,8 +46,8 @@ def make_engine(name: str, batch_size: int) -> Engine:
         raise ConfigError(f"rollout.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
 
     def run(model: Any, tokenizer: Any, prompt_ids: list[list[int]], params: SamplingParams,
-            num_samples: int) -> Generation:
+            num_samples: int, keys: Any = None) -> Generation:
         return generate(model, tokenizer, prompt_ids, params, num_samples=num_samples, batch_size=batch_size,
-                        engine=name)
+                        engine=name, keys=keys)
 
     return run

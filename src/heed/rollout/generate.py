@@ -21,6 +21,8 @@ class Generation:
 
     prompt_ids: (N, P) left-padded; prompt_mask (N, P) True on real prompt tokens.
     completion_ids: (N, C) right-padded; completion_mask (N, C) True up to and including EOS.
+    logprobs: (N, C) log π(token) at the sampling temperature as the engine computed it while
+    sampling (0 on padding), or None when the engine does not report them.
     """
 
     prompt_ids: torch.Tensor
@@ -29,6 +31,7 @@ class Generation:
     completion_mask: torch.Tensor
     texts: list[str]
     finished: torch.Tensor  # (N,) True where the completion ended with EOS
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -74,12 +77,15 @@ def generate(
     num_samples: int = 1,
     batch_size: int = 64,
     engine: str = "hf",
+    keys: torch.Tensor | None = None,
 ) -> Generation:
     """Sample ``num_samples`` completions for each tokenized prompt.
 
     Prompts are sorted by length and batched (``batch_size`` rows per call), so left padding
     stays short; results come back in input order. ``engine``: ``hf`` (``model.generate``) or
     ``heed`` (:func:`heed.rollout.sampler.decode`, a lean KV-cache loop, much faster for small models).
+    ``keys`` (N,) int64, one per output row (``heed`` engine): each row's random draws are a function
+    of its key, so the answers do not depend on batching (see :func:`heed.rollout.sampler.row_keys`).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -87,6 +93,7 @@ def generate(
     rows = [p for p in prompt_ids for _ in range(num_samples)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     completions: list[list[int]] = [[] for _ in rows]
+    logps: list[list[float]] = [[] for _ in rows]
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -95,10 +102,11 @@ def generate(
         if engine == "heed":
             from heed.rollout.sampler import decode
 
-            new_rows = decode(model, ids.to(device), mask.to(device), params.max_new_tokens, stop,
-                              params.temperature, params.top_k, params.top_p, params.do_sample)
+            new_rows, new_lps = decode(model, ids.to(device), mask.to(device), params.max_new_tokens, stop,
+                                       params.temperature, params.top_k, params.top_p, params.do_sample,
+                                       keys=keys[idx] if keys is not None else None)
             for j, i in enumerate(idx):
-                completions[i] = new_rows[j]
+                completions[i], logps[i] = new_rows[j], new_lps[j]
             continue
         out = model.generate(
             input_ids=ids.to(device),
@@ -110,27 +118,35 @@ def generate(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=stop,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-        new = out[:, ids.shape[1] :].tolist()
+        new_ids = out.sequences[:, ids.shape[1] :]  # (b, steps)
+        scaled = torch.stack(out.logits, dim=1).float() / (params.temperature if params.temperature > 0 else 1.0)
+        new_lps = (scaled.gather(-1, new_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)).tolist()
+        new = new_ids.tolist()
         for j, i in enumerate(idx):
             toks = new[j]
             cut = next((t for t, tok in enumerate(toks) if tok in stop), None)
-            completions[i] = toks[: cut + 1] if cut is not None else [t for t in toks if t != pad_id]
+            n_keep = cut + 1 if cut is not None else len([t for t in toks if t != pad_id])
+            completions[i], logps[i] = toks[:n_keep], new_lps[j][:n_keep]
     model.train(was_training)
     p_ids, p_mask = _pad_left(rows, pad_id)
     width = max(1, max(len(c) for c in completions))
     c_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     c_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    c_lps = torch.zeros((len(rows), width), dtype=torch.float32)
     finished = torch.zeros(len(rows), dtype=torch.bool)
     for i, c in enumerate(completions):
         if c:
             c_ids[i, : len(c)] = torch.tensor(c)
             c_mask[i, : len(c)] = True
+            c_lps[i, : len(c)] = torch.tensor(logps[i])
             finished[i] = c[-1] in stop
     texts = tokenizer.batch_decode(
         [c[:-1] if c and c[-1] in stop else c for c in completions], skip_special_tokens=True
     )
-    return Generation(p_ids, p_mask, c_ids, c_mask, [t.strip() for t in texts], finished)
+    return Generation(p_ids, p_mask, c_ids, c_mask, [t.strip() for t in texts], finished, c_lps)
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Prompt], chat: bool, max_prompt_length: int | None = None,

@@ -6,8 +6,10 @@ rollouts need: one prefill over the left-padded prompts (logits of the last posi
 one token per step for the rows still running; rows that have produced EOS are removed from the
 KV cache once they are a quarter of the batch, so short answers stop costing compute.
 
-Sampling: logits / temperature, then top-k, then top-p (nucleus), then a categorical draw;
-``do_sample=False`` takes the argmax.
+Sampling: logits / temperature, then top-k, then top-p (nucleus), then a categorical draw by
+inverse CDF (one uniform per row and step, optionally a hash of a per-row key so the answers do not
+depend on batching); ``do_sample=False`` takes the argmax. Each token comes with its log-prob under
+the policy at that temperature, which the RL trainer uses as the behaviour policy's.
 """
 
 from __future__ import annotations
@@ -19,25 +21,120 @@ import torch
 from heed.models.lm import position_ids_from_mask
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, do_sample: bool) -> torch.Tensor:
-    """One token per row from next-token logits (B, V) -> (B,)."""
+def _buffered_cache(capacity: int) -> Any:
+    """A ``DynamicCache`` whose layers append into preallocated buffers (room for ``capacity``
+    positions) instead of re-concatenating the whole cache at every step, which is quadratic in
+    the answer length and was most of the decoding time of small models."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kbuf: torch.Tensor | None = None
+            self.vbuf: torch.Tensor | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = 0 if self.kbuf is None else self.keys.shape[-2]
+            q = key_states.shape[-2]
+            if self.kbuf is None or n + q > self.kbuf.shape[-2]:
+                b, h, _, d = key_states.shape
+                cap = max(capacity, 2 * (n + q))
+                kbuf, vbuf = key_states.new_empty(b, h, cap, d), value_states.new_empty(b, h, cap, d)
+                if n:
+                    kbuf[:, :, :n] = self.keys
+                    vbuf[:, :, :n] = self.values
+                self.kbuf, self.vbuf = kbuf, vbuf
+            assert self.vbuf is not None
+            self.kbuf[:, :, n : n + q] = key_states
+            self.vbuf[:, :, n : n + q] = value_states
+            self.keys, self.values = self.kbuf[:, :, : n + q], self.vbuf[:, :, : n + q]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.kbuf is not None and self.vbuf is not None:
+                n = self.keys.shape[-2]
+                self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+                self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = BufferedLayer  # one per decoder layer, made on its first update
+    return cache
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic): a bijective hash of 64-bit keys
+    (Steele et al., "Fast splittable pseudorandom number generators", OOPSLA 2014)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _as_int64(0xBF58476D1CE4E5B9)
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _as_int64(0x94D049BB133111EB)
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _as_int64(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def keyed_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in (0, 1) per row, a pure function of (row key, step): float64 (B,) from int64 (B,).
+
+    A row's draws therefore do not depend on which other rows share its batch (or process), so
+    sampling gives the same answers for any batch size, order or number of processes.
+    """
+    x = _mix64(keys * _as_int64(0x9E3779B97F4A7C15) + _as_int64((step + 1) * 0xD1B54A32D192ED03))
+    top53 = (x >> 11) & ((1 << 53) - 1)
+    return (top53.double() + 0.5) / float(1 << 53)
+
+
+def row_keys(seed: int, ids: list[int]) -> torch.Tensor:
+    """int64 keys for sampling rows named by integers ``ids`` under ``seed`` (hashed, so nearby ids
+    and seeds give unrelated streams)."""
+    t = torch.tensor(ids, dtype=torch.long) + _as_int64(seed * 0x632BE59BD9B4E019)
+    return _mix64(t)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, do_sample: bool,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from next-token logits (B, V) -> tokens (B,), log-probs (B,).
+
+    The log-prob is log softmax(logits / temperature) at the token, before top-k / top-p (the
+    policy's own probability, what the trainer's forward pass computes). Sampling is inverse-CDF:
+    the token is the first whose cumulative probability exceeds ``u`` ~ U(0, 1), one uniform per
+    row, either fresh (``torch.rand``) or given (``uniforms`` (B,) from :func:`keyed_uniforms`).
+    """
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
     if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    # Gumbel-max in its exponential form: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p
-    # (several times faster than torch.multinomial on CPU)
-    probs = logits.softmax(-1)
-    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+        tok = scaled.argmax(-1)
+    else:
+        masked = scaled
+        if top_k and top_k < masked.shape[-1]:
+            kth = torch.topk(masked, top_k, dim=-1).values[:, -1:]  # (B, 1)
+            masked = masked.masked_fill(masked < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(masked, descending=True, dim=-1)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the mass before it already reaches top_p (the first token always stays)
+            drop_sorted = probs.cumsum(-1) - probs >= top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            masked = masked.masked_fill(drop, float("-inf"))
+        cdf = masked.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
+        u = uniforms.to(cdf.device) if uniforms is not None else torch.rand(cdf.shape[0], dtype=torch.float64,
+                                                                             device=cdf.device)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        tok = tok.clamp_max(cdf.shape[-1] - 1)
+        # a token of probability 0 can only be hit through rounding at the very end of the CDF
+        zero = masked.gather(-1, tok.unsqueeze(-1)).squeeze(-1) == float("-inf")
+        if bool(zero.any()):
+            tok = torch.where(zero, masked.argmax(-1), tok)
+    logp = scaled.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+    return tok, logp
 
 
 @torch.no_grad()
@@ -52,27 +149,36 @@ def decode(
     top_p: float = 1.0,
     do_sample: bool = True,
     compact_at: float = 0.25,
-) -> list[list[int]]:
+    keys: torch.Tensor | None = None,
+) -> tuple[list[list[int]], list[list[float]]]:
     """Sample up to ``max_new_tokens`` tokens after each left-padded prompt row.
 
-    Shapes: ``input_ids``, ``attention_mask`` (B, P). Returns one token list per row, ending
-    with the stop token when the row stopped (no padding).
+    Shapes: ``input_ids``, ``attention_mask`` (B, P); ``keys`` (B,) int64 makes each row's draws a
+    function of its key (:func:`keyed_uniforms`). Returns one token list per row, ending with the
+    stop token when the row stopped (no padding), and the log-prob of each token (see
+    :func:`sample_next`).
     """
     device = input_ids.device
     b = input_ids.shape[0]
     attn = attention_mask.long()
     positions = position_ids_from_mask(attn)  # (B, P), skipping the left padding
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = _buffered_cache(input_ids.shape[1] + max_new_tokens)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     cache = out.past_key_values
     logits = out.logits[:, -1]  # (B, V)
     next_pos = positions[:, -1] + 1  # (B,)
     stop = torch.tensor(stop_ids, device=device)
     rows = torch.arange(b, device=device)  # original row of each running row
+    run_keys = keys
     results: list[list[int]] = [[] for _ in range(b)]
+    logps: list[list[float]] = [[] for _ in range(b)]
     for step in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, do_sample)  # (b_run,)
-        for r, t in zip(rows.tolist(), tok.tolist(), strict=True):
+        u = keyed_uniforms(run_keys, step) if run_keys is not None and do_sample else None
+        tok, lp = sample_next(logits, temperature, top_k, top_p, do_sample, u)  # (b_run,)
+        for r, t, x in zip(rows.tolist(), tok.tolist(), lp.tolist(), strict=True):
             results[r].append(t)
+            logps[r].append(x)
         done = torch.isin(tok, stop)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
@@ -80,6 +186,8 @@ def decode(
             keep = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, tok, attn, next_pos, done = rows[keep], tok[keep], attn[keep], next_pos[keep], done[keep]
+            if run_keys is not None:
+                run_keys = run_keys[keep.to(run_keys.device)]
         # a row that finished but was not dropped yet keeps running on padding; its tokens are cut below
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos.unsqueeze(-1),
@@ -92,4 +200,5 @@ def decode(
         cut = next((j for j, t in enumerate(toks) if t in stops), None)
         if cut is not None:
             results[i] = toks[: cut + 1]
-    return results
+            logps[i] = logps[i][: cut + 1]
+    return results, logps

@@ -219,9 +219,20 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB."""
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB.
+
+    On Linux the CPU figure is ``VmHWM`` from ``/proc/self/status``: unlike ``ru_maxrss``, which a
+    child started with fork + exec inherits from its parent, it counts this process's pages only.
+    """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -38,6 +38,7 @@ from heed.rollout.batch import Rollout, length_sorted_chunks, rollout_from_gener
 from heed.rollout.engine import Engine, check_vllm, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import policy_forward
+from heed.rollout.sampler import row_keys
 from heed.train.common import (
     check_finite,
     load_trainer_state,
@@ -154,27 +155,41 @@ def score_batch(rewards: RewardSet, prompts: Prompts, idx: list[int], texts: lis
 
 @torch.no_grad()
 def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, ro: Rollout, temperature: float,
-                     micro: int) -> None:
-    """Step 3: old log-probs (and values) of the policy, reference log-probs, on every answer token.
-    Rows go through in length-sorted micro-batches with their common padding cut off."""
+                     micro: int, recompute: bool) -> dict[str, float]:
+    """Step 3: reference log-probs on every answer token; the policy's (and values) too when
+    ``recompute`` or when the engine reported none (otherwise the engine's log-probs of the sampled
+    tokens are the behaviour policy's). Rows go through in length-sorted micro-batches with their
+    common padding cut off. Returns the mean |engine − recomputed| log-prob when both exist."""
+    sampled = ro.old_logprobs
+    recompute = recompute or sampled is None or value_head is not None or critic is not None
     old, ref, vals = [], [], []
     all_rows = torch.arange(len(ro), device=ro.input_ids.device)
     for rows in length_sorted_chunks(ro, all_rows, micro):
         part = ro.select(rows).trimmed()
         ids, att, tgt = part.input_ids, part.attention_mask, part.target_mask
-        out = policy_forward(model, ids, att, tgt, temperature, value_head=value_head)
-        old.append((rows, part.response(out.logprobs)))
-        if out.values is not None:
-            vals.append((rows, part.response(out.values)))
-        elif critic is not None:
-            vals.append((rows, part.response(critic(ids, att, tgt))))
+        if recompute:
+            out = policy_forward(model, ids, att, tgt, temperature, value_head=value_head)
+            old.append((rows, part.response(out.logprobs)))
+            if out.values is not None:
+                vals.append((rows, part.response(out.values)))
+            elif critic is not None:
+                vals.append((rows, part.response(critic(ids, att, tgt))))
         with torch.inference_mode():
             ref_lp = part.response(reference_logprobs(ref_model, ids, att, tgt, temperature))
         ref.append((rows, ref_lp.clone()))  # leave inference mode
     n, width = ro.response_mask.shape
-    ro.old_logprobs = scatter_response(old, n, width)
     ro.ref_logprobs = scatter_response(ref, n, width)
     ro.old_values = scatter_response(vals, n, width) if vals else None
+    stats: dict[str, float] = {}
+    if recompute:
+        ro.old_logprobs = scatter_response(old, n, width)
+        if sampled is not None:
+            diff = (sampled.to(ro.old_logprobs.device) - ro.old_logprobs).abs()
+            stats["rollout/logprob_diff"] = float(algos.masked_mean(diff, ro.response_mask))
+    else:
+        assert sampled is not None
+        ro.old_logprobs = sampled.to(ro.response_mask.device) * ro.response_mask
+    return stats
 
 
 def reference_logprobs(ref_model: Any, ids: torch.Tensor, att: torch.Tensor, tgt: torch.Tensor,
@@ -489,7 +504,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             # step 1. sample K completions per prompt
             idx = prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed)
             tg = time.time()
-            gen = engine(model, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k)
+            # each answer's random draws depend on (seed, update, prompt, sample) only, not on batching
+            keys = row_keys(cfg.train.seed, [(update << 32) + i * cfg.rollout.k + j for i in idx
+                                             for j in range(cfg.rollout.k)])
+            gen = engine(model, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k, keys=keys)
             gen_seconds += time.time() - tg
 
             # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
@@ -498,7 +516,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             with accelerator.autocast():
-                rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro)
+                lp_stats = rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro,
+                                            recompute=not cfg.rollout.reuse_logprobs)
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = kl_ctl.value
@@ -516,6 +535,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             kl_ctl.update(metrics["kl/k1"], len(ro))
             metrics.update(upd)
             metrics.update(adv_stats)
+            metrics.update(lp_stats)
             metrics["kl/beta"] = beta
             metrics["lr"] = scheduler.get_last_lr()[0]
             elapsed = time.time() - t0
