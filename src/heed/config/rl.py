@@ -85,8 +85,13 @@ class RolloutConfig(HeedConfig):
         "pass less per update); false recomputes them. PPO always recomputes them (with its values).",
     )
     engine: Literal["heed", "hf", "vllm"] = Field(
-        "heed", description="Generation engine: heed (lean KV-cache loop), hf (transformers generate); vllm is planned (GPU extra)."
+        "heed", description="Generation engine: heed (lean KV-cache loop), hf (transformers generate), vllm (in-process "
+        "vLLM; GPU and the heed[vllm] extra)."
     )
+    vllm_gpu_memory: float = Field(
+        0.3, gt=0, le=1, description="vllm engine: share of the GPU memory vLLM may take (weights + KV cache)."
+    )
+    vllm_sleep: bool = Field(True, description="vllm engine: free vLLM's weights and KV cache between rollouts.")
 
 
 class KLConfig(HeedConfig):

@@ -18,32 +18,29 @@ from heed.rollout.generate import Generation, SamplingParams, generate
 Engine = Callable[..., Generation]
 
 
-ENGINES = ("heed", "hf")
-PLANNED = ("vllm",)
+ENGINES = ("heed", "hf", "vllm")
 
 
 def check_vllm() -> None:
-    """Why ``rollout.engine: vllm`` cannot run here, as one line naming the fix (it never returns)."""
-    import importlib.util
+    """One-line errors naming the fix when ``rollout.engine: vllm`` cannot run here."""
+    from heed.rollout.vllm_engine import check_vllm as check
 
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("rollout.engine: vllm needs a CUDA GPU and none is visible; use rollout.engine: heed (or hf)")
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("rollout.engine: vllm is not installed; install the GPU extra (pip install 'heed[vllm]') "
-                          "or use rollout.engine: heed")
-    raise ConfigError("rollout.engine: the vllm engine is not implemented in this version of Heed yet "
-                      "(see docs/scale.md); use rollout.engine: heed (or hf)")
+    check()
 
 
-def make_engine(name: str, batch_size: int) -> Engine:
-    """``heed``: Heed's KV-cache sampling loop (:mod:`heed.rollout.sampler`); ``hf``: ``model.generate``.
-    Both use left padding and prompts sorted by length. ``vllm`` is planned: asking for it is a clear error."""
-    if name == "vllm":
-        check_vllm()
+def make_engine(name: str, batch_size: int, model_path: str | None = None, seed: int = 0,
+                vllm_options: dict[str, Any] | None = None) -> Engine:
+    """``heed``: Heed's KV-cache sampling loop (:mod:`heed.rollout.sampler`); ``hf``: ``model.generate``
+    (both with left padding and prompts sorted by length); ``vllm``: an in-process vLLM engine
+    started from ``model_path`` (:mod:`heed.rollout.vllm_engine`; GPU only)."""
     if name not in ENGINES:
         raise ConfigError(f"rollout.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+    if name == "vllm":
+        from heed.rollout.vllm_engine import VLLMEngine
+
+        if model_path is None:
+            raise ConfigError("rollout.engine: vllm needs the policy's model folder")
+        return VLLMEngine(model_path, seed=seed, **(vllm_options or {}))
 
     def run(model: Any, tokenizer: Any, prompt_ids: list[list[int]], params: SamplingParams,
             num_samples: int, keys: Any = None) -> Generation:

@@ -58,7 +58,7 @@ def _pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+def stop_ids(tokenizer: Any, model: Any) -> list[int]:
     ids = set()
     for src in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         if isinstance(src, int):
@@ -89,7 +89,7 @@ def generate(
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    stop = _stop_ids(tokenizer, model)
+    stop = stop_ids(tokenizer, model)
     rows = [p for p in prompt_ids for _ in range(num_samples)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     completions: list[list[int]] = [[] for _ in rows]
@@ -131,6 +131,14 @@ def generate(
             n_keep = cut + 1 if cut is not None else len([t for t in toks if t != pad_id])
             completions[i], logps[i] = toks[:n_keep], new_lps[j][:n_keep]
     model.train(was_training)
+    return build_generation(tokenizer, rows, completions, logps, stop)
+
+
+def build_generation(tokenizer: Any, rows: list[list[int]], completions: list[list[int]],
+                     logps: list[list[float]], stop: list[int]) -> Generation:
+    """A :class:`Generation` from per-row prompt ids, answer ids (cut after the first stop token)
+    and the log-prob of each answer token, as any engine returns them."""
+    pad_id = tokenizer.pad_token_id
     p_ids, p_mask = _pad_left(rows, pad_id)
     width = max(1, max(len(c) for c in completions))
     c_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -454,7 +454,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
         ptx_texts, _ = truncate([encode_text(tokenizer, r.text) for r in load_records(resolve_builtin(cfg.ptx.data), "text")],
                                 cfg.ptx.max_length)
-    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size)
+    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size, model_path=policy_path, seed=cfg.train.seed,
+                         vllm_options=_vllm_options(cfg))
 
     # step 0d. optimizer over policy (+ value head / critic), schedule, restored state
     n = cfg.batch_size
@@ -544,7 +545,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             with accelerator.autocast():
                 lp_stats = rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro,
-                                            recompute=not cfg.rollout.reuse_logprobs, group=group)
+                                            recompute=not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm",
+                                            group=group)
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = kl_ctl.value
@@ -605,6 +607,12 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     write_json(run / "summary.json", summary)
     logger.close()
     return summary
+
+
+def _vllm_options(cfg: RLConfig) -> dict[str, Any]:
+    """The vllm engine's settings from the config (ignored by the other engines)."""
+    return {"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory, "sleep": cfg.rollout.vllm_sleep,
+            "dtype": cfg.model.dtype}
 
 
 def _no_dropout(model: Any) -> None:
@@ -732,7 +740,8 @@ def evaluate_model(cfg: RLConfig, model_dir: str | Path, out: str | Path | None 
     metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
     gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
     prompts = load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg)
-    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size)
+    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size, model_path=str(model_dir), seed=cfg.train.seed,
+                         vllm_options=_vllm_options(cfg))
     result, rows = evaluate_policy(model, ref_model, tokenizer, prompts, rewards, metrics_set, gold_set, cfg, engine, 0)
     result = {"model": str(model_dir), "reference": str(ref_path), **result}
     if out is not None:
