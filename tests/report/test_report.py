@@ -203,3 +203,22 @@ def test_sparse_run_folders(tmp_path):
     text, page = parse(write_report(control))
     assert "-1,000 → -150" in text  # first logged -> last logged (the eval row)
     assert len(page.images) == 1
+
+
+def test_cards_lead_with_task_success_and_never_compare_losses_across_runs(demo_folder, tmp_path):
+    # a pretraining run beside the SFT run: both log a loss, on different data
+    base = demo_folder / "runs" / "base"
+    from heed.report.metrics import MetricsLogger
+
+    log = MetricsLogger(base)
+    log.log(0, {"loss": 5.0, "perplexity": 150.0}, split="eval")
+    log.log(100, {"loss": 1.2, "perplexity": 3.3}, split="eval")
+    sft = MetricsLogger(demo_folder / "runs" / "sft")
+    sft.log(100, {"loss": 0.8}, split="eval")
+    text, _ = parse(write_report(demo_folder, tmp_path / "r.html"))
+    # the tuned policies' first card is their task success (SFT 0.2 -> grpo 0.9), gold second
+    assert text.index("GRPO · eval/success") < text.index("GRPO · gold/positivity")
+    assert "0.2 → 0.9" in text
+    # the base run's loss reads first -> last logged, not "vs sft" (whose summary has a loss too)
+    card = text[text.index("BASE · loss"):]
+    assert "5 → 1.2" in card[:60] and "first → last logged" in card[:150] and "vs sft" not in card[:150]

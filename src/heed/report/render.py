@@ -137,10 +137,13 @@ def _color(runs: Sequence[Run]) -> dict[str, str]:
 
 
 def _headline_keys(run: Run) -> list[str]:
+    """A run's headline metrics: its task success rates, then its gold metrics (two at most); else
+    its first held-out metric, else its training metric."""
     keys = run.metric_keys()
+    success = sorted(k for k in keys if k.startswith("eval/") and "success" in k)
     golds = sorted(k for k in keys if k.startswith("gold/"))
-    if golds:
-        return golds[:2]
+    if success or golds:
+        return (success + golds)[:2]
     evals = sorted(k for k in keys if k.startswith("eval/") or "success" in k)
     if evals:
         return evals[:1]
@@ -161,7 +164,8 @@ def _cards(coll: Collection) -> str:
             after = run.final(key)
             if key == "rm/accuracy":
                 before, vs = None, ""
-            elif base is not None and run is not base and base.final(key) is not None:
+            elif (base is not None and run is not base and base.final(key) is not None
+                  and not _match(key, ("*loss*", "*perplexity*"))):  # losses of different runs use different data
                 before, vs = base.final(key), f"vs {base.name}"
             else:
                 before, vs = run.first(key), "first → last logged"
@@ -620,7 +624,7 @@ td.best { font-weight: 700; }
 .card.warn { border-left-color: #e69f00; }
 .card .alarm { color: var(--bad); font-weight: 600; }
 .card-title { font-size: 12px; text-transform: none; color: var(--muted); font-weight: 600; letter-spacing: .02em; }
-.card-big { font-size: 24px; font-weight: 700; margin: 4px 0 2px; white-space: nowrap; }
+.card-big { font-size: 24px; font-weight: 700; margin: 4px 0 2px; overflow-wrap: anywhere; }
 .card-sub { font-size: 12px; color: var(--muted); }
 .delta { font-weight: 700; font-size: 12px; }
 .delta.up { color: var(--good); } .delta.down { color: var(--bad); } .delta.flat { color: var(--muted); }
