@@ -213,3 +213,29 @@ def test_rl_prompts_must_split_over_processes(two_processes: None, tmp_path: Pat
     res = _launch(["-m", "heed", "rl", "--config", str(cfg)], debug=False)
     assert res.returncode != 0
     assert "error: rollout.prompts_per_step: 3 prompts per update do not split evenly over 2 processes" in res.stderr
+
+
+def test_rl_two_processes_resume(two_processes: None, tmp_path: Path, micro_sft_model: Path,
+                                 corpus_files: dict) -> None:
+    """A 2-process run resumed from its checkpoint (on 2 processes) finishes like the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cfg = _rl_config(tmp_path, micro_sft_model, corpus_files["prompts_train"], run, algorithm="reinforce",
+                     **{"log.save_every": 2})
+    res = _launch(["-m", "heed", "rl", "--config", str(cfg)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "checkpoints" / "step-2").is_dir()
+    w_full = load_file(run / "final" / "model.safetensors")
+    last_full = (run / "metrics.jsonl").read_text().splitlines()[-1]
+    # as if killed after the checkpoint of update 2: no final model, no summary
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    res = _launch(["-m", "heed", "rl", "--config", str(cfg), "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    w_resumed = load_file(run / "final" / "model.safetensors")
+    assert max(float((w_full[k] - w_resumed[k]).abs().max()) for k in w_full) < 1e-5
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]  # step 3 logged once, again
+    a, b = json.loads(last_full), json.loads(rows[-1])
+    assert abs(a["reward/mean"] - b["reward/mean"]) < 1e-5 and abs(a["baseline"] - b["baseline"]) < 1e-5
