@@ -9,8 +9,11 @@ moving-average baseline, :mod:`heed.algos.advantages`), (6) epochs of clipped-su
 over minibatches (:func:`heed.algos.policy_loss`, :func:`heed.algos.value_loss`), (7) log, watch,
 evaluate and checkpoint.
 
-Statistics over the whole rollout batch (whitening, the REINFORCE baseline, logged means) are taken
-in :func:`batch_statistics` and step 5 only, the places a data-parallel version must gather.
+On N processes (torchrun / accelerate launch) each generates and scores its share of whole prompts;
+statistics over the whole rollout batch (whitening, the REINFORCE baseline, logged figures) are
+taken over every process's answers in step 5 and :func:`batch_statistics` (:mod:`heed.train.collective`),
+and the update's micro-batch losses are weighted so that DDP's averaged gradient is the one-process
+gradient of the same global minibatch (:func:`_update`).
 """
 
 from __future__ import annotations
