@@ -175,3 +175,19 @@ def test_cli_rl_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exc:
         main(["rl", "--config", str(cfg), "--out", str(tmp_path / "run")])  # folder holds a run: refuse
     assert exc.value.code == 2
+
+
+def test_shared_prompt_and_engine_logprobs_change_nothing_but_speed(tmp_path: Path) -> None:
+    """The fast paths (prompt run once per group, the sampler's log-probs as the old ones) against the
+    plain ones (row-by-row forwards, recomputed log-probs): the same first update up to float noise.
+    Sampling is keyed per answer, so both runs draw the same answers."""
+    common = {"train.updates": 2, "rollout.prompts_per_step": 4, "algorithm": "rloo"}
+    fast = _cfg(tmp_path / "fast", **common)
+    plain = _cfg(tmp_path / "plain", **common, **{"rollout.share_prompt": False, "rollout.reuse_logprobs": False})
+    train_rl(fast)
+    train_rl(plain)
+    a, b = _train_rows(tmp_path / "fast")[0], _train_rows(tmp_path / "plain")[0]
+    assert a["reward/mean"] == b["reward/mean"] and a["length/mean"] == b["length/mean"]
+    for key in ("kl/k1", "loss", "policy_loss", "entropy", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-4), key
+    assert b["rollout/logprob_diff"] < 1e-4

@@ -74,6 +74,11 @@ class RolloutConfig(HeedConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     batch_size: int = Field(128, ge=1, description="Rows per generate call.")
+    share_prompt: bool = Field(
+        True,
+        description="In the log-prob and training passes run each prompt once for its k answers (one packed "
+        "sequence per group; needs sdpa or eager attention, else off).",
+    )
     reuse_logprobs: bool = Field(
         True,
         description="Use the log-probs the engine computed while sampling as the behaviour policy's (one forward "

@@ -37,8 +37,10 @@ def trunk(model: Any) -> Any:
     return body
 
 
-def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, H), positions computed from the attention mask.
+def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states (B, T, H), positions computed from a (B, T) attention mask unless given
+    (``position_ids`` (B, T) with a custom (B, 1, T, T) ``attention_mask``).
 
     Under a data-parallel wrapper (DDP; DeepSpeed and FSDP likewise, untested here) the forward must go
     through the wrapper, which is what synchronises gradients (or gathers sharded weights): the whole model runs with ``logits_to_keep=1`` (one logit per row) and
@@ -46,15 +48,16 @@ def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     """
     wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "module") or (
         type(model).__name__.startswith("FSDP"))  # DDP, DeepSpeed's engine, FSDP2's fully_shard class
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     if wrapped:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         return out.hidden_states[-1]
     out = trunk(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids,
         use_cache=False,
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

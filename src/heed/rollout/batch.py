@@ -93,6 +93,17 @@ def length_sorted_chunks(ro: Rollout, idx: torch.Tensor, size: int) -> list[torc
     return [order[s : s + size] for s in range(0, len(order), size)]
 
 
+def group_chunks(ro: Rollout, groups: torch.Tensor, k: int, size: int) -> list[torch.Tensor]:
+    """Split prompt groups ``groups`` (group g is rows g·k … g·k + k − 1) into chunks of whole groups,
+    about ``size`` rows each (at least one group), longest groups first; returns row indices."""
+    members = torch.arange(k, device=groups.device)
+    rows = groups.unsqueeze(-1) * k + members  # (G', k)
+    tokens = ro.attention_mask[rows.flatten()].sum(-1).view(-1, k).sum(-1)  # (G',)
+    order = groups[torch.argsort(tokens, descending=True, stable=True)]
+    per = max(1, size // k)
+    return [(order[s : s + per].unsqueeze(-1) * k + members).flatten() for s in range(0, len(order), per)]
+
+
 def scatter_response(parts: list[tuple[torch.Tensor, torch.Tensor]], n: int, width: int) -> torch.Tensor:
     """Reassemble (rows, (n_i, C_i) values) chunks into one (N, C) tensor, zero-padded on the right."""
     dev = parts[0][1].device

@@ -38,10 +38,16 @@ from heed.report.metrics import MetricsLogger, read_metrics
 from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
 from heed.rewards.combine import RewardBatch, RewardSet, build_rewards
-from heed.rollout.batch import Rollout, length_sorted_chunks, rollout_from_generation, scatter_response
+from heed.rollout.batch import (
+    Rollout,
+    group_chunks,
+    length_sorted_chunks,
+    rollout_from_generation,
+    scatter_response,
+)
 from heed.rollout.engine import Engine, check_vllm, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
-from heed.rollout.logprobs import policy_forward
+from heed.rollout.logprobs import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.rollout.sampler import row_keys
 from heed.train.collective import Collective, global_mean, global_whiten
 from heed.train.common import (
@@ -188,29 +194,47 @@ def score_batch(rewards: RewardSet, prompts: Prompts, idx: list[int], texts: lis
     return total, scored
 
 
+def micro_batches(ro: Rollout, rows: torch.Tensor, micro: int, group: int) -> list[torch.Tensor]:
+    """Row indices of the micro-batches over ``rows``: whole groups of ``group`` answers for the
+    shared-prompt forward (``group`` > 0; ``rows`` then holds whole groups), else rows of similar length."""
+    if group:
+        return group_chunks(ro, rows[::group] // group, group, micro)
+    return length_sorted_chunks(ro, rows, micro)
+
+
+def forward_part(model: Any, part: Rollout, temperature: float, group: int, **kw: Any) -> TokenOutputs:
+    """The policy forward over a micro-batch: each prompt once per group of ``group`` answers
+    (:func:`shared_prompt_forward`) when ``group`` > 0, else row by row."""
+    if group:
+        return shared_prompt_forward(model, part.input_ids, part.attention_mask, part.target_mask, part.prompt_width,
+                                     group, temperature, **kw)
+    return policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, temperature, **kw)
+
+
 @torch.no_grad()
 def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, ro: Rollout, temperature: float,
-                     micro: int, recompute: bool) -> dict[str, float]:
+                     micro: int, recompute: bool, group: int = 0) -> dict[str, float]:
     """Step 3: reference log-probs on every answer token; the policy's (and values) too when
     ``recompute`` or when the engine reported none (otherwise the engine's log-probs of the sampled
-    tokens are the behaviour policy's). Rows go through in length-sorted micro-batches with their
-    common padding cut off. Returns the mean |engine − recomputed| log-prob when both exist."""
+    tokens are the behaviour policy's). Micro-batches of whole groups with the prompt shared
+    (``group`` > 0) or of rows of similar length, their common padding cut off. Returns the mean
+    |engine − recomputed| log-prob when both exist."""
     sampled = ro.old_logprobs
     recompute = recompute or sampled is None or value_head is not None or critic is not None
     old, ref, vals = [], [], []
     all_rows = torch.arange(len(ro), device=ro.input_ids.device)
-    for rows in length_sorted_chunks(ro, all_rows, micro):
+    for rows in micro_batches(ro, all_rows, micro, group):
         part = ro.select(rows).trimmed()
         ids, att, tgt = part.input_ids, part.attention_mask, part.target_mask
         if recompute:
-            out = policy_forward(model, ids, att, tgt, temperature, value_head=value_head)
+            out = forward_part(model, part, temperature, group, value_head=value_head)
             old.append((rows, part.response(out.logprobs)))
             if out.values is not None:
                 vals.append((rows, part.response(out.values)))
             elif critic is not None:
                 vals.append((rows, part.response(critic(ids, att, tgt))))
         with torch.inference_mode():
-            ref_lp = part.response(reference_logprobs(ref_model, ids, att, tgt, temperature))
+            ref_lp = part.response(reference_logprobs(ref_model, part, temperature, group))
         ref.append((rows, ref_lp.clone()))  # leave inference mode
     n, width = ro.response_mask.shape
     ro.ref_logprobs = scatter_response(ref, n, width)
@@ -227,16 +251,15 @@ def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, r
     return stats
 
 
-def reference_logprobs(ref_model: Any, ids: torch.Tensor, att: torch.Tensor, tgt: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
-    """Reference log-probs (B, T) on the inputs' device: a LoRA policy with its adapter disabled (the base
+def reference_logprobs(ref_model: Any, part: Rollout, temperature: float = 1.0, group: int = 0) -> torch.Tensor:
+    """Reference log-probs (B, T) on the rows' device: a LoRA policy with its adapter disabled (the base
     weights, no second copy), or a separate reference model wherever it lives (the CPU with offload_ref)."""
     from heed.models.lora import adapter_disabled
 
     ref_dev = next(ref_model.parameters()).device
     with adapter_disabled(ref_model):
-        out = policy_forward(ref_model, ids.to(ref_dev), att.to(ref_dev), tgt.to(ref_dev), temperature)
-    return out.logprobs.to(ids.device)
+        out = forward_part(ref_model, part.to(ref_dev), temperature, group)
+    return out.logprobs.to(part.input_ids.device)
 
 
 def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any],
@@ -345,7 +368,7 @@ def evaluate_policy(
     for rows in length_sorted_chunks(ro, torch.arange(len(ro), device=dev), micro):
         part = ro.select(rows).trimmed()
         pol = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, with_entropy=True)
-        ref = reference_logprobs(ref_model, part.input_ids, part.attention_mask, part.target_mask)
+        ref = reference_logprobs(ref_model, part)
         lp, rlp = part.response(pol.logprobs), part.response(ref)
         m = part.response_mask
         kl1.append(algos.masked_sum(algos.kl_estimate(lp, rlp, "k1"), m, dim=-1))
@@ -508,6 +531,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     steps_per_update = cfg.ppo.epochs * (n // mb_size)
     mb_size //= coll.world
     micro = min(cfg.ppo.micro_batch_size, mb_size)
+    k = cfg.rollout.k
+    share = (cfg.rollout.share_prompt and k > 1 and mb_size % k == 0 and can_share_prompt(model)
+             and can_share_prompt(ref_model))
+    group = k if share else 0  # micro-batches of whole groups, each prompt run once for its k answers
     total_steps = cfg.train.updates * steps_per_update
     model.to(dev)
     value_params = list(value_head.parameters()) if value_head is not None else (
@@ -601,7 +628,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             with accelerator.autocast():
                 lp_stats = rollout_logprobs(policy, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro,
-                                            recompute=not cfg.rollout.reuse_logprobs)
+                                            recompute=not cfg.rollout.reuse_logprobs, group=group)
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = kl_ctl.value
@@ -611,7 +638,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             model.train()
             with accelerator.autocast():
                 upd = _update(cfg, ro, model, value_head, critic, optimizer, scheduler, trainable, micro, mb_size,
-                              beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step,
+                              beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step, group,
                               accelerator, coll)
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
@@ -695,8 +722,10 @@ def _save(run: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, sche
 
 def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any, optimizer: Any, scheduler: Any,
             trainable: list[torch.nn.Parameter], micro: int, mb_size: int, beta_loss: float, ptx_texts: list[Any],
-            pad_id: int, step: int, accelerator: Any = None, coll: Collective | None = None) -> dict[str, float]:
-    """Step 6: ``ppo.epochs`` passes over the rollout in shuffled minibatches; one optimizer step each.
+            pad_id: int, step: int, group: int = 0, accelerator: Any = None,
+            coll: Collective | None = None) -> dict[str, float]:
+    """Step 6: ``ppo.epochs`` passes over the rollout in shuffled minibatches (of whole groups when
+    ``group`` > 0: the shared-prompt forward); one optimizer step each.
 
     On several processes ``ro`` and ``mb_size`` are this process's share. Each micro-batch's loss is
     weighted by its share of the *global* minibatch's tokens (token_mean) or answers (sequence means),
@@ -716,13 +745,15 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
         sums.setdefault(key, []).append(float(value))
 
     ptx_rng = random.Random(cfg.train.seed * 31 + step)
+    g = group or 1  # minibatches of whole groups when the prompt is shared
     for _epoch in range(p.epochs):
-        perm = torch.randperm(n, generator=gen).to(dev)
+        perm = torch.randperm(n // g, generator=gen).to(dev)
+        perm = (perm.unsqueeze(-1) * g + torch.arange(g, device=dev)).flatten()
         for ms in range(0, n, mb_size):
             mb_idx = perm[ms : ms + mb_size]
             full_count = float(coll.sum(_count(ro.response_mask[mb_idx], mode)))  # of the global minibatch
             loss_total = 0.0
-            chunks = length_sorted_chunks(ro, mb_idx, micro)
+            chunks = micro_batches(ro, mb_idx, micro, group)
             no_sync = contextlib.ExitStack()  # DDP: accumulate locally until the minibatch's last backward
             if coll.world > 1:
                 no_sync.enter_context(accelerator.no_sync(model))
@@ -734,9 +765,8 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
                 w = float(_count(mask, mode)) / max(full_count, 1.0)
                 if w == 0 and coll.world == 1:  # (every process runs as many backwards as the others)
                     continue
-                out = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask,
-                                     cfg.rollout.temperature, value_head=value_head, with_entropy=True,
-                                     entropy_grad=p.entropy_coef > 0)
+                out = forward_part(model, part, cfg.rollout.temperature, group, value_head=value_head,
+                                   with_entropy=True, entropy_grad=p.entropy_coef > 0)
                 logprobs = part.response(out.logprobs)
                 pg_tok, pstats = algos.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, p.clip_eps,
                                                    p.clip_eps_high)
