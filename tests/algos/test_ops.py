@@ -122,6 +122,15 @@ def test_whiten_hand_values():
     close(whiten(x, mask, shift_mean=False), [3.0, 4.0, 5.0, 0.0])
 
 
+def test_whiten_with_given_statistics():
+    # a data-parallel trainer passes the global batch's mean 2 and variance 16 (std 4):
+    # (x - 2) / 4 = 0, 0.5, 1 on the valid entries, whatever this shard's own statistics are
+    x = T([2.0, 4.0, 6.0, 1000.0])
+    mask = T([True, True, True, False])
+    close(whiten(x, mask, eps=0.0, mean=T(2.0), var=T(16.0)), [0.0, 0.5, 1.0, 0.0])
+    close(whiten(x, mask, shift_mean=False, eps=0.0, mean=T(2.0), var=T(16.0)), [2.0, 2.5, 3.0, 0.0])
+
+
 def test_whiten_single_valid_element_and_constant_input_give_zero():
     # one valid value: x - mean = 0 and var = 0 -> 0 * rsqrt(eps) = 0 (no NaN, no blow-up)
     close(whiten(T([5.0, 7.0]), T([True, False])), [0.0, 0.0])

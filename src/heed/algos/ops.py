@@ -83,18 +83,21 @@ def _unsqueeze_dims(t: Tensor, dims: tuple[int, ...], ndim: int) -> Tensor:
     return t
 
 
-def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
     """Normalise the valid entries of ``x`` to mean 0 and (unbiased) std 1.
 
     out = (x − mean) / sqrt(var + eps) over entries where ``mask`` is True; with
     ``shift_mean=False`` the mean is added back (only the scale changes). Invalid
     entries are returned as 0. Statistics are over the whole tensor (the batch),
-    as advantage whitening in PPO implementations does.
+    as advantage whitening in PPO implementations does, unless ``mean`` and ``var``
+    (scalars) are given: a data-parallel trainer passes those of the global batch.
     Shapes: ``x`` (...), ``mask`` broadcastable to ``x``; result like ``x``.
     """
     m = _bool_mask(x, mask)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=True)
+    if mean is None or var is None:
+        mean = masked_mean(x, m)
+        var = masked_var(x, m, unbiased=True)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -9,12 +9,16 @@ moving-average baseline, :mod:`heed.algos.advantages`), (6) epochs of clipped-su
 over minibatches (:func:`heed.algos.policy_loss`, :func:`heed.algos.value_loss`), (7) log, watch,
 evaluate and checkpoint.
 
-Statistics over the whole rollout batch (whitening, the REINFORCE baseline, logged means) are taken
-in :func:`batch_statistics` and step 5 only, the places a data-parallel version must gather.
+On N processes (torchrun / accelerate launch) each generates and scores its share of whole prompts;
+statistics over the whole rollout batch (whitening, the REINFORCE baseline, logged figures) are
+taken over every process's answers in step 5 and :func:`batch_statistics` (:mod:`heed.train.collective`),
+and the update's micro-batch losses are weighted so that DDP's averaged gradient is the one-process
+gradient of the same global minibatch (:func:`_update`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -28,12 +32,12 @@ import torch
 from heed import algos
 from heed.config.rl import RLConfig
 from heed.data.records import PromptExample, load_records, prompt_text
-from heed.errors import ConfigError, HeedError
+from heed.errors import ConfigError
 from heed.report.diversity import diversity_metrics
 from heed.report.metrics import MetricsLogger, read_metrics
 from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
-from heed.rewards.combine import RewardSet, build_rewards
+from heed.rewards.combine import RewardBatch, RewardSet, build_rewards
 from heed.rollout.batch import (
     Rollout,
     group_chunks,
@@ -45,6 +49,7 @@ from heed.rollout.engine import Engine, check_vllm, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.rollout.sampler import row_keys
+from heed.train.collective import Collective, global_mean, global_whiten
 from heed.train.common import (
     check_finite,
     load_trainer_state,
@@ -134,6 +139,36 @@ def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[in
         random.Random(seed * 100003 + epoch).shuffle(order)
         out.append(order[i])
     return out
+
+
+def check_processes(cfg: RLConfig, world: int) -> None:
+    """On ``world`` processes each takes whole prompts (an RLOO/GRPO group never straddles two) and an
+    equal share of every minibatch; say which setting does not divide when one does not."""
+    if world == 1:
+        return
+    if cfg.rollout.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts per update do not "
+                          f"split evenly over {world} processes; use a multiple of {world}")
+    mb = cfg.ppo.minibatch_size
+    if mb is not None and mb % world:
+        raise ConfigError(f"ppo.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
+                          f"processes; use a multiple of {world}")
+
+
+def process_share(idx: list[int], coll: Collective) -> list[int]:
+    """This process's consecutive slice of an update's prompts (all of them on one process), so the
+    processes' answers, concatenated in rank order, are the one-process batch in its order."""
+    share = len(idx) // coll.world
+    return idx[coll.rank * share : (coll.rank + 1) * share]
+
+
+def _mean_over_processes(stats: dict[str, float], coll: Collective) -> dict[str, float]:
+    """The mean over processes of per-process figures (every process has the same keys)."""
+    if coll.world == 1 or not stats:
+        return stats
+    keys = sorted(stats)
+    total = coll.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
+    return {k: float(v) / coll.world for k, v in zip(keys, total, strict=True)}
 
 
 def _sampling(cfg: RLConfig, eval_mode: bool = False) -> SamplingParams:
@@ -227,8 +262,14 @@ def reference_logprobs(ref_model: Any, part: Rollout, temperature: float = 1.0, 
     return out.logprobs.to(part.input_ids.device)
 
 
-def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any]) -> dict[str, float]:
-    """Steps 4-5: KL-penalised token rewards, then the algorithm's advantages (and PPO's returns)."""
+def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any],
+                       coll: Collective | None = None) -> dict[str, float]:
+    """Steps 4-5: KL-penalised token rewards, then the algorithm's advantages (and PPO's returns).
+
+    On several processes ``ro`` is this process's share (whole RLOO/GRPO groups, so their advantages
+    are exact locally); whitening, the REINFORCE baseline and the logged means use the statistics of
+    the global batch (:mod:`heed.train.collective`)."""
+    coll = coll or Collective()
     mask = ro.response_mask
     valid = ~torch.isnan(ro.scores)
     scores = torch.nan_to_num(ro.scores, nan=0.0)
@@ -241,13 +282,13 @@ def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: di
     if cfg.algorithm == "ppo":
         assert ro.old_values is not None
         if cfg.ppo.whiten_rewards:
-            token_rewards = algos.whiten(token_rewards, mask, shift_mean=False)
+            token_rewards = global_whiten(token_rewards, mask, coll, shift_mean=False)
         adv, returns = algos.token_gae(token_rewards, ro.old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:
-            adv = algos.whiten(adv, mask)
+            adv = global_whiten(adv, mask, coll)
         ro.advantages, ro.returns = adv, returns
-        stats["returns/mean"] = float(algos.masked_mean(returns, mask))
-        stats["values/mean"] = float(algos.masked_mean(ro.old_values, mask))
+        stats["returns/mean"] = global_mean(returns, mask, coll)
+        stats["values/mean"] = global_mean(ro.old_values, mask, coll)
         return stats
     seq_return = token_rewards.sum(-1)  # (N,) score − β·Σ_t kl_t
     seq_return = torch.where(valid, seq_return, torch.full_like(seq_return, math.nan))
@@ -256,21 +297,25 @@ def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: di
         adv = algos.rloo_advantages(seq_return, k)
     elif cfg.algorithm == "grpo":
         adv = algos.grpo_advantages(seq_return, k, scale=cfg.ppo.grpo_scale)
-    else:  # reinforce: moving-average baseline, updated after use
+    else:  # reinforce: moving-average baseline (of the global mean return), updated after use
+        n_valid = coll.sum(valid.sum().to(seq_return.dtype))
+        batch_mean = coll.sum(torch.nansum(seq_return)) / n_valid.clamp(min=1)  # NaN answers left out
         if state.get("baseline") is None:
-            state["baseline"] = float(torch.nanmean(seq_return)) if valid.any() else 0.0
+            state["baseline"] = float(batch_mean) if n_valid > 0 else 0.0
         adv = algos.reinforce_advantages(seq_return, state["baseline"])
-        state["baseline"] = float(algos.ema_update(state["baseline"], seq_return, cfg.ppo.reinforce_decay))
+        mean_or_nan = torch.where(n_valid > 0, batch_mean, torch.full_like(batch_mean, math.nan)).reshape(1)
+        state["baseline"] = float(algos.ema_update(state["baseline"], mean_or_nan, cfg.ppo.reinforce_decay))
         stats["baseline"] = state["baseline"]
     ro.advantages = adv.unsqueeze(-1)  # (N, 1): one advantage for every token of an answer
     return stats
 
 
-def _share(mask: torch.Tensor, full: torch.Tensor, mode: str) -> float:
-    """Weight of a micro-batch's aggregated loss inside its minibatch (token- or sequence-weighted)."""
+def _count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What a micro-batch's aggregated loss is weighted by inside its minibatch: its answer tokens
+    (token_mean) or its answers with at least one token (sequence means). A float64 scalar."""
     if mode == "token_mean":
-        return float(mask.sum()) / max(float(full.sum()), 1.0)
-    return float((mask.sum(-1) > 0).sum()) / max(float((full.sum(-1) > 0).sum()), 1.0)
+        return mask.sum().to(torch.float64)
+    return (mask.sum(-1) > 0).sum().to(torch.float64)
 
 
 def ptx_loss(model: Any, texts: list[Any], pad_id: int, device: Any) -> torch.Tensor:
@@ -368,22 +413,44 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
-def batch_statistics(ro: Rollout, texts: list[str], scored: Any, entropy: float | None) -> dict[str, float]:
-    """Figures of one rollout batch logged every step (reward, KL to the reference, length, diversity)."""
+def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]:
+    """Per-answer figures that step 7 averages, as plain lists (so they gather cheaply across processes):
+    score (NaN where a source gave None), per-sequence KL to the reference (k1, k3), length, text."""
     mask = ro.response_mask
-    valid = ~torch.isnan(ro.scores)
-    scores = ro.scores[valid]
     assert ro.old_logprobs is not None and ro.ref_logprobs is not None
-    lengths = ro.response_mask.sum(-1).float()
+    return {
+        "score": ro.scores.tolist(),
+        "kl1": algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1"), mask, dim=-1).tolist(),
+        "kl3": algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3"), mask, dim=-1).tolist(),
+        "length": mask.sum(-1).tolist(),
+        "text": list(texts),
+        "total": list(scored.total),
+        "per_source": {name: list(vals) for name, vals in scored.per_source.items()},
+    }
+
+
+def merge_figures(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate :func:`answer_figures` of every process (in rank order) into those of the global batch."""
+    out: dict[str, Any] = {key: [v for p in parts for v in p[key]] for key in parts[0] if key != "per_source"}
+    out["per_source"] = {name: [v for p in parts for v in p["per_source"][name]] for name in parts[0]["per_source"]}
+    return out
+
+
+def batch_statistics(fig: dict[str, Any], entropy: float | None) -> dict[str, float]:
+    """Figures of one rollout batch logged every step (reward, KL to the reference, length, diversity),
+    from :func:`answer_figures` (of the global batch on several processes)."""
+    scores_all = torch.tensor(fig["score"], dtype=torch.float32)
+    valid = ~torch.isnan(scores_all)
+    scores = scores_all[valid]
     out = {
         "reward/mean": float(scores.mean()) if len(scores) else math.nan,
         "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
         "reward/none_frac": float((~valid).float().mean()),
-        **scored.means(),
-        "kl/k1": float(algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1"), mask, dim=-1)[valid].mean()),
-        "kl/k3": float(algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3"), mask, dim=-1)[valid].mean()),
-        "length/mean": float(lengths.mean()),
-        **diversity_metrics(texts),
+        **RewardBatch(fig["total"], fig["per_source"]).means(),
+        "kl/k1": float(torch.tensor(fig["kl1"])[valid].mean()),
+        "kl/k3": float(torch.tensor(fig["kl3"])[valid].mean()),
+        "length/mean": float(torch.tensor(fig["length"], dtype=torch.float32).mean()),
+        **diversity_metrics(fig["text"]),
     }
     if entropy is not None:
         out["entropy"] = entropy
@@ -406,13 +473,13 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         raise ConfigError("model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
                           "in its update loop); use bf16")
     accelerator = make_accelerator(cfg.model.mixed_precision)
-    if accelerator.num_processes > 1:
-        raise HeedError("heed rl runs in one process for now (the data-parallel rollout is not written yet); "
-                        "start it with python/heed, not accelerate launch")
+    coll = Collective.of(accelerator)
+    check_processes(cfg, coll.world)
     t_start = time.time()
     accelerator, run, ckpt = start_run(cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator)
     dev = accelerator.device
     algo = cfg.algorithm
+    main = coll.main
 
     # step 0b. models: policy (from the checkpoint when resuming), frozen reference, critic
     policy_path = resolve_builtin(cfg.model.path or "")
@@ -457,15 +524,18 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size, model_path=policy_path, seed=cfg.train.seed,
                          vllm_options=_vllm_options(cfg))
 
-    # step 0d. optimizer over policy (+ value head / critic), schedule, restored state
+    # step 0d. optimizer over policy (+ value head / critic), schedule, restored state; on several
+    # processes each one holds prompts_per_step / world prompts and minibatch_size / world answers of
+    # every minibatch
     n = cfg.batch_size
     mb_size = cfg.ppo.minibatch_size or n
+    steps_per_update = cfg.ppo.epochs * (n // mb_size)
+    mb_size //= coll.world
     micro = min(cfg.ppo.micro_batch_size, mb_size)
     k = cfg.rollout.k
     share = (cfg.rollout.share_prompt and k > 1 and mb_size % k == 0 and can_share_prompt(model)
              and can_share_prompt(ref_model))
     group = k if share else 0  # micro-batches of whole groups, each prompt run once for its k answers
-    steps_per_update = cfg.ppo.epochs * (n // mb_size)
     total_steps = cfg.train.updates * steps_per_update
     model.to(dev)
     value_params = list(value_head.parameters()) if value_head is not None else (
@@ -478,6 +548,11 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if value_params:
         optimizer.add_param_group({"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr})
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
+    # DDP around the policy (the update's forwards go through it); generation, the reference and
+    # rollout passes, evaluation and saving use the plain model. The value head / critic stay outside
+    # DDP: their gradients are averaged by hand (Collective.average_gradients)
+    policy = model
+    model, optimizer = accelerator.prepare(model, optimizer)
     start_update = 0
     state: dict[str, Any] = {"baseline": None}
     kl_ctl: Any = (algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
@@ -492,32 +567,39 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             value_head.load_state_dict(extra["value_head"])
         if critic is not None and extra.get("critic") is not None:
             critic.load_state_dict(extra["critic"])
-    logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard)
-    if ckpt is not None:
+    coll.broadcast(value_params)  # every process starts from the main process's value head / critic
+    # only the main process writes files and watches the monitors
+    logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
+    if ckpt is not None and main:
         logger.truncate_after(start_update)
         _truncate_jsonl(run / "samples.jsonl", start_update)
         _truncate_jsonl(run / "alarms.jsonl", start_update)
         monitor = resume_monitor(read_metrics(run / "metrics.jsonl"), cfg.monitor)
     else:
         monitor = Monitor(cfg.monitor)
-    append_alarms(run, [])
+    if main:
+        append_alarms(run, [])
     trainable = [p for p in model.parameters() if p.requires_grad] + value_params
     sampling = _sampling(cfg)
 
     def run_eval(step: int, policy_name: str) -> dict[str, float]:
+        """Evaluation on the main process only (the held-out prompts are few); the others wait."""
         if eval_prompts is None:
             return {}
-        ev, rows = evaluate_policy(model, ref_model, tokenizer, eval_prompts, rewards, metrics_set, gold_set, cfg,
-                                   engine, step)
-        logger.log(step, ev, split="eval")
-        _append_samples(run, [{**r, "policy": policy_name} for r in rows])
+        ev: dict[str, float] = {}
+        if main:
+            ev, rows = evaluate_policy(policy, ref_model, tokenizer, eval_prompts, rewards, metrics_set, gold_set,
+                                       cfg, engine, step)
+            logger.log(step, ev, split="eval")
+            _append_samples(run, [{**r, "policy": policy_name} for r in rows])
+        accelerator.wait_for_everyone()
         return ev
 
     summary: dict[str, Any] = {"algo": algo}
     if cfg.eval.at_start and start_update == 0:
         start_eval = run_eval(0, cfg.eval.initial_policy_name)
         summary.update({f"start/{k}": v for k, v in start_eval.items()})
-    elif start_update > 0:  # resumed: the evaluation before training is in the log already
+    elif start_update > 0 and main:  # resumed: the evaluation before training is in the log already
         for row in read_metrics(run / "metrics.jsonl"):
             if row.get("split") == "eval" and row.get("step") == 0:
                 summary.update({f"start/{k}": v for k, v in row.items() if k.startswith(("eval/", "gold/"))})
@@ -525,17 +607,19 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     # the loop
     samples_done, gen_seconds, t0 = 0, 0.0, time.time()
     last: dict[str, float] = {}
-    with StepProgress(f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress, start=start_update) as bar:
+    with StepProgress(f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress and main, start=start_update) as bar:
         for update in range(start_update, cfg.train.updates):
             step = update + 1
             model.eval()
-            # step 1. sample K completions per prompt
-            idx = prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed)
+            # step 1. sample K completions per prompt (this process's consecutive share of whole prompts)
+            idx = process_share(prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step,
+                                             cfg.train.seed), coll)
             tg = time.time()
             # each answer's random draws depend on (seed, update, prompt, sample) only, not on batching
+            # (nor on the process that draws them)
             keys = row_keys(cfg.train.seed, [(update << 32) + i * cfg.rollout.k + j for i in idx
                                              for j in range(cfg.rollout.k)])
-            gen = engine(model, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k, keys=keys)
+            gen = engine(policy, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k, keys=keys)
             gen_seconds += time.time() - tg
 
             # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
@@ -544,27 +628,29 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             with accelerator.autocast():
-                lp_stats = rollout_logprobs(model, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro,
+                lp_stats = rollout_logprobs(policy, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro,
                                             recompute=not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm",
                                             group=group)
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = kl_ctl.value
-            adv_stats = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, state)
+            adv_stats = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, state, coll)
 
             # step 6. epochs of clipped-surrogate updates over minibatches
             model.train()
             with accelerator.autocast():
                 upd = _update(cfg, ro, model, value_head, critic, optimizer, scheduler, trainable, micro, mb_size,
-                              beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step, group)
+                              beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step, group,
+                              accelerator, coll)
 
-            # step 7. log, adapt β, watch, evaluate, checkpoint
-            samples_done += len(ro)
-            metrics = batch_statistics(ro, gen.texts, scored, upd.pop("entropy", None))
-            kl_ctl.update(metrics["kl/k1"], len(ro))
+            # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
+            fig = merge_figures(coll.gather(answer_figures(ro, gen.texts, scored)))
+            samples_done += len(fig["score"])
+            metrics = batch_statistics(fig, upd.pop("entropy", None))
+            kl_ctl.update(metrics["kl/k1"], len(fig["score"]))
             metrics.update(upd)
             metrics.update(adv_stats)
-            metrics.update(lp_stats)
+            metrics.update(_mean_over_processes(lp_stats, coll))
             metrics["kl/beta"] = beta
             metrics["lr"] = scheduler.get_last_lr()[0]
             elapsed = time.time() - t0
@@ -572,30 +658,36 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             last = metrics
             if step % cfg.log.log_every == 0 or step == cfg.train.updates:
                 logger.log(step, metrics)
-            valid_rewards = [v for v in scored.total if v is not None]
-            texts_scored = [t for t, v in zip(gen.texts, scored.total, strict=True) if v is not None]
-            alarms = monitor.update(step, metrics, texts_scored, valid_rewards)
-            for alarm in alarms:
-                bar.log(f"alarm: {alarm}")
-            append_alarms(run, alarms)
+            if main:
+                valid_rewards = [v for v in fig["total"] if v is not None]
+                texts_scored = [t for t, v in zip(fig["text"], fig["total"], strict=True) if v is not None]
+                alarms = monitor.update(step, metrics, texts_scored, valid_rewards)
+                for alarm in alarms:
+                    bar.log(f"alarm: {alarm}")
+                append_alarms(run, alarms)
             if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.train.updates:
                 run_eval(step, algo)
             if cfg.log.save_every and step % cfg.log.save_every == 0 and step != cfg.train.updates:
-                _save(run, step, model, tokenizer, optimizer, scheduler, cfg, kl_ctl, state, value_head, critic)
+                if main:
+                    _save(run, step, policy, tokenizer, optimizer, scheduler, cfg, kl_ctl, state, value_head, critic)
+                accelerator.wait_for_everyone()
             bar.advance(1, {"reward": metrics["reward/mean"], "kl": metrics["kl/k1"]})
 
     # final evaluation, model and summary
     elapsed = time.time() - t0
     final_eval = run_eval(cfg.train.updates, algo)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    save_pretrained(model, tokenizer, run / "final")
+    if not main:
+        return summary
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_pretrained(policy, tokenizer, run / "final")
     if value_head is not None:
         torch.save(value_head.state_dict(), run / "final" / VALUE_HEAD_FILE)
     summary.update(final_eval)
     summary.update({k: v for k, v in last.items() if isinstance(v, int | float)})
     summary.update({
         "updates": cfg.train.updates,
+        "processes": coll.world,
         "samples": samples_done,
         "samples_per_s": samples_done / max(elapsed, 1e-9),
         "generation_seconds": gen_seconds,
@@ -638,9 +730,18 @@ def _save(run: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, sche
 
 def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any, optimizer: Any, scheduler: Any,
             trainable: list[torch.nn.Parameter], micro: int, mb_size: int, beta_loss: float, ptx_texts: list[Any],
-            pad_id: int, step: int, group: int = 0) -> dict[str, float]:
+            pad_id: int, step: int, group: int = 0, accelerator: Any = None,
+            coll: Collective | None = None) -> dict[str, float]:
     """Step 6: ``ppo.epochs`` passes over the rollout in shuffled minibatches (of whole groups when
-    ``group`` > 0: the shared-prompt forward); one optimizer step each."""
+    ``group`` > 0: the shared-prompt forward); one optimizer step each.
+
+    On several processes ``ro`` and ``mb_size`` are this process's share. Each micro-batch's loss is
+    weighted by its share of the *global* minibatch's tokens (token_mean) or answers (sequence means),
+    times the process count, so the gradient DDP averages is the one-process gradient of the same
+    minibatch; gradients are synchronised on the minibatch's last backward only."""
+    coll = coll or Collective()
+    value_params = [q for module in (value_head, critic) if module is not None for q in module.parameters()]
+    use_ptx = cfg.ptx.coef > 0 and bool(ptx_texts)
     p = cfg.ppo
     mode = p.loss_aggregation
     n = len(ro)
@@ -658,13 +759,19 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
         perm = (perm.unsqueeze(-1) * g + torch.arange(g, device=dev)).flatten()
         for ms in range(0, n, mb_size):
             mb_idx = perm[ms : ms + mb_size]
-            full_mask = ro.response_mask[mb_idx]
+            full_count = float(coll.sum(_count(ro.response_mask[mb_idx], mode)))  # of the global minibatch
             loss_total = 0.0
-            for rows in micro_batches(ro, mb_idx, micro, group):
+            chunks = micro_batches(ro, mb_idx, micro, group)
+            no_sync = contextlib.ExitStack()  # DDP: accumulate locally until the minibatch's last backward
+            if coll.world > 1:
+                no_sync.enter_context(accelerator.no_sync(model))
+            for ci, rows in enumerate(chunks):
+                if ci == len(chunks) - 1 and not use_ptx:
+                    no_sync.close()
                 part = ro.select(rows).trimmed()
                 mask = part.response_mask
-                w = _share(mask, full_mask, mode)
-                if w == 0:
+                w = float(_count(mask, mode)) / max(full_count, 1.0)
+                if w == 0 and coll.world == 1:  # (every process runs as many backwards as the others)
                     continue
                 out = forward_part(model, part, cfg.rollout.temperature, group, value_head=value_head,
                                    with_entropy=True, entropy_grad=p.entropy_coef > 0)
@@ -689,7 +796,7 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
                     add("value_loss", vl.detach())
                     add("value_clipfrac", vstats.clipfrac)
                     add("explained_variance", algos.explained_variance(part.old_values, part.returns, mask))
-                (loss * w).backward()
+                (loss * (w * coll.world)).backward()  # DDP divides the summed gradients by the process count
                 loss_total += float(loss.detach()) * w
                 add("policy_loss", pg.detach())
                 add("clipfrac", pstats.clipfrac)
@@ -697,16 +804,20 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
                 add("approx_kl/k3", pstats.approx_kl_k3)
                 add("ratio", pstats.ratio_mean)
                 add("entropy", algos.masked_mean(entropy.detach(), mask))
-            if cfg.ptx.coef > 0 and ptx_texts:
+            no_sync.close()
+            loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
+            if use_ptx:  # the same text batch on every process (same seed): its averaged gradient is its own
                 batch = ptx_rng.sample(ptx_texts, min(cfg.ptx.batch_size, len(ptx_texts)))
                 lm = ptx_loss(model, batch, pad_id, dev)
                 (cfg.ptx.coef * lm).backward()
                 loss_total += cfg.ptx.coef * float(lm.detach())
                 add("ptx_loss", lm.detach())
             check_finite(loss_total, step, f"{cfg.algorithm} loss")
+            coll.average_gradients(value_params)  # outside DDP
             grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+            if cfg.optim.max_grad_norm is not None:  # of the averaged (global) gradient
+                grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm) if accelerator is not None
+                             else torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm))
                 check_finite(float(grad_norm), step, "gradient norm")
             optimizer.step()
             scheduler.step()
@@ -714,12 +825,11 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
             add("loss", loss_total)
             if grad_norm is not None:
                 add("grad_norm", grad_norm)
-    means = {}
-    for key, values in sums.items():
-        finite = [v for v in values if not math.isnan(v)]  # explained variance is NaN on constant returns
-        if finite:
-            means[key] = sum(finite) / len(finite)
-    return means
+    # means over every micro-batch of every process (explained variance is NaN on constant returns: left out)
+    keys = sorted(sums)
+    finite = [[v for v in sums[key] if not math.isnan(v)] for key in keys]
+    totals = coll.sum(torch.tensor([[sum(f), len(f)] for f in finite], dtype=torch.float64).reshape(-1, 2))
+    return {key: float(t / c) for key, (t, c) in zip(keys, totals.tolist(), strict=True) if c > 0}
 
 
 def evaluate_model(cfg: RLConfig, model_dir: str | Path, out: str | Path | None = None,
