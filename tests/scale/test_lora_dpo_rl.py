@@ -101,10 +101,10 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(tmp_path: Path
     calls: list[float] = []
     real_ref = rl_mod.reference_logprobs
 
-    def checking(ref_model: Any, ids: torch.Tensor, att: torch.Tensor, tgt: torch.Tensor, temperature: float = 1.0):
-        out = real_ref(ref_model, ids, att, tgt, temperature)
+    def checking(ref_model: Any, part: Any, temperature: float = 1.0, group: int = 0):
+        out = real_ref(ref_model, part, temperature, group)
         with torch.no_grad():  # the base model's log-probs, computed from a plain copy loaded for the check
-            want = rl_mod.policy_forward(plain, ids, att, tgt, temperature).logprobs
+            want = rl_mod.forward_part(plain, part, temperature, group).logprobs
         calls.append(float((out - want).abs().max()))
         return out
 
