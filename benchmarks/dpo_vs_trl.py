@@ -190,7 +190,7 @@ def spawn(kind: str, a: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "micro"], default="tiny", help="Built-in SFT model to use.")
-    p.add_argument("--pairs", type=int, default=256, help="Training pairs (steps = pairs / batch size).")
+    p.add_argument("--pairs", type=int, default=1024, help="Training pairs (steps = pairs / batch size).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--beta", type=float, default=0.1)

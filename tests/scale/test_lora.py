@@ -100,3 +100,26 @@ def test_bad_target_modules_are_one_line(micro_sft_model: Path) -> None:
 def test_lora_on_a_scratch_model_is_a_config_error(corpus_files: dict) -> None:
     with pytest.raises(ConfigError, match=r"model\.lora"):
         config_from_dict(SFTConfig, {"model": {"init": "scratch", "lora": {}}, "data": {"train": "x.jsonl"}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_qlora_without_a_gpu_is_one_line(tmp_path: Path, micro_sft_model: Path, corpus_files: dict,
+                                         quantize: str) -> None:
+    from heed.train.sft import train_sft
+
+    cfg = _sft_cfg(micro_sft_model, _task(tmp_path, corpus_files, n=20), tmp_path / "q",
+                   lora={**LORA, "quantize": quantize})
+    with pytest.raises(ConfigError) as err:
+        train_sft(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and f"model.lora.quantize: {quantize}" in msg and "GPU" in msg and "quantize: none" in msg
+    assert not (tmp_path / "q" / "final").exists()
+
+
+def test_qlora_is_refused_for_reward_models() -> None:
+    from heed.config.reward import RMConfig
+
+    with pytest.raises(ConfigError, match="heed rm train does not quantize"):
+        config_from_dict(RMConfig, {"model": {"path": "m", "lora": {**LORA, "quantize": "4bit"}},
+                                    "data": {"train": "x.jsonl"}})

@@ -133,6 +133,37 @@ def test_concatenated_forward_matches_separate_and_full_softmax(micro) -> None:
             torch.testing.assert_close(both[row], expected, atol=1e-4, rtol=1e-5)
 
 
+def test_shared_prompt_forward_matches_row_by_row(micro) -> None:
+    """[prompt | chosen | rejected] packed with a block mask gives each answer token's log-prob, and the
+    same gradient, as running the two rows separately; the prompts here differ in length."""
+    from heed.train.dpo import _shared_layout
+
+    model, tok = micro
+    pairs = [PreferencePair("What about chess?", "Chess is a great way to spend a happy afternoon.", "Chess is dull."),
+             PreferencePair("Tell me everything you know about snow, please.", "Snow is lovely.",
+                            "Snow is cold, wet and grey all winter long.")]
+    data = encode_pairs(tok, pairs, chat=True, max_length=128, counts=PairCounts())
+    ids, att, mask = collate_pairs(data.chosen, data.rejected, tok.pad_token_id)
+    assert _shared_layout(ids, att, mask) is not None
+    shared = pair_logps(model, ids, att, mask, share=True)
+    plain = pair_logps(model, ids, att, mask, share=False)
+    torch.testing.assert_close(shared.token_logps, plain.token_logps, atol=1e-5, rtol=1e-5)
+    assert (shared.token_logps[~mask] == 0).all()
+    grads = []
+    for lp in (shared, plain):
+        model.zero_grad()
+        (lp.logps * torch.tensor([1.0, 2.0, -1.0, 0.5])).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    model.zero_grad()
+    # a pair whose two prompts differ cannot share: the batch goes row by row
+    other = encode_pairs(tok, [PreferencePair("What about tea?", "Tea is fine.", "Tea is bad.")], chat=True,
+                         max_length=128, counts=PairCounts())
+    ids2, att2, mask2 = collate_pairs([data.chosen[0]], [other.rejected[0]], tok.pad_token_id)
+    assert _shared_layout(ids2, att2, mask2) is None
+
+
 # --- the loss terms -------------------------------------------------------------------------------
 def logps(chosen: list[list[float]], rejected: list[list[float]]) -> PairLogps:
     rows = chosen + rejected

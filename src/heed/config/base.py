@@ -58,6 +58,8 @@ class LoraConfig(HeedConfig):
     target_modules: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Names (last component) of the linear layers that get adapters, or 'all-linear'.")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit with bitsandbytes (CUDA only).")
 
 
 MixedPrecision = Literal["no", "bf16", "fp16"]

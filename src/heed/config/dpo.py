@@ -52,6 +52,9 @@ class DPOTrainConfig(HeedConfig):
     seed: int = Field(0, description="Seed for the eval split, data order and sampling.")
     eval_batch_size: int = Field(64, ge=1, description="Pairs per evaluation / reference forward pass.")
     precompute_ref: bool = Field(True, description="Reference log-probs once before training (cached in the run folder) instead of per batch.")
+    share_prompt: bool = Field(
+        True, description="Run the prompt once per pair: [prompt | chosen | rejected] packed with a block mask "
+        "(sdpa or eager attention; pairs whose prompts differ fall back to one row per answer).")
 
 
 class DPOSampleConfig(HeedConfig):

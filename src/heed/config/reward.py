@@ -75,6 +75,9 @@ class RMConfig(HeedConfig):
             raise ValueError("model.lora and model.freeze_backbone exclude each other (a frozen backbone has no adapters to train)")
         if m.lora is not None and m.init == "scratch":
             raise ValueError("model.lora: LoRA adapts a pretrained backbone; set model.init: pretrained and model.path")
+        if m.lora is not None and m.lora.quantize != "none":
+            raise ValueError("model.lora.quantize: heed rm train does not quantize the backbone (its score head trains "
+                             "in full); use quantize: none")
         if m.lora is not None and m.head == "mlp":
             raise ValueError("model.lora: use head: linear with LoRA (the mlp head's new block would stay frozen)")
         if m.init == "scratch":

@@ -53,6 +53,45 @@ def check_targets(model: Any, targets: list[str] | str) -> None:
         )
 
 
+def quantization_kwargs(cfg: LoraConfig | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the frozen base quantized for QLoRA (Dettmers et al.
+    2023, https://arxiv.org/abs/2305.14314): 4-bit NF4 with double quantization and bf16 compute,
+    or 8-bit, through bitsandbytes, on this process's GPU. ``{}`` without ``lora.quantize``."""
+    if cfg is None or cfg.quantize == "none":
+        return {}
+    import importlib.util
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.lora.quantize: {cfg.quantize} (QLoRA) needs a CUDA GPU for the bitsandbytes kernels "
+                          "and none is visible; use quantize: none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.lora.quantize: {cfg.quantize} needs bitsandbytes; pip install bitsandbytes "
+                          "(or use quantize: none)")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantize == "4bit":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": q, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the (peft-wrapped) model's base weights are bitsandbytes-quantized."""
+    base = base_of(model)
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False)
+                or getattr(base, "is_loaded_in_8bit", False))
+
+
+def place(model: Any, device: Any) -> Any:
+    """``model.to(device)``, except for a quantized base, which stays where bitsandbytes loaded it."""
+    return model if is_quantized(model) else model.to(device)
+
+
 def apply_lora(model: Any, cfg: LoraConfig, task: Task = "causal_lm", adapter: str | Path | None = None) -> Any:
     """Wrap ``model`` with LoRA adapters (a new adapter, or the trainable one saved in ``adapter``).
 
@@ -63,6 +102,10 @@ def apply_lora(model: Any, cfg: LoraConfig, task: Task = "causal_lm", adapter: s
     from peft import PeftModel, TaskType, get_peft_model
 
     check_targets(model, cfg.target_modules)
+    if is_quantized(model):  # QLoRA: norms in fp32, inputs that carry gradients into the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter is not None and (Path(adapter) / ADAPTER_CONFIG).is_file():
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     base_path = str(getattr(model.config, "_name_or_path", "") or "")

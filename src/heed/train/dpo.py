@@ -198,12 +198,76 @@ def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id
     return ids, att, mask
 
 
-def pair_logps(model: Any, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> PairLogps:
-    """One forward of the concatenated [chosen; rejected] batch; logits only at response tokens."""
+def pair_logps(model: Any, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, share: bool = True) -> PairLogps:
+    """One forward of the concatenated [chosen; rejected] batch; logits only at response tokens.
+
+    With ``share`` (and a model that takes a custom mask) each pair's prompt runs once: the batch is
+    rearranged into :func:`heed.rollout.logprobs.shared_prompt_forward`'s layout (rows ``2i`` / ``2i+1``
+    = chosen / rejected of pair ``i``, ``[left-padded prompt | right-padded answer]``) and the
+    log-probs are put back at their places in the (2B, T) batch. Pairs whose two prompts differ
+    (which Heed's encoding never produces) make the whole batch go row by row."""
     from heed.models.lm import sequence_logprobs
 
+    if share:
+        from heed.rollout.logprobs import can_share_prompt
+
+        shared = _shared_layout(ids, att, mask) if can_share_prompt(model) else None
+        if shared is not None:
+            return PairLogps(_shared_pair_logps(model, ids, shared), mask)
     token_logps, _ = sequence_logprobs(model, ids, att, mask)  # (2B, T)
     return PairLogps(token_logps, mask)
+
+
+@dataclass
+class _SharedLayout:
+    ids: torch.Tensor  # (2B, P + C) interleaved pairs, [left-padded prompt | right-padded answer]
+    att: torch.Tensor
+    tgt: torch.Tensor
+    prompt_width: int  # P
+    rows: torch.Tensor  # (2B,) the batch row of each interleaved row
+    src: torch.Tensor  # (2B, C) the batch column of each answer position
+    valid: torch.Tensor  # (2B, C) answer positions that exist
+
+
+def _shared_layout(ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> _SharedLayout | None:
+    """The shared-prompt layout of a right-padded [chosen; rejected] batch, or None when a pair's
+    prompts (the tokens before its first answer token) differ or a row has no answer token."""
+    n, t = ids.shape
+    b = n // 2
+    if not bool(mask.any(-1).all()):
+        return None
+    first = mask.long().argmax(-1)  # (2B,) where each answer starts = its prompt's length
+    length = att.long().sum(-1)  # (2B,) right padding: real tokens are [0, length)
+    rows = torch.stack([torch.arange(b), torch.arange(b) + b], dim=1).flatten().to(ids.device)  # chosen_i, rejected_i
+    f, ln = first[rows], length[rows]
+    p = int(first.max())
+    c = int((length - first).max())
+    cols = torch.arange(p, device=ids.device)
+    p_src = cols - (p - f).unsqueeze(-1)  # (2B, P): batch column of each left-padded prompt column
+    p_valid = p_src >= 0
+    p_ids = ids[rows].gather(1, p_src.clamp(min=0)) * p_valid
+    if not torch.equal(f[0::2], f[1::2]) or not torch.equal(p_ids[0::2], p_ids[1::2]):
+        return None
+    a_src = f.unsqueeze(-1) + torch.arange(c, device=ids.device)  # (2B, C)
+    a_valid = a_src < ln.unsqueeze(-1)
+    a_src = a_src.clamp(max=t - 1)
+    a_ids = ids[rows].gather(1, a_src) * a_valid
+    a_tgt = mask[rows].gather(1, a_src) & a_valid
+    src = torch.where(a_valid, a_src, 0)  # padding goes to column 0, never an answer token (mask[:, 0] is False)
+    return _SharedLayout(torch.cat([p_ids, a_ids], dim=1), torch.cat([p_valid, a_valid], dim=1),
+                         torch.cat([torch.zeros_like(p_valid), a_tgt], dim=1), p, rows, src, a_valid)
+
+
+def _shared_pair_logps(model: Any, ids: torch.Tensor, lay: _SharedLayout) -> torch.Tensor:
+    """Token log-probs (2B, T) at the batch's own positions, from one shared-prompt forward."""
+    from heed.rollout.logprobs import shared_prompt_forward
+
+    out = shared_prompt_forward(model, lay.ids, lay.att, lay.tgt, lay.prompt_width, 2)
+    answer = out.logprobs[:, lay.prompt_width :] * lay.valid  # (2B, C), zero off the answers
+    token_logps = torch.zeros(ids.shape, dtype=answer.dtype, device=ids.device)
+    placed = torch.zeros_like(token_logps).scatter(1, lay.src, answer)  # interleaved order
+    token_logps[lay.rows] = placed
+    return token_logps
 
 
 def preference_losses(cfg: DPOLossConfig, policy: PairLogps, ref_logps: torch.Tensor | None,
@@ -253,7 +317,7 @@ def ref_logps_for(batch_idx: Sequence[int], ref_table: torch.Tensor) -> tuple[to
 
 @torch.inference_mode()
 def reference_table(model: Any, data: EncodedPairs, pad_id: int, batch_size: int, desc: str = "reference",
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, share: bool = True) -> torch.Tensor:
     """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg]."""
     from heed.models.lora import adapter_disabled
 
@@ -270,7 +334,7 @@ def reference_table(model: Any, data: EncodedPairs, pad_id: int, batch_size: int
             ids, att, mask = (t.to(device) for t in collate_pairs(
                 [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id))
             with adapter_disabled(model):  # a LoRA policy's reference is its base model
-                lp = pair_logps(model, ids, att, mask)
+                lp = pair_logps(model, ids, att, mask, share)
             s_c, s_r = lp.halves(lp.logps.float().cpu())
             a_c, a_r = lp.halves(lp.avg_logps.float().cpu())
             table[idx] = torch.stack([s_c, s_r, a_c, a_r], dim=-1)
@@ -326,7 +390,7 @@ def _mean_stats(sums: dict[str, float], n: float, prefix: str) -> dict[str, floa
 
 @torch.inference_mode()
 def evaluate(model: Any, data: EncodedPairs, cfg: DPOLossConfig, pad_id: int, batch_size: int,
-             ref_table: torch.Tensor | None, ref_model: Any | None) -> dict[str, float]:
+             ref_table: torch.Tensor | None, ref_model: Any | None, share: bool = True) -> dict[str, float]:
     """Held-out loss, reward accuracy, margin, implicit rewards and log-probs (``eval/*``)."""
     if not len(data):
         return {}
@@ -338,8 +402,8 @@ def evaluate(model: Any, data: EncodedPairs, cfg: DPOLossConfig, pad_id: int, ba
         idx = list(range(start, min(start + batch_size, len(data))))
         ids, att, mask = (t.to(device) for t in collate_pairs(
             [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id))
-        policy = pair_logps(model, ids, att, mask)
-        ref_sum, ref_avg = _reference(idx, ref_table, ref_model, ids, att, mask, cfg)
+        policy = pair_logps(model, ids, att, mask, share)
+        ref_sum, ref_avg = _reference(idx, ref_table, ref_model, ids, att, mask, cfg, share)
         losses, stats = preference_losses(cfg, policy, ref_sum, ref_avg)
         sums["loss"] = sums.get("loss", 0.0) + losses.sum().item()
         for k, v in stats.items():
@@ -349,7 +413,8 @@ def evaluate(model: Any, data: EncodedPairs, cfg: DPOLossConfig, pad_id: int, ba
 
 
 def _reference(idx: Sequence[int], ref_table: torch.Tensor | None, ref_model: Any | None, ids: torch.Tensor,
-               att: torch.Tensor, mask: torch.Tensor, cfg: DPOLossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+               att: torch.Tensor, mask: torch.Tensor, cfg: DPOLossConfig,
+               share: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Reference (sum, avg) log-probs (2B,) of a batch: from the precomputed table, or a forward now."""
     if cfg.type == "simpo":
         return None, None
@@ -361,7 +426,7 @@ def _reference(idx: Sequence[int], ref_table: torch.Tensor | None, ref_model: An
 
     ref_dev = next(ref_model.parameters()).device  # the CPU with offload_ref
     with torch.inference_mode(), adapter_disabled(ref_model):
-        lp = pair_logps(ref_model, ids.to(ref_dev), att.to(ref_dev), mask.to(ref_dev))
+        lp = pair_logps(ref_model, ids.to(ref_dev), att.to(ref_dev), mask.to(ref_dev), share)
         return lp.logps.to(ids.device).clone(), lp.avg_logps.to(ids.device).clone()
 
 
@@ -453,7 +518,7 @@ def load_preference_data(cfg: DPOConfig) -> tuple[list[PreferencePair], list[Pre
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
     from heed.models.loading import load_causal_lm, load_tokenizer
-    from heed.models.lora import apply_lora, enable_gradient_checkpointing
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
 
     # step 1. run folder, seed, processes, mixed precision
@@ -473,12 +538,13 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     assert cfg.model.path is not None and ref_path is not None
     lora = cfg.model.lora
     tokenizer = load_tokenizer(ckpt or cfg.model.tokenizer or cfg.model.path)
-    model = load_causal_lm(cfg.model.path if lora else (ckpt or cfg.model.path), dtype=cfg.model.dtype)
+    model = load_causal_lm(cfg.model.path if lora else (ckpt or cfg.model.path), dtype=cfg.model.dtype,
+                           **quantization_kwargs(lora))
     if lora is not None:
         model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model.to(device)
+    model = place(model, device)
     pad_id = tokenizer.pad_token_id
     chat = use_chat(tokenizer, cfg.data.chat)
 
@@ -515,7 +581,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             ref = model if same else load_ref()
             ref_tables = {
                 name: reference_table(ref, data, pad_id, cfg.train.eval_batch_size, f"reference ({name})",
-                                      progress=cfg.log.progress and main)
+                                      progress=cfg.log.progress and main, share=cfg.train.share_prompt)
                 for name, data in (("train", train_data), ("eval", eval_data))
             }
             if main:
@@ -549,7 +615,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
 
     def eval_now(step: int) -> dict[str, float]:
         ev = evaluate(accelerator.unwrap_model(model), eval_data, cfg.loss, pad_id, cfg.train.eval_batch_size,
-                      ref_tables.get("eval"), ref_model)
+                      ref_tables.get("eval"), ref_model, cfg.train.share_prompt)
         if ev:
             logger.log(step, ev, split="eval")
             alarms.extend(monitor.update(step, ev))
@@ -575,8 +641,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
                 sync = start + micro >= len(mine)
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
                 with ctx, accelerator.autocast():
-                    policy = pair_logps(model, ids, att, mask)
-                    ref_sum, ref_avg = _reference(idx, ref_tables.get("train"), ref_model, ids, att, mask, cfg.loss)
+                    policy = pair_logps(model, ids, att, mask, cfg.train.share_prompt)
+                    ref_sum, ref_avg = _reference(idx, ref_tables.get("train"), ref_model, ids, att, mask, cfg.loss,
+                                                  cfg.train.share_prompt)
                     losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)
                     weights = torch.tensor([train_data.weights[i] for i in idx], device=device, dtype=losses.dtype)
                     # every pair of the optimizer step counts equally, whatever the micro-batching or process count

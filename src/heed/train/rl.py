@@ -463,12 +463,15 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
     """
     from heed.models.loading import load_causal_lm, load_tokenizer, save_pretrained
-    from heed.models.lora import apply_lora, enable_gradient_checkpointing
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.models.value import Critic, ValueHead, hidden_size
 
     # step 0. run folder, seed, resume point, mixed precision
     if cfg.rollout.engine == "vllm":  # before any model is loaded
         check_vllm()
+        if cfg.model.lora is not None and cfg.model.lora.quantize != "none":
+            raise ConfigError("rollout.engine: vllm does not take a quantized (QLoRA) policy's weights; use "
+                              "model.lora.quantize: none or rollout.engine: heed")
     if cfg.model.mixed_precision == "fp16":
         raise ConfigError("model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
                           "in its update loop); use bf16")
@@ -486,7 +489,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     ref_path = resolve_builtin(cfg.ref_model) if cfg.ref_model else policy_path
     tokenizer = load_tokenizer(policy_path, padding_side="left")
     lora = cfg.model.lora
-    model = load_causal_lm(policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype)
+    model = load_causal_lm(policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype,
+                           **quantization_kwargs(lora))
     _no_dropout(model)
     if lora is not None:  # a new adapter, or the checkpoint's when resuming
         model = apply_lora(model, lora, adapter=ckpt)
@@ -537,7 +541,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
              and can_share_prompt(ref_model))
     group = k if share else 0  # micro-batches of whole groups, each prompt run once for its k answers
     total_steps = cfg.train.updates * steps_per_update
-    model.to(dev)
+    model = place(model, dev)
     value_params = list(value_head.parameters()) if value_head is not None else (
         list(critic.parameters()) if critic is not None else [])
     if value_head is not None:

@@ -42,7 +42,9 @@ def build_model_and_tokenizer(cfg: SFTConfig, texts_for_tokenizer: list[str] | N
     m = cfg.model
     if m.init == "pretrained":
         tok = load_tokenizer(m.tokenizer or m.path)
-        model = load_causal_lm(m.path, dtype=m.dtype)
+        from heed.models.lora import quantization_kwargs
+
+        model = load_causal_lm(m.path, dtype=m.dtype, **quantization_kwargs(m.lora))
         return model, tok
     if m.tokenizer:
         tok = load_tokenizer(m.tokenizer)
