@@ -205,7 +205,7 @@ def test_sparse_run_folders(tmp_path):
     assert len(page.images) == 1
 
 
-def test_cards_lead_with_task_success_and_never_compare_losses_across_runs(demo_folder, tmp_path):
+def test_cards_lead_with_what_moved_most_and_never_compare_losses_across_runs(demo_folder, tmp_path):
     # a pretraining run beside the SFT run: both log a loss, on different data
     base = demo_folder / "runs" / "base"
     from heed.report.metrics import MetricsLogger
@@ -216,7 +216,7 @@ def test_cards_lead_with_task_success_and_never_compare_losses_across_runs(demo_
     sft = MetricsLogger(demo_folder / "runs" / "sft")
     sft.log(100, {"loss": 0.8}, split="eval")
     text, _ = parse(write_report(demo_folder, tmp_path / "r.html"))
-    # the tuned policies' first card is their task success (SFT 0.2 -> grpo 0.9), gold second
+    # the headline cards show the metrics that moved most first: grpo success 0.2 -> 0.9 before gold 0.31 -> 0.82
     assert text.index("GRPO · eval/success") < text.index("GRPO · gold/positivity")
     assert "0.2 → 0.9" in text
     # the base run's loss reads first -> last logged, not "vs sft" (whose summary has a loss too)

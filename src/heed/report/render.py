@@ -137,13 +137,13 @@ def _color(runs: Sequence[Run]) -> dict[str, str]:
 
 
 def _headline_keys(run: Run) -> list[str]:
-    """A run's headline metrics: its task success rates, then its gold metrics (two at most); else
-    its first held-out metric, else its training metric."""
+    """A run's candidate headline metrics: its task success rates and gold metrics (the cards show
+    the two that moved most); else its first held-out metric, else its training metric."""
     keys = run.metric_keys()
     success = sorted(k for k in keys if k.startswith("eval/") and "success" in k)
     golds = sorted(k for k in keys if k.startswith("gold/"))
     if success or golds:
-        return (success + golds)[:2]
+        return success + golds
     evals = sorted(k for k in keys if k.startswith("eval/") or "success" in k)
     if evals:
         return evals[:1]
@@ -160,6 +160,7 @@ def _cards(coll: Collection) -> str:
     # Policies first, reward models after them.
     tuned.sort(key=lambda r: _headline_keys(r)[:1] == ["rm/accuracy"])
     for run in tuned:
+        shown = []
         for key in _headline_keys(run):
             after = run.final(key)
             if key == "rm/accuracy":
@@ -169,8 +170,12 @@ def _cards(coll: Collection) -> str:
                 before, vs = base.final(key), f"vs {base.name}"
             else:
                 before, vs = run.first(key), "first → last logged"
-            if after is None:
-                continue
+            if after is not None:
+                shown.append((key, before, after, vs))
+        # the two headline metrics that moved most (a banana task's success, a tone task's gold)
+        shown.sort(key=lambda x: -abs(x[2] - x[1]) if x[1] is not None else 0.0)
+        shown = shown[:1] + [x for x in shown[1:2] if x[1] is None or abs(x[2] - x[1]) > 1e-9]  # no flat second card
+        for key, before, after, vs in shown:
             good = _direction(key) * ((after - before) if before is not None else 0)
             cls = "good" if good > 0 else "bad" if good < 0 else ""
             big = f"{fmt(before)} → {fmt(after)}" if before is not None else fmt(after)
