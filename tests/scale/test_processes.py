@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from heed.config.base import set_dotted
+
 torch.set_num_threads(1)
 
 PROBE = """
@@ -148,11 +150,7 @@ def _rl_config(tmp: Path, model: Path, prompts: Path, out: Path, **over: object)
         "out": str(out),
     }
     for key, value in over.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        set_dotted(cfg, key, value)
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

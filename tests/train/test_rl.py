@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from heed.config import config_from_dict, load_config
+from heed.config.base import set_dotted
 from heed.config.rl import RLConfig
 from heed.errors import ConfigError, DataError, HeedError, TrainingDivergedError
 from heed.train.common import latest_checkpoint
@@ -43,11 +44,7 @@ def _cfg(out: Path, **over: Any) -> RLConfig:
         "out": str(out),
     }
     for key, value in over.items():
-        node = base
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        set_dotted(base, key, value)
     return config_from_dict(RLConfig, base, "test")
 
 

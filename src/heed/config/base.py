@@ -100,15 +100,20 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is set to a value and also used as a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(nested, key, value, where=f"--set {item!r}")
     return nested
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str = "config") -> None:
+    """``tree["a"]["b"] = value`` for ``key="a.b"``, creating sections on the way."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{part}' is set to a value and also used as a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
