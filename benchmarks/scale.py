@@ -1,7 +1,8 @@
 """Scale-out benchmark: peak memory and samples/s of SFT, full fine-tuning vs LoRA (with and without
 gradient checkpointing), on the built-in micro model and a ~100M-parameter model built from
-``heed.models.tiny.SIZES['100m']``; SFT and RLOO on 1 vs 2 processes (CPU, gloo), the RLOO pair
-checked to end on the same metrics.
+``heed.models.tiny.SIZES['100m']`` (there also LoRA over a bf16 base and bf16 autocast, and RLOO's
+peak with a reference copy vs LoRA's reference-as-base and with smaller forward micro-batches);
+SFT and RLOO on 1 vs 2 processes (CPU, gloo), the RLOO pair checked to end on the same metrics.
 
 Each configuration runs in its own process (so peak memory is its own): VmHWM on CPU (which
 includes the ~0.4 GiB of the Python + torch runtime, so small models show no difference),
@@ -57,14 +58,16 @@ def sft_config(model: Path, data: Path, out: Path, steps: int, batch: int, **mod
     return path
 
 
-def rl_config(model: Path, prompts: Path, out: Path, updates: int, prompts_per_step: int, k: int) -> Path:
+def rl_config(model: Path, prompts: Path, out: Path, updates: int, prompts_per_step: int, k: int,
+              max_new_tokens: int = 32, micro_batch_size: int = 16, **model_extra: object) -> Path:
     """RLOO on a length reward (a task the micro model learns), one minibatch per update."""
     cfg = {
         "algorithm": "rloo",
-        "model": {"path": str(model)},
+        "model": {"path": str(model), **model_extra},
+        "ppo": {"micro_batch_size": micro_batch_size},
         "data": {"prompts": str(prompts)},
         "rewards": [{"function": "length_penalty", "args": {"per_word": 0.1}}],
-        "rollout": {"prompts_per_step": prompts_per_step, "k": k, "max_new_tokens": 32},
+        "rollout": {"prompts_per_step": prompts_per_step, "k": k, "max_new_tokens": max_new_tokens},
         "optim": {"lr": 5e-4},
         "train": {"updates": updates, "seed": 0},
         "log": {"log_every": 1, "progress": False},
@@ -127,7 +130,24 @@ def main() -> None:
         bench("100m full", big, 2, 8)
         bench("100m lora", big, 2, 8, lora=LORA)
         bench("100m lora + checkpointing", big, 2, 8, lora=LORA, gradient_checkpointing=True)
+        bench("100m lora, base weights bf16", big, 2, 8, lora=LORA, dtype="bfloat16")
+        bench("100m full, bf16 autocast", big, 2, 8, mixed_precision="bf16")
+        rl_memory(big, micro, tmp, args)
     print("peak memory of the 2-process run is that of rank 0 (the main process)")
+
+
+def rl_memory(big: Path, micro: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """RLOO on the ~100M model, one update of 8 prompts x 4 answers: peak memory with a separate
+    reference copy (full fine-tuning) vs LoRA (the reference is the base with the adapter off), and
+    with smaller forward micro-batches (ppo.micro_batch_size)."""
+    prompts = micro.parent.parent / "data" / "prompts_train.jsonl"
+    for name, extra in (("full, reference copy, micro-batch 32", {"micro_batch_size": 32}),
+                        ("full, reference copy, micro-batch 4", {"micro_batch_size": 4}),
+                        ("lora, reference = base, micro-batch 32", {"micro_batch_size": 32, "lora": LORA})):
+        cfg = rl_config(big, prompts, tmp / f"rl100m_{len(name)}", 1, 8, 4, max_new_tokens=16, **extra)
+        s = run(cfg, 1, args.threads, ("rl",))
+        print(f"{'100m rloo ' + name:44s} peak {s['peak_memory_mb']:8.0f} MiB   {s['samples_per_s']:8.1f} samples/s",
+              flush=True)
 
 
 def rl_one_vs_two(model: Path, tmp: Path, args: argparse.Namespace) -> None:
