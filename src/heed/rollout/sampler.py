@@ -2,9 +2,11 @@
 
 ``transformers``' ``generate`` pays a large fixed cost per decoding step (logits processors,
 stopping criteria, bookkeeping), which dominates with small models. This loop does only what RL
-rollouts need: one prefill over the left-padded prompts (logits of the last position only), then
+rollouts need: one prefill over the distinct left-padded prompts (logits of the last position
+only; the K samples of a prompt share it), then
 one token per step for the rows still running; rows that have produced EOS are removed from the
-KV cache once they are a quarter of the batch, so short answers stop costing compute.
+KV cache as soon as they finish (``compact_at``: the finished share that triggers it; cheap because
+the cache lives in preallocated buffers), so short answers stop costing compute.
 
 Sampling: logits / temperature, then top-k, then top-p (nucleus), then a categorical draw by
 inverse CDF (one uniform per row and step, optionally a hash of a per-row key so the answers do not
@@ -24,7 +26,8 @@ from heed.models.lm import position_ids_from_mask
 def _buffered_cache(capacity: int) -> Any:
     """A ``DynamicCache`` whose layers append into preallocated buffers (room for ``capacity``
     positions) instead of re-concatenating the whole cache at every step, which is quadratic in
-    the answer length and was most of the decoding time of small models."""
+    the answer length and was most of the decoding time of small models. (Sliding-window models
+    keep every position here; their attention mask still applies the window.)"""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class BufferedLayer(DynamicLayer):
@@ -148,7 +151,7 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
-    compact_at: float = 0.25,
+    compact_at: float = 0.0,
     keys: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Sample up to ``max_new_tokens`` tokens after each left-padded prompt row.
@@ -163,10 +166,19 @@ def decode(
     attn = attention_mask.long()
     positions = position_ids_from_mask(attn)  # (B, P), skipping the left padding
     cache = _buffered_cache(input_ids.shape[1] + max_new_tokens)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    # prefill each distinct prompt once: a row equal to the one before it (K samples of a prompt sit
+    # side by side) shares its cache rows, copied after the prefill
+    same = torch.zeros(b, dtype=torch.bool, device=device)
+    same[1:] = (input_ids[1:] == input_ids[:-1]).all(-1) & (attn[1:] == attn[:-1]).all(-1)
+    first = (~same).nonzero().squeeze(-1)  # (U,) rows that run the prefill
+    owner = (~same).long().cumsum(0) - 1  # (B,) the prefill row each row copies
+    out = model(input_ids=input_ids[first], attention_mask=attn[first], position_ids=positions[first],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    logits = out.logits[:, -1]  # (B, V)
+    logits = out.logits[:, -1]  # (U, V)
+    if len(first) < b:
+        cache.batch_select_indices(owner)
+        logits = logits[owner]  # (B, V)
     next_pos = positions[:, -1] + 1  # (B,)
     stop = torch.tensor(stop_ids, device=device)
     rows = torch.arange(b, device=device)  # original row of each running row
