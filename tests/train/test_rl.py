@@ -188,3 +188,18 @@ def test_shared_prompt_and_engine_logprobs_change_nothing_but_speed(tmp_path: Pa
     for key in ("kl/k1", "loss", "policy_loss", "entropy", "grad_norm"):
         assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-4), key
     assert b["rollout/logprob_diff"] < 1e-4
+
+
+def test_evaluation_draws_are_the_same_every_time(tmp_path: Path) -> None:
+    """Evaluation samples are keyed by prompt: the same model gives the same answers whatever the
+    global RNG state, so a change between two evaluations is the policy's."""
+    import torch
+
+    from heed.train.rl import evaluate_model
+
+    cfg = _cfg(tmp_path / "e", **{"data.eval_prompts": "builtin:micro:prompts_eval", "eval.num_prompts": 12})
+    torch.manual_seed(1)
+    a = evaluate_model(cfg, "builtin:micro")
+    torch.manual_seed(2)
+    b = evaluate_model(cfg, "builtin:micro")
+    assert a["eval/reward"] == b["eval/reward"] and a["eval/length"] == b["eval/length"]

@@ -332,6 +332,9 @@ def ptx_loss(model: Any, texts: list[Any], pad_id: int, device: Any) -> torch.Te
 # evaluation
 
 
+EVAL_KEY_SALT = 0x5EED_E7A1  # evaluation draws never coincide with training draws
+
+
 @torch.no_grad()
 def evaluate_policy(
     model: Any,
@@ -348,7 +351,10 @@ def evaluate_policy(
     """Answer held-out prompts once each; reward per source, task and gold metrics, KL to the
     reference, entropy, length and distinct-n. Returns (metrics with ``eval/`` / ``gold/`` keys, rows)."""
     idx = list(range(min(cfg.eval.num_prompts, len(prompts.ids))))
-    gen = engine(model, tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg, eval_mode=True), 1)
+    # the same draws at every evaluation (keyed by prompt only): differences between steps come from
+    # the policy, not from sampling noise
+    keys = row_keys(cfg.train.seed + EVAL_KEY_SALT, idx)
+    gen = engine(model, tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg, eval_mode=True), 1, keys=keys)
     texts = gen.texts
     batch_prompts = [prompts.examples[i].prompt for i in idx]
     columns = prompts.columns(idx, 1)
