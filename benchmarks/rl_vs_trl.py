@@ -56,6 +56,9 @@ def run_heed(args: argparse.Namespace, out: Path) -> dict:
         "rollout": {"prompts_per_step": s["prompts_per_step"], "k": s["k"], "max_new_tokens": s["max_new_tokens"],
                     "temperature": s["temperature"]},
         "kl": {"beta": s["beta"]},
+        # TRL's RLOOTrainer: -mean over answers of A * ratio(answer), the ratio of the summed token
+        # log-probs: per answer, the sum of its tokens' terms (Heed's default is the token mean)
+        "ppo": {"loss_aggregation": "seq_mean_token_sum"},
         "optim": {"lr": s["lr"], "max_grad_norm": 1.0},
         "train": {"updates": s["updates"], "seed": 0},
         "eval": {"at_start": False},
