@@ -111,18 +111,21 @@ def main() -> None:
         rl_one_vs_two(micro, tmp, args)
         return
 
-    def bench(name: str, model: Path, steps: int, batch: int, processes: int = 1, **extra: object) -> None:
+    def bench(name: str, model: Path, steps: int, batch: int, processes: int = 1, **extra: object) -> dict:
         s = run(sft_config(model, data, tmp / name.replace(" ", "_").replace(",", ""), steps, batch, **extra),
                 processes, args.threads)
         seqs = steps * batch
         rows.append((name, s["peak_memory_mb"], seqs / s["train_seconds"], s["tokens_per_s"]))
         print(f"{name:34s} peak {s['peak_memory_mb']:8.0f} MiB   {seqs / s['train_seconds']:8.1f} samples/s   "
-              f"{s['tokens_per_s']:9.0f} tokens/s", flush=True)
+              f"{s['tokens_per_s']:9.0f} tokens/s   loss {s['train/loss']:.5f}", flush=True)
+        return s
 
-    bench("micro full", micro, args.steps, 32)
+    one = bench("micro full", micro, args.steps, 32)
     bench("micro lora", micro, args.steps, 32, lora=LORA)
     bench("micro lora + checkpointing", micro, args.steps, 32, lora=LORA, gradient_checkpointing=True)
-    bench("micro full, 2 processes", micro, args.steps, 32, processes=2)
+    two = bench("micro full, 2 processes", micro, args.steps, 32, processes=2)
+    print(f"sft 2 processes / 1 process: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x tokens/s; "
+          f"final train loss differs by {abs(two['train/loss'] - one['train/loss']):.1e}", flush=True)
     if not args.no_rl:
         rl_one_vs_two(micro, tmp, args)
     if args.with_100m:
