@@ -18,6 +18,9 @@ class SFTDataConfig(HeedConfig):
     kind: Literal["sft", "text"] = Field("sft", description="sft: chat or prompt/completion (loss on answers); text: plain LM.")
     max_length: int = Field(256, ge=8, description="Tokens per sequence; longer ones are truncated (with a warning).")
     packing: bool = Field(False, description="Concatenate sequences into full rows of max_length (no padding).")
+    pack_boundaries: bool = Field(
+        True, description="With packing: attention stays inside each sequence (its positions restart at 0); "
+        "false lets it cross into the previous ones, GPT-style.")
     chat: Literal["auto", "true", "false"] = Field("auto", description="Use the tokenizer's chat template (auto: if it has one).")
     group_by_length: bool = Field(True, description="Batch sequences of similar length together (less padding).")
 

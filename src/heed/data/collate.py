@@ -44,8 +44,8 @@ def truncate(seqs: Sequence[Encoded], max_length: int) -> tuple[list[Encoded], i
 
 def pack(seqs: Sequence[Encoded], max_length: int) -> list[Encoded]:
     """Concatenate documents (each already ends with EOS) and cut the stream into rows of
-    ``max_length`` tokens, so no compute is spent on padding. Attention crosses document
-    boundaries, as in GPT-style pretraining."""
+    ``max_length`` tokens, so no compute is spent on padding. By itself attention crosses document
+    boundaries (GPT-style pretraining); with :func:`packed_positions` it stays inside each one."""
     ids: list[int] = []
     mask: list[bool] = []
     for i, m in seqs:
@@ -57,6 +57,33 @@ def pack(seqs: Sequence[Encoded], max_length: int) -> list[Encoded]:
         if len(chunk) >= 2:
             rows.append((chunk, mask[start : start + max_length]))
     return rows
+
+
+def packed_positions(seqs: Sequence[Encoded], max_length: int) -> list[list[int]]:
+    """Position ids of :func:`pack`'s rows, row for row: each document counts from 0, so a forward
+    given them (and no attention mask) attends within documents only (transformers reads a restart
+    of the positions as a new sequence). A document cut between two rows continues its count."""
+    stream: list[int] = []
+    for ids, _ in seqs:
+        stream += range(len(ids))
+    rows = []
+    for start in range(0, len(stream), max_length):
+        chunk = stream[start : start + max_length]
+        if len(chunk) >= 2:
+            rows.append(chunk)
+    return rows
+
+
+def pad_positions(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Right-pad position rows to one width (B, T); padding continues each row's count, so it
+    reads as the tail of the row's last document (causal attention keeps it out of real tokens)."""
+    width = max(len(r) for r in rows)
+    out = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        if len(r) < width:
+            out[i, len(r) :] = torch.arange(r[-1] + 1, r[-1] + 1 + width - len(r))
+    return out
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:

@@ -37,10 +37,11 @@ def trunk(model: Any) -> Any:
     return body
 
 
-def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states (B, T, H), positions computed from a (B, T) attention mask unless given
-    (``position_ids`` (B, T) with a custom (B, 1, T, T) ``attention_mask``).
+    (``position_ids`` (B, T) with a custom (B, 1, T, T) ``attention_mask``, or with no mask for
+    packed documents whose positions restart at each one).
 
     Under a data-parallel wrapper (DDP; DeepSpeed and FSDP likewise, untested here) the forward must go
     through the wrapper, which is what synchronises gradients (or gathers sharded weights): the whole model runs with ``logits_to_keep=1`` (one logit per row) and
@@ -49,6 +50,7 @@ def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "module") or (
         type(model).__name__.startswith("FSDP"))  # DDP, DeepSpeed's engine, FSDP2's fully_shard class
     if position_ids is None:
+        assert attention_mask is not None
         position_ids = position_ids_from_mask(attention_mask)
     if wrapped:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
@@ -85,6 +87,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and optionally entropies) of the target tokens, zero elsewhere.
 
@@ -93,11 +96,16 @@ def sequence_logprobs(
         attention_mask: (B, T) 1 on real tokens (left or right padding).
         target_mask: (B, T) True on the tokens whose log-prob is wanted (never position 0).
         temperature: logits are divided by it (sampling temperature of the rollout).
+        position_ids: (B, T) packed documents' positions (see :func:`heed.data.collate.packed_positions`);
+            the attention mask is then not used, attention stays inside each document.
 
     Returns:
         logprobs (B, T) and entropy (B, T) of the predictive distribution at each target, or None.
     """
-    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    if position_ids is not None:
+        hidden = hidden_states(model, input_ids, None, position_ids)  # (B, T, H)
+    else:
+        hidden = hidden_states(model, input_ids, attention_mask)
     return logprobs_from_hidden(model, hidden, input_ids, target_mask, temperature, with_entropy,
                                 chunk_size=chunk_size)
 

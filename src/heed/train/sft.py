@@ -16,7 +16,15 @@ import torch
 
 from heed.algos.ops import masked_sum
 from heed.config.sft import SFTConfig
-from heed.data.collate import Encoded, length_grouped_batches, pack, pad_batch, truncate
+from heed.data.collate import (
+    Encoded,
+    length_grouped_batches,
+    pack,
+    packed_positions,
+    pad_batch,
+    pad_positions,
+    truncate,
+)
 from heed.data.records import load_records
 from heed.data.templating import encode_sft, encode_text, use_chat
 from heed.errors import DataError
@@ -94,19 +102,22 @@ def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[i
     return [order[i : i + bs] for i in range(0, len(order), bs)]
 
 
-def lm_token_losses(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens."""
+def lm_token_losses(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens.
+    ``positions`` (B, T): packed documents' positions, attention kept inside each document."""
     from heed.models.lm import sequence_logprobs
 
     target = loss_mask.clone()
     target[:, 0] = False  # the first token has no context to be predicted from
-    logprobs, _ = sequence_logprobs(model, input_ids, attention, target)
+    logprobs, _ = sequence_logprobs(model, input_ids, attention, target, position_ids=positions)
     return -logprobs * target
 
 
 @torch.no_grad()
-def evaluate(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Token-mean eval loss and perplexity."""
+def evaluate(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int,
+             positions: list[list[int]] | None = None) -> dict[str, float]:
+    """Token-mean eval loss and perplexity (``positions``: packed rows' document positions)."""
     if not seqs:
         return {}
     was_training = model.training
@@ -116,8 +127,9 @@ def evaluate(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int) -> d
         ids, att, mask = pad_batch(seqs[start : start + batch_size], pad_id)
         dev = next(model.parameters()).device
         ids, att, mask = ids.to(dev), att.to(dev), mask.to(dev)
+        pos = pad_positions(positions[start : start + batch_size]).to(dev) if positions is not None else None
         mask[:, 0] = False
-        nll = lm_token_losses(model, ids, att, mask)
+        nll = lm_token_losses(model, ids, att, mask, pos)
         total += nll.sum().item()
         count += int(mask.sum().item())
     model.train(was_training)
@@ -158,7 +170,12 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     # step 4. tokenize; truncate (with a count) or pack
     train_seqs = encode_examples(train_ex, tokenizer, cfg)
     eval_seqs = encode_examples(eval_ex, tokenizer, cfg)
+    train_pos: list[list[int]] | None = None
+    eval_pos: list[list[int]] | None = None
     if cfg.data.packing:
+        if cfg.data.pack_boundaries:  # each sequence attends to itself only
+            train_pos = packed_positions(train_seqs, cfg.data.max_length)
+            eval_pos = packed_positions(eval_seqs, cfg.data.max_length)
         train_seqs = pack(train_seqs, cfg.data.max_length)
         eval_seqs = pack(eval_seqs, cfg.data.max_length)
     else:
@@ -167,7 +184,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         if cut and main:
             warnings.warn(f"{cfg.data.train}: {cut} of {len(train_seqs)} sequences were longer than "
                           f"data.max_length={cfg.data.max_length} and were truncated", stacklevel=1)
-    train_seqs = [s for s in train_seqs if any(s[1][1:])]
+    keep = [i for i, s in enumerate(train_seqs) if any(s[1][1:])]
+    train_seqs = [train_seqs[i] for i in keep]
+    if train_pos is not None:
+        train_pos = [train_pos[i] for i in keep]
     if not train_seqs:
         raise DataError(f"{cfg.data.train}: no sequence has a token to train on (check the chat template / max_length)")
 
@@ -198,21 +218,24 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch not in epoch_batches:
                 epoch_batches = {epoch: plan_batches(train_seqs, cfg, epoch)}
-            batch = [train_seqs[i] for i in epoch_batches[epoch][pos]]
+            batch_idx = epoch_batches[epoch][pos]
+            batch = [train_seqs[i] for i in batch_idx]
             # every token of the optimizer step counts equally, whatever the micro-batching or process count
             global_tokens = sum(sum(m[1:]) for _, m in batch)
-            mine = batch[rank::world]
+            mine_idx = batch_idx[rank::world]
             loss_sum = torch.zeros((), device=accelerator.device)
-            chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)] or [[]]
+            chunks = [mine_idx[i : i + micro] for i in range(0, len(mine_idx), micro)] or [[]]
             for ci, chunk in enumerate(chunks):
                 if not chunk:
                     continue
-                ids, att, mask = (t.to(accelerator.device) for t in pad_batch(chunk, pad_id))
+                ids, att, mask = (t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id))
+                positions = (pad_positions([train_pos[i] for i in chunk]).to(accelerator.device)
+                             if train_pos is not None else None)
                 mask[:, 0] = False
                 sync = ci == len(chunks) - 1
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
                 with ctx, accelerator.autocast():
-                    nll = lm_token_losses(model, ids, att, mask)
+                    nll = lm_token_losses(model, ids, att, mask, positions)
                     loss = masked_sum(nll, mask) / global_tokens * world
                     accelerator.backward(loss)
                 loss_sum += loss.detach() / world
@@ -234,7 +257,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
                 logger.log(done, {**last, "epoch": done / steps_per_epoch,
                                   "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
             if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
-                logger.log(done, evaluate(accelerator.unwrap_model(model), eval_seqs, pad_id, cfg.train.eval_batch_size),
+                logger.log(done, evaluate(accelerator.unwrap_model(model), eval_seqs, pad_id, cfg.train.eval_batch_size,
+                                          eval_pos),
                            split="eval")
             if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
                 accelerator.wait_for_everyone()
@@ -250,7 +274,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"steps": total_steps, "train/loss": last.get("loss", float("nan"))}
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size)
+        ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size, eval_pos)
         if ev:
             logger.log(total_steps, ev, split="eval")
         from heed.models.loading import save_pretrained
