@@ -1,10 +1,11 @@
 """Heed RLOO vs TRL's RLOOTrainer on the same model, prompts, K, completion length and update settings.
 
 Each trainer runs in its own subprocess (so peak memory is each one's own), for the same number of
-updates; both final policies are then evaluated by the same code (``heed.train.rl.evaluate_model``:
-banana success on the held-out prompts, sampled at temperature 0.7). Prints samples/s, peak-memory
-and success side by side, with ratios, and the machine's load average (the figures are only as
-quiet as the machine).
+updates, ``--repeats`` times in alternating order (the fastest run of each side is reported); both
+final policies are then evaluated by the same code (``heed.train.rl.evaluate_model``: banana
+success on the held-out prompts, sampled at temperature 0.7). Heed optimises TRL's RLOO objective
+(``ppo.loss_aggregation: seq_mean_token_sum``). Prints samples/s, peak memory and success side by
+side, with ratios, and the machine's load average (the figures are only as quiet as the machine).
 
     python benchmarks/rl_vs_trl.py                       # built-in tiny model, 30 updates
     python benchmarks/rl_vs_trl.py --model micro --updates 5
