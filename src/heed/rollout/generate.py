@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from heed.algos.ops import selective_log_softmax
 from heed.data.records import Prompt
 from heed.data.templating import render_prompt
 
@@ -123,7 +124,7 @@ def generate(
         )
         new_ids = out.sequences[:, ids.shape[1] :]  # (b, steps)
         scaled = torch.stack(out.logits, dim=1).float() / (params.temperature if params.temperature > 0 else 1.0)
-        new_lps = (scaled.gather(-1, new_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)).tolist()
+        new_lps = selective_log_softmax(scaled, new_ids).tolist()
         new = new_ids.tolist()
         for j, i in enumerate(idx):
             toks = new[j]

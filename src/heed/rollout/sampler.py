@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from heed.algos.ops import selective_log_softmax
 from heed.models.lm import position_ids_from_mask
 
 
@@ -136,8 +137,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         zero = masked.gather(-1, tok.unsqueeze(-1)).squeeze(-1) == float("-inf")
         if bool(zero.any()):
             tok = torch.where(zero, masked.argmax(-1), tok)
-    logp = scaled.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
-    return tok, logp
+    return tok, selective_log_softmax(scaled, tok)
 
 
 @torch.no_grad()
@@ -183,14 +183,14 @@ def decode(
     stop = torch.tensor(stop_ids, device=device)
     rows = torch.arange(b, device=device)  # original row of each running row
     run_keys = keys
-    results: list[list[int]] = [[] for _ in range(b)]
-    logps: list[list[float]] = [[] for _ in range(b)]
+    tokens = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=device)  # -1: the row had stopped
+    token_logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    n_steps = 0
     for step in range(max_new_tokens):
         u = keyed_uniforms(run_keys, step) if run_keys is not None and do_sample else None
         tok, lp = sample_next(logits, temperature, top_k, top_p, do_sample, u)  # (b_run,)
-        for r, t, x in zip(rows.tolist(), tok.tolist(), lp.tolist(), strict=True):
-            results[r].append(t)
-            logps[r].append(x)
+        tokens[rows, step], token_logps[rows, step] = tok, lp.float()
+        n_steps = step + 1
         done = torch.isin(tok, stop)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
@@ -208,9 +208,12 @@ def decode(
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     stops = set(stop_ids)
-    for i, toks in enumerate(results):
-        cut = next((j for j, t in enumerate(toks) if t in stops), None)
-        if cut is not None:
-            results[i] = toks[: cut + 1]
-            logps[i] = logps[i][: cut + 1]
+    results: list[list[int]] = []
+    logps: list[list[float]] = []
+    for toks, lps in zip(tokens[:, :n_steps].tolist(), token_logps[:, :n_steps].tolist(), strict=True):
+        # up to and including the first stop token (a row kept running on padding after it), or up
+        # to the step the row was dropped from the batch
+        end = next((j + 1 if t in stops else j for j, t in enumerate(toks) if t in stops or t < 0), len(toks))
+        results.append(toks[:end])
+        logps.append(lps[:end])
     return results, logps
