@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from heed.config import config_from_dict
 from heed.config.sft import SFTConfig
 from heed.report.metrics import read_metrics
@@ -87,3 +89,32 @@ def test_resume_after_kill_reaches_the_same_final_loss(tmp_path: Path, micro_sft
     assert abs(resumed["eval/loss"] - full["eval/loss"]) < 1e-5
     steps_logged = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
     assert steps_logged == list(range(1, steps + 1))  # no step twice, none missing
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_packed_sft_forwards_carry_document_positions(tmp_path: Path, micro_sft_model: Path, corpus_files: dict,
+                                                      monkeypatch: pytest.MonkeyPatch, bounded: bool) -> None:
+    """With data.pack_boundaries the training and eval forwards get each document's own positions (restarting
+    inside a row) and no attention mask, which is what keeps attention inside documents
+    (tests/data/test_collate.py checks that equivalence); without it, positions run through the row."""
+    import heed.models.lm as lm
+
+    seen: list[tuple[bool, bool]] = []  # (no attention mask, positions restart inside a row)
+    real = lm.hidden_states
+
+    def spy(model, input_ids, attention_mask, position_ids=None):  # type: ignore[no-untyped-def]
+        restart = position_ids is not None and bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
+        seen.append((attention_mask is None, restart))
+        return real(model, input_ids, attention_mask, position_ids)
+
+    monkeypatch.setattr(lm, "hidden_states", spy)
+    cfg = config_from_dict(SFTConfig, {
+        "model": {"path": str(micro_sft_model)},
+        "data": {"train": str(corpus_files["chat"]), "packing": True, "pack_boundaries": bounded, "max_length": 96,
+                 "eval_split": 0.05},
+        "train": {"batch_size": 8, "max_steps": 2},
+        "log": {"progress": False},
+        "out": str(tmp_path / "run"),
+    })
+    train_sft(cfg)
+    assert seen and all(s == (bounded, bounded) for s in seen)

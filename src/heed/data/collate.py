@@ -42,36 +42,25 @@ def truncate(seqs: Sequence[Encoded], max_length: int) -> tuple[list[Encoded], i
     return out, cut
 
 
+def _rows(stream: list, max_length: int) -> list[list]:
+    """``stream`` cut into rows of ``max_length``; a last row of one token (nothing to predict) is dropped."""
+    return [stream[s : s + max_length] for s in range(0, len(stream), max_length) if len(stream) - s >= 2]
+
+
 def pack(seqs: Sequence[Encoded], max_length: int) -> list[Encoded]:
     """Concatenate documents (each already ends with EOS) and cut the stream into rows of
     ``max_length`` tokens, so no compute is spent on padding. By itself attention crosses document
     boundaries (GPT-style pretraining); with :func:`packed_positions` it stays inside each one."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    for i, m in seqs:
-        ids += i
-        mask += m
-    rows = []
-    for start in range(0, len(ids), max_length):
-        chunk = ids[start : start + max_length]
-        if len(chunk) >= 2:
-            rows.append((chunk, mask[start : start + max_length]))
-    return rows
+    ids = [t for i, _ in seqs for t in i]
+    mask = [m for _, ms in seqs for m in ms]
+    return list(zip(_rows(ids, max_length), _rows(mask, max_length), strict=True))
 
 
 def packed_positions(seqs: Sequence[Encoded], max_length: int) -> list[list[int]]:
     """Position ids of :func:`pack`'s rows, row for row: each document counts from 0, so a forward
     given them (and no attention mask) attends within documents only (transformers reads a restart
     of the positions as a new sequence). A document cut between two rows continues its count."""
-    stream: list[int] = []
-    for ids, _ in seqs:
-        stream += range(len(ids))
-    rows = []
-    for start in range(0, len(stream), max_length):
-        chunk = stream[start : start + max_length]
-        if len(chunk) >= 2:
-            rows.append(chunk)
-    return rows
+    return _rows([p for ids, _ in seqs for p in range(len(ids))], max_length)
 
 
 def pad_positions(rows: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -102,10 +102,9 @@ def sequence_logprobs(
     Returns:
         logprobs (B, T) and entropy (B, T) of the predictive distribution at each target, or None.
     """
-    if position_ids is not None:
-        hidden = hidden_states(model, input_ids, None, position_ids)  # (B, T, H)
-    else:
-        hidden = hidden_states(model, input_ids, attention_mask)
+    # packed documents (position_ids given) attend by their positions, not by the mask
+    hidden = hidden_states(model, input_ids, None if position_ids is not None else attention_mask,
+                           position_ids)  # (B, T, H)
     return logprobs_from_hidden(model, hidden, input_ids, target_mask, temperature, with_entropy,
                                 chunk_size=chunk_size)
 
