@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,21 @@ def load_trainer_state(ckpt: Path, optimizer: Any | None, scheduler: Any | None 
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return state
+
+
+def prepare_optimization(accelerator: Any, model: Any, params: Any, cfg: OptimConfig, total_steps: int,
+                         ckpt: Path | None, extra_groups: Sequence[dict[str, Any]] = ()) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The optimizer over ``params`` (plus ``extra_groups``, e.g. a value head at its own learning
+    rate), its schedule over ``total_steps``, model and optimizer prepared by accelerate, and the
+    checkpoint's trainer state restored. Returns ``(model, optimizer, scheduler, state)``; ``state``
+    is ``{"step": 0}`` when starting fresh, else what :func:`load_trainer_state` returns."""
+    optimizer = make_optimizer(params, cfg)
+    for group in extra_groups:
+        optimizer.add_param_group(group)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = load_trainer_state(ckpt, optimizer, scheduler) if ckpt is not None else {"step": 0}
+    return model, optimizer, scheduler, state
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -36,10 +36,8 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
     check_finite,
-    load_trainer_state,
-    make_optimizer,
-    make_scheduler,
     peak_memory_mb,
+    prepare_optimization,
     save_checkpoint,
     start_run,
     write_json,
@@ -595,12 +593,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     lengths = train_data.lengths()
     steps_per_epoch = len(plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, 0))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = 0
-    if ckpt is not None:
-        start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"]
+    model, optimizer, scheduler, state = prepare_optimization(accelerator, model, model.parameters(), cfg.optim,
+                                                              total_steps, ckpt)
+    start_step = state["step"]
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)

@@ -33,10 +33,8 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
     check_finite,
-    load_trainer_state,
-    make_optimizer,
-    make_scheduler,
     peak_memory_mb,
+    prepare_optimization,
     save_checkpoint,
     start_run,
     write_json,
@@ -275,12 +273,8 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = len(plan(0))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     params = frozen.parameters() if frozen is not None else model.parameters()
-    optimizer = make_optimizer(params, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = 0
-    if ckpt is not None:
-        start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"]
+    model, optimizer, scheduler, state = prepare_optimization(accelerator, model, params, cfg.optim, total_steps, ckpt)
+    start_step = state["step"]
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)

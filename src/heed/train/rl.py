@@ -52,11 +52,9 @@ from heed.rollout.sampler import row_keys
 from heed.train.collective import Collective, global_mean, global_whiten
 from heed.train.common import (
     check_finite,
-    load_trainer_state,
     make_accelerator,
-    make_optimizer,
-    make_scheduler,
     peak_memory_mb,
+    prepare_optimization,
     save_checkpoint,
     set_seed,
     start_run,
@@ -554,22 +552,19 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         value_head.to(dev)
     if critic is not None:
         critic.to(dev)
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
-    if value_params:
-        optimizer.add_param_group({"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr})
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
+    value_group = ([{"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr}]
+                   if value_params else [])
     # DDP around the policy (the update's forwards go through it); generation, the reference and
     # rollout passes, evaluation and saving use the plain model. The value head / critic stay outside
     # DDP: their gradients are averaged by hand (Collective.average_gradients)
     policy = model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_update = 0
+    model, optimizer, scheduler, saved = prepare_optimization(accelerator, model, model.parameters(), cfg.optim,
+                                                              total_steps, ckpt, value_group)
+    start_update = saved["step"]
     state: dict[str, Any] = {"baseline": None}
     kl_ctl: Any = (algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
                    else algos.FixedKLController(cfg.kl.beta))
     if ckpt is not None:
-        saved = load_trainer_state(ckpt, optimizer, scheduler)
-        start_update = saved["step"]
         extra = saved.get("extra", {})
         kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
         state["baseline"] = extra.get("baseline")
