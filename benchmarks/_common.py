@@ -21,13 +21,6 @@ def run_isolated(script: Path, name: str, args: dict[str, Any], timeout: int = 3
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB (``VmHWM``; ``ru_maxrss`` inherits the parent's)."""
-    from heed.train.common import peak_memory_mb
-
-    return peak_memory_mb()
-
-
 def matmul_peak_flops(n: int = 1536, repeats: int = 10) -> float:
     """Measured fp32 matmul FLOP/s of this machine (best of ``repeats``), the roofline for training."""
     import torch

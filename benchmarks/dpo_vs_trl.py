@@ -33,16 +33,6 @@ from pathlib import Path
 from typing import Any
 
 
-def peak_mb() -> float:
-    import torch
-
-    from heed.train.common import peak_memory_mb
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return peak_memory_mb()
-
-
 def make_data(folder: Path, n: int, seed: int) -> Path:
     from heed.data.io import write_jsonl
     from heed.demo.preferences import make_pairs
@@ -60,6 +50,7 @@ def make_data(folder: Path, n: int, seed: int) -> Path:
 def run_heed(a: dict[str, Any]) -> dict[str, Any]:
     from heed.config import config_from_dict
     from heed.config.dpo import DPOConfig
+    from heed.train.common import peak_memory_mb
     from heed.train.dpo import train_dpo
 
     cfg = config_from_dict(DPOConfig, {
@@ -77,7 +68,7 @@ def run_heed(a: dict[str, Any]) -> dict[str, Any]:
     })
     s = train_dpo(cfg)
     return {"pairs_per_s": s["pairs_per_s"], "train_seconds": s["train_seconds"], "ref_seconds": s["ref_seconds"],
-            "peak_mb": peak_mb()}
+            "peak_mb": peak_memory_mb()}
 
 
 class _Clock:
@@ -94,6 +85,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     from heed.models.loading import load_causal_lm, load_tokenizer
+    from heed.train.common import peak_memory_mb
 
     clock = _Clock()
 
@@ -121,7 +113,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
     trainer.train()
     seconds = clock.end - clock.begin
     return {"pairs_per_s": a["steps"] * a["batch_size"] / seconds, "train_seconds": seconds,
-            "ref_seconds": setup, "peak_mb": peak_mb()}
+            "ref_seconds": setup, "peak_mb": peak_memory_mb()}
 
 
 def first_batch_losses(a: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import matmul_peak_flops, peak_rss_mb, ratio_line, run_isolated
+from _common import matmul_peak_flops, ratio_line, run_isolated
 
 
 def prepare(workdir: Path, size: str, n: int) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def prepare(workdir: Path, size: str, n: int) -> dict[str, Any]:
 def worker_heed(a: dict[str, Any]) -> dict[str, Any]:
     from heed.config import config_from_dict
     from heed.config.sft import SFTConfig
+    from heed.train.common import peak_memory_mb
     from heed.train.sft import train_sft
 
     cfg = config_from_dict(SFTConfig, {
@@ -61,13 +62,15 @@ def worker_heed(a: dict[str, Any]) -> dict[str, Any]:
         "out": a["out"],
     })
     summary = train_sft(cfg)
-    return {"seconds": summary["train_seconds"], "peak_mb": peak_rss_mb(), "loss": summary["train/loss"]}
+    return {"seconds": summary["train_seconds"], "peak_mb": peak_memory_mb(), "loss": summary["train/loss"]}
 
 
 def worker_trl(a: dict[str, Any]) -> dict[str, Any]:
     import transformers
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
+
+    from heed.train.common import peak_memory_mb
 
     transformers.utils.logging.set_verbosity_error()
     ds = load_dataset("json", data_files=a["data"], split="train")
@@ -81,7 +84,7 @@ def worker_trl(a: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "peak_mb": peak_rss_mb(), "loss": out.training_loss}
+    return {"seconds": seconds, "peak_mb": peak_memory_mb(), "loss": out.training_loss}
 
 
 def main() -> None:

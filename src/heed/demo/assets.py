@@ -25,6 +25,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEED_CACHE", Path.home() / ".cache" / "heed"))
 
 
+def spec_key(spec: Any) -> str:
+    """A cache key of a dataclass of build settings: 12 hex digits of the hash of its fields."""
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class BuiltinSpec:
     """Settings of the built-in base + SFT model."""
@@ -42,7 +47,7 @@ class BuiltinSpec:
     version: int = 3  # bump when the build recipe changes, so caches are rebuilt (3: packed documents attend to themselves only)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_key(self)
 
 
 # A much smaller model for fast tests: learns the format, not much more.

@@ -9,7 +9,6 @@ cached like :func:`heed.demo.assets.builtin_sft_model`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from heed.demo.assets import cache_dir
+from heed.demo.assets import cache_dir, spec_key
 from heed.demo.corpus import make_corpus
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
@@ -38,7 +37,7 @@ class ClassifierSpec:
     max_length: int = 96
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return spec_key(self)
 
 
 def tone_examples(n: int, seed: int) -> list[tuple[str, int]]:

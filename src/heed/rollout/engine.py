@@ -21,13 +21,6 @@ Engine = Callable[..., Generation]
 ENGINES = ("heed", "hf", "vllm")
 
 
-def check_vllm() -> None:
-    """One-line errors naming the fix when ``rollout.engine: vllm`` cannot run here."""
-    from heed.rollout.vllm_engine import check_vllm as check
-
-    check()
-
-
 def make_engine(name: str, batch_size: int, model_path: str | None = None, seed: int = 0,
                 vllm_options: dict[str, Any] | None = None) -> Engine:
     """``heed``: Heed's KV-cache sampling loop (:mod:`heed.rollout.sampler`); ``hf``: ``model.generate``

@@ -75,7 +75,7 @@ class VLLMEngine:
             # vLLM's external launcher joins the training processes' group: one engine per rank
             os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
             os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
-            os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
+            os.environ.setdefault("LOCAL_RANK", "0")
         self.sleep_mode = sleep
         self.llm = LLM(
             model=model_path,

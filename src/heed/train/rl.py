@@ -45,10 +45,11 @@ from heed.rollout.batch import (
     rollout_from_generation,
     scatter_response,
 )
-from heed.rollout.engine import Engine, check_vllm, make_engine
+from heed.rollout.engine import Engine, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
 from heed.rollout.logprobs import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.rollout.sampler import row_keys
+from heed.rollout.vllm_engine import check_vllm
 from heed.train.collective import Collective, global_mean, global_whiten
 from heed.train.common import (
     check_finite,
