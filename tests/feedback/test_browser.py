@@ -5,8 +5,6 @@ admin: the downloaded file holds exactly what was chosen."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 import time
 
@@ -15,26 +13,9 @@ import pytest
 from heed.feedback.loadtest import free_port
 from heed.feedback.service import Feedback
 
-CHROMIUM = os.environ.get("HEED_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
-        reason=f"chromium not found at {CHROMIUM} (set HEED_CHROMIUM)",
-    ),
-]
+pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 
@@ -76,14 +57,6 @@ def server(tmp_path, hasher):  # type: ignore[no-untyped-def]
     srv.should_exit = True
     thread.join(10)
     fb.close()
-
-
-@pytest.fixture
-def browser():  # type: ignore[no-untyped-def]
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def settled(page) -> None:  # type: ignore[no-untyped-def]

@@ -1,42 +1,11 @@
 """report.html opened in headless chromium: images decode, tables are there, model text is inert,
 and nothing leaves the page."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from heed.report import write_report
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists() and shutil.which("chromium") is None,
-        reason=f"chromium not found at {CHROMIUM} (apt-get install chromium)",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-        b = p.chromium.launch(executable_path=exe, args=ARGS)
-        yield b
-        b.close()
+pytestmark = pytest.mark.browser
 
 
 def test_report_in_chromium(browser, demo_folder, evil):

@@ -18,16 +18,7 @@ from heed.rollout.sampler import keyed_uniforms, row_keys, sample_next
 PROMPTS = ["What do you think about chess?", "Tell me something about the ocean.", "Is tea worth my time?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one intra-op thread
-    (two busy processes spinning two OpenMP threads each mostly wait on each other)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,7 @@ from heed.errors import ConfigError, DataError, HeedError, TrainingDivergedError
 from heed.train.common import latest_checkpoint
 from heed.train.rl import train_rl
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one intra-op thread
-    (two busy processes spinning two OpenMP threads each mostly wait on each other)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out: Path, **over: Any) -> RLConfig:
