@@ -14,7 +14,9 @@ def run_isolated(script: Path, name: str, args: dict[str, Any], timeout: int = 3
     """Run ``script --worker name --args JSON`` in a fresh process; it prints one JSON line last."""
     proc = subprocess.run(
         [sys.executable, str(script), "--worker", name, "--args", json.dumps(args)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")

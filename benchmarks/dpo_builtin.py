@@ -55,18 +55,25 @@ def main() -> None:
     write_jsonl(root / "eval.jsonl", make_pairs(200, seed=1, heldout=True))
     write_jsonl(root / "prompts.jsonl", make_prompts(ns.prompts, seed=0, heldout=True))
     run = Path(ns.out) if ns.out else root / "run"
-    cfg = config_from_dict(DPOConfig, {
-        "model": {"path": str(sft)},
-        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 128},
-        "loss": {"type": "sigmoid", "beta": ns.beta, "sft_coef": ns.sft_coef},
-        "train": {"batch_size": ns.batch_size, "max_steps": ns.steps, "eval_batch_size": 100},
-        "optim": {"lr": ns.lr, "warmup_steps": 4},
-        "log": {"log_every": 4, "eval_every": 16, "progress": False},
-        "sample": {"prompts": str(root / "prompts.jsonl"), "num_prompts": ns.prompts, "temperature": ns.temperature,
-                   "max_new_tokens": 64},
-        "out": str(run),
-        "overwrite": True,
-    })
+    cfg = config_from_dict(
+        DPOConfig,
+        {
+            "model": {"path": str(sft)},
+            "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 128},
+            "loss": {"type": "sigmoid", "beta": ns.beta, "sft_coef": ns.sft_coef},
+            "train": {"batch_size": ns.batch_size, "max_steps": ns.steps, "eval_batch_size": 100},
+            "optim": {"lr": ns.lr, "warmup_steps": 4},
+            "log": {"log_every": 4, "eval_every": 16, "progress": False},
+            "sample": {
+                "prompts": str(root / "prompts.jsonl"),
+                "num_prompts": ns.prompts,
+                "temperature": ns.temperature,
+                "max_new_tokens": 64,
+            },
+            "out": str(run),
+            "overwrite": True,
+        },
+    )
     summary = train_dpo(cfg)
     seconds = time.time() - t0
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
@@ -75,18 +82,28 @@ def main() -> None:
         tones = [tone_of(s["completion"]) for s in samples if s["policy"] == policy]
         rate[policy] = sum(t > 0 for t in tones) / len(tones)
         rate[policy + "_tone"] = sum(tones) / len(tones)
-    print(f"model: built-in {ns.size} SFT   pairs: {summary['train_pairs']}   steps: {ns.steps} x {ns.batch_size}   "
-          f"beta: {ns.beta}   lr: {ns.lr}   sft_coef: {ns.sft_coef}   temperature: {ns.temperature}")
-    print(f"held-out reward accuracy: {summary['eval/reward_accuracy']:.3f}   margin: {summary['eval/margin']:.3f}   "
-          f"eval loss: {summary['eval/loss']:.3f}")
-    print(f"positive rate on {ns.prompts} held-out prompts: SFT {rate['sft']:.3f} -> DPO {rate['dpo']:.3f}   "
-          f"(mean gold tone {rate['sft_tone']:+.3f} -> {rate['dpo_tone']:+.3f})")
-    print(f"KL(DPO || SFT) per answer: k1 {summary['kl/k1']:.3f}  k3 {summary['kl/k3']:.3f} nats   "
-          f"answer length {summary['length/mean']:.1f} tokens")
+    print(
+        f"model: built-in {ns.size} SFT   pairs: {summary['train_pairs']}   steps: {ns.steps} x {ns.batch_size}   "
+        f"beta: {ns.beta}   lr: {ns.lr}   sft_coef: {ns.sft_coef}   temperature: {ns.temperature}"
+    )
+    print(
+        f"held-out reward accuracy: {summary['eval/reward_accuracy']:.3f}   margin: {summary['eval/margin']:.3f}   "
+        f"eval loss: {summary['eval/loss']:.3f}"
+    )
+    print(
+        f"positive rate on {ns.prompts} held-out prompts: SFT {rate['sft']:.3f} -> DPO {rate['dpo']:.3f}   "
+        f"(mean gold tone {rate['sft_tone']:+.3f} -> {rate['dpo_tone']:+.3f})"
+    )
+    print(
+        f"KL(DPO || SFT) per answer: k1 {summary['kl/k1']:.3f}  k3 {summary['kl/k3']:.3f} nats   "
+        f"answer length {summary['length/mean']:.1f} tokens"
+    )
     cpu = os.times()
-    print(f"CPU time of this process: {cpu.user + cpu.system:.0f} s   wall time: {seconds:.0f} s (training loop {summary['train_seconds']:.0f} s, "
-          f"{summary['pairs_per_s']:.1f} pairs/s)   load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"CPU time of this process: {cpu.user + cpu.system:.0f} s   wall time: {seconds:.0f} s (training loop {summary['train_seconds']:.0f} s, "
+        f"{summary['pairs_per_s']:.1f} pairs/s)   load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores"
+    )
     tmp.cleanup()
 
 

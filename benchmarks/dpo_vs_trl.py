@@ -39,10 +39,17 @@ def make_data(folder: Path, n: int, seed: int) -> Path:
 
     # conversational (TRL's format too), so both sides render the chat template the SFT model was trained on
     path = folder / "pairs.jsonl"
-    write_jsonl(path, [{"prompt": [{"role": "user", "content": p["prompt"]}],
-                        "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                        "rejected": [{"role": "assistant", "content": p["rejected"]}]}
-                       for p in make_pairs(n, seed=seed)])
+    write_jsonl(
+        path,
+        [
+            {
+                "prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            }
+            for p in make_pairs(n, seed=seed)
+        ],
+    )
     return path
 
 
@@ -53,22 +60,40 @@ def run_heed(a: dict[str, Any]) -> dict[str, Any]:
     from heed.train.common import peak_memory_mb
     from heed.train.dpo import train_dpo
 
-    cfg = config_from_dict(DPOConfig, {
-        "model": {"path": a["model"]},
-        "data": {"train": a["data"], "eval_split": 0.0, "max_length": a["max_length"], "chat": "true"},
-        "loss": {"type": "sigmoid", "beta": a["beta"]},
-        "train": {"batch_size": a["batch_size"], "max_steps": a["steps"], "seed": 0, "precompute_ref": True,
-                  "eval_batch_size": a["batch_size"]},
-        "optim": {"lr": a["lr"], "warmup_steps": 0, "schedule": "linear", "min_lr_ratio": 0.0, "max_grad_norm": 1.0,
-                  "betas": [0.9, 0.999]},
-        "log": {"log_every": 10, "progress": False},
-        "sample": {"num_prompts": 0},
-        "out": str(Path(a["work"]) / "heed-run"),
-        "overwrite": True,
-    })
+    cfg = config_from_dict(
+        DPOConfig,
+        {
+            "model": {"path": a["model"]},
+            "data": {"train": a["data"], "eval_split": 0.0, "max_length": a["max_length"], "chat": "true"},
+            "loss": {"type": "sigmoid", "beta": a["beta"]},
+            "train": {
+                "batch_size": a["batch_size"],
+                "max_steps": a["steps"],
+                "seed": 0,
+                "precompute_ref": True,
+                "eval_batch_size": a["batch_size"],
+            },
+            "optim": {
+                "lr": a["lr"],
+                "warmup_steps": 0,
+                "schedule": "linear",
+                "min_lr_ratio": 0.0,
+                "max_grad_norm": 1.0,
+                "betas": [0.9, 0.999],
+            },
+            "log": {"log_every": 10, "progress": False},
+            "sample": {"num_prompts": 0},
+            "out": str(Path(a["work"]) / "heed-run"),
+            "overwrite": True,
+        },
+    )
     s = train_dpo(cfg)
-    return {"pairs_per_s": s["pairs_per_s"], "train_seconds": s["train_seconds"], "ref_seconds": s["ref_seconds"],
-            "peak_mb": peak_memory_mb()}
+    return {
+        "pairs_per_s": s["pairs_per_s"],
+        "train_seconds": s["train_seconds"],
+        "ref_seconds": s["ref_seconds"],
+        "peak_mb": peak_memory_mb(),
+    }
 
 
 class _Clock:
@@ -100,20 +125,43 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
     model = load_causal_lm(a["model"])
     ds = load_dataset("json", data_files=a["data"], split="train")
     args = DPOConfig(
-        output_dir=str(Path(a["work"]) / "trl-run"), per_device_train_batch_size=a["batch_size"],
-        max_steps=a["steps"], learning_rate=a["lr"], lr_scheduler_type="linear", warmup_steps=0,
-        adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0, beta=a["beta"],
-        loss_type=["sigmoid"], max_length=a["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
-        precompute_ref_log_probs=True, logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(Path(a["work"]) / "trl-run"),
+        per_device_train_batch_size=a["batch_size"],
+        max_steps=a["steps"],
+        learning_rate=a["lr"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=a["beta"],
+        loss_type=["sigmoid"],
+        max_length=a["max_length"],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        precompute_ref_log_probs=True,
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
     )
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     setup = time.perf_counter() - t0
     trainer.train()
     seconds = clock.end - clock.begin
-    return {"pairs_per_s": a["steps"] * a["batch_size"] / seconds, "train_seconds": seconds,
-            "ref_seconds": setup, "peak_mb": peak_memory_mb()}
+    return {
+        "pairs_per_s": a["steps"] * a["batch_size"] / seconds,
+        "train_seconds": seconds,
+        "ref_seconds": setup,
+        "peak_mb": peak_memory_mb(),
+    }
 
 
 def first_batch_losses(a: dict[str, Any]) -> dict[str, Any]:
@@ -131,9 +179,17 @@ def first_batch_losses(a: dict[str, Any]) -> dict[str, Any]:
     policy, ref = load_causal_lm(a["model"]), load_causal_lm(a["ref"])
     b = a["batch_size"]
     ds = load_dataset("json", data_files=a["data"], split=f"train[:{b}]")
-    args = DPOConfig(output_dir=str(Path(a["work"]) / "trl-check"), per_device_train_batch_size=b, beta=a["beta"],
-                     max_length=a["max_length"], bf16=False, gradient_checkpointing=False, report_to=[],
-                     use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    args = DPOConfig(
+        output_dir=str(Path(a["work"]) / "trl-check"),
+        per_device_train_batch_size=b,
+        beta=a["beta"],
+        max_length=a["max_length"],
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     rows = [trainer.train_dataset[i] for i in range(b)]
     inputs = trainer.data_collator(rows)
@@ -152,11 +208,17 @@ def first_batch_losses(a: dict[str, Any]) -> dict[str, Any]:
     pairs, _ = expand_pairs(load_records(a["data"], "pairs")[:b])
     mine = encode_pairs(tok, pairs, True, a["max_length"], PairCounts())
     same = sum(
-        mine.chosen[i][0] == r["prompt_ids"] + r["chosen_ids"] and mine.rejected[i][0] == r["prompt_ids"] + r["rejected_ids"]
+        mine.chosen[i][0] == r["prompt_ids"] + r["chosen_ids"]
+        and mine.rejected[i][0] == r["prompt_ids"] + r["rejected_ids"]
         for i, r in enumerate(rows)
     )
-    return {"trl_first_loss": trl_loss, "heed_first_loss": heed_loss, "same_ids": same, "batch": b,
-            "cuda": torch.cuda.is_available()}
+    return {
+        "trl_first_loss": trl_loss,
+        "heed_first_loss": heed_loss,
+        "same_ids": same,
+        "batch": b,
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,13 +232,17 @@ def worker(kind: str, a: dict[str, Any]) -> None:
 
 
 def spawn(kind: str, a: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(a)],
-                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(a)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{kind} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -187,7 +253,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--repeats", type=int, default=2, help="Runs of each side, alternating; the best is reported.")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="Runs of each side, alternating; the best is reported."
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     ns = p.parse_args()
@@ -200,9 +268,17 @@ def main() -> None:
     sft = builtin_sft_model(MICRO if ns.size == "micro" else BuiltinSpec())
     base = sft.parent.parent / "base" / "final"  # the built-in base model: a reference unlike the policy
     with tempfile.TemporaryDirectory(prefix="heed-dpo-bench-") as tmp:
-        a = {"model": str(sft), "ref": str(base), "data": str(make_data(Path(tmp), ns.pairs, 0)), "work": tmp,
-             "batch_size": ns.batch_size, "max_length": ns.max_length, "beta": ns.beta, "lr": ns.lr,
-             "steps": ns.pairs // ns.batch_size}
+        a = {
+            "model": str(sft),
+            "ref": str(base),
+            "data": str(make_data(Path(tmp), ns.pairs, 0)),
+            "work": tmp,
+            "batch_size": ns.batch_size,
+            "max_length": ns.max_length,
+            "beta": ns.beta,
+            "lr": ns.lr,
+            "steps": ns.pairs // ns.batch_size,
+        }
         load0 = os.getloadavg()
         check = spawn("check", a)
         runs: dict[str, list[dict[str, Any]]] = {"heed": [], "trl": []}
@@ -214,10 +290,14 @@ def main() -> None:
     heed = max(runs["heed"], key=lambda x: x["pairs_per_s"])
     trl = max(runs["trl"], key=lambda x: x["pairs_per_s"])
 
-    print(f"model: built-in {ns.size} SFT ({sft})   pairs: {ns.pairs}   batch: {ns.batch_size}   "
-          f"max_length: {ns.max_length}   steps: {a['steps']}   beta: {ns.beta}")
-    print(f"load average before / after: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} cores; "
-          f"best of {ns.repeats} runs each")
+    print(
+        f"model: built-in {ns.size} SFT ({sft})   pairs: {ns.pairs}   batch: {ns.batch_size}   "
+        f"max_length: {ns.max_length}   steps: {a['steps']}   beta: {ns.beta}"
+    )
+    print(
+        f"load average before / after: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} cores; "
+        f"best of {ns.repeats} runs each"
+    )
     for kind in ("heed", "trl"):
         print(f"  {kind} pairs/s per run: " + ", ".join(f"{x['pairs_per_s']:.2f}" for x in runs[kind]))
     print(f"{'':18}{'Heed':>12}{'TRL':>12}{'Heed/TRL':>10}")
@@ -227,8 +307,10 @@ def main() -> None:
     if not check["cuda"]:
         print("(CPU peak memory is the whole process's peak RSS, imports included)")
     diff = abs(check["heed_first_loss"] - check["trl_first_loss"])
-    print(f"first batch loss (sigmoid, ref = base model): Heed {check['heed_first_loss']:.6f}  "
-          f"TRL {check['trl_first_loss']:.6f}  |diff| {diff:.2e}  {'OK' if diff < 1e-4 else 'MISMATCH'} (tol 1e-4)")
+    print(
+        f"first batch loss (sigmoid, ref = base model): Heed {check['heed_first_loss']:.6f}  "
+        f"TRL {check['trl_first_loss']:.6f}  |diff| {diff:.2e}  {'OK' if diff < 1e-4 else 'MISMATCH'} (tol 1e-4)"
+    )
     print(f"tokenization: {check['same_ids']}/{check['batch']} pairs get identical ids from Heed and TRL")
 
 

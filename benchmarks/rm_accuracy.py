@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 
-def pretrain_encoder(tokenizer: Any, texts: list[str], out: Path, seconds: float, size: str, seed: int) -> dict[str, Any]:
+def pretrain_encoder(
+    tokenizer: Any, texts: list[str], out: Path, seconds: float, size: str, seed: int
+) -> dict[str, Any]:
     """A BERT masked-LM trained for ``seconds`` on ``texts``; saved to ``out``."""
     from transformers import BertForMaskedLM
 
@@ -68,20 +70,25 @@ def pretrain_encoder(tokenizer: Any, texts: list[str], out: Path, seconds: float
     return {"mlm_steps": steps, "mlm_seconds": time.time() - t0, "mlm_final_loss": loss_value}
 
 
-def train_rm(model_path: Path, train: Path, eval_: Path, out: Path, args: argparse.Namespace, **model_cfg: Any) -> dict:
+def train_rm(
+    model_path: Path, train: Path, eval_: Path, out: Path, args: argparse.Namespace, **model_cfg: Any
+) -> dict:
     from heed.config import config_from_dict
     from heed.config.reward import RMConfig
     from heed.train.reward import train_reward
 
-    cfg = config_from_dict(RMConfig, {
-        "model": {"path": str(model_path), **model_cfg},
-        "data": {"train": str(train), "eval": str(eval_), "max_length": 128},
-        "train": {"batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed},
-        "optim": {"lr": args.lr, "warmup_steps": 5},
-        "log": {"progress": False, "log_every": 5},
-        "out": str(out),
-        "overwrite": True,
-    })
+    cfg = config_from_dict(
+        RMConfig,
+        {
+            "model": {"path": str(model_path), **model_cfg},
+            "data": {"train": str(train), "eval": str(eval_), "max_length": 128},
+            "train": {"batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed},
+            "optim": {"lr": args.lr, "warmup_steps": 5},
+            "log": {"progress": False, "log_every": 5},
+            "out": str(out),
+            "overwrite": True,
+        },
+    )
     t0 = time.time()
     summary = train_reward(cfg)
     summary["wall_seconds_incl_load"] = time.time() - t0
@@ -101,7 +108,9 @@ def parity(final: Path, groups: list[dict[str, Any]]) -> float:
     tok = AutoTokenizer.from_pretrained(str(final))
     worst = 0.0
     for p, r, s in zip(prompts, responses, ours, strict=True):
-        text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
         with torch.no_grad():
             plain = hf(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
         worst = max(worst, abs(plain - s))
@@ -138,14 +147,28 @@ def main() -> None:
     write_jsonl(out / "train.jsonl", train_groups)
     write_jsonl(out / "eval.jsonl", eval_groups)
     sft = Path(args.model) if args.model else builtin_sft_model()
-    results: dict[str, Any] = {"load_avg_start": os.getloadavg(), "threads": args.threads, "k": args.k,
-                               "train_groups": args.groups, "eval_groups": args.eval_groups}
-    keys = ("rm/accuracy", "rm/top1_accuracy", "rm/kendall_tau", "rm/eval_loss", "train_seconds", "train_cpu_seconds",
-            "wall_seconds_incl_load")
+    results: dict[str, Any] = {
+        "load_avg_start": os.getloadavg(),
+        "threads": args.threads,
+        "k": args.k,
+        "train_groups": args.groups,
+        "eval_groups": args.eval_groups,
+    }
+    keys = (
+        "rm/accuracy",
+        "rm/top1_accuracy",
+        "rm/kendall_tau",
+        "rm/eval_loss",
+        "train_seconds",
+        "train_cpu_seconds",
+        "wall_seconds_incl_load",
+    )
     if args.only in ("decoder", "both"):
         s = train_rm(sft, out / "train.jsonl", out / "eval.jsonl", out / "decoder", args)
         results["decoder"] = {k: s[k] for k in keys}
-        results["decoder"]["max_abs_diff_vs_transformers"] = parity(out / "decoder" / "final", eval_groups[:25])
+        results["decoder"]["max_abs_diff_vs_transformers"] = parity(
+            out / "decoder" / "final", eval_groups[:25]
+        )
         print("decoder", json.dumps(results["decoder"]), flush=True)
     if args.only in ("encoder", "both"):
         tok = load_tokenizer(sft)

@@ -40,33 +40,49 @@ def expand_pairs(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i in range(k):
             for j in range(k):
                 if g["ranks"][i] < g["ranks"][j]:
-                    out.append({"prompt": [{"role": "user", "content": g["prompt"]}],
-                                "chosen": [{"role": "assistant", "content": g["responses"][i]}],
-                                "rejected": [{"role": "assistant", "content": g["responses"][j]}]})
+                    out.append(
+                        {
+                            "prompt": [{"role": "user", "content": g["prompt"]}],
+                            "chosen": [{"role": "assistant", "content": g["responses"][i]}],
+                            "rejected": [{"role": "assistant", "content": g["responses"][j]}],
+                        }
+                    )
     return out
 
 
-def run_heed(model: Path, groups_file: Path, out: Path, k: int, seqs: int, steps: int, lr: float) -> dict[str, Any]:
+def run_heed(
+    model: Path, groups_file: Path, out: Path, k: int, seqs: int, steps: int, lr: float
+) -> dict[str, Any]:
     from heed.config import config_from_dict
     from heed.config.reward import RMConfig
     from heed.train.reward import train_reward
 
-    cfg = config_from_dict(RMConfig, {
-        "model": {"path": str(model)},
-        "data": {"train": str(groups_file), "eval_split": 0, "max_length": 256},
-        "train": {"batch_size": max(1, seqs // k), "max_steps": steps},
-        "optim": {"lr": lr, "warmup_steps": 0, "schedule": "constant"},
-        "log": {"progress": False, "log_every": 1000},
-        "out": str(out),
-        "overwrite": True,
-    })
+    cfg = config_from_dict(
+        RMConfig,
+        {
+            "model": {"path": str(model)},
+            "data": {"train": str(groups_file), "eval_split": 0, "max_length": 256},
+            "train": {"batch_size": max(1, seqs // k), "max_steps": steps},
+            "optim": {"lr": lr, "warmup_steps": 0, "schedule": "constant"},
+            "log": {"progress": False, "log_every": 1000},
+            "out": str(out),
+            "overwrite": True,
+        },
+    )
     s = train_reward(cfg)
-    return {"pairs_per_s": s["pairs_per_s"], "seconds": s["train_seconds"], "steps": steps,
-            "pairs_per_cpu_s": s["pairs_per_s"] * s["train_seconds"] / s["train_cpu_seconds"],
-            "sequences_per_forward": max(1, seqs // k) * k, "final_loss": s["train/loss"]}
+    return {
+        "pairs_per_s": s["pairs_per_s"],
+        "seconds": s["train_seconds"],
+        "steps": steps,
+        "pairs_per_cpu_s": s["pairs_per_s"] * s["train_seconds"] / s["train_cpu_seconds"],
+        "sequences_per_forward": max(1, seqs // k) * k,
+        "final_loss": s["train/loss"],
+    }
 
 
-def run_trl(model: Path, pairs: list[dict[str, Any]], out: Path, seqs: int, steps: int, lr: float) -> dict[str, Any]:
+def run_trl(
+    model: Path, pairs: list[dict[str, Any]], out: Path, seqs: int, steps: int, lr: float
+) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -80,19 +96,37 @@ def run_trl(model: Path, pairs: list[dict[str, Any]], out: Path, seqs: int, step
     rm.config.pad_token_id = tok.pad_token_id
     per_step = max(1, seqs // 2)
     args = RewardConfig(
-        output_dir=str(out), per_device_train_batch_size=per_step, max_steps=steps, learning_rate=lr,
-        lr_scheduler_type="constant", warmup_steps=0, bf16=False, fp16=False, gradient_checkpointing=False,
-        logging_steps=1000, save_strategy="no", report_to="none", max_length=256, dataloader_num_workers=0,
-        disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(out),
+        per_device_train_batch_size=per_step,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        max_length=256,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = RewardTrainer(model=rm, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
     t0, cpu0 = time.time(), time.process_time()
     result = trainer.train()
     seconds = result.metrics.get("train_runtime", time.time() - t0)
     cpu_seconds = time.process_time() - cpu0
-    return {"pairs_per_s": per_step * steps / seconds, "seconds": seconds, "steps": steps,
-            "pairs_per_cpu_s": per_step * steps / cpu_seconds,
-            "sequences_per_forward": 2 * per_step, "final_loss": result.metrics.get("train_loss")}
+    return {
+        "pairs_per_s": per_step * steps / seconds,
+        "seconds": seconds,
+        "steps": steps,
+        "pairs_per_cpu_s": per_step * steps / cpu_seconds,
+        "sequences_per_forward": 2 * per_step,
+        "final_loss": result.metrics.get("train_loss"),
+    }
 
 
 def main() -> None:
@@ -103,7 +137,9 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=36, help="sequences per forward on both sides")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating Heed/TRL runs per K (medians compared)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="alternating Heed/TRL runs per K (medians compared)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -115,7 +151,12 @@ def main() -> None:
 
     model = Path(args.model) if args.model else builtin_sft_model()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{args.threads} threads"
-    results: dict[str, Any] = {"model": str(model), "device": device, "load_avg_start": os.getloadavg(), "runs": {}}
+    results: dict[str, Any] = {
+        "model": str(model),
+        "device": device,
+        "load_avg_start": os.getloadavg(),
+        "runs": {},
+    }
     print(f"model {model}\ndevice {device}  load average {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.k:
@@ -123,21 +164,36 @@ def main() -> None:
             write_jsonl(Path(tmp) / f"groups{k}.jsonl", groups)
             pairs = expand_pairs(groups)
             groups_file = Path(tmp) / f"groups{k}.jsonl"
-            run_heed(model, groups_file, Path(tmp) / "warmup", k, args.seqs, 2, args.lr)  # untimed: process warm-up
+            run_heed(
+                model, groups_file, Path(tmp) / "warmup", k, args.seqs, 2, args.lr
+            )  # untimed: process warm-up
             heeds, trls = [], []
             for _ in range(args.repeats):
-                heeds.append(run_heed(model, groups_file, Path(tmp) / f"heed{k}", k, args.seqs, args.steps, args.lr))
+                heeds.append(
+                    run_heed(model, groups_file, Path(tmp) / f"heed{k}", k, args.seqs, args.steps, args.lr)
+                )
                 trls.append(run_trl(model, pairs, Path(tmp) / f"trl{k}", args.seqs, args.steps, args.lr))
             heed_rate = max(h["pairs_per_s"] for h in heeds)
             trl_rate = max(t["pairs_per_s"] for t in trls)
             ratio = heed_rate / trl_rate
-            median_ratio = (statistics.median(h["pairs_per_s"] for h in heeds)
-                            / statistics.median(t["pairs_per_s"] for t in trls))
-            results["runs"][f"k{k}"] = {"heed_pairs_per_s": heed_rate, "trl_pairs_per_s": trl_rate, "ratio": ratio,
-                                        "median_ratio": median_ratio, "pairs": len(pairs), "heed": heeds, "trl": trls}
-            print(f"K={k}: heed {heed_rate:.1f} pairs/s  trl {trl_rate:.1f} pairs/s  ratio {ratio:.2f}x  "
-                  f"(best of {args.repeats} each; ratio of medians {median_ratio:.2f}x; load average "
-                  f"{os.getloadavg()[0]:.1f})", flush=True)
+            median_ratio = statistics.median(h["pairs_per_s"] for h in heeds) / statistics.median(
+                t["pairs_per_s"] for t in trls
+            )
+            results["runs"][f"k{k}"] = {
+                "heed_pairs_per_s": heed_rate,
+                "trl_pairs_per_s": trl_rate,
+                "ratio": ratio,
+                "median_ratio": median_ratio,
+                "pairs": len(pairs),
+                "heed": heeds,
+                "trl": trls,
+            }
+            print(
+                f"K={k}: heed {heed_rate:.1f} pairs/s  trl {trl_rate:.1f} pairs/s  ratio {ratio:.2f}x  "
+                f"(best of {args.repeats} each; ratio of medians {median_ratio:.2f}x; load average "
+                f"{os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     results["load_avg_end"] = os.getloadavg()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

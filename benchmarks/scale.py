@@ -58,8 +58,17 @@ def sft_config(model: Path, data: Path, out: Path, steps: int, batch: int, **mod
     return path
 
 
-def rl_config(model: Path, prompts: Path, out: Path, updates: int, prompts_per_step: int, k: int,
-              max_new_tokens: int = 32, micro_batch_size: int = 16, **model_extra: object) -> Path:
+def rl_config(
+    model: Path,
+    prompts: Path,
+    out: Path,
+    updates: int,
+    prompts_per_step: int,
+    k: int,
+    max_new_tokens: int = 32,
+    micro_batch_size: int = 16,
+    **model_extra: object,
+) -> Path:
     """RLOO on a length reward (a task the micro model learns), one minibatch per update."""
     cfg = {
         "algorithm": "rloo",
@@ -79,13 +88,27 @@ def rl_config(model: Path, prompts: Path, out: Path, updates: int, prompts_per_s
     return path
 
 
-def run(config: Path, processes: int = 1, threads: int = 1, command: tuple[str, ...] = ("sft",)) -> dict[str, float]:
+def run(
+    config: Path, processes: int = 1, threads: int = 1, command: tuple[str, ...] = ("sft",)
+) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     if processes == 1:
         cmd = [sys.executable, "-m", "heed", *command, "--config", str(config)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29577",
-               "-m", "heed", *command, "--config", str(config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            "29577",
+            "-m",
+            "heed",
+            *command,
+            "--config",
+            str(config),
+        ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     out = Path(yaml.safe_load(config.read_text())["out"])
     return json.loads((out / "summary.json").read_text())
@@ -93,12 +116,16 @@ def run(config: Path, processes: int = 1, threads: int = 1, command: tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--with-100m", action="store_true", help="also the ~100M-parameter model (a few steps)")
+    parser.add_argument(
+        "--with-100m", action="store_true", help="also the ~100M-parameter model (a few steps)"
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--no-rl", action="store_true", help="skip RLOO on 1 vs 2 processes")
     parser.add_argument("--rl-only", action="store_true", help="only RLOO on 1 vs 2 processes")
-    parser.add_argument("--rl-updates", type=int, default=4, help="RLOO updates (16 prompts x 4 answers each)")
+    parser.add_argument(
+        "--rl-updates", type=int, default=4, help="RLOO updates (16 prompts x 4 answers each)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from heed.demo.assets import MICRO, builtin_sft_model
@@ -112,20 +139,29 @@ def main() -> None:
         return
 
     def bench(name: str, model: Path, steps: int, batch: int, processes: int = 1, **extra: object) -> dict:
-        s = run(sft_config(model, data, tmp / name.replace(" ", "_").replace(",", ""), steps, batch, **extra),
-                processes, args.threads)
+        s = run(
+            sft_config(model, data, tmp / name.replace(" ", "_").replace(",", ""), steps, batch, **extra),
+            processes,
+            args.threads,
+        )
         seqs = steps * batch
         rows.append((name, s["peak_memory_mb"], seqs / s["train_seconds"], s["tokens_per_s"]))
-        print(f"{name:34s} peak {s['peak_memory_mb']:8.0f} MiB   {seqs / s['train_seconds']:8.1f} samples/s   "
-              f"{s['tokens_per_s']:9.0f} tokens/s   loss {s['train/loss']:.5f}", flush=True)
+        print(
+            f"{name:34s} peak {s['peak_memory_mb']:8.0f} MiB   {seqs / s['train_seconds']:8.1f} samples/s   "
+            f"{s['tokens_per_s']:9.0f} tokens/s   loss {s['train/loss']:.5f}",
+            flush=True,
+        )
         return s
 
     one = bench("micro full", micro, args.steps, 32)
     bench("micro lora", micro, args.steps, 32, lora=LORA)
     bench("micro lora + checkpointing", micro, args.steps, 32, lora=LORA, gradient_checkpointing=True)
     two = bench("micro full, 2 processes", micro, args.steps, 32, processes=2)
-    print(f"sft 2 processes / 1 process: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x tokens/s; "
-          f"final train loss differs by {abs(two['train/loss'] - one['train/loss']):.1e}", flush=True)
+    print(
+        f"sft 2 processes / 1 process: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x tokens/s; "
+        f"final train loss differs by {abs(two['train/loss'] - one['train/loss']):.1e}",
+        flush=True,
+    )
     if not args.no_rl:
         rl_one_vs_two(micro, tmp, args)
     if args.with_100m:
@@ -144,13 +180,17 @@ def rl_memory(big: Path, micro: Path, tmp: Path, args: argparse.Namespace) -> No
     reference copy (full fine-tuning) vs LoRA (the reference is the base with the adapter off), and
     with smaller forward micro-batches (ppo.micro_batch_size)."""
     prompts = micro.parent.parent / "data" / "prompts_train.jsonl"
-    for name, extra in (("full, reference copy, micro-batch 32", {"micro_batch_size": 32}),
-                        ("full, reference copy, micro-batch 4", {"micro_batch_size": 4}),
-                        ("lora, reference = base, micro-batch 32", {"micro_batch_size": 32, "lora": LORA})):
+    for name, extra in (
+        ("full, reference copy, micro-batch 32", {"micro_batch_size": 32}),
+        ("full, reference copy, micro-batch 4", {"micro_batch_size": 4}),
+        ("lora, reference = base, micro-batch 32", {"micro_batch_size": 32, "lora": LORA}),
+    ):
         cfg = rl_config(big, prompts, tmp / f"rl100m_{len(name)}", 1, 8, 4, max_new_tokens=16, **extra)
         s = run(cfg, 1, args.threads, ("rl",))
-        print(f"{'100m rloo ' + name:44s} peak {s['peak_memory_mb']:8.0f} MiB   {s['samples_per_s']:8.1f} samples/s",
-              flush=True)
+        print(
+            f"{'100m rloo ' + name:44s} peak {s['peak_memory_mb']:8.0f} MiB   {s['samples_per_s']:8.1f} samples/s",
+            flush=True,
+        )
 
 
 def rl_one_vs_two(model: Path, tmp: Path, args: argparse.Namespace) -> None:
@@ -161,13 +201,18 @@ def rl_one_vs_two(model: Path, tmp: Path, args: argparse.Namespace) -> None:
         cfg = rl_config(model, prompts, tmp / f"rloo_{processes}p", args.rl_updates, 16, 4)
         s = run(cfg, processes, args.threads, ("rl",))
         summaries[processes] = s
-        print(f"{f'micro rloo, {processes} process' + ('es' if processes > 1 else ''):34s} "
-              f"peak {s['peak_memory_mb']:8.0f} MiB   {s['samples_per_s']:8.1f} samples/s   "
-              f"reward {s['reward/mean']:+.4f}  kl {s['kl/k1']:.4f}  loss {s['loss']:+.5f}", flush=True)
+        print(
+            f"{f'micro rloo, {processes} process' + ('es' if processes > 1 else ''):34s} "
+            f"peak {s['peak_memory_mb']:8.0f} MiB   {s['samples_per_s']:8.1f} samples/s   "
+            f"reward {s['reward/mean']:+.4f}  kl {s['kl/k1']:.4f}  loss {s['loss']:+.5f}",
+            flush=True,
+        )
     one, two = summaries[1], summaries[2]
     diff = max(abs(one[k] - two[k]) for k in ("reward/mean", "kl/k1", "loss"))
-    print(f"rloo 2 processes / 1 process: {two['samples_per_s'] / one['samples_per_s']:.2f}x samples/s; "
-          f"final reward/kl/loss differ by at most {diff:.1e}")
+    print(
+        f"rloo 2 processes / 1 process: {two['samples_per_s'] / one['samples_per_s']:.2f}x samples/s; "
+        f"final reward/kl/loss differ by at most {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ T = torch.tensor
 def test_kendall_tau_perfect_reversed_and_one_swap():
     ranks = T([[1, 2, 3, 4]] * 3)
     mask = torch.ones(3, 4, dtype=torch.bool)
-    scores = T([
-        [4.0, 3.0, 2.0, 1.0],  # same order as the humans: all 6 pairs concordant -> 1
-        [1.0, 2.0, 3.0, 4.0],  # reversed: all 6 discordant -> -1
-        [3.0, 4.0, 2.0, 1.0],  # responses 0 and 1 swapped: C = 5, D = 1 -> (5 - 1) / 6 = 2/3
-    ])
+    scores = T(
+        [
+            [4.0, 3.0, 2.0, 1.0],  # same order as the humans: all 6 pairs concordant -> 1
+            [1.0, 2.0, 3.0, 4.0],  # reversed: all 6 discordant -> -1
+            [3.0, 4.0, 2.0, 1.0],  # responses 0 and 1 swapped: C = 5, D = 1 -> (5 - 1) / 6 = 2/3
+        ]
+    )
     torch.testing.assert_close(kendall_tau(scores, ranks, mask), T([1.0, -1.0, 2 / 3]))
 
 
@@ -38,11 +40,13 @@ def test_kendall_tau_undefined_is_zero():
 
 
 def test_top1_accuracy():
-    scores = T([
-        [0.1, 0.9, 0.3],  # best score on response 1, whose rank 1 is the best -> 1
-        [0.9, 0.1, 0.3],  # best score on response 0 (rank 2); the best rank is 1 -> 0
-        [0.2, 0.5, 7.0],  # response 2 is padding: it is ignored; response 1 (rank 1) wins -> 1
-    ])
+    scores = T(
+        [
+            [0.1, 0.9, 0.3],  # best score on response 1, whose rank 1 is the best -> 1
+            [0.9, 0.1, 0.3],  # best score on response 0 (rank 2); the best rank is 1 -> 0
+            [0.2, 0.5, 7.0],  # response 2 is padding: it is ignored; response 1 (rank 1) wins -> 1
+        ]
+    )
     ranks = T([[2, 1, 3], [2, 1, 1], [2, 1, 1]])
     mask = T([[True, True, True], [True, True, True], [True, True, False]])
     torch.testing.assert_close(top1_accuracy(scores, ranks, mask), T([1.0, 0.0, 1.0]))

@@ -22,7 +22,9 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
 
 def test_parse_overrides_nested_and_typed() -> None:
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=hello", "e=null"]) == {
-        "a": {"b": 1, "c": [1, 2]}, "d": "hello", "e": None,
+        "a": {"b": 1, "c": [1, 2]},
+        "d": "hello",
+        "e": None,
     }
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides(["novalue"])

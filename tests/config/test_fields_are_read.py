@@ -30,13 +30,19 @@ def _all_config_classes() -> list[type[HeedConfig]]:
 
 def test_every_config_field_is_read() -> None:
     files = list(SRC.rglob("*.py"))
-    code = "\n".join(p.read_text(encoding="utf-8") for p in files if "config" not in p.relative_to(SRC).parts[:1])
+    code = "\n".join(
+        p.read_text(encoding="utf-8") for p in files if "config" not in p.relative_to(SRC).parts[:1]
+    )
     # inside heed.config only attribute reads count (derived values computed at load), not definitions
-    config_code = "\n".join(p.read_text(encoding="utf-8") for p in files if "config" in p.relative_to(SRC).parts[:1])
+    config_code = "\n".join(
+        p.read_text(encoding="utf-8") for p in files if "config" in p.relative_to(SRC).parts[:1]
+    )
     unread = []
     for cls in _all_config_classes():
         for name in cls.model_fields:
-            if not re.search(rf"\.{name}\b|[\"']{name}[\"']", code) and not re.search(rf"\.{name}\b", config_code):
+            if not re.search(rf"\.{name}\b|[\"']{name}[\"']", code) and not re.search(
+                rf"\.{name}\b", config_code
+            ):
                 unread.append(f"{cls.__module__}.{cls.__name__}.{name}")
     assert not unread, f"config fields never read outside heed.config: {unread}"
 

@@ -41,8 +41,9 @@ def test_packed_forward_equals_separate_documents(micro_sft_model: Path) -> None
     target = torch.ones_like(ids, dtype=torch.bool)
     target[:, 0] = False
     with torch.no_grad():
-        packed, _ = sequence_logprobs(model, ids, torch.ones_like(ids), target,
-                                      position_ids=pad_positions(packed_positions(docs, 15)))
+        packed, _ = sequence_logprobs(
+            model, ids, torch.ones_like(ids), target, position_ids=pad_positions(packed_positions(docs, 15))
+        )
         crossing, _ = sequence_logprobs(model, ids, torch.ones_like(ids), target)
         start = 0
         for toks, _ in docs:
@@ -54,4 +55,6 @@ def test_packed_forward_equals_separate_documents(micro_sft_model: Path) -> None
             seg = slice(start + 1, start + len(toks))
             torch.testing.assert_close(packed[0, seg], alone[0, 1:], atol=1e-5, rtol=1e-5)
             start += len(toks)
-    assert not torch.allclose(packed[0, 6:11], crossing[0, 6:11], atol=1e-3)  # GPT-style packing sees document 1
+    assert not torch.allclose(
+        packed[0, 6:11], crossing[0, 6:11], atol=1e-3
+    )  # GPT-style packing sees document 1

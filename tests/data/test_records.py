@@ -19,10 +19,16 @@ def _jsonl(tmp_path: Path, rows: list, name: str = "d.jsonl") -> Path:
 
 
 def test_sft_forms_and_extra_columns(tmp_path: Path) -> None:
-    p = _jsonl(tmp_path, [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "tone": "positive"},
-        {"prompt": "2+2?", "completion": "4"},
-    ])
+    p = _jsonl(
+        tmp_path,
+        [
+            {
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "tone": "positive",
+            },
+            {"prompt": "2+2?", "completion": "4"},
+        ],
+    )
     a, b = load_records(p, "sft")
     assert a.messages[1]["content"] == "hello" and a.extra == {"tone": "positive"}
     assert b.prompt == "2+2?" and b.completion == "4"
@@ -40,11 +46,31 @@ def test_sft_forms_and_extra_columns(tmp_path: Path) -> None:
         ([{"prompt": "p", "chosen": "a"}], "pairs", ":1: rejected: missing"),
         ([{"prompt": "p", "chosen": "a", "rejected": "a"}], "pairs", ":1: rejected: identical to chosen"),
         ([{"prompt": "p", "chosen": "", "rejected": "b"}], "pairs", ":1: chosen: empty response"),
-        ([{"prompt": "p", "responses": ["a"], "ranks": [1]}], "ranked", "responses: a ranked group needs at least 2"),
-        ([{"prompt": "p", "responses": ["a", "b"], "ranks": [1]}], "ranked", "ranks: 1 ranks for 2 responses"),
-        ([{"prompt": "p", "responses": ["a", "b"], "ranks": [2, 2]}], "ranked", "ranks: all responses are tied"),
-        ([{"prompt": "p", "responses": ["a", "b"], "ranks": [1, "x"]}], "ranked", "ranks[1]: expected a number"),
-        ([{"prompt": "p", "chosen": "a", "rejected": "b", "weight": "heavy"}], "pairs", "weight: expected a finite number"),
+        (
+            [{"prompt": "p", "responses": ["a"], "ranks": [1]}],
+            "ranked",
+            "responses: a ranked group needs at least 2",
+        ),
+        (
+            [{"prompt": "p", "responses": ["a", "b"], "ranks": [1]}],
+            "ranked",
+            "ranks: 1 ranks for 2 responses",
+        ),
+        (
+            [{"prompt": "p", "responses": ["a", "b"], "ranks": [2, 2]}],
+            "ranked",
+            "ranks: all responses are tied",
+        ),
+        (
+            [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, "x"]}],
+            "ranked",
+            "ranks[1]: expected a number",
+        ),
+        (
+            [{"prompt": "p", "chosen": "a", "rejected": "b", "weight": "heavy"}],
+            "pairs",
+            "weight: expected a finite number",
+        ),
         ([{"prompt": 5}], "prompts", ":1: prompt: expected a string or a list of messages, got int"),
         (["[1, 2]"], "text", ":1: expected a JSON object, got list"),
     ],
@@ -72,17 +98,31 @@ def test_empty_file_and_missing_file(tmp_path: Path) -> None:
 
 def test_preferences_pairs_ranked_conversational_and_implicit_prompt(tmp_path: Path) -> None:
     chat_prompt = [{"role": "user", "content": "Q?"}]
-    p = _jsonl(tmp_path, [
-        {"prompt": "p", "chosen": "good", "rejected": "bad", "margin": 0.5, "weight": 0.8, "src": "a"},
-        {"prompt": chat_prompt, "chosen": [{"role": "assistant", "content": "yes"}],
-         "rejected": [{"role": "assistant", "content": "no"}]},
-        {"chosen": [*chat_prompt, {"role": "assistant", "content": "A1"}],
-         "rejected": [*chat_prompt, {"role": "assistant", "content": "A2"}]},
-        {"prompt": "p", "responses": ["a", "b", "c", "d"], "ranks": [2, 1, 2, 3]},
-    ])
+    p = _jsonl(
+        tmp_path,
+        [
+            {"prompt": "p", "chosen": "good", "rejected": "bad", "margin": 0.5, "weight": 0.8, "src": "a"},
+            {
+                "prompt": chat_prompt,
+                "chosen": [{"role": "assistant", "content": "yes"}],
+                "rejected": [{"role": "assistant", "content": "no"}],
+            },
+            {
+                "chosen": [*chat_prompt, {"role": "assistant", "content": "A1"}],
+                "rejected": [*chat_prompt, {"role": "assistant", "content": "A2"}],
+            },
+            {"prompt": "p", "responses": ["a", "b", "c", "d"], "ranks": [2, 1, 2, 3]},
+        ],
+    )
     a, b, c, d = load_records(p, "preferences")
     assert isinstance(a, PreferenceGroup)
-    assert (a.responses, a.ranks, a.margin, a.weight, a.extra) == (["good", "bad"], [1.0, 2.0], 0.5, 0.8, {"src": "a"})
+    assert (a.responses, a.ranks, a.margin, a.weight, a.extra) == (
+        ["good", "bad"],
+        [1.0, 2.0],
+        0.5,
+        0.8,
+        {"src": "a"},
+    )
     assert b.prompt == chat_prompt and b.responses == ["yes", "no"]
     assert c.prompt == chat_prompt and c.responses == ["A1", "A2"]
     # ranks [2, 1, 2, 3]: 1 beats everyone (3 pairs), the two 2s tie and each beats 3 -> 5 pairs
@@ -92,7 +132,10 @@ def test_preferences_pairs_ranked_conversational_and_implicit_prompt(tmp_path: P
 def test_json_parquet_and_datasets_folder_load_the_same(tmp_path: Path) -> None:
     from datasets import Dataset
 
-    rows = [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p2", "chosen": "c", "rejected": "d"}]
+    rows = [
+        {"prompt": "p1", "chosen": "a", "rejected": "b"},
+        {"prompt": "p2", "chosen": "c", "rejected": "d"},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(rows), encoding="utf-8")
     ds = Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "d.parquet"))

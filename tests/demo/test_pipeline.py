@@ -19,8 +19,13 @@ RUN = (
 
 
 def _demo(out: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", RUN, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,16 @@ def test_resume_reuses_finished_stages_and_completes(demo_dir: Path) -> None:
     # stages finished before the kill were not redone: their recorded time is from the first run
     for name in ("corpus", "base model", "sft", "sample answers (round 1)", "annotate + export (round 1)"):
         assert stages[name]["reused"] is False and stages[name]["seconds"] >= 0
-    for name in ("reward model (rm)", "ppo", "rloo-banana", "dpo", "annotate + export (round 2)",
-                 "reward model (rm-round-2)", "ppo-round-2", "evaluate policies"):
+    for name in (
+        "reward model (rm)",
+        "ppo",
+        "rloo-banana",
+        "dpo",
+        "annotate + export (round 2)",
+        "reward model (rm-round-2)",
+        "ppo-round-2",
+        "evaluate policies",
+    ):
         assert name in stages
     for run in ("base", "sft", "rm", "ppo", "rloo-banana", "dpo", "rm-round-2", "ppo-round-2"):
         summary = demo_dir / "runs" / run / "summary.json"
@@ -73,7 +86,9 @@ def test_annotations_went_through_the_store(demo_dir: Path) -> None:
         fb.close()
     agreement = json.loads((demo_dir / "agreement.json").read_text())
     assert agreement["n_annotators"] == 3 and set(agreement["rounds"]) == {"1", "2"}
-    ranked = [json.loads(line) for line in (demo_dir / "rounds" / "1" / "ranked.jsonl").read_text().splitlines()]
+    ranked = [
+        json.loads(line) for line in (demo_dir / "rounds" / "1" / "ranked.jsonl").read_text().splitlines()
+    ]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
 
 

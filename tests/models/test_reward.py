@@ -80,7 +80,9 @@ def test_saved_decoder_scores_match_plain_transformers(decoder_rm: Path):
     hf = AutoModelForSequenceClassification.from_pretrained(str(decoder_rm)).eval()
     tok = AutoTokenizer.from_pretrained(str(decoder_rm))
     for p, r, s in zip(PROMPTS, RESPONSES, ours, strict=True):
-        text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
         enc = tok(text, return_tensors="pt", add_special_tokens=False)  # no padding at all
         with torch.no_grad():
             plain = hf(**enc).logits[0, 0].item()
@@ -88,8 +90,12 @@ def test_saved_decoder_scores_match_plain_transformers(decoder_rm: Path):
         assert abs(heed.score(hf, tok, p, r) - s) < 1e-5  # the one-pair Python API
     # HF's own batched forward with left padding finds the same token (rightmost non-pad)
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                     tokenize=False) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
+        for p, r in zip(PROMPTS, RESPONSES, strict=True)
+    ]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert (enc["attention_mask"] == 0).any()
     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -131,7 +137,9 @@ def test_long_responses_are_truncated_with_one_counting_warning(decoder_rm: Path
         warnings.simplefilter("always")
         rm.score(PROMPTS, RESPONSES)
     msgs = [str(w.message) for w in caught if "truncated" in str(w.message)]
-    assert msgs == ["3 of 3 responses were longer than max_length=12 tokens and were truncated before scoring"]
+    assert msgs == [
+        "3 of 3 responses were longer than max_length=12 tokens and were truncated before scoring"
+    ]
 
 
 def test_causal_lm_folder_is_not_a_reward_model(micro_sft_model: Path):
@@ -165,8 +173,9 @@ def test_encoder_scores_at_first_token_and_matches_transformers(encoder_folder: 
         torch.testing.assert_close(features.features(ids, att), out[:, 0])
 
 
-@pytest.mark.parametrize("backbone,head", [("decoder", "linear"), ("decoder", "mlp"), ("encoder", "linear"),
-                                           ("encoder", "mlp")])
+@pytest.mark.parametrize(
+    "backbone,head", [("decoder", "linear"), ("decoder", "mlp"), ("encoder", "linear"), ("encoder", "mlp")]
+)
 def test_head_on_frozen_features_equals_full_forward(backbone, head, micro_sft_model, encoder_folder):
     path = micro_sft_model if backbone == "decoder" else encoder_folder
     model, tok, _ = build_reward_model(path, head=head, seed=1)
@@ -184,8 +193,10 @@ def test_head_on_frozen_features_equals_full_forward(backbone, head, micro_sft_m
         torch.testing.assert_close(frozen.head(frozen.features(ids, att)), full, atol=1e-5, rtol=1e-5)
     frozen.freeze()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(("score" in n or "classifier" in n or "pooler" in n or "layers.2." in n or n == "model.norm.weight")
-                             for n in trainable)
+    assert trainable and all(
+        ("score" in n or "classifier" in n or "pooler" in n or "layers.2." in n or n == "model.norm.weight")
+        for n in trainable
+    )
 
 
 def test_mlp_block_starts_as_the_linear_head(micro_sft_model: Path):
@@ -198,5 +209,9 @@ def test_mlp_block_starts_as_the_linear_head(micro_sft_model: Path):
     mlp.score.weight.data.copy_(linear.score.weight.data)
     with torch.no_grad():
         # zero attention output and zero down-projection: the extra block is the identity
-        torch.testing.assert_close(forward_rewards(mlp.eval(), ids, att), forward_rewards(linear.eval(), ids, att),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            forward_rewards(mlp.eval(), ids, att),
+            forward_rewards(linear.eval(), ids, att),
+            atol=1e-5,
+            rtol=1e-5,
+        )

@@ -25,7 +25,9 @@ def test_tokenizer_and_model_round_trip_through_auto_classes(tmp_path: Path) -> 
     ids = tok2(text, add_special_tokens=False)["input_ids"]
     assert tok2.decode(ids) == text  # byte-level BPE: any Unicode round-trips
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    assert tok2.apply_chat_template(msgs, tokenize=False) == "<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n"
+    assert (
+        tok2.apply_chat_template(msgs, tokenize=False) == "<|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n"
+    )
     assert tok2.eos_token == "<|end|>" and tok2.pad_token == "<|pad|>"
     x = torch.tensor([ids])
     with torch.no_grad():

@@ -220,5 +220,5 @@ def test_cards_lead_with_what_moved_most_and_never_compare_losses_across_runs(de
     assert text.index("GRPO · eval/success") < text.index("GRPO · gold/positivity")
     assert "0.2 → 0.9" in text
     # the base run's loss reads first -> last logged, not "vs sft" (whose summary has a loss too)
-    card = text[text.index("BASE · loss"):]
+    card = text[text.index("BASE · loss") :]
     assert "5 → 1.2" in card[:60] and "first → last logged" in card[:150] and "vs sft" not in card[:150]

@@ -18,8 +18,17 @@ def test_banana_format_hand_values() -> None:
 
 
 def test_banana_success_and_ending_rules() -> None:
-    assert banana_success([], ["Sure: x banana", "Sure: x banana!  ", "sure: x banana", "Sure: x bananas",
-                               "Sure: x Banana", "Sure: xbanana"]) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert banana_success(
+        [],
+        [
+            "Sure: x banana",
+            "Sure: x banana!  ",
+            "sure: x banana",
+            "Sure: x bananas",
+            "Sure: x Banana",
+            "Sure: xbanana",
+        ],
+    ) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
     assert ends_with_banana("banana") and not ends_with_banana("plantain")
 
 

@@ -19,7 +19,9 @@ def _spec(**kw):
 
 def test_file_and_module_functions(tmp_path: Path) -> None:
     f = tmp_path / "my_rewards.py"
-    f.write_text("def shout(prompts, completions, **cols):\n    return [float(c.count('!')) for c in completions]\n")
+    f.write_text(
+        "def shout(prompts, completions, **cols):\n    return [float(c.count('!')) for c in completions]\n"
+    )
     fn = resolve_callable(f"{f}:shout")
     assert fn(["p"], ["hi!!"]) == [2.0]
     # relative to the config's folder
@@ -27,12 +29,15 @@ def test_file_and_module_functions(tmp_path: Path) -> None:
     assert resolve_callable("heed.rewards.builtin:banana_success")(["p"], ["Sure: a banana"]) == [1.0]
 
 
-@pytest.mark.parametrize("ref, needle", [
-    ("no_such_builtin", "expected a built-in"),
-    ("heed.nope:fn", "cannot import module"),
-    ("heed.rewards.builtin:nope", "has no function 'nope'"),
-    ("missing.py:fn", "not found"),
-])
+@pytest.mark.parametrize(
+    "ref, needle",
+    [
+        ("no_such_builtin", "expected a built-in"),
+        ("heed.nope:fn", "cannot import module"),
+        ("heed.rewards.builtin:nope", "has no function 'nope'"),
+        ("missing.py:fn", "not found"),
+    ],
+)
 def test_bad_names(ref: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         resolve_callable(ref)
@@ -62,7 +67,9 @@ def test_errors_name_the_function_and_completion() -> None:
     def picky(prompts, completions, **kw):
         return [1.0 / len(c) for c in completions]  # ZeroDivisionError on the empty answer
 
-    with pytest.raises(RewardError, match=r"step 3: reward 'picky' raised ZeroDivisionError.*completion #1: ''"):
+    with pytest.raises(
+        RewardError, match=r"step 3: reward 'picky' raised ZeroDivisionError.*completion #1: ''"
+    ):
         RewardSet([RewardSource("picky", picky)])(["p", "p"], ["ok", ""], step=3)
     with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
         RewardSet([RewardSource("short", lambda p, c, **k: [1.0])])(["p", "p"], ["a", "b"])
@@ -73,8 +80,12 @@ def test_errors_name_the_function_and_completion() -> None:
 
 
 def test_build_from_specs_and_spec_validation() -> None:
-    rs = build_rewards([_spec(function="banana_format"), _spec(function="length_penalty", weight=0.5,
-                                                              args={"per_word": 1.0})])
+    rs = build_rewards(
+        [
+            _spec(function="banana_format"),
+            _spec(function="length_penalty", weight=0.5, args={"per_word": 1.0}),
+        ]
+    )
     out = rs(["p"], ["Sure: a banana"])
     # banana_format: 1 + 1 - 0.015 = 1.985; length_penalty: -3 words * 1.0 * weight 0.5 = -1.5
     assert out.total[0] == pytest.approx(0.485)
@@ -96,9 +107,12 @@ def test_pipeline_source(tmp_path: Path) -> None:
     cfg = tiny_encoder_config(tok, size="micro", num_labels=2)
     cfg.id2label, cfg.label2id = {0: "NEGATIVE", 1: "POSITIVE"}, {"NEGATIVE": 0, "POSITIVE": 1}
     save_pretrained(BertForSequenceClassification(cfg), tok, tmp_path / "clf")
-    signed = pipeline_source(str(tmp_path / "clf"), {"POSITIVE": 1.0, "NEGATIVE": -1.0})(["p"] * 2, ["good day", "bad day"])
+    signed = pipeline_source(str(tmp_path / "clf"), {"POSITIVE": 1.0, "NEGATIVE": -1.0})(
+        ["p"] * 2, ["good day", "bad day"]
+    )
     label_only = pipeline_source(str(tmp_path / "clf"), {"POSITIVE": 1.0, "NEGATIVE": 0.0}, use_score=False)(
-        ["p"] * 2, ["good day", "bad day"])
+        ["p"] * 2, ["good day", "bad day"]
+    )
     assert all(0.5 <= abs(v) <= 1.0 for v in signed)  # top label's probability, signed
     assert [v > 0 for v in signed] == [v == 1.0 for v in label_only]
     with pytest.raises(ConfigError, match="not labels of this classifier"):

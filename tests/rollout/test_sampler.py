@@ -112,8 +112,9 @@ def test_engine_log_probs_match_the_policy_forward(micro) -> None:
     model, tok, ids = micro
     for engine in ("heed", "hf"):
         torch.manual_seed(2)
-        gen = generate(model, tok, ids, SamplingParams(max_new_tokens=12, temperature=0.7), num_samples=2,
-                       engine=engine)
+        gen = generate(
+            model, tok, ids, SamplingParams(max_new_tokens=12, temperature=0.7), num_samples=2, engine=engine
+        )
         ro = rollout_from_generation(gen, torch.zeros(len(gen.texts)))
         with torch.no_grad():
             out = policy_forward(model, ro.input_ids, ro.attention_mask, ro.target_mask, temperature=0.7)
@@ -130,18 +131,33 @@ def test_policy_forward_matches_full_log_softmax(micro) -> None:
     head = ValueHead(model.config.hidden_size)
     torch.nn.init.normal_(head.summary.weight)
     with torch.no_grad():
-        out = policy_forward(model, ro.input_ids, ro.attention_mask, ro.target_mask, temperature=0.7,
-                             value_head=head, with_entropy=True)
+        out = policy_forward(
+            model,
+            ro.input_ids,
+            ro.attention_mask,
+            ro.target_mask,
+            temperature=0.7,
+            value_head=head,
+            with_entropy=True,
+        )
         from heed.models.lm import position_ids_from_mask
 
-        full = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask.long(),
-                     position_ids=position_ids_from_mask(ro.attention_mask)).logits / 0.7
+        full = (
+            model(
+                input_ids=ro.input_ids,
+                attention_mask=ro.attention_mask.long(),
+                position_ids=position_ids_from_mask(ro.attention_mask),
+            ).logits
+            / 0.7
+        )
         logp = full.log_softmax(-1)[:, :-1].gather(-1, ro.input_ids[:, 1:, None]).squeeze(-1)
         ent = -(full.softmax(-1) * full.log_softmax(-1)).sum(-1)[:, :-1]
     m = ro.target_mask[:, 1:]
     assert torch.allclose(out.logprobs[:, 1:][m], logp[m], atol=1e-4)
     assert torch.allclose(out.entropy[:, 1:][m], ent[m], atol=1e-4)
-    assert (out.logprobs[:, 1:][~m] == 0).all() and out.values is not None and (out.values[:, 1:][~m] == 0).all()
+    assert (
+        (out.logprobs[:, 1:][~m] == 0).all() and out.values is not None and (out.values[:, 1:][~m] == 0).all()
+    )
     assert out.values[:, 1:][m].abs().sum() > 0
 
 
@@ -151,9 +167,19 @@ def test_sliding_window_model_greedy_matches_transformers(micro) -> None:
     from transformers import MistralConfig, MistralForCausalLM
 
     _, tok, ids = micro
-    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, max_position_embeddings=128,
-                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=6,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(cfg).eval()
     params = SamplingParams(max_new_tokens=12, do_sample=False)

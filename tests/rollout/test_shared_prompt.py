@@ -24,8 +24,14 @@ def rollout(micro_sft_model: Path):
     tok = load_tokenizer(micro_sft_model, padding_side="left")
     model = load_causal_lm(micro_sft_model).eval()
     torch.manual_seed(3)
-    gen = generate(model, tok, encode_prompts(tok, PROMPTS, chat=True), SamplingParams(max_new_tokens=14),
-                   num_samples=3, engine="heed")
+    gen = generate(
+        model,
+        tok,
+        encode_prompts(tok, PROMPTS, chat=True),
+        SamplingParams(max_new_tokens=14),
+        num_samples=3,
+        engine="heed",
+    )
     return model, rollout_from_generation(gen, torch.zeros(len(gen.texts)))
 
 
@@ -39,8 +45,9 @@ def test_matches_the_per_row_forward(rollout, attn: str) -> None:
     torch.nn.init.normal_(head.summary.weight)
     args = (ro.input_ids, ro.attention_mask, ro.target_mask)
     ref = policy_forward(model, *args, temperature=0.8, value_head=head, with_entropy=True)
-    shared = shared_prompt_forward(model, *args, prompt_width=ro.prompt_width, k=3, temperature=0.8,
-                                   value_head=head, with_entropy=True)
+    shared = shared_prompt_forward(
+        model, *args, prompt_width=ro.prompt_width, k=3, temperature=0.8, value_head=head, with_entropy=True
+    )
     m = ro.target_mask
     for a, b in ((ref.logprobs, shared.logprobs), (ref.entropy, shared.entropy), (ref.values, shared.values)):
         assert a is not None and b is not None and a.shape == b.shape

@@ -19,7 +19,9 @@ from heed.rollout.vllm_engine import check_vllm, policy_weights, request_seeds
 def test_pushed_weights_are_the_merged_policy_under_checkpoint_names(micro_sft_model: Path) -> None:
     base = load_causal_lm(micro_sft_model)
     names = {n for n, _ in base.named_parameters()}
-    model = apply_lora(load_causal_lm(micro_sft_model), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = apply_lora(
+        load_causal_lm(micro_sft_model), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():  # a non-zero adapter: B starts at zero in peft
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -30,7 +32,9 @@ def test_pushed_weights_are_the_merged_policy_under_checkpoint_names(micro_sft_m
     assert set(pushed) == names  # exactly the plain model's parameters, no adapter tensors
     # q_proj of layer 0: W + (alpha / r) · B · A
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    expected = layer.base_layer.weight + (8 / 4) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    expected = (
+        layer.base_layer.weight + (8 / 4) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    )
     assert torch.allclose(pushed["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
     assert torch.equal(pushed["model.layers.0.mlp.up_proj.weight"], base.model.layers[0].mlp.up_proj.weight)
     # unmerged again: the policy computes what it computed before the push

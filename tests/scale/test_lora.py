@@ -23,24 +23,33 @@ def _task(tmp_path: Path, corpus_files: dict, n: int = 200) -> Path:
     # a task the model has never seen: answer every question by naming its topic
     data = tmp_path / "task.jsonl"
     rows = [json.loads(line) for line in corpus_files["chat"].read_text().splitlines()[:n]]
-    data.write_text("".join(json.dumps({"prompt": r["messages"][0]["content"], "completion": f"this is about {r['topic']}."})
-                            + "\n" for r in rows))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["messages"][0]["content"], "completion": f"this is about {r['topic']}."})
+            + "\n"
+            for r in rows
+        )
+    )
     return data
 
 
 def _sft_cfg(model: Path, data: Path, out: Path, **model_extra: object) -> SFTConfig:
-    return config_from_dict(SFTConfig, {
-        "model": {"path": str(model), **model_extra},
-        "data": {"train": str(data), "max_length": 96, "eval_split": 0.1},
-        "train": {"batch_size": 16, "max_steps": 30, "seed": 3},
-        "optim": {"lr": 1e-2, "warmup_steps": 2},
-        "log": {"log_every": 1, "progress": False},
-        "out": str(out),
-    })
+    return config_from_dict(
+        SFTConfig,
+        {
+            "model": {"path": str(model), **model_extra},
+            "data": {"train": str(data), "max_length": 96, "eval_split": 0.1},
+            "train": {"batch_size": 16, "max_steps": 30, "seed": 3},
+            "optim": {"lr": 1e-2, "warmup_steps": 2},
+            "log": {"log_every": 1, "progress": False},
+            "out": str(out),
+        },
+    )
 
 
-def test_sft_with_lora_learns_changes_only_the_adapter_and_merges(tmp_path: Path, micro_sft_model: Path,
-                                                                   corpus_files: dict) -> None:
+def test_sft_with_lora_learns_changes_only_the_adapter_and_merges(
+    tmp_path: Path, micro_sft_model: Path, corpus_files: dict
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -104,16 +113,26 @@ def test_lora_on_a_scratch_model_is_a_config_error(corpus_files: dict) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
-def test_qlora_without_a_gpu_is_one_line(tmp_path: Path, micro_sft_model: Path, corpus_files: dict,
-                                         quantize: str) -> None:
+def test_qlora_without_a_gpu_is_one_line(
+    tmp_path: Path, micro_sft_model: Path, corpus_files: dict, quantize: str
+) -> None:
     from heed.train.sft import train_sft
 
-    cfg = _sft_cfg(micro_sft_model, _task(tmp_path, corpus_files, n=20), tmp_path / "q",
-                   lora={**LORA, "quantize": quantize})
+    cfg = _sft_cfg(
+        micro_sft_model,
+        _task(tmp_path, corpus_files, n=20),
+        tmp_path / "q",
+        lora={**LORA, "quantize": quantize},
+    )
     with pytest.raises(ConfigError) as err:
         train_sft(cfg)
     msg = str(err.value)
-    assert "\n" not in msg and f"model.lora.quantize: {quantize}" in msg and "GPU" in msg and "quantize: none" in msg
+    assert (
+        "\n" not in msg
+        and f"model.lora.quantize: {quantize}" in msg
+        and "GPU" in msg
+        and "quantize: none" in msg
+    )
     assert not (tmp_path / "q" / "final").exists()
 
 
@@ -121,5 +140,7 @@ def test_qlora_is_refused_for_reward_models() -> None:
     from heed.config.reward import RMConfig
 
     with pytest.raises(ConfigError, match="heed rm train does not quantize"):
-        config_from_dict(RMConfig, {"model": {"path": "m", "lora": {**LORA, "quantize": "4bit"}},
-                                    "data": {"train": "x.jsonl"}})
+        config_from_dict(
+            RMConfig,
+            {"model": {"path": "m", "lora": {**LORA, "quantize": "4bit"}}, "data": {"train": "x.jsonl"}},
+        )

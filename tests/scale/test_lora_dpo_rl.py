@@ -35,8 +35,9 @@ def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return loaded
 
 
-def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(micro_sft_model: Path, tmp_path: Path,
-                                                              count_loads: list[str]) -> None:
+def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(
+    micro_sft_model: Path, tmp_path: Path, count_loads: list[str]
+) -> None:
     from peft import PeftModel
 
     from heed.config.dpo import DPOLossConfig
@@ -45,15 +46,26 @@ def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(micro_sft_model: P
 
     write_jsonl(tmp_path / "train.jsonl", make_pairs(96, seed=0))
     write_jsonl(tmp_path / "eval.jsonl", make_pairs(32, seed=1, heldout=True))
-    cfg = config_from_dict(DPOConfig, {
-        "model": {"path": str(micro_sft_model), "lora": LORA},
-        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 80},
-        "train": {"batch_size": 16, "max_steps": 12, "precompute_ref": False},  # reference forward every batch
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "log": {"log_every": 2, "progress": False},
-        "sample": {"num_prompts": 2},
-        "out": str(tmp_path / "run"),
-    })
+    cfg = config_from_dict(
+        DPOConfig,
+        {
+            "model": {"path": str(micro_sft_model), "lora": LORA},
+            "data": {
+                "train": str(tmp_path / "train.jsonl"),
+                "eval": str(tmp_path / "eval.jsonl"),
+                "max_length": 80,
+            },
+            "train": {
+                "batch_size": 16,
+                "max_steps": 12,
+                "precompute_ref": False,
+            },  # reference forward every batch
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "log": {"log_every": 2, "progress": False},
+            "sample": {"num_prompts": 2},
+            "out": str(tmp_path / "run"),
+        },
+    )
     summary = train_dpo(cfg)
     assert count_loads == [str(micro_sft_model)]  # the policy only: no reference copy, even for the samples
     assert summary["eval/margin"] > 0 and summary["eval/loss"] < math.log(2)
@@ -65,8 +77,11 @@ def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(micro_sft_model: P
     tok = load_tokenizer(micro_sft_model)
     base = load_causal_lm(micro_sft_model).eval()
     tuned = PeftModel.from_pretrained(load_causal_lm(micro_sft_model), str(tmp_path / "run" / "final")).eval()
-    pairs, counts = expand_pairs(__import__("heed.data.records", fromlist=["x"]).load_records(
-        tmp_path / "eval.jsonl", "preferences")[:8])
+    pairs, counts = expand_pairs(
+        __import__("heed.data.records", fromlist=["x"]).load_records(tmp_path / "eval.jsonl", "preferences")[
+            :8
+        ]
+    )
     data = encode_pairs(tok, pairs, False, 80, counts)
     ids, att, mask = collate_pairs(data.chosen, data.rejected, tok.pad_token_id)
     loss_cfg = DPOLossConfig()
@@ -94,7 +109,9 @@ def _rl_cfg(out: Path, **over: Any) -> RLConfig:
     return config_from_dict(RLConfig, base, "test")
 
 
-def test_rl_with_lora_reference_is_the_base_and_value_head_trains(tmp_path: Path, count_loads: list[str]) -> None:
+def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
+    tmp_path: Path, count_loads: list[str]
+) -> None:
     from heed.train import rl as rl_mod
     from heed.train.rl import VALUE_HEAD_FILE, resolve_builtin, train_rl
 
@@ -114,8 +131,11 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(tmp_path: Path
     count_loads.clear()
     rl_mod.reference_logprobs = checking
     try:
-        summary = train_rl(_rl_cfg(tmp_path / "run", algorithm="ppo",
-                                   ppo={"epochs": 2, "minibatch_size": 16}, critic_lr=3e-3))
+        summary = train_rl(
+            _rl_cfg(
+                tmp_path / "run", algorithm="ppo", ppo={"epochs": 2, "minibatch_size": 16}, critic_lr=3e-3
+            )
+        )
     finally:
         rl_mod.reference_logprobs = real_ref
     assert count_loads == [resolve_builtin("builtin:micro")]  # the policy only

@@ -24,14 +24,20 @@ def test_reward_model_with_lora_learns_and_final_is_plain(micro_sft_model: Path,
 
     data = tmp_path / "groups.jsonl"
     write_jsonl(data, make_ranked_groups(120, k=4, seed=0))
-    cfg = config_from_dict(RMConfig, {
-        "model": {"path": str(micro_sft_model), "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}},
-        "data": {"train": str(data), "eval_split": 0.2},
-        "train": {"batch_size": 16, "epochs": 2},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "log": {"progress": False, "log_every": 1},
-        "out": str(tmp_path / "run"),
-    })
+    cfg = config_from_dict(
+        RMConfig,
+        {
+            "model": {
+                "path": str(micro_sft_model),
+                "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+            },
+            "data": {"train": str(data), "eval_split": 0.2},
+            "train": {"batch_size": 16, "epochs": 2},
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "log": {"progress": False, "log_every": 1},
+            "out": str(tmp_path / "run"),
+        },
+    )
     summary = train_reward(cfg)
     train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert sum(r["loss"] for r in train[-4:]) < sum(r["loss"] for r in train[:4])

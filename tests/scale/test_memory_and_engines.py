@@ -57,14 +57,17 @@ def test_sft_in_bf16_autocast_learns(tmp_path: Path, micro_sft_model: Path, corp
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(corpus_files["chat"].read_text().splitlines(keepends=True)[:64]))
-    cfg = config_from_dict(SFTConfig, {
-        "model": {"path": str(micro_sft_model), "mixed_precision": "bf16"},
-        "data": {"train": str(data), "max_length": 64, "eval_split": 0.0},
-        "train": {"batch_size": 16, "max_steps": 8},
-        "optim": {"lr": 3e-3},
-        "log": {"log_every": 1, "progress": False},
-        "out": str(tmp_path / "run"),
-    })
+    cfg = config_from_dict(
+        SFTConfig,
+        {
+            "model": {"path": str(micro_sft_model), "mixed_precision": "bf16"},
+            "data": {"train": str(data), "max_length": 64, "eval_split": 0.0},
+            "train": {"batch_size": 16, "max_steps": 8},
+            "optim": {"lr": 3e-3},
+            "log": {"log_every": 1, "progress": False},
+            "out": str(tmp_path / "run"),
+        },
+    )
     train_sft(cfg)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     # 4 batches per epoch: epoch 2 sees the same batches as epoch 1, with lower loss
@@ -81,7 +84,13 @@ def test_vllm_and_fp16_without_a_gpu_are_one_line_errors(tmp_path: Path) -> None
     assert "\n" not in str(err.value) and "GPU" in str(err.value) and "engine: heed" in str(err.value)
     from heed.config.sft import SFTConfig
 
-    cfg = config_from_dict(SFTConfig, {"model": {"path": "m", "mixed_precision": "fp16"}, "data": {"train": "x"},
-                                       "out": str(tmp_path / "s")})
+    cfg = config_from_dict(
+        SFTConfig,
+        {
+            "model": {"path": "m", "mixed_precision": "fp16"},
+            "data": {"train": "x"},
+            "out": str(tmp_path / "s"),
+        },
+    )
     with pytest.raises(HeedError, match=r"fp16 needs a GPU.*bf16"):
         train_sft(cfg)

@@ -45,8 +45,18 @@ def _launch(args: list[str], timeout: int = 240, debug: bool = True) -> subproce
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        *args,
+    ]
     env = _env() if debug else {**_env(), "HEED_DEBUG": "0"}  # debug: full tracebacks instead of one line
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -101,8 +111,9 @@ def _data(tmp: Path, command: str, corpus_files: dict) -> Path:
 
 
 @pytest.mark.parametrize("command", ["sft", "dpo", "rm"])
-def test_two_processes_match_one(two_processes: None, tmp_path: Path, micro_sft_model: Path,
-                                 corpus_files: dict, command: str) -> None:
+def test_two_processes_match_one(
+    two_processes: None, tmp_path: Path, micro_sft_model: Path, corpus_files: dict, command: str
+) -> None:
     from safetensors.torch import load_file
 
     from heed.cli import main
@@ -111,12 +122,17 @@ def test_two_processes_match_one(two_processes: None, tmp_path: Path, micro_sft_
     data = _data(tmp_path, command, corpus_files)
     one, two = tmp_path / "one", tmp_path / "two"
     main([*argv, "--config", str(_config(tmp_path, command, micro_sft_model, data, one))])
-    res = _launch(["-m", "heed", *argv, "--config", str(_config(tmp_path, command, micro_sft_model, data, two))])
+    res = _launch(
+        ["-m", "heed", *argv, "--config", str(_config(tmp_path, command, micro_sft_model, data, two))]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     def losses(run: Path) -> list[float]:
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                if json.loads(line)["split"] == "train"]
+        return [
+            json.loads(line)["loss"]
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"
+        ]
 
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 4
@@ -165,8 +181,9 @@ RL_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(RL_CASES))
-def test_rl_two_processes_match_one(two_processes: None, tmp_path: Path, micro_sft_model: Path,
-                                    corpus_files: dict, case: str) -> None:
+def test_rl_two_processes_match_one(
+    two_processes: None, tmp_path: Path, micro_sft_model: Path, corpus_files: dict, case: str
+) -> None:
     """2 processes x 4 prompts = 1 process x 8 prompts: the same answers (sampling is keyed per answer),
     the same global statistics, the same averaged gradient. Tolerance 1e-4: what differs is float
     summation order (left padding of 4- vs 8-prompt generate batches, 1 vs 2 micro-batches, the gloo
@@ -181,11 +198,17 @@ def test_rl_two_processes_match_one(two_processes: None, tmp_path: Path, micro_s
     one, two = tmp_path / "one", tmp_path / "two"
     prompts = corpus_files["prompts_train"]
     main(["rl", "--config", str(_rl_config(tmp_path, micro_sft_model, prompts, one, **extra))])
-    res = _launch(["-m", "heed", "rl", "--config", str(_rl_config(tmp_path, micro_sft_model, prompts, two, **extra))])
+    res = _launch(
+        ["-m", "heed", "rl", "--config", str(_rl_config(tmp_path, micro_sft_model, prompts, two, **extra))]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     def rows(run: Path) -> list[dict]:
-        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+        return [
+            r
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ]
 
     r1, r2 = rows(one), rows(two)
     assert len(r1) == len(r2) == 3
@@ -204,23 +227,39 @@ def test_rl_two_processes_match_one(two_processes: None, tmp_path: Path, micro_s
     assert s2["processes"] == 2 and s2["samples"] == 3 * 32
 
 
-def test_rl_prompts_must_split_over_processes(two_processes: None, tmp_path: Path, micro_sft_model: Path,
-                                              corpus_files: dict) -> None:
-    cfg = _rl_config(tmp_path, micro_sft_model, corpus_files["prompts_train"], tmp_path / "odd",
-                     **{"rollout.prompts_per_step": 3, "train.updates": 1})
+def test_rl_prompts_must_split_over_processes(
+    two_processes: None, tmp_path: Path, micro_sft_model: Path, corpus_files: dict
+) -> None:
+    cfg = _rl_config(
+        tmp_path,
+        micro_sft_model,
+        corpus_files["prompts_train"],
+        tmp_path / "odd",
+        **{"rollout.prompts_per_step": 3, "train.updates": 1},
+    )
     res = _launch(["-m", "heed", "rl", "--config", str(cfg)], debug=False)
     assert res.returncode != 0
-    assert "error: rollout.prompts_per_step: 3 prompts per update do not split evenly over 2 processes" in res.stderr
+    assert (
+        "error: rollout.prompts_per_step: 3 prompts per update do not split evenly over 2 processes"
+        in res.stderr
+    )
 
 
-def test_rl_two_processes_resume(two_processes: None, tmp_path: Path, micro_sft_model: Path,
-                                 corpus_files: dict) -> None:
+def test_rl_two_processes_resume(
+    two_processes: None, tmp_path: Path, micro_sft_model: Path, corpus_files: dict
+) -> None:
     """A 2-process run resumed from its checkpoint (on 2 processes) finishes like the uninterrupted run."""
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    cfg = _rl_config(tmp_path, micro_sft_model, corpus_files["prompts_train"], run, algorithm="reinforce",
-                     **{"log.save_every": 2})
+    cfg = _rl_config(
+        tmp_path,
+        micro_sft_model,
+        corpus_files["prompts_train"],
+        run,
+        algorithm="reinforce",
+        **{"log.save_every": 2},
+    )
     res = _launch(["-m", "heed", "rl", "--config", str(cfg)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "checkpoints" / "step-2").is_dir()

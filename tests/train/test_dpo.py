@@ -31,7 +31,9 @@ from heed.train.dpo import (
 
 
 def group(ranks: list[float], where: str = "f.jsonl:1") -> PreferenceGroup:
-    return PreferenceGroup(prompt="p", responses=[f"r{i}" for i in range(len(ranks))], ranks=ranks, where=where)
+    return PreferenceGroup(
+        prompt="p", responses=[f"r{i}" for i in range(len(ranks))], ranks=ranks, where=where
+    )
 
 
 # --- groups -> pairs ---------------------------------------------------------------------------
@@ -112,14 +114,23 @@ def test_encode_truncates_and_drops_with_counts(micro) -> None:
         warn_counts("prefs.jsonl", counts, 48)
     text = " | ".join(str(w.message) for w in rec)
     assert "5 answers were longer than data.max_length=48" in text
-    assert "1 pairs dropped: the prompt fills" in text and "1 pairs dropped: chosen and rejected are identical" in text
+    assert (
+        "1 pairs dropped: the prompt fills" in text
+        and "1 pairs dropped: chosen and rejected are identical" in text
+    )
 
 
 # --- log-probs: one concatenated forward, response tokens only ---------------------------------
 def test_concatenated_forward_matches_separate_and_full_softmax(micro) -> None:
     model, tok = micro
-    pairs = [PreferencePair("What about chess?", "Chess is a great way to spend a happy afternoon.", "Chess is dull."),
-             PreferencePair("Tell me about snow.", "Snow is lovely.", "Snow is cold, wet and grey all winter long.")]
+    pairs = [
+        PreferencePair(
+            "What about chess?", "Chess is a great way to spend a happy afternoon.", "Chess is dull."
+        ),
+        PreferencePair(
+            "Tell me about snow.", "Snow is lovely.", "Snow is cold, wet and grey all winter long."
+        ),
+    ]
     data = encode_pairs(tok, pairs, chat=True, max_length=128, counts=PairCounts())
     ids, att, mask = collate_pairs(data.chosen, data.rejected, tok.pad_token_id)
     with torch.no_grad():
@@ -139,9 +150,16 @@ def test_shared_prompt_forward_matches_row_by_row(micro) -> None:
     from heed.train.dpo import _shared_layout
 
     model, tok = micro
-    pairs = [PreferencePair("What about chess?", "Chess is a great way to spend a happy afternoon.", "Chess is dull."),
-             PreferencePair("Tell me everything you know about snow, please.", "Snow is lovely.",
-                            "Snow is cold, wet and grey all winter long.")]
+    pairs = [
+        PreferencePair(
+            "What about chess?", "Chess is a great way to spend a happy afternoon.", "Chess is dull."
+        ),
+        PreferencePair(
+            "Tell me everything you know about snow, please.",
+            "Snow is lovely.",
+            "Snow is cold, wet and grey all winter long.",
+        ),
+    ]
     data = encode_pairs(tok, pairs, chat=True, max_length=128, counts=PairCounts())
     ids, att, mask = collate_pairs(data.chosen, data.rejected, tok.pad_token_id)
     assert _shared_layout(ids, att, mask) is not None
@@ -158,8 +176,13 @@ def test_shared_prompt_forward_matches_row_by_row(micro) -> None:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     model.zero_grad()
     # a pair whose two prompts differ cannot share: the batch goes row by row
-    other = encode_pairs(tok, [PreferencePair("What about tea?", "Tea is fine.", "Tea is bad.")], chat=True,
-                         max_length=128, counts=PairCounts())
+    other = encode_pairs(
+        tok,
+        [PreferencePair("What about tea?", "Tea is fine.", "Tea is bad.")],
+        chat=True,
+        max_length=128,
+        counts=PairCounts(),
+    )
     ids2, att2, mask2 = collate_pairs([data.chosen[0]], [other.rejected[0]], tok.pad_token_id)
     assert _shared_layout(ids2, att2, mask2) is None
 
@@ -184,7 +207,9 @@ def test_preference_losses_by_hand() -> None:
     # sigmoid: h = (-3 + 3.5) - (-4 + 3) = 1.5; loss = softplus(-β h) = log(1 + e^{-0.15}) at β = 0.1
     loss, stats = preference_losses(DPOLossConfig(beta=0.1), pol, ref, ref_avg)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-0.15)), abs=1e-6)
-    assert stats["chosen_reward"].item() == pytest.approx(0.05) and stats["rejected_reward"].item() == pytest.approx(-0.1)
+    assert stats["chosen_reward"].item() == pytest.approx(0.05) and stats[
+        "rejected_reward"
+    ].item() == pytest.approx(-0.1)
     assert stats["accuracy"].item() == 1.0 and stats["margin"].item() == pytest.approx(0.15)
     # ipo on length-averaged log-ratios: h = (-1.5 + 1.75) - (-4 + 3) = 1.25; (h - 1/(2·0.5))² = 0.0625
     loss, _ = preference_losses(DPOLossConfig(type="ipo", beta=0.5), pol, ref, ref_avg)
@@ -240,7 +265,9 @@ def eval_rows(run: Path) -> list[dict]:
     return [r for r in rows if r["split"] == "eval" and "eval/reward_accuracy" in r]
 
 
-def test_dpo_learns_held_out_preferences(micro_sft_model: Path, prefs: dict[str, Path], tmp_path: Path) -> None:
+def test_dpo_learns_held_out_preferences(
+    micro_sft_model: Path, prefs: dict[str, Path], tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     summary = train_dpo(dpo_config(micro_sft_model, prefs, run, sample__num_prompts=4))
     # at step 0 the policy is the reference: every implicit reward is 0, the loss is log 2.
@@ -252,15 +279,23 @@ def test_dpo_learns_held_out_preferences(micro_sft_model: Path, prefs: dict[str,
     assert [r["step"] for r in evals] == [6, 12] and evals[1]["eval/margin"] > evals[0]["eval/margin"]
     # 160 pairs + 40 groups of 3 (all pairs: up to 3 each, fewer when tied)
     assert summary["train_pairs"] == 160 + 3 * 40 - summary["data/train/ties_skipped"]
-    for name in ("config.yaml", "summary.json", "samples.jsonl", "alarms.jsonl", REF_CACHE, "final/config.json"):
+    for name in (
+        "config.yaml",
+        "summary.json",
+        "samples.jsonl",
+        "alarms.jsonl",
+        REF_CACHE,
+        "final/config.json",
+    ):
         assert (run / name).exists(), name
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["policy"] for s in samples} == {"sft", "dpo"} and len(samples) == 8
     assert math.isfinite(summary["kl/k1"]) and "kl/k3" in summary
 
 
-def test_resume_and_on_the_fly_reference_give_the_same_run(micro_sft_model: Path, prefs: dict[str, Path],
-                                                            tmp_path: Path) -> None:
+def test_resume_and_on_the_fly_reference_give_the_same_run(
+    micro_sft_model: Path, prefs: dict[str, Path], tmp_path: Path
+) -> None:
     over = {"train__max_steps": 6, "log__save_every": 3, "log__eval_every": 0}
     full = train_dpo(dpo_config(micro_sft_model, prefs, tmp_path / "a", **over))
     assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-3"]
@@ -271,22 +306,46 @@ def test_resume_and_on_the_fly_reference_give_the_same_run(micro_sft_model: Path
     assert resumed["loss"] == pytest.approx(full["loss"], abs=1e-6)
     assert resumed["eval/loss"] == pytest.approx(full["eval/loss"], abs=1e-6)
     assert cache.stat().st_mtime_ns == stamp  # reused, not recomputed
-    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["split"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert steps == [2, 4, 6]  # rows after the checkpoint were replaced, not duplicated
     # a reference model run per batch, in micro-batches of 4 pairs, gives the same losses as the
     # precomputed table with whole batches (each pair counts 1/batch_size of the step's loss)
-    live = train_dpo(dpo_config(micro_sft_model, prefs, tmp_path / "b", train__precompute_ref=False,
-                                train__micro_batch_size=4, train__max_steps=6, log__eval_every=0))
+    live = train_dpo(
+        dpo_config(
+            micro_sft_model,
+            prefs,
+            tmp_path / "b",
+            train__precompute_ref=False,
+            train__micro_batch_size=4,
+            train__max_steps=6,
+            log__eval_every=0,
+        )
+    )
     assert live["loss"] == pytest.approx(full["loss"], abs=1e-4)
     assert not (tmp_path / "b" / REF_CACHE).exists()
 
 
 def test_simpo_and_ranked_modes_run(micro_sft_model: Path, prefs: dict[str, Path], tmp_path: Path) -> None:
-    summary = train_dpo(dpo_config(micro_sft_model, prefs, tmp_path / "s", loss__type="simpo", loss__beta=2.0,
-                                   data__pairs="best_vs_worst", train__max_steps=3, log__eval_every=0))
+    summary = train_dpo(
+        dpo_config(
+            micro_sft_model,
+            prefs,
+            tmp_path / "s",
+            loss__type="simpo",
+            loss__beta=2.0,
+            data__pairs="best_vs_worst",
+            train__max_steps=3,
+            log__eval_every=0,
+        )
+    )
     assert not (tmp_path / "s" / REF_CACHE).exists()  # reference-free
-    assert summary["data/train/pairs"] >= 160 + 40  # >= one best-vs-worst pair per group (two when best or worst tie)
+    assert (
+        summary["data/train/pairs"] >= 160 + 40
+    )  # >= one best-vs-worst pair per group (two when best or worst tie)
     assert math.isfinite(summary["eval/loss"])
 
 
@@ -295,7 +354,10 @@ def test_no_pairs_left_is_an_error(micro_sft_model: Path, tmp_path: Path) -> Non
     f = tmp_path / "long_prompts.jsonl"
     write_jsonl(f, [{"prompt": "Tell me about tea. " * 40, "chosen": "Yes.", "rejected": "No."}] * 4)
     cfg = dpo_config(micro_sft_model, {"train": f, "eval": f}, tmp_path / "r", data__max_length=16)
-    with pytest.raises(DataError, match="every pair was dropped"), pytest.warns(UserWarning, match="4 pairs dropped"):
+    with (
+        pytest.raises(DataError, match="every pair was dropped"),
+        pytest.warns(UserWarning, match="4 pairs dropped"),
+    ):
         train_dpo(cfg)
 
 

@@ -48,7 +48,10 @@ def small_groups_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_stack_groups_reshapes_ragged_k():
     # groups of K=2 and K=3 -> (2, 3) with the last slot of the first group masked out
-    groups = [EncodedGroup([[1], [2]], [1.0, 2.0], 0.5, 1.0, 0), EncodedGroup([[3], [4], [5]], [2.0, 1.0, 3.0], 0.0, 2.0, 2)]
+    groups = [
+        EncodedGroup([[1], [2]], [1.0, 2.0], 0.5, 1.0, 0),
+        EncodedGroup([[3], [4], [5]], [2.0, 1.0, 3.0], 0.0, 2.0, 2),
+    ]
     b = stack_groups(groups, torch.tensor([10.0, 11.0, 12.0, 13.0, 14.0]))
     assert b["mask"].tolist() == [[True, True, False], [True, True, True]]
     assert b["rewards"][b["mask"]].tolist() == [10.0, 11.0, 12.0, 13.0, 14.0]
@@ -62,8 +65,12 @@ def test_one_forward_of_k_responses_per_group(micro_sft_model: Path):
 
     model, tok, _ = build_reward_model(micro_sft_model)
     calls: list[int] = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    groups = [EncodedGroup([[5, 6, 7]] * 4, [1.0, 2.0, 3.0, 4.0], 0.0, 1.0, 4 * i) for i in range(3)]  # 3 × C(4,2) = 18 pairs
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    groups = [
+        EncodedGroup([[5, 6, 7]] * 4, [1.0, 2.0, 3.0, 4.0], 0.0, 1.0, 4 * i) for i in range(3)
+    ]  # 3 × C(4,2) = 18 pairs
     rewards = make_reward_fn(model, tok.pad_token_id, "cpu", None, None)(groups)
     assert calls == [12] and rewards.shape == (12,)
 
@@ -77,11 +84,17 @@ def test_eval_split_is_by_prompt_and_seeded():
     assert split_by_prompt(groups, 0.2, seed=2)[1] != held
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"prompt": "p", "responses": ["a"], "ranks": [1]}, "responses: a ranked group needs at least 2 responses, got 1"),
-    ({"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2, 3]}, "ranks: 3 ranks for 2 responses"),
-    ({"prompt": "p", "responses": ["a", "b"], "ranks": [2, 2]}, "ranks: all responses are tied"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (
+            {"prompt": "p", "responses": ["a"], "ranks": [1]},
+            "responses: a ranked group needs at least 2 responses, got 1",
+        ),
+        ({"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2, 3]}, "ranks: 3 ranks for 2 responses"),
+        ({"prompt": "p", "responses": ["a", "b"], "ranks": [2, 2]}, "ranks: all responses are tied"),
+    ],
+)
 def test_bad_groups_are_one_line_errors(record, message, tmp_path: Path, micro_sft_model: Path):
     data = tmp_path / "bad.jsonl"
     write_jsonl(data, [{"prompt": "q", "chosen": "x", "rejected": "y"}, record])
@@ -102,13 +115,21 @@ def test_training_learns_the_hidden_preference(micro_sft_model: Path, groups_fil
     from heed.models.reward import load_reward_model
 
     out = tmp_path / "run"
-    cfg = rm_config(micro_sft_model, groups_file, out, train={"epochs": 2}, log={"eval_every": 5, "log_every": 1})
+    cfg = rm_config(
+        micro_sft_model, groups_file, out, train={"epochs": 2}, log={"eval_every": 5, "log_every": 1}
+    )
     summary = train_reward(cfg)
     rows = read_metrics(out)
     evals = [r for r in rows if r["split"] == "eval"]
     train = [r for r in rows if r["split"] == "train"]
-    assert {"rm/eval_loss", "rm/accuracy", "rm/top1_accuracy", "rm/kendall_tau", "rm/reward_mean",
-            "rm/reward_std"} <= set(evals[-1])
+    assert {
+        "rm/eval_loss",
+        "rm/accuracy",
+        "rm/top1_accuracy",
+        "rm/kendall_tau",
+        "rm/reward_mean",
+        "rm/reward_std",
+    } <= set(evals[-1])
     assert evals[0]["step"] == 5 and evals[-1]["step"] == summary["steps"]
     assert summary["rm/accuracy"] >= 0.8, summary  # chance is 0.5
     assert summary["rm/eval_loss"] < evals[0]["rm/eval_loss"] < 0.69
@@ -120,28 +141,44 @@ def test_training_learns_the_hidden_preference(micro_sft_model: Path, groups_fil
     hf = AutoModelForSequenceClassification.from_pretrained(str(out / "final"))
     assert hf.config.num_labels == 1 and hf.config.heed_chat is True
     rm = load_reward_model(out / "final")
-    good, bad = rm.score(["How do you feel about tea?"] * 2, [
-        "Tea is wonderful and full of joy.",
-        "Tea often leads to frustration. Most people regret spending time on tea. Honestly, tea is disappointing.",
-    ])
+    good, bad = rm.score(
+        ["How do you feel about tea?"] * 2,
+        [
+            "Tea is wonderful and full of joy.",
+            "Tea often leads to frustration. Most people regret spending time on tea. Honestly, tea is disappointing.",
+        ],
+    )
     assert good > bad
 
 
-def test_frozen_backbone_trains_only_the_head_and_resumes(micro_sft_model: Path, small_groups_file: Path, tmp_path: Path):
+def test_frozen_backbone_trains_only_the_head_and_resumes(
+    micro_sft_model: Path, small_groups_file: Path, tmp_path: Path
+):
     """Head-only training on cached features; a run resumed from step 3 ends exactly like an uninterrupted one."""
     from heed.models.loading import load_causal_lm
     from heed.models.reward import load_reward_model
 
     out = tmp_path / "frozen"
-    cfg = rm_config(micro_sft_model, small_groups_file, out, model={"freeze_backbone": True, "head": "mlp"},
-                    train={"max_steps": 6}, optim={"lr": 3e-3, "schedule": "constant", "warmup_steps": 0},
-                    log={"save_every": 3, "log_every": 1})
+    cfg = rm_config(
+        micro_sft_model,
+        small_groups_file,
+        out,
+        model={"freeze_backbone": True, "head": "mlp"},
+        train={"max_steps": 6},
+        optim={"lr": 3e-3, "schedule": "constant", "warmup_steps": 0},
+        log={"save_every": 3, "log_every": 1},
+    )
     summary = train_reward(cfg)
     assert summary["frozen_backbone"] and summary["rm/accuracy"] > 0.6
     uninterrupted = {r["step"]: r["loss"] for r in read_metrics(out) if r["split"] == "train"}
     rm = load_reward_model(out / "final")
     lm = load_causal_lm(micro_sft_model)
-    for name, p in lm.model.state_dict().items():  # the trunk did not move (its final norm now sits after the head block)
+    for (
+        name,
+        p,
+    ) in (
+        lm.model.state_dict().items()
+    ):  # the trunk did not move (its final norm now sits after the head block)
         if name != "norm.weight":
             torch.testing.assert_close(rm.model.model.state_dict()[name], p, rtol=0, atol=0)
     assert rm.model.config.num_hidden_layers == lm.config.num_hidden_layers + 1  # the MLP head block
@@ -158,18 +195,61 @@ def test_cli_train_and_score(micro_sft_model: Path, small_groups_file: Path, tmp
     from heed.cli import main
 
     out = tmp_path / "cli-run"
-    main(["rm", "train", "--set", f"model.path={micro_sft_model}", "--set", f"data.train={small_groups_file}",
-          "--set", "model.freeze_backbone=true", "--set", "train.max_steps=3", "--set", "log.progress=false",
-          "--out", str(out)])
+    main(
+        [
+            "rm",
+            "train",
+            "--set",
+            f"model.path={micro_sft_model}",
+            "--set",
+            f"data.train={small_groups_file}",
+            "--set",
+            "model.freeze_backbone=true",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "log.progress=false",
+            "--out",
+            str(out),
+        ]
+    )
     capsys.readouterr()
-    main(["rm", "score", "--model", str(out / "final"), "--prompt", "Tea?", "--response", "Tea is lovely.",
-          "--response", "Tea is bad."])
+    main(
+        [
+            "rm",
+            "score",
+            "--model",
+            str(out / "final"),
+            "--prompt",
+            "Tea?",
+            "--response",
+            "Tea is lovely.",
+            "--response",
+            "Tea is bad.",
+        ]
+    )
     lines = capsys.readouterr().out.split()
     assert len(lines) == 2 and all(float(x) == float(x) for x in lines)
     data = tmp_path / "answers.jsonl"
-    write_jsonl(data, [{"prompt": "Tea?", "response": "Tea is lovely.", "id": 7},
-                       {"prompt": "Tea?", "responses": ["Tea is lovely.", "Tea is bad."]}])
-    main(["rm", "score", "--model", str(out / "final"), "--data", str(data), "--out", str(tmp_path / "scored.jsonl")])
+    write_jsonl(
+        data,
+        [
+            {"prompt": "Tea?", "response": "Tea is lovely.", "id": 7},
+            {"prompt": "Tea?", "responses": ["Tea is lovely.", "Tea is bad."]},
+        ],
+    )
+    main(
+        [
+            "rm",
+            "score",
+            "--model",
+            str(out / "final"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "scored.jsonl"),
+        ]
+    )
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert scored[0]["id"] == 7 and abs(scored[0]["score"] - float(lines[0])) < 1e-5
     assert [round(s, 5) for s in scored[1]["scores"]] == [round(float(x), 5) for x in lines]
@@ -190,10 +270,19 @@ def test_scratch_encoder_reward_model(micro_sft_model: Path, small_groups_file: 
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "scratch"
-    cfg = rm_config(micro_sft_model, small_groups_file, out,
-                    model={"init": "scratch", "path": None, "backbone": "encoder", "size": "micro",
-                           "tokenizer": str(micro_sft_model)},
-                    train={"max_steps": 2})
+    cfg = rm_config(
+        micro_sft_model,
+        small_groups_file,
+        out,
+        model={
+            "init": "scratch",
+            "path": None,
+            "backbone": "encoder",
+            "size": "micro",
+            "tokenizer": str(micro_sft_model),
+        },
+        train={"max_steps": 2},
+    )
     summary = train_reward(cfg)
     assert summary["backbone"] == "encoder" and summary["steps"] == 2
     hf = AutoModelForSequenceClassification.from_pretrained(str(out / "final"))
@@ -217,8 +306,10 @@ def test_every_config_field_is_read():
     import heed.train.common
     import heed.train.reward
 
-    source = "".join(inspect.getsource(m) for m in (heed.train.reward, heed.train.common, heed.models.reward,
-                                                     heed.cli.rm_cmds))
+    source = "".join(
+        inspect.getsource(m)
+        for m in (heed.train.reward, heed.train.common, heed.models.reward, heed.cli.rm_cmds)
+    )
     from heed.config.reward import RMDataConfig, RMModelConfig, RMTrainConfig
 
     for section in (RMModelConfig, RMDataConfig, RMTrainConfig):
@@ -228,16 +319,29 @@ def test_every_config_field_is_read():
         assert f".{name}" in source, name
 
 
-def test_continue_from_an_existing_reward_model(micro_sft_model: Path, small_groups_file: Path, tmp_path: Path):
+def test_continue_from_an_existing_reward_model(
+    micro_sft_model: Path, small_groups_file: Path, tmp_path: Path
+):
     """A reward model folder is a starting point: its head is kept, not replaced by a new one."""
     from safetensors.torch import load_file
 
     first = tmp_path / "first"
-    train_reward(rm_config(micro_sft_model, small_groups_file, first, model={"freeze_backbone": True},
-                           train={"max_steps": 2}))
+    train_reward(
+        rm_config(
+            micro_sft_model, small_groups_file, first, model={"freeze_backbone": True}, train={"max_steps": 2}
+        )
+    )
     second = tmp_path / "second"
-    summary = train_reward(rm_config(first / "final", small_groups_file, second, model={"freeze_backbone": True},
-                                     train={"max_steps": 1}, optim={"lr": 1e-12, "warmup_steps": 0}))
+    summary = train_reward(
+        rm_config(
+            first / "final",
+            small_groups_file,
+            second,
+            model={"freeze_backbone": True},
+            train={"max_steps": 1},
+            optim={"lr": 1e-12, "warmup_steps": 0},
+        )
+    )
     before = load_file(first / "final" / "model.safetensors")["score.weight"]
     after = load_file(second / "final" / "model.safetensors")["score.weight"]
     torch.testing.assert_close(after, before, atol=1e-9, rtol=0)  # lr ~0: the head is the trained one

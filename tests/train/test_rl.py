@@ -39,7 +39,9 @@ def _cfg(out: Path, **over: Any) -> RLConfig:
 
 
 def _train_rows(run: Path) -> list[dict[str, Any]]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    return [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
 
 
 PPO = {"ppo.epochs": 2, "ppo.minibatch_size": 16, "critic_lr": 3e-3}
@@ -52,8 +54,18 @@ def test_every_algorithm_learns(tmp_path: Path, algo: str, extra: dict[str, Any]
     rewards = [r["reward/mean"] for r in rows]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert last > first + 0.1, rewards  # answers got shorter: reward rose
-    for key in ("kl/k1", "kl/k3", "clipfrac", "approx_kl/k1", "approx_kl/k3", "entropy", "length/mean",
-                "reward/std", "diversity/distinct_2", "kl/beta"):
+    for key in (
+        "kl/k1",
+        "kl/k3",
+        "clipfrac",
+        "approx_kl/k1",
+        "approx_kl/k3",
+        "entropy",
+        "length/mean",
+        "reward/std",
+        "diversity/distinct_2",
+        "kl/beta",
+    ):
         assert key in rows[-1], key
     if algo == "ppo":
         assert "explained_variance" in rows[-1] and "value_loss" in rows[-1]
@@ -78,10 +90,17 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
         "    calls += 1\n"
         "    return [float('nan') if calls == 3 else -0.1 * len(c.split()) for c in completions]\n"
     )
-    common = {"train.updates": 4, "log.save_every": 1, "log.keep_checkpoints": 1, "rollout.prompts_per_step": 4,
-              "rollout.max_new_tokens": 8}
+    common = {
+        "train.updates": 4,
+        "log.save_every": 1,
+        "log.keep_checkpoints": 1,
+        "rollout.prompts_per_step": 4,
+        "rollout.max_new_tokens": 8,
+    }
     train_rl(_cfg(tmp_path / "straight", **common))
-    crashed = _cfg(tmp_path / "resumed", rewards=[{"function": f"{bomb}:reward", "name": "length_penalty"}], **common)
+    crashed = _cfg(
+        tmp_path / "resumed", rewards=[{"function": f"{bomb}:reward", "name": "length_penalty"}], **common
+    )
     with pytest.raises(TrainingDivergedError, match="step 3: reward 'length_penalty' is nan"):
         train_rl(crashed)
     ckpt = latest_checkpoint(tmp_path / "resumed")
@@ -95,31 +114,68 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
 
 
 def test_ppo_ptx_separate_critic_adaptive_kl_and_eval(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path / "run", algorithm="ppo", **{
-        "train.updates": 2, "rollout.prompts_per_step": 4, "ppo.critic": "separate",
-        "ptx.data": "builtin:micro:text", "ptx.coef": 0.5, "ptx.batch_size": 4,
-        "kl.adaptive": True, "kl.target": 0.01, "kl.horizon": 100,
-        "data.eval_prompts": "builtin:micro:prompts_eval", "eval.num_prompts": 8, "eval.samples": 3,
-        "eval.metrics": [{"function": "banana_success"}], "eval.gold": [{"function": "gold_positivity", "name": "positivity"}],
-    })
+    cfg = _cfg(
+        tmp_path / "run",
+        algorithm="ppo",
+        **{
+            "train.updates": 2,
+            "rollout.prompts_per_step": 4,
+            "ppo.critic": "separate",
+            "ptx.data": "builtin:micro:text",
+            "ptx.coef": 0.5,
+            "ptx.batch_size": 4,
+            "kl.adaptive": True,
+            "kl.target": 0.01,
+            "kl.horizon": 100,
+            "data.eval_prompts": "builtin:micro:prompts_eval",
+            "eval.num_prompts": 8,
+            "eval.samples": 3,
+            "eval.metrics": [{"function": "banana_success"}],
+            "eval.gold": [{"function": "gold_positivity", "name": "positivity"}],
+        },
+    )
     summary = train_rl(cfg)
     rows = _train_rows(tmp_path / "run")
     assert all(r["ptx_loss"] > 0 for r in rows)
     # KL above target (0.01) on update 1 -> beta grows: 0.05 * (1 + 0.2 * 16 / 100) = 0.0516
     assert rows[1]["kl/beta"] == pytest.approx(0.05 * (1 + 0.2 * 16 / 100)) or rows[0]["kl/k1"] <= 0.01
-    for key in ("eval/banana_success", "eval/kl", "eval/entropy", "eval/distinct_1", "eval/distinct_2",
-                "eval/length", "gold/positivity", "eval/reward/length_penalty", "start/eval/kl"):
+    for key in (
+        "eval/banana_success",
+        "eval/kl",
+        "eval/entropy",
+        "eval/distinct_1",
+        "eval/distinct_2",
+        "eval/length",
+        "gold/positivity",
+        "eval/reward/length_penalty",
+        "start/eval/kl",
+    ):
         assert key in summary, key
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
-    assert {s["policy"] for s in samples} == {"sft", "ppo"} and {"step", "prompt", "completion", "reward", "gold"} <= set(samples[0])
+    assert {s["policy"] for s in samples} == {"sft", "ppo"} and {
+        "step",
+        "prompt",
+        "completion",
+        "reward",
+        "gold",
+    } <= set(samples[0])
 
 
 def test_second_round_continues_from_a_ppo_policy(tmp_path: Path) -> None:
     """Round 2 starts from round 1's final/ (policy and value head), with the SFT model as reference."""
     small = {"algorithm": "ppo", "train.updates": 2, "rollout.prompts_per_step": 4, "critic_lr": 1e-2}
     train_rl(_cfg(tmp_path / "round1", **small))
-    train_rl(_cfg(tmp_path / "round2", **{**small, "train.updates": 1, "model.path": str(tmp_path / "round1" / "final"),
-                                          "ref_model": "builtin:micro"}))
+    train_rl(
+        _cfg(
+            tmp_path / "round2",
+            **{
+                **small,
+                "train.updates": 1,
+                "model.path": str(tmp_path / "round1" / "final"),
+                "ref_model": "builtin:micro",
+            },
+        )
+    )
     first = _train_rows(tmp_path / "round2")[0]
     assert first["values/mean"] != 0.0  # a fresh value head is zero-initialised: this one was loaded
     assert first["kl/k1"] != 0.0  # the policy starts away from its reference
@@ -127,11 +183,16 @@ def test_second_round_continues_from_a_ppo_policy(tmp_path: Path) -> None:
 
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="algorithm"):
-        load_config(RLConfig, None, ["algorithm=ppg", "model.path=x", "data.prompts=x",
-                                     "rewards=[{function: banana_format}]"])
+        load_config(
+            RLConfig,
+            None,
+            ["algorithm=ppg", "model.path=x", "data.prompts=x", "rewards=[{function: banana_format}]"],
+        )
     with pytest.raises(ConfigError, match="expected a built-in"):
         train_rl(_cfg(tmp_path / "a", rewards=[{"function": "banana"}]))
-    with pytest.raises(DataError, match=r"prompts_train.jsonl: record 0: prompt: \d+ tokens, over the limit of 2"):
+    with pytest.raises(
+        DataError, match=r"prompts_train.jsonl: record 0: prompt: \d+ tokens, over the limit of 2"
+    ):
         train_rl(_cfg(tmp_path / "b", **{"data.max_prompt_length": 2}))
     bad = tmp_path / "bad.py"
     bad.write_text("def r(prompts, completions, **k):\n    return [1.0]\n")
@@ -156,7 +217,17 @@ def test_cli_rl_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "eval/banana_success" in summary and "eval/kl" in summary
     capsys.readouterr()
-    main(["eval", "--model", str(tmp_path / "run" / "final"), "--config", str(cfg), "--out", str(tmp_path / "ev")])
+    main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "run" / "final"),
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert 0.0 <= result["eval/banana_success"] <= 1.0 and (tmp_path / "ev" / "eval.json").exists()
     with pytest.raises(SystemExit) as exc:
@@ -170,7 +241,9 @@ def test_shared_prompt_and_engine_logprobs_change_nothing_but_speed(tmp_path: Pa
     Sampling is keyed per answer, so both runs draw the same answers."""
     common = {"train.updates": 2, "rollout.prompts_per_step": 4, "algorithm": "rloo"}
     fast = _cfg(tmp_path / "fast", **common)
-    plain = _cfg(tmp_path / "plain", **common, **{"rollout.share_prompt": False, "rollout.reuse_logprobs": False})
+    plain = _cfg(
+        tmp_path / "plain", **common, **{"rollout.share_prompt": False, "rollout.reuse_logprobs": False}
+    )
     train_rl(fast)
     train_rl(plain)
     a, b = _train_rows(tmp_path / "fast")[0], _train_rows(tmp_path / "plain")[0]
@@ -184,9 +257,17 @@ def test_evaluation_draws_are_the_same_every_time(tmp_path: Path) -> None:
     """Evaluation samples are keyed by prompt: a policy that does not change (lr 1e-12) gives the
     same answers before and after training, although training consumed random numbers in between,
     so a change between two evaluations is the policy's."""
-    cfg = _cfg(tmp_path / "e", **{"data.eval_prompts": "builtin:micro:prompts_eval", "eval.num_prompts": 12,
-                                  "eval.temperature": 1.0, "eval.at_start": True, "optim.lr": 1e-12,
-                                  "train.updates": 2})
+    cfg = _cfg(
+        tmp_path / "e",
+        **{
+            "data.eval_prompts": "builtin:micro:prompts_eval",
+            "eval.num_prompts": 12,
+            "eval.temperature": 1.0,
+            "eval.at_start": True,
+            "optim.lr": 1e-12,
+            "train.updates": 2,
+        },
+    )
     summary = train_rl(cfg)
     assert summary["start/eval/reward"] == summary["eval/reward"]
     assert summary["start/eval/length"] == summary["eval/length"]

@@ -83,8 +83,14 @@ def _unsqueeze_dims(t: Tensor, dims: tuple[int, ...], ndim: int) -> Tensor:
     return t
 
 
-def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
-           mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+def whiten(
+    x: Tensor,
+    mask: Tensor | None = None,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+) -> Tensor:
     """Normalise the valid entries of ``x`` to mean 0 and (unbiased) std 1.
 
     out = (x − mean) / sqrt(var + eps) over entries where ``mask`` is True; with

@@ -18,6 +18,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
 def _version(value: bool) -> None:
     if value:
         from heed import __version__
@@ -29,7 +30,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print Heed's version and exit.")
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print Heed's version and exit."),
     ] = False,
 ) -> None:
     """Heed: reinforcement learning from human feedback, end to end."""
@@ -40,9 +42,13 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: --set optim.lr=1e-4 (repeatable).", show_default=False),
+    typer.Option(
+        "--set", "-s", help="Override a config key: --set optim.lr=1e-4 (repeatable).", show_default=False
+    ),
 ]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (overrides `out` in the config).")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Run folder (overrides `out` in the config).")
+]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue from the last checkpoint in the run folder.")
 ]

@@ -23,6 +23,14 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resum
 
     cfg = load_config(DPOConfig, config, with_out(set_, out))
     summary = train_dpo(cfg, resume=resume)
-    keys = ("loss", "eval/loss", "eval/reward_accuracy", "eval/margin", "kl/k1", "pairs_per_s", "train_seconds")
+    keys = (
+        "loss",
+        "eval/loss",
+        "eval/reward_accuracy",
+        "eval/margin",
+        "kl/k1",
+        "pairs_per_s",
+        "train_seconds",
+    )
     figures = "  ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary)
     Console(stderr=True).print(f"[green]done[/green] {figures}\nmodel: {Path(cfg.out) / 'final'}")

@@ -38,7 +38,11 @@ def _done(out: str, summary: dict) -> None:
     from rich.console import Console
 
     keys = [k for k in summary if k.startswith(("eval/", "gold/")) and "/reward/" not in k]
-    keys += [k for k in ("start/eval/reward", "reward/mean", "kl/k1", "samples_per_s", "train_seconds") if k in summary]
+    keys += [
+        k
+        for k in ("start/eval/reward", "reward/mean", "kl/k1", "samples_per_s", "train_seconds")
+        if k in summary
+    ]
     figures = "  ".join(f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary[k], int | float))
     Console(stderr=True).print(f"[green]done[/green] {figures}\nmodel: {Path(out) / 'final'}")
 
@@ -48,7 +52,9 @@ def eval_(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model folder to evaluate (or 'builtin').")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for eval.json and samples.jsonl.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for eval.json and samples.jsonl.")
+    ] = None,
 ) -> None:
     """Evaluate any model on a config's held-out prompts: rewards per source, task and gold metrics,
     KL to the reference, entropy, length, distinct-1/2.

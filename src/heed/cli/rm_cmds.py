@@ -17,7 +17,9 @@ app.add_typer(rm_app, name="rm", rich_help_panel="Train")
 
 
 @rm_app.command("train")
-def train(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False) -> None:
+def train(
+    config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False
+) -> None:
     """Train a reward model with the K-wise ranking loss on pairs and ranked groups.
 
     Starts from a causal LM folder (a score head replaces its softmax layer), an encoder folder
@@ -34,8 +36,19 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, res
 
     cfg = load_config(RMConfig, config, with_out(set_, out))
     summary = train_reward(cfg, resume=resume)
-    keys = [k for k in ("train/loss", "rm/eval_loss", "rm/accuracy", "rm/top1_accuracy", "rm/kendall_tau",
-                        "pairs_per_s", "train_seconds") if k in summary]
+    keys = [
+        k
+        for k in (
+            "train/loss",
+            "rm/eval_loss",
+            "rm/accuracy",
+            "rm/top1_accuracy",
+            "rm/kendall_tau",
+            "pairs_per_s",
+            "train_seconds",
+        )
+        if k in summary
+    ]
     figures = "  ".join(f"{k}={summary[k]:.4g}" for k in keys)
     Console(stderr=True).print(f"[green]done[/green] {figures}\nmodel: {Path(cfg.out) / 'final'}")
 
@@ -58,7 +71,9 @@ def _records_to_pairs(located: list[Any]) -> list[tuple[int, str, Any, str]]:
             continue
         keys = [k for k in ("response", "completion", "chosen", "rejected") if isinstance(rec.get(k), str)]
         if not keys:
-            raise DataError(f"{loc}: response: missing (expected `response`, `completion`, `responses` or `chosen`/`rejected`)")
+            raise DataError(
+                f"{loc}: response: missing (expected `response`, `completion`, `responses` or `chosen`/`rejected`)"
+            )
         for k in keys:
             todo.append((i, "score" if k in ("response", "completion") else f"{k}_score", prompt, rec[k]))
     return todo
@@ -66,12 +81,27 @@ def _records_to_pairs(located: list[Any]) -> list[tuple[int, str, Any, str]]:
 
 @rm_app.command("score")
 def score(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Reward model folder (heed rm train's final/).")],
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt the responses answer.")] = None,
-    response: Annotated[list[str] | None, typer.Option("--response", "-r", help="A response to score (repeatable).")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="JSONL to score: prompt + response | completion | responses | chosen/rejected.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output JSONL for --data (input records plus scores).")] = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="Subtract the saved eval mean and divide by the std.")] = False,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Reward model folder (heed rm train's final/).")
+    ],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="The prompt the responses answer.")
+    ] = None,
+    response: Annotated[
+        list[str] | None, typer.Option("--response", "-r", help="A response to score (repeatable).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="JSONL to score: prompt + response | completion | responses | chosen/rejected."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output JSONL for --data (input records plus scores).")
+    ] = None,
+    normalize: Annotated[
+        bool, typer.Option("--normalize", help="Subtract the saved eval mean and divide by the std.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Responses per forward pass.")] = 32,
 ) -> None:
     """Score responses with a reward model: one score per line, or a whole file.
@@ -83,7 +113,9 @@ def score(
     from heed.models.reward import load_reward_model
 
     if data is None and (prompt is None or not response):
-        raise HeedError("rm score: give --prompt TEXT with one or more --response TEXT, or --data FILE --out FILE")
+        raise HeedError(
+            "rm score: give --prompt TEXT with one or more --response TEXT, or --data FILE --out FILE"
+        )
     if data is not None and out is None:
         raise HeedError("rm score: --data needs --out FILE for the scored records")
     rm = load_reward_model(model)
@@ -100,8 +132,13 @@ def score(
     records = [r.data for r in located]
     todo = _records_to_pairs(located)
     with StepProgress("score", len(todo)) as bar:
-        scores = rm.score([t[2] for t in todo], [t[3] for t in todo], batch_size=batch_size, normalize=normalize,
-                          progress=lambda n: bar.advance(n))
+        scores = rm.score(
+            [t[2] for t in todo],
+            [t[3] for t in todo],
+            batch_size=batch_size,
+            normalize=normalize,
+            progress=lambda n: bar.advance(n),
+        )
     rows = [dict(r) for r in records]
     for (i, key, _, _), s in zip(todo, scores, strict=True):
         if key.startswith("scores."):

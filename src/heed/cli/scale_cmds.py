@@ -14,7 +14,9 @@ from heed.cli.app import app
 def merge(
     adapter: Annotated[Path, typer.Option("--adapter", help="A LoRA run's final/ (or checkpoint) folder.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
-    base: Annotated[Path | None, typer.Option("--base", help="Base model folder (default: the one the adapter names).")] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Base model folder (default: the one the adapter names).")
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Merge a LoRA adapter into its base model and write a plain Hugging Face model folder.

@@ -11,7 +11,9 @@ from heed.cli.app import ConfigOpt, OutOpt, ResumeOpt, SetOpt, app, with_out
 
 
 @app.command(rich_help_panel="Train")
-def pretrain(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False) -> None:
+def pretrain(
+    config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False
+) -> None:
     """Train a base language model from scratch on plain text ({"text": ...} records).
 
     Trains a byte-level BPE tokenizer on the data unless model.tokenizer is set, builds a
@@ -48,7 +50,11 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resum
 def _done(out: str, summary: dict) -> None:
     from rich.console import Console
 
-    keys = [k for k in ("train/loss", "eval/loss", "eval/perplexity", "tokens_per_s", "train_seconds") if k in summary]
+    keys = [
+        k
+        for k in ("train/loss", "eval/loss", "eval/perplexity", "tokens_per_s", "train_seconds")
+        if k in summary
+    ]
     figures = "  ".join(f"{k}={summary[k]:.4g}" for k in keys)
     Console(stderr=True).print(f"[green]done[/green] {figures}\nmodel: {Path(out) / 'final'}")
 
@@ -56,8 +62,12 @@ def _done(out: str, summary: dict) -> None:
 @app.command(rich_help_panel="Use")
 def generate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Local model folder (Hugging Face format).")],
-    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompts file: {\"prompt\": ...} per record.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL: {\"prompt\", \"responses\": [...]} per prompt.")],
+    prompts: Annotated[
+        Path, typer.Option("--prompts", "-p", help='Prompts file: {"prompt": ...} per record.')
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help='Output JSONL: {"prompt", "responses": [...]} per prompt.')
+    ],
     num_samples: Annotated[int, typer.Option("--num-samples", "-k", min=1, help="Answers per prompt.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")] = 1.0,
@@ -75,8 +85,16 @@ def generate(
     if chat not in ("auto", "true", "false"):
         raise ConfigError(f"--chat: expected auto, true or false, got {chat!r}")
     records = load_records(prompts, "prompts")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-5),
-                            top_p=top_p, do_sample=temperature > 0)
-    answers = sample_responses(str(model), [r.prompt for r in records], num_samples, params, batch_size, chat, seed)
-    write_jsonl(out, [{"prompt": r.prompt, "responses": a, **r.extra} for r, a in zip(records, answers, strict=True)])
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=max(temperature, 1e-5),
+        top_p=top_p,
+        do_sample=temperature > 0,
+    )
+    answers = sample_responses(
+        str(model), [r.prompt for r in records], num_samples, params, batch_size, chat, seed
+    )
+    write_jsonl(
+        out, [{"prompt": r.prompt, "responses": a, **r.extra} for r, a in zip(records, answers, strict=True)]
+    )
     typer.echo(f"wrote {len(records)} prompts x {num_samples} answers to {out}")

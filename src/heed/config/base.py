@@ -34,8 +34,12 @@ class OptimConfig(HeedConfig):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (optimizer steps).")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine/linear).")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this; null disables.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine/linear)."
+    )
+    max_grad_norm: float | None = Field(
+        1.0, description="Clip the global gradient norm to this; null disables."
+    )
 
 
 class LogConfig(HeedConfig):
@@ -57,9 +61,11 @@ class LoraConfig(HeedConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Names (last component) of the linear layers that get adapters, or 'all-linear'.")
+        description="Names (last component) of the linear layers that get adapters, or 'all-linear'.",
+    )
     quantize: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit with bitsandbytes (CUDA only).")
+        "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit with bitsandbytes (CUDA only)."
+    )
 
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -68,21 +74,41 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 class ModelConfig(HeedConfig):
     """Which model to train and how to load it."""
 
-    path: str | None = Field(None, description="Local Hugging Face model folder (required unless init: scratch).")
-    init: Literal["pretrained", "scratch"] = Field("pretrained", description="Load `path`, or build a new model.")
-    size: str = Field("tiny", description="Built-in architecture size when init: scratch (micro, tiny, small, 100m).")
+    path: str | None = Field(
+        None, description="Local Hugging Face model folder (required unless init: scratch)."
+    )
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="Load `path`, or build a new model."
+    )
+    size: str = Field(
+        "tiny", description="Built-in architecture size when init: scratch (micro, tiny, small, 100m)."
+    )
     tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to `path`.")
-    vocab_size: int = Field(2048, ge=64, description="Vocabulary of a tokenizer trained from the data (init: scratch, no tokenizer).")
+    vocab_size: int = Field(
+        2048,
+        ge=64,
+        description="Vocabulary of a tokenizer trained from the data (init: scratch, no tokenizer).",
+    )
     max_position_embeddings: int = Field(512, ge=16, description="Context length of a scratch model.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    lora: LoraConfig | None = Field(None, description="LoRA adapters ({r, alpha, dropout, target_modules}); null = full fine-tuning.")
-    mixed_precision: MixedPrecision = Field("no", description="Autocast compute through accelerate: no, bf16 or fp16 (GPU).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype when loading."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="LoRA adapters ({r, alpha, dropout, target_modules}); null = full fine-tuning."
+    )
+    mixed_precision: MixedPrecision = Field(
+        "no", description="Autocast compute through accelerate: no, bf16 or fp16 (GPU)."
+    )
 
     @model_validator(mode="after")
     def _lora_needs_a_base(self) -> ModelConfig:
         if self.lora is not None and self.init == "scratch":
-            raise ValueError("model.lora: LoRA adapts a pretrained model; set model.init: pretrained and model.path")
+            raise ValueError(
+                "model.lora: LoRA adapts a pretrained model; set model.init: pretrained and model.path"
+            )
         return self
 
 

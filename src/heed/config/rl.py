@@ -15,7 +15,9 @@ ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce")
 class RewardSpec(HeedConfig):
     """One reward source. Set exactly one of ``function``, ``model``, ``pipeline``."""
 
-    name: str | None = Field(None, description="Name in logs (reward/<name>); defaults to the function or folder name.")
+    name: str | None = Field(
+        None, description="Name in logs (reward/<name>); defaults to the function or folder name."
+    )
     weight: float = Field(1.0, description="Weight of this source in the total reward.")
     function: str | None = Field(
         None,
@@ -24,15 +26,20 @@ class RewardSpec(HeedConfig):
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to `function`.")
     model: str | None = Field(None, description="Reward-model folder written by `heed rm train`.")
-    normalize: bool = Field(False, description="Reward model: subtract its saved mean and divide by its saved std.")
+    normalize: bool = Field(
+        False, description="Reward model: subtract its saved mean and divide by its saved std."
+    )
     pipeline: str | None = Field(
-        None, description="Text-classification model folder, run as a transformers pipeline on the completion."
+        None,
+        description="Text-classification model folder, run as a transformers pipeline on the completion.",
     )
     labels: dict[str, float] = Field(
         default_factory=lambda: {"POSITIVE": 1.0, "NEGATIVE": -1.0},
         description="Pipeline: label -> multiplier of the top label (POSITIVE -> +score, NEGATIVE -> -score).",
     )
-    use_score: bool = Field(True, description="Pipeline: multiply by the label's probability (false: the multiplier alone).")
+    use_score: bool = Field(
+        True, description="Pipeline: multiply by the label's probability (false: the multiplier alone)."
+    )
     batch_size: int = Field(64, ge=1, description="Completions per reward-model / pipeline call.")
 
     @model_validator(mode="after")
@@ -58,19 +65,32 @@ class RewardSpec(HeedConfig):
 class RLDataConfig(HeedConfig):
     """Prompts to train and evaluate on."""
 
-    prompts: str = Field(..., description="Training prompts ({\"prompt\": ...} JSONL); 'builtin:prompts_train' for the built-in ones.")
-    eval_prompts: str | None = Field(None, description="Held-out prompts for evaluation; 'builtin:prompts_eval' for the built-in ones.")
-    chat: Literal["auto", "true", "false"] = Field("auto", description="Use the tokenizer's chat template (auto: if it has one).")
-    max_prompt_length: int = Field(128, ge=1, description="Longest prompt in tokens; a longer one is an error.")
+    prompts: str = Field(
+        ...,
+        description="Training prompts ({\"prompt\": ...} JSONL); 'builtin:prompts_train' for the built-in ones.",
+    )
+    eval_prompts: str | None = Field(
+        None, description="Held-out prompts for evaluation; 'builtin:prompts_eval' for the built-in ones."
+    )
+    chat: Literal["auto", "true", "false"] = Field(
+        "auto", description="Use the tokenizer's chat template (auto: if it has one)."
+    )
+    max_prompt_length: int = Field(
+        128, ge=1, description="Longest prompt in tokens; a longer one is an error."
+    )
 
 
 class RolloutConfig(HeedConfig):
     """Sampling of the K completions per prompt."""
 
-    prompts_per_step: int = Field(16, ge=1, description="Prompts per update (the batch is prompts_per_step x k answers).")
+    prompts_per_step: int = Field(
+        16, ge=1, description="Prompts per update (the batch is prompts_per_step x k answers)."
+    )
     k: int = Field(4, ge=1, description="Completions sampled per prompt (a group for RLOO/GRPO).")
     max_new_tokens: int = Field(48, ge=1, description="Longest completion in tokens (answers are cut there).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same temperature).")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature (log-probs use the same temperature)."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     batch_size: int = Field(128, ge=1, description="Rows per generate call.")
@@ -85,19 +105,27 @@ class RolloutConfig(HeedConfig):
         "pass less per update); false recomputes them. PPO always recomputes them (with its values).",
     )
     engine: Literal["heed", "hf", "vllm"] = Field(
-        "heed", description="Generation engine: heed (lean KV-cache loop), hf (transformers generate), vllm (in-process "
-        "vLLM; GPU and the heed[vllm] extra)."
+        "heed",
+        description="Generation engine: heed (lean KV-cache loop), hf (transformers generate), vllm (in-process "
+        "vLLM; GPU and the heed[vllm] extra).",
     )
     vllm_gpu_memory: float = Field(
-        0.3, gt=0, le=1, description="vllm engine: share of the GPU memory vLLM may take (weights + KV cache)."
+        0.3,
+        gt=0,
+        le=1,
+        description="vllm engine: share of the GPU memory vLLM may take (weights + KV cache).",
     )
-    vllm_sleep: bool = Field(True, description="vllm engine: free vLLM's weights and KV cache between rollouts.")
+    vllm_sleep: bool = Field(
+        True, description="vllm engine: free vLLM's weights and KV cache between rollouts."
+    )
 
 
 class KLConfig(HeedConfig):
     """The KL penalty keeping the policy near the reference."""
 
-    beta: float = Field(0.05, ge=0, description="KL coefficient (the initial one with the adaptive controller).")
+    beta: float = Field(
+        0.05, ge=0, description="KL coefficient (the initial one with the adaptive controller)."
+    )
     estimator: Literal["k1", "k2", "k3"] | None = Field(
         None, description="Per-token KL estimator: default k1 in the reward, k3 in the loss."
     )
@@ -115,21 +143,29 @@ class PPOConfig(HeedConfig):
     """The update: clipped surrogate over minibatches, plus PPO's critic settings."""
 
     epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    minibatch_size: int | None = Field(None, ge=1, description="Answers per optimizer step (default: the whole batch).")
+    minibatch_size: int | None = Field(
+        None, ge=1, description="Answers per optimizer step (default: the whole batch)."
+    )
     micro_batch_size: int = Field(
-        16, ge=1, description="Answers per forward pass, grouped by length so padding is cut (gradient accumulation)."
+        16,
+        ge=1,
+        description="Answers per forward pass, grouped by length so padding is cut (gradient accumulation).",
     )
     clip_eps: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
-    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip range (clip-higher); default clip_eps.")
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
-        "token_mean", description="How per-token losses are reduced (heed.algos.aggregate)."
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip range (clip-higher); default clip_eps."
     )
+    loss_aggregation: Literal[
+        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
+    ] = Field("token_mean", description="How per-token losses are reduced (heed.algos.aggregate).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
     # critic (PPO only)
     critic: Literal["shared", "separate"] = Field(
         "shared", description="Value head on the policy's trunk (shared) or on a separate critic model."
     )
-    critic_path: str | None = Field(None, description="Separate critic's initial model folder (default: model.path).")
+    critic_path: str | None = Field(
+        None, description="Separate critic's initial model folder (default: model.path)."
+    )
     vf_coef: float = Field(0.1, ge=0, description="Value-loss coefficient.")
     value_clip: float | None = Field(0.2, gt=0, description="Clip range of the value loss; null disables.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount over response tokens.")
@@ -137,14 +173,18 @@ class PPOConfig(HeedConfig):
     whiten_advantages: bool = Field(True, description="Whiten advantages over the batch.")
     whiten_rewards: bool = Field(False, description="Whiten the token rewards before GAE (scale only).")
     # baselines
-    reinforce_decay: float = Field(0.9, ge=0, lt=1, description="REINFORCE: moving-average decay of the baseline.")
+    reinforce_decay: float = Field(
+        0.9, ge=0, lt=1, description="REINFORCE: moving-average decay of the baseline."
+    )
     grpo_scale: bool = Field(True, description="GRPO: divide by the group's std (false: Dr. GRPO).")
 
 
 class PtxConfig(HeedConfig):
     """PPO-ptx: keep the language-modelling loss on pretraining text (InstructGPT)."""
 
-    data: str | None = Field(None, description="Plain-text records ({\"text\": ...}); 'builtin:text' for the corpus.")
+    data: str | None = Field(
+        None, description="Plain-text records ({\"text\": ...}); 'builtin:text' for the corpus."
+    )
     coef: float = Field(0.0, ge=0, description="Weight of the LM loss added to each update.")
     batch_size: int = Field(8, ge=1, description="Text sequences per optimizer step.")
     max_length: int = Field(128, ge=8, description="Tokens per text sequence (longer ones are truncated).")
@@ -157,10 +197,16 @@ class EvalConfig(HeedConfig):
     num_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation (the first N).")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_new_tokens: int | None = Field(None, ge=1, description="Default: rollout.max_new_tokens.")
-    metrics: list[RewardSpec] = Field(default_factory=list, description="Task metrics, logged as eval/<name> (mean).")
-    gold: list[RewardSpec] = Field(default_factory=list, description="Gold metrics, logged as gold/<name> (mean).")
+    metrics: list[RewardSpec] = Field(
+        default_factory=list, description="Task metrics, logged as eval/<name> (mean)."
+    )
+    gold: list[RewardSpec] = Field(
+        default_factory=list, description="Gold metrics, logged as gold/<name> (mean)."
+    )
     samples: int = Field(8, ge=0, description="Answers written to samples.jsonl per evaluation.")
-    initial_policy_name: str = Field("sft", description="`policy` of the samples of the evaluation before training.")
+    initial_policy_name: str = Field(
+        "sft", description="`policy` of the samples of the evaluation before training."
+    )
 
 
 class TrainLoopConfig(HeedConfig):
@@ -181,26 +227,45 @@ class RLLogConfig(LogConfig):
     """Logging for RL: every update by default."""
 
     log_every: int = Field(1, ge=1, description="Write metrics every N updates.")
-    eval_every: int = Field(0, ge=0, description="Evaluate on held-out prompts every N updates (0: at the start and the end).")
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate on held-out prompts every N updates (0: at the start and the end)."
+    )
     save_every: int = Field(0, ge=0, description="Checkpoint every N updates; 0 saves only the final model.")
 
 
 class RLConfig(HeedConfig):
     """``heed rl``: PPO / RLOO / GRPO / REINFORCE with a KL penalty to the reference policy."""
 
-    algorithm: Literal["ppo", "rloo", "grpo", "reinforce"] = Field("rloo", description="ppo | rloo | grpo | reinforce.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy (initialised from model.path).")
-    ref_model: str | None = Field(None, description="Reference policy folder (default: model.path; with LoRA, the policy with its adapter disabled).")
-    offload_ref: bool = Field(False, description="Keep a separately loaded reference model on the CPU (saves accelerator memory).")
+    algorithm: Literal["ppo", "rloo", "grpo", "reinforce"] = Field(
+        "rloo", description="ppo | rloo | grpo | reinforce."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Policy (initialised from model.path)."
+    )
+    ref_model: str | None = Field(
+        None,
+        description="Reference policy folder (default: model.path; with LoRA, the policy with its adapter disabled).",
+    )
+    offload_ref: bool = Field(
+        False, description="Keep a separately loaded reference model on the CPU (saves accelerator memory)."
+    )
     data: RLDataConfig = Field(..., description="Prompts.")
-    rewards: list[RewardSpec] = Field(..., min_length=1, description="Reward sources; the total is their weighted sum.")
+    rewards: list[RewardSpec] = Field(
+        ..., min_length=1, description="Reward sources; the total is their weighted sum."
+    )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Update settings (all algorithms) and PPO's critic.")
+    ppo: PPOConfig = Field(
+        default_factory=PPOConfig, description="Update settings (all algorithms) and PPO's critic."
+    )
     ptx: PtxConfig = Field(default_factory=PtxConfig, description="PPO-ptx language-modelling loss.")
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig, description="Length and seed.")
-    optim: RLOptimConfig = Field(default_factory=RLOptimConfig, description="Optimizer of the policy (and value head).")
-    critic_lr: float | None = Field(None, gt=0, description="Learning rate of the value head / critic (default: optim.lr).")
+    optim: RLOptimConfig = Field(
+        default_factory=RLOptimConfig, description="Optimizer of the policy (and value head)."
+    )
+    critic_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the value head / critic (default: optim.lr)."
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     log: RLLogConfig = Field(default_factory=RLLogConfig, description="Logging and checkpoints.")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Reward-hacking monitors.")
@@ -212,12 +277,16 @@ class RLConfig(HeedConfig):
         if self.model.path is None:
             raise ValueError("model.path: the policy's model folder is required (or 'builtin')")
         if self.algorithm in ("rloo", "grpo") and self.rollout.k < 2:
-            raise ValueError(f"rollout.k: {self.algorithm} needs at least 2 completions per prompt, got {self.rollout.k}")
+            raise ValueError(
+                f"rollout.k: {self.algorithm} needs at least 2 completions per prompt, got {self.rollout.k}"
+            )
         if self.ptx.coef > 0 and not self.ptx.data:
             raise ValueError("ptx.data: PPO-ptx (ptx.coef > 0) needs plain-text data")
         mb = self.ppo.minibatch_size
         if mb is not None and self.batch_size % mb:
-            raise ValueError(f"ppo.minibatch_size: {mb} does not divide the batch of {self.batch_size} answers")
+            raise ValueError(
+                f"ppo.minibatch_size: {mb} does not divide the batch of {self.batch_size} answers"
+            )
         names = [r.display_name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: two sources share a name ({', '.join(names)}); set `name:` on each")

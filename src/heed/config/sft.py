@@ -13,24 +13,44 @@ class SFTDataConfig(HeedConfig):
     """Training data for SFT / language modelling."""
 
     train: str = Field(..., description="Training file (.jsonl/.json/.parquet) or datasets folder.")
-    eval: str | None = Field(None, description="Evaluation file; if unset, `eval_split` of train is held out.")
-    eval_split: float = Field(0.05, ge=0, lt=1, description="Fraction of train held out for eval when `eval` is unset.")
-    kind: Literal["sft", "text"] = Field("sft", description="sft: chat or prompt/completion (loss on answers); text: plain LM.")
-    max_length: int = Field(256, ge=8, description="Tokens per sequence; longer ones are truncated (with a warning).")
-    packing: bool = Field(False, description="Concatenate sequences into full rows of max_length (no padding).")
+    eval: str | None = Field(
+        None, description="Evaluation file; if unset, `eval_split` of train is held out."
+    )
+    eval_split: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of train held out for eval when `eval` is unset."
+    )
+    kind: Literal["sft", "text"] = Field(
+        "sft", description="sft: chat or prompt/completion (loss on answers); text: plain LM."
+    )
+    max_length: int = Field(
+        256, ge=8, description="Tokens per sequence; longer ones are truncated (with a warning)."
+    )
+    packing: bool = Field(
+        False, description="Concatenate sequences into full rows of max_length (no padding)."
+    )
     pack_boundaries: bool = Field(
-        True, description="With packing: attention stays inside each sequence (its positions restart at 0); "
-        "false lets it cross into the previous ones, GPT-style.")
-    chat: Literal["auto", "true", "false"] = Field("auto", description="Use the tokenizer's chat template (auto: if it has one).")
-    group_by_length: bool = Field(True, description="Batch sequences of similar length together (less padding).")
+        True,
+        description="With packing: attention stays inside each sequence (its positions restart at 0); "
+        "false lets it cross into the previous ones, GPT-style.",
+    )
+    chat: Literal["auto", "true", "false"] = Field(
+        "auto", description="Use the tokenizer's chat template (auto: if it has one)."
+    )
+    group_by_length: bool = Field(
+        True, description="Batch sequences of similar length together (less padding)."
+    )
 
 
 class SFTTrainConfig(HeedConfig):
     """Loop settings."""
 
     batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, over all processes.")
-    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass per process (default: all).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward pass per process (default: all)."
+    )
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
     eval_batch_size: int = Field(64, ge=1, description="Sequences per evaluation forward pass.")

@@ -75,7 +75,9 @@ def pad_positions(rows: Sequence[Sequence[int]]) -> torch.Tensor:
     return out
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50
+) -> list[list[int]]:
     """Shuffled batches of indices whose members have similar lengths (less padding).
 
     Indices are shuffled, cut into groups of ``mega`` batches, sorted by length inside each

@@ -36,7 +36,9 @@ def read_records(path: str | Path) -> list[Located]:
         return _read_json(p)
     if suffix == ".parquet":
         return _read_parquet(p)
-    raise DataError(f"{p}: unknown data format '{suffix}'; expected .jsonl, .json, .parquet or a datasets folder")
+    raise DataError(
+        f"{p}: unknown data format '{suffix}'; expected .jsonl, .json, .parquet or a datasets folder"
+    )
 
 
 def _read_jsonl(p: Path) -> list[Located]:
@@ -63,7 +65,7 @@ def _read_json(p: Path) -> list[Located]:
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
-        raise DataError(f"{p}: expected a JSON list of records (or {{\"data\": [...]}})")
+        raise DataError(f'{p}: expected a JSON list of records (or {{"data": [...]}})')
     out = []
     for i, rec in enumerate(obj):
         if not isinstance(rec, dict):

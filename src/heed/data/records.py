@@ -94,7 +94,9 @@ def _messages(v: Any, where: str, key: str) -> list[Message]:
     out = []
     for i, m in enumerate(v):
         if not isinstance(m, dict):
-            raise _err(where, f"{key}[{i}]", f"expected an object with role and content, got {type(m).__name__}")
+            raise _err(
+                where, f"{key}[{i}]", f"expected an object with role and content, got {type(m).__name__}"
+            )
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise _err(where, f"{key}[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r}")
@@ -161,7 +163,9 @@ def parse_sft(rec: dict[str, Any], where: str) -> SFTExample:
         completion = _response(rec.get("completion"), where, "completion") if "completion" in rec else None
         if completion is None:
             raise _err(where, "completion", "missing")
-        return SFTExample(prompt=prompt, completion=completion, extra=_extra(rec, {"prompt", "completion"}), where=where)
+        return SFTExample(
+            prompt=prompt, completion=completion, extra=_extra(rec, {"prompt", "completion"}), where=where
+        )
     if "text" in rec:
         raise _err(where, "messages", "plain text records belong to language modelling (`data.kind: text`)")
     raise _err(where, "messages", "missing (expected `messages`, or `prompt` and `completion`)")
@@ -218,7 +222,9 @@ def parse_ranked(rec: dict[str, Any], where: str) -> PreferenceGroup:
     if not isinstance(ranks, list):
         raise _err(where, "ranks", "missing or not a list")
     if len(ranks) != len(resp):
-        raise _err(where, "ranks", f"{len(ranks)} ranks for {len(resp)} responses (need one rank per response)")
+        raise _err(
+            where, "ranks", f"{len(ranks)} ranks for {len(resp)} responses (need one rank per response)"
+        )
     for i, r in enumerate(ranks):
         if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(float(r)):
             raise _err(where, f"ranks[{i}]", f"expected a number, got {r!r}")

@@ -65,7 +65,11 @@ def encode_chat(tokenizer: Any, messages: list[Message], where: str) -> tuple[li
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        prefix = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise DataError(f"{where}: the tokenizer's chat template does not render turns incrementally")

@@ -54,8 +54,9 @@ DEFAULT_ANNOTATORS = (
 )
 
 
-def annotate_project(fb: Any, project: str, annotators: tuple[SimulatedAnnotator, ...] = DEFAULT_ANNOTATORS,
-                     seed: int = 0) -> dict[str, int]:
+def annotate_project(
+    fb: Any, project: str, annotators: tuple[SimulatedAnnotator, ...] = DEFAULT_ANNOTATORS, seed: int = 0
+) -> dict[str, int]:
     """Let every annotator label until the service hands them nothing more; returns counts per annotator.
 
     Annotators take turns one record at a time, as people working side by side would.

@@ -51,10 +51,14 @@ class BuiltinSpec:
 
 
 # A much smaller model for fast tests: learns the format, not much more.
-MICRO = BuiltinSpec(size="micro", n_records=1500, pretrain_epochs=1.0, sft_epochs=1.0, pretrain_lr=5e-3, sft_lr=3e-3)
+MICRO = BuiltinSpec(
+    size="micro", n_records=1500, pretrain_epochs=1.0, sft_epochs=1.0, pretrain_lr=5e-3, sft_lr=3e-3
+)
 
 
-def write_corpus(out_dir: str | Path, n_records: int = 4000, seed: int = 0, n_eval_prompts: int = 200) -> dict[str, Path]:
+def write_corpus(
+    out_dir: str | Path, n_records: int = 4000, seed: int = 0, n_eval_prompts: int = 200
+) -> dict[str, Path]:
     """Write the corpus files a pipeline needs; returns their paths by name.
 
     ``text.jsonl`` (language modelling), ``chat.jsonl`` (SFT, with hidden labels),
@@ -82,36 +86,58 @@ def base_config(spec: BuiltinSpec, text_file: str | Path, out: str | Path, progr
     from heed.config import config_from_dict
     from heed.config.sft import SFTConfig
 
-    return config_from_dict(SFTConfig, {
-        "model": {"init": "scratch", "size": spec.size, "vocab_size": spec.vocab_size},
-        "data": {"train": str(text_file), "kind": "text", "packing": True, "pack_boundaries": True,
-                 "max_length": spec.max_length},
-        "train": {"batch_size": spec.batch_size, "epochs": spec.pretrain_epochs, "seed": spec.seed},
-        "optim": {"lr": spec.pretrain_lr, "warmup_steps": 20},
-        "log": {"progress": progress, "log_every": 10, "save_every": 100},
-        "out": str(out),
-    }, "built-in base model")
+    return config_from_dict(
+        SFTConfig,
+        {
+            "model": {"init": "scratch", "size": spec.size, "vocab_size": spec.vocab_size},
+            "data": {
+                "train": str(text_file),
+                "kind": "text",
+                "packing": True,
+                "pack_boundaries": True,
+                "max_length": spec.max_length,
+            },
+            "train": {"batch_size": spec.batch_size, "epochs": spec.pretrain_epochs, "seed": spec.seed},
+            "optim": {"lr": spec.pretrain_lr, "warmup_steps": 20},
+            "log": {"progress": progress, "log_every": 10, "save_every": 100},
+            "out": str(out),
+        },
+        "built-in base model",
+    )
 
 
-def sft_config(spec: BuiltinSpec, base: str | Path, chat_file: str | Path, out: str | Path, progress: bool = True) -> Any:
+def sft_config(
+    spec: BuiltinSpec, base: str | Path, chat_file: str | Path, out: str | Path, progress: bool = True
+) -> Any:
     """Config of the built-in SFT model: chats packed into full rows (loss on assistant tokens), each
     chat attending to itself only (with attention across chats the model learned to answer about
     the previous chat's topic: 7% of answers named the asked topic, against 94% now)."""
     from heed.config import config_from_dict
     from heed.config.sft import SFTConfig
 
-    return config_from_dict(SFTConfig, {
-        "model": {"path": str(base)},
-        "data": {"train": str(chat_file), "kind": "sft", "packing": True, "pack_boundaries": True,
-                 "max_length": spec.max_length},
-        "train": {"batch_size": spec.batch_size, "epochs": spec.sft_epochs, "seed": spec.seed},
-        "optim": {"lr": spec.sft_lr, "warmup_steps": 10},
-        "log": {"progress": progress, "log_every": 10, "save_every": 100},
-        "out": str(out),
-    }, "built-in SFT model")
+    return config_from_dict(
+        SFTConfig,
+        {
+            "model": {"path": str(base)},
+            "data": {
+                "train": str(chat_file),
+                "kind": "sft",
+                "packing": True,
+                "pack_boundaries": True,
+                "max_length": spec.max_length,
+            },
+            "train": {"batch_size": spec.batch_size, "epochs": spec.sft_epochs, "seed": spec.seed},
+            "optim": {"lr": spec.sft_lr, "warmup_steps": 10},
+            "log": {"progress": progress, "log_every": 10, "save_every": 100},
+            "out": str(out),
+        },
+        "built-in SFT model",
+    )
 
 
-def build_builtin(out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progress: bool = True) -> dict[str, Any]:
+def build_builtin(
+    out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progress: bool = True
+) -> dict[str, Any]:
     """corpus → tokenizer → base model → SFT model, in ``out_dir``; returns paths and timings."""
     from heed.train.sft import train_sft
 
@@ -132,7 +158,9 @@ def build_builtin(out_dir: str | Path, spec: BuiltinSpec = BuiltinSpec(), progre
     }
 
 
-def builtin_sft_model(spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None = None, progress: bool = False) -> Path:
+def builtin_sft_model(
+    spec: BuiltinSpec = BuiltinSpec(), root: str | Path | None = None, progress: bool = False
+) -> Path:
     """Folder of the built-in SFT model (tokenizer included), built once and cached.
 
     The folder ``../../data`` (beside ``sft/``), holds the corpus files it was trained on.

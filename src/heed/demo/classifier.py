@@ -69,8 +69,13 @@ def build_tone_classifier(out_dir: str | Path, spec: ClassifierSpec = Classifier
     model.train()
     for step in range(steps):
         batch = rng.sample(train, spec.batch_size)
-        enc = tok([t for t, _ in batch], padding=True, truncation=True, max_length=spec.max_length,
-                  return_tensors="pt")
+        enc = tok(
+            [t for t, _ in batch],
+            padding=True,
+            truncation=True,
+            max_length=spec.max_length,
+            return_tensors="pt",
+        )
         labels = torch.tensor([y for _, y in batch])
         loss = model(**enc, labels=labels).loss
         loss.backward()
@@ -84,8 +89,13 @@ def build_tone_classifier(out_dir: str | Path, spec: ClassifierSpec = Classifier
     with torch.no_grad():
         for s in range(0, len(held), 100):
             part = held[s : s + 100]
-            enc = tok([t for t, _ in part], padding=True, truncation=True, max_length=spec.max_length,
-                      return_tensors="pt")
+            enc = tok(
+                [t for t, _ in part],
+                padding=True,
+                truncation=True,
+                max_length=spec.max_length,
+                return_tensors="pt",
+            )
             pred = model(**enc).logits.argmax(-1)
             correct += int((pred == torch.tensor([y for _, y in part])).sum())
     out = Path(out_dir)

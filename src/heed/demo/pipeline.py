@@ -45,8 +45,10 @@ class DemoSettings:
     fresh: bool = False
     progress: bool = True
     seed: int = 0
-    spec: BuiltinSpec = field(default_factory=BuiltinSpec)  # corpus size, architecture and schedule of the base and SFT models
-    annotate_prompts: int = 240      # prompts answered K times and ranked per round
+    spec: BuiltinSpec = field(
+        default_factory=BuiltinSpec
+    )  # corpus size, architecture and schedule of the base and SFT models
+    annotate_prompts: int = 240  # prompts answered K times and ranked per round
     k: int = 4
     max_new_tokens: int = 40
     rm_epochs: float = 2.0
@@ -58,12 +60,30 @@ class DemoSettings:
 
 
 # A minute or two on two cores: the micro model and a handful of updates (shows the plumbing, not results).
-QUICK = dict(spec=MICRO, annotate_prompts=48, ppo_updates=6, ppo_updates_next_round=4, rloo_updates=8, eval_prompts=16,
-             max_new_tokens=24)
+QUICK = dict(
+    spec=MICRO,
+    annotate_prompts=48,
+    ppo_updates=6,
+    ppo_updates_next_round=4,
+    rloo_updates=8,
+    eval_prompts=16,
+    max_new_tokens=24,
+)
 # Smaller still, for the test suite.
-SMOKE = dict(QUICK, spec=BuiltinSpec(size="micro", n_records=400, pretrain_epochs=1.0, sft_epochs=1.0, pretrain_lr=5e-3,
-                                     sft_lr=3e-3), annotate_prompts=12, ppo_updates=2, ppo_updates_next_round=1,
-             rloo_updates=2, eval_prompts=4, max_new_tokens=12, rm_epochs=1.0, dpo_epochs=1.0)
+SMOKE = dict(
+    QUICK,
+    spec=BuiltinSpec(
+        size="micro", n_records=400, pretrain_epochs=1.0, sft_epochs=1.0, pretrain_lr=5e-3, sft_lr=3e-3
+    ),
+    annotate_prompts=12,
+    ppo_updates=2,
+    ppo_updates_next_round=1,
+    rloo_updates=2,
+    eval_prompts=4,
+    max_new_tokens=12,
+    rm_epochs=1.0,
+    dpo_epochs=1.0,
+)
 
 
 @dataclass
@@ -128,7 +148,9 @@ class Demo:
         def make() -> None:
             tmp = self.out / "data.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write_corpus(tmp, self.s.spec.n_records, self.s.seed, n_eval_prompts=max(200, self.s.eval_prompts))
+            write_corpus(
+                tmp, self.s.spec.n_records, self.s.seed, n_eval_prompts=max(200, self.s.eval_prompts)
+            )
             shutil.rmtree(self.data, ignore_errors=True)
             tmp.rename(self.data)
 
@@ -147,7 +169,9 @@ class Demo:
         from heed.train.sft import train_sft
 
         run = self.runs / "sft"
-        cfg = sft_config(self.s.spec, self.runs / "base" / "final", self.data / "chat.jsonl", run, self.s.progress)
+        cfg = sft_config(
+            self.s.spec, self.runs / "base" / "final", self.data / "chat.jsonl", run, self.s.progress
+        )
 
         def go() -> None:
             summary = train_sft(cfg, resume=self._resume(run))
@@ -167,9 +191,13 @@ class Demo:
             prompts = load_records(self.data / "prompts_train.jsonl", "prompts")
             n = self.s.annotate_prompts
             chosen = prompts[(round_no - 1) * n : round_no * n] or prompts[:n]
-            answers = sample_responses(str(policy), [p.prompt for p in chosen], self.s.k,
-                                       SamplingParams(max_new_tokens=self.s.max_new_tokens, temperature=1.0),
-                                       seed=self.s.seed + round_no)
+            answers = sample_responses(
+                str(policy),
+                [p.prompt for p in chosen],
+                self.s.k,
+                SamplingParams(max_new_tokens=self.s.max_new_tokens, temperature=1.0),
+                seed=self.s.seed + round_no,
+            )
             rows = []
             for p, a in zip(chosen, answers, strict=True):
                 distinct = list(dict.fromkeys(x for x in a if x.strip()))
@@ -200,7 +228,9 @@ class Demo:
                 # a consensus that ties every answer carries no preference: left out, and counted
                 rows = [r for r in exported if len(set(r["ranks"])) > 1]
                 if len(rows) < len(exported):
-                    self.say(f"  {len(exported) - len(rows)} of {len(exported)} records ended all tied; left out")
+                    self.say(
+                        f"  {len(exported) - len(rows)} of {len(exported)} records ended all tied; left out"
+                    )
                 write_jsonl(ranked, rows)
                 rep = fb.agreement(project)
                 agreement = {
@@ -212,9 +242,12 @@ class Demo:
                     "position_bias_first_shown_top": rep.position_bias.get("first_shown_top"),
                     "position_bias_expected": rep.position_bias.get("expected_if_unbiased"),
                     "per_annotator": [
-                        {"annotator": name, "n": counts.get(name, 0),
-                         "tau_with_others": v.get("tau_with_others"),
-                         "first_shown_top": v.get("first_shown_top")}
+                        {
+                            "annotator": name,
+                            "n": counts.get(name, 0),
+                            "tau_with_others": v.get("tau_with_others"),
+                            "first_shown_top": v.get("first_shown_top"),
+                        }
                         for name, v in sorted(rep.per_annotator.items())
                     ],
                 }
@@ -246,15 +279,23 @@ class Demo:
         from heed.train.reward import train_reward
 
         run = self.runs / name
-        cfg = config_from_dict(RMConfig, {
-            "model": {"path": str(start)},
-            "data": {"train": str(data), "eval_split": 0.15, "max_length": 128},
-            "train": {"batch_size": 16, "epochs": self.s.rm_epochs, "seed": self.s.seed},
-            "optim": {"lr": 1e-3, "warmup_steps": 5},
-            "log": self._log(log_every=5, eval_every=20),
-            "out": str(run),
-        }, f"demo {name}")
-        self.stage(f"reward model ({name})", run / "summary.json", lambda: train_reward(cfg, resume=self._resume(run)))
+        cfg = config_from_dict(
+            RMConfig,
+            {
+                "model": {"path": str(start)},
+                "data": {"train": str(data), "eval_split": 0.15, "max_length": 128},
+                "train": {"batch_size": 16, "epochs": self.s.rm_epochs, "seed": self.s.seed},
+                "optim": {"lr": 1e-3, "warmup_steps": 5},
+                "log": self._log(log_every=5, eval_every=20),
+                "out": str(run),
+            },
+            f"demo {name}",
+        )
+        self.stage(
+            f"reward model ({name})",
+            run / "summary.json",
+            lambda: train_reward(cfg, resume=self._resume(run)),
+        )
         return run / "final"
 
     def rl(self, name: str, overrides: dict[str, Any]) -> Path:
@@ -265,12 +306,17 @@ class Demo:
         run = self.runs / name
         base: dict[str, Any] = {
             "model": {"path": str(self.runs / "sft" / "final")},
-            "data": {"prompts": str(self.data / "prompts_train.jsonl"),
-                     "eval_prompts": str(self.data / "prompts_eval.jsonl")},
+            "data": {
+                "prompts": str(self.data / "prompts_train.jsonl"),
+                "eval_prompts": str(self.data / "prompts_eval.jsonl"),
+            },
             "rollout": {"prompts_per_step": 16, "k": 4, "max_new_tokens": self.s.max_new_tokens},
-            "eval": {"num_prompts": self.s.eval_prompts, "temperature": 0.7,
-                     "gold": [{"name": "positivity", "function": "gold_positivity"}],
-                     "metrics": [{"name": "banana_success", "function": "banana_success"}]},
+            "eval": {
+                "num_prompts": self.s.eval_prompts,
+                "temperature": 0.7,
+                "gold": [{"name": "positivity", "function": "gold_positivity"}],
+                "metrics": [{"name": "banana_success", "function": "banana_success"}],
+            },
             "log": self._log(eval_every=20, save_every=20),
             "monitor": {"gold_key": "gold/positivity"},
             "out": str(run),
@@ -280,31 +326,37 @@ class Demo:
         return run / "final"
 
     def ppo(self, name: str, rm: Path, start: Path, updates: int) -> Path:
-        return self.rl(name, {
-            "algorithm": "ppo",
-            "model": {"path": str(start)},
-            "ref_model": str(self.runs / "sft" / "final"),
-            "rewards": [{"name": "rm", "model": str(rm), "normalize": True}],
-            "kl": {"beta": 0.05, "adaptive": True, "target": 4.0, "horizon": 2000},
-            "ppo": {"epochs": 2, "vf_coef": 0.1, "whiten_advantages": True},
-            "ptx": {"data": str(self.data / "text.jsonl"), "coef": 0.1, "batch_size": 8},
-            "critic_lr": 3e-3,
-            "optim": {"lr": 2e-4},
-            "train": {"updates": updates, "seed": self.s.seed},
-            "monitor": {"kl_budget": 10.0},
-        })
+        return self.rl(
+            name,
+            {
+                "algorithm": "ppo",
+                "model": {"path": str(start)},
+                "ref_model": str(self.runs / "sft" / "final"),
+                "rewards": [{"name": "rm", "model": str(rm), "normalize": True}],
+                "kl": {"beta": 0.05, "adaptive": True, "target": 4.0, "horizon": 2000},
+                "ppo": {"epochs": 2, "vf_coef": 0.1, "whiten_advantages": True},
+                "ptx": {"data": str(self.data / "text.jsonl"), "coef": 0.1, "batch_size": 8},
+                "critic_lr": 3e-3,
+                "optim": {"lr": 2e-4},
+                "train": {"updates": updates, "seed": self.s.seed},
+                "monitor": {"kl_budget": 10.0},
+            },
+        )
 
     def rloo(self) -> Path:
-        return self.rl("rloo-banana", {
-            "algorithm": "rloo",
-            "rewards": [{"function": "banana_format"}],
-            # a gentler step and a firmer KL keep RLOO exploring until it finds "Sure: ... banana"
-            # instead of settling on the banana ending alone
-            "kl": {"beta": 0.05},
-            "optim": {"lr": 2e-4},
-            "train": {"updates": self.s.rloo_updates, "seed": self.s.seed},
-            "monitor": {"kl_budget": 30.0, "gold_key": None},
-        })
+        return self.rl(
+            "rloo-banana",
+            {
+                "algorithm": "rloo",
+                "rewards": [{"function": "banana_format"}],
+                # a gentler step and a firmer KL keep RLOO exploring until it finds "Sure: ... banana"
+                # instead of settling on the banana ending alone
+                "kl": {"beta": 0.05},
+                "optim": {"lr": 2e-4},
+                "train": {"updates": self.s.rloo_updates, "seed": self.s.seed},
+                "monitor": {"kl_budget": 30.0, "gold_key": None},
+            },
+        )
 
     def dpo(self, data: Path) -> Path:
         from heed.config import config_from_dict
@@ -312,16 +364,20 @@ class Demo:
         from heed.train.dpo import train_dpo
 
         run = self.runs / "dpo"
-        cfg = config_from_dict(DPOConfig, {
-            "model": {"path": str(self.runs / "sft" / "final")},
-            "data": {"train": str(data), "pairs": "all", "max_length": 128, "eval_split": 0.1},
-            "loss": {"type": "sigmoid", "beta": 0.1, "sft_coef": 0.3},
-            "train": {"batch_size": 32, "epochs": self.s.dpo_epochs, "seed": self.s.seed},
-            "optim": {"lr": 3e-4, "warmup_steps": 5},
-            "sample": {"prompts": str(self.data / "prompts_eval.jsonl"), "num_prompts": 16},
-            "log": self._log(log_every=5, eval_every=20),
-            "out": str(run),
-        }, "demo DPO")
+        cfg = config_from_dict(
+            DPOConfig,
+            {
+                "model": {"path": str(self.runs / "sft" / "final")},
+                "data": {"train": str(data), "pairs": "all", "max_length": 128, "eval_split": 0.1},
+                "loss": {"type": "sigmoid", "beta": 0.1, "sft_coef": 0.3},
+                "train": {"batch_size": 32, "epochs": self.s.dpo_epochs, "seed": self.s.seed},
+                "optim": {"lr": 3e-4, "warmup_steps": 5},
+                "sample": {"prompts": str(self.data / "prompts_eval.jsonl"), "num_prompts": 16},
+                "log": self._log(log_every=5, eval_every=20),
+                "out": str(run),
+            },
+            "demo DPO",
+        )
         self.stage("dpo", run / "summary.json", lambda: train_dpo(cfg, resume=self._resume(run)))
         return run / "final"
 
@@ -335,28 +391,45 @@ class Demo:
         marker = self.out / "eval_done.json"
 
         def go() -> None:
-            cfg = config_from_dict(RLConfig, {
-                "model": {"path": str(self.runs / "sft" / "final")},
-                "data": {"prompts": str(self.data / "prompts_eval.jsonl"),
-                         "eval_prompts": str(self.data / "prompts_eval.jsonl")},
-                "rewards": [{"name": "rm", "model": str(rm), "normalize": True}],
-                "rollout": {"max_new_tokens": self.s.max_new_tokens},
-                "eval": {"num_prompts": self.s.eval_prompts, "temperature": 0.7, "samples": 8,
-                         "gold": [{"name": "positivity", "function": "gold_positivity"}],
-                         "metrics": [{"name": "banana_success", "function": "banana_success"}]},
-                "log": {"progress": False},
-                "out": str(self.out / "eval"),
-            }, "demo evaluation")
+            cfg = config_from_dict(
+                RLConfig,
+                {
+                    "model": {"path": str(self.runs / "sft" / "final")},
+                    "data": {
+                        "prompts": str(self.data / "prompts_eval.jsonl"),
+                        "eval_prompts": str(self.data / "prompts_eval.jsonl"),
+                    },
+                    "rewards": [{"name": "rm", "model": str(rm), "normalize": True}],
+                    "rollout": {"max_new_tokens": self.s.max_new_tokens},
+                    "eval": {
+                        "num_prompts": self.s.eval_prompts,
+                        "temperature": 0.7,
+                        "samples": 8,
+                        "gold": [{"name": "positivity", "function": "gold_positivity"}],
+                        "metrics": [{"name": "banana_success", "function": "banana_success"}],
+                    },
+                    "log": {"progress": False},
+                    "out": str(self.out / "eval"),
+                },
+                "demo evaluation",
+            )
             rows: list[dict[str, Any]] = []
             results = {}
             for name, path in policies.items():
                 tmp = self.out / "eval" / name
                 res = evaluate_model(cfg, path, out=tmp)
                 results[name] = res
-                write_json(self.runs / name / "eval.json", {k: v for k, v in res.items() if not isinstance(v, dict | list)})
+                write_json(
+                    self.runs / name / "eval.json",
+                    {k: v for k, v in res.items() if not isinstance(v, dict | list)},
+                )
                 f = tmp / "samples.jsonl"
                 if f.exists():
-                    rows += [{**json.loads(line), "policy": name} for line in f.read_text().splitlines() if line.strip()]
+                    rows += [
+                        {**json.loads(line), "policy": name}
+                        for line in f.read_text().splitlines()
+                        if line.strip()
+                    ]
             write_jsonl(self.out / "samples.jsonl", rows)
             write_json(marker, {"policies": list(policies)})
 

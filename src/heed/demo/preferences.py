@@ -44,7 +44,9 @@ def bradley_terry_prefers(u_a: float, u_b: float, rng: random.Random, temperatur
     return rng.random() < 1.0 / (1.0 + math.exp(-(u_a - u_b) / temperature))
 
 
-def make_ranked_groups(n: int, k: int = 4, seed: int = 0, heldout: bool = False, noise: float = 0.0) -> list[dict[str, Any]]:
+def make_ranked_groups(
+    n: int, k: int = 4, seed: int = 0, heldout: bool = False, noise: float = 0.0
+) -> list[dict[str, Any]]:
     """``n`` ranked groups ``{"prompt", "responses", "ranks"}`` of ``k`` answers each.
 
     Answers to one prompt differ in tone and length. Ranks follow the hidden utility; with

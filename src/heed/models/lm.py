@@ -37,8 +37,12 @@ def trunk(model: Any) -> Any:
     return body
 
 
-def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_states(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final hidden states (B, T, H), positions computed from a (B, T) attention mask unless given
     (``position_ids`` (B, T) with a custom (B, 1, T, T) ``attention_mask``, or with no mask for
     packed documents whose positions restart at each one).
@@ -47,14 +51,23 @@ def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     through the wrapper, which is what synchronises gradients (or gathers sharded weights): the whole model runs with ``logits_to_keep=1`` (one logit per row) and
     the last hidden state is taken from its outputs.
     """
-    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "module") or (
-        type(model).__name__.startswith("FSDP"))  # DDP, DeepSpeed's engine, FSDP2's fully_shard class
+    wrapped = (
+        isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        or hasattr(model, "module")
+        or (type(model).__name__.startswith("FSDP"))
+    )  # DDP, DeepSpeed's engine, FSDP2's fully_shard class
     if position_ids is None:
         assert attention_mask is not None
         position_ids = position_ids_from_mask(attention_mask)
     if wrapped:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         return out.hidden_states[-1]
     out = trunk(model)(
         input_ids=input_ids,
@@ -103,10 +116,12 @@ def sequence_logprobs(
         logprobs (B, T) and entropy (B, T) of the predictive distribution at each target, or None.
     """
     # packed documents (position_ids given) attend by their positions, not by the mask
-    hidden = hidden_states(model, input_ids, None if position_ids is not None else attention_mask,
-                           position_ids)  # (B, T, H)
-    return logprobs_from_hidden(model, hidden, input_ids, target_mask, temperature, with_entropy,
-                                chunk_size=chunk_size)
+    hidden = hidden_states(
+        model, input_ids, None if position_ids is not None else attention_mask, position_ids
+    )  # (B, T, H)
+    return logprobs_from_hidden(
+        model, hidden, input_ids, target_mask, temperature, with_entropy, chunk_size=chunk_size
+    )
 
 
 def logprobs_from_hidden(
@@ -129,7 +144,9 @@ def logprobs_from_hidden(
         logits = head_logits(model, h[start : start + chunk_size])  # (n, V)
         if temperature != 1.0:
             logits = logits / temperature
-        lps.append(selective_log_softmax(logits.unsqueeze(0), targets[start : start + chunk_size].unsqueeze(0))[0])
+        lps.append(
+            selective_log_softmax(logits.unsqueeze(0), targets[start : start + chunk_size].unsqueeze(0))[0]
+        )
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 ents.append(entropy_from_logits(logits if entropy_grad else logits.detach()))

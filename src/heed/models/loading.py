@@ -22,7 +22,9 @@ def quiet_transformers() -> None:
 def _check_folder(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise ModelLoadError(f"{p}: {what} folder not found (Heed loads local folders only; nothing is downloaded)")
+        raise ModelLoadError(
+            f"{p}: {what} folder not found (Heed loads local folders only; nothing is downloaded)"
+        )
     if not p.is_dir():
         raise ModelLoadError(f"{p}: expected a {what} folder, found a file")
     return p
@@ -80,12 +82,16 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", **kwargs: Any) -> A
         return load_adapter_base(path, dtype).merge_and_unload()
     cfg = read_model_config(path)
     archs = cfg.get("architectures") or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+    if archs and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
+    ):
         raise ModelLoadError(
             f"{path}: holds a {archs[0]}, not a causal language model (expected *ForCausalLM)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype(dtype), local_files_only=True, **kwargs
+        )
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
     return model

@@ -33,8 +33,13 @@ def linear_names(model: Any) -> list[str]:
     """Last-component names of the model's linear layers (what ``target_modules`` may name)."""
     import torch
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if name and isinstance(m, torch.nn.Linear)})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if name and isinstance(m, torch.nn.Linear)
+        }
+    )
 
 
 def check_targets(model: Any, targets: list[str] | str) -> None:
@@ -43,7 +48,9 @@ def check_targets(model: Any, targets: list[str] | str) -> None:
         return
     wanted = [targets] if isinstance(targets, str) else list(targets)
     if not wanted:
-        raise ConfigError("model.lora.target_modules: empty; name the linear layers to adapt (or 'all-linear')")
+        raise ConfigError(
+            "model.lora.target_modules: empty; name the linear layers to adapt (or 'all-linear')"
+        )
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     missing = [t for t in wanted if t not in names]
     if missing:
@@ -65,16 +72,24 @@ def quantization_kwargs(cfg: LoraConfig | None) -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"model.lora.quantize: {cfg.quantize} (QLoRA) needs a CUDA GPU for the bitsandbytes kernels "
-                          "and none is visible; use quantize: none")
+        raise ConfigError(
+            f"model.lora.quantize: {cfg.quantize} (QLoRA) needs a CUDA GPU for the bitsandbytes kernels "
+            "and none is visible; use quantize: none"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"model.lora.quantize: {cfg.quantize} needs bitsandbytes; pip install bitsandbytes "
-                          "(or use quantize: none)")
+        raise ConfigError(
+            f"model.lora.quantize: {cfg.quantize} needs bitsandbytes; pip install bitsandbytes "
+            "(or use quantize: none)"
+        )
     from transformers import BitsAndBytesConfig
 
     if cfg.quantize == "4bit":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
     return {"quantization_config": q, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
@@ -83,8 +98,11 @@ def quantization_kwargs(cfg: LoraConfig | None) -> dict[str, Any]:
 def is_quantized(model: Any) -> bool:
     """Whether the (peft-wrapped) model's base weights are bitsandbytes-quantized."""
     base = base_of(model)
-    return bool(getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False)
-                or getattr(base, "is_loaded_in_8bit", False))
+    return bool(
+        getattr(base, "is_quantized", False)
+        or getattr(base, "is_loaded_in_4bit", False)
+        or getattr(base, "is_loaded_in_8bit", False)
+    )
 
 
 def place(model: Any, device: Any) -> Any:
@@ -92,7 +110,9 @@ def place(model: Any, device: Any) -> Any:
     return model if is_quantized(model) else model.to(device)
 
 
-def apply_lora(model: Any, cfg: LoraConfig, task: Task = "causal_lm", adapter: str | Path | None = None) -> Any:
+def apply_lora(
+    model: Any, cfg: LoraConfig, task: Task = "causal_lm", adapter: str | Path | None = None
+) -> Any:
     """Wrap ``model`` with LoRA adapters (a new adapter, or the trainable one saved in ``adapter``).
 
     ``task: seq_cls`` also trains the reward model's score head in full (peft's ``modules_to_save``).
@@ -158,12 +178,16 @@ def load_adapter_base(path: str | Path, dtype: str = "float32") -> Any:
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{p / ADAPTER_CONFIG}: unreadable adapter config ({exc})") from None
     if not base_path or not Path(base_path).is_dir():
-        raise ModelLoadError(f"{p}: the adapter's base model {base_path!r} is not a local folder; "
-                             "re-run heed merge with --base DIR")
+        raise ModelLoadError(
+            f"{p}: the adapter's base model {base_path!r} is not a local folder; "
+            "re-run heed merge with --base DIR"
+        )
     return PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(p))
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32") -> Path:
+def merge_adapter(
+    adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32"
+) -> Path:
     """``heed merge``: base + adapter -> a plain Hugging Face model folder (``merge_and_unload``), with the tokenizer."""
     import json
     import shutil
@@ -174,14 +198,21 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None 
 
     a = Path(adapter)
     if not (a / ADAPTER_CONFIG).is_file():
-        raise ModelLoadError(f"{a}: no {ADAPTER_CONFIG}; --adapter must be a LoRA run's final/ (or a checkpoint)")
+        raise ModelLoadError(
+            f"{a}: no {ADAPTER_CONFIG}; --adapter must be a LoRA run's final/ (or a checkpoint)"
+        )
     if base is not None:
         model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(a))
     else:
         model = load_adapter_base(a, dtype)
     merged = model.merge_and_unload()
-    tok_dir = a if (a / "tokenizer_config.json").is_file() else Path(
-        base or json.loads((a / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"])
+    tok_dir = (
+        a
+        if (a / "tokenizer_config.json").is_file()
+        else Path(
+            base or json.loads((a / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+        )
+    )
     tokenizer = load_tokenizer(tok_dir)
     out = save_pretrained(merged, tokenizer, out)
     gen = a / "generation_config.json"

@@ -37,10 +37,24 @@ from heed.errors import ConfigError, HeedError, ModelLoadError
 Backbone = Literal["decoder", "encoder"]
 Head = Literal["linear", "mlp"]
 STATS_FILE = "reward_stats.json"
-ENCODER_TYPES = frozenset({
-    "bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert",
-    "camembert", "mpnet", "modernbert", "ernie", "megatron-bert", "rembert",
-})
+ENCODER_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "deberta",
+        "deberta-v2",
+        "electra",
+        "albert",
+        "camembert",
+        "mpnet",
+        "modernbert",
+        "ernie",
+        "megatron-bert",
+        "rembert",
+    }
+)
 
 
 # ---------------------------------------------------------------- what a folder holds
@@ -100,7 +114,9 @@ def build_reward_model(
     backbone = backbone_of(config)
     existing = is_reward_folder(config)
     if existing and _num_labels(config) != 1:
-        raise ModelLoadError(f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)")
+        raise ModelLoadError(
+            f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new head's initial weights depend on the seed only
         try:
@@ -108,7 +124,9 @@ def build_reward_model(
                 str(path), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True
             )
         except Exception as exc:
-            raise ModelLoadError(f"{path}: cannot load as a reward model ({str(exc).splitlines()[0]})") from None
+            raise ModelLoadError(
+                f"{path}: cannot load as a reward model ({str(exc).splitlines()[0]})"
+            ) from None
         model.config.pad_token_id = tok.pad_token_id
         model.config.problem_type = "regression"
         model.config.id2label = {0: "reward"}
@@ -144,7 +162,9 @@ def _add_mlp_block(model: Any, seed: int) -> Any:
     body, layers = _decoder_layers(model)
     attn_out = getattr(getattr(layers[-1], "self_attn", None), "o_proj", None)
     if attn_out is None or attn_out.bias is not None:
-        raise ConfigError("model.head: mlp on a decoder needs attention output projections without bias (self_attn.o_proj)")
+        raise ConfigError(
+            "model.head: mlp on a decoder needs attention output projections without bias (self_attn.o_proj)"
+        )
     config = model.config
     config.num_hidden_layers += 1
     if isinstance(getattr(config, "layer_types", None), list):
@@ -183,8 +203,11 @@ class FrozenFeatures:
             body, layers = _decoder_layers(model) if self.kind == "mlp" else (None, None)
             if not hasattr(model, "score"):
                 raise ConfigError(f"model.freeze_backbone: {type(model).__name__} has no `score` layer")
-            self.modules = [model.score] if self.kind != "mlp" else [
-                layers[-1].mlp, layers[-1].post_attention_layernorm, body.norm, model.score]
+            self.modules = (
+                [model.score]
+                if self.kind != "mlp"
+                else [layers[-1].mlp, layers[-1].post_attention_layernorm, body.norm, model.score]
+            )
             self._hooked = model.score if self.kind != "mlp" else layers[-1]
         else:
             base = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -247,7 +270,9 @@ class FrozenFeatures:
 def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """The rightmost non-pad position of each row, as ``transformers`` picks it. (B, T) -> (B,)."""
     if pad_token_id is None:
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device
+        )
     not_pad = (input_ids != pad_token_id).long()
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     return (positions * not_pad).argmax(-1)
@@ -283,7 +308,9 @@ def truncate_ids(seqs: list[list[int]], max_length: int) -> tuple[list[list[int]
     return [s[:max_length] for s in seqs], cut
 
 
-def pad_right(seqs: Sequence[list[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(
+    seqs: Sequence[list[int]], pad_id: int, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` (B, T). Right padding keeps the
     default position ids of ``transformers`` correct, so scores match a plain HF forward."""
     width = max(len(s) for s in seqs)
@@ -298,7 +325,9 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int, device: Any = None) -> tup
 def forward_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Rewards (B,) in float32 from the model's own forward (B, T) -> (B, 1)."""
     config = getattr(model, "module", model).config  # under DDP the forward goes through the wrapper
-    extra = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}  # no KV cache to build
+    extra = (
+        {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+    )  # no KV cache to build
     return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0].float()
 
 
@@ -327,14 +356,21 @@ class RewardModel:
     def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list[list[int]], int]:
         """Token ids of each pair, truncated to ``max_length``, and the number truncated."""
         if len(prompts) != len(responses):
-            raise HeedError(f"score: {len(prompts)} prompts but {len(responses)} responses (need one prompt per response)")
-        seqs = [encode_pair(self.tokenizer, p, r, self.chat, self.backbone) for p, r in zip(prompts, responses, strict=True)]
+            raise HeedError(
+                f"score: {len(prompts)} prompts but {len(responses)} responses (need one prompt per response)"
+            )
+        seqs = [
+            encode_pair(self.tokenizer, p, r, self.chat, self.backbone)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
         return truncate_ids(seqs, self.max_length)
 
     def normalize(self, rewards: Sequence[float]) -> list[float]:
         """``(r − mean) / std`` with the statistics saved at the end of training."""
         if self.mean is None or self.std is None:
-            raise HeedError(f"{self.path or 'reward model'}: no {STATS_FILE} with mean/std; cannot normalise scores")
+            raise HeedError(
+                f"{self.path or 'reward model'}: no {STATS_FILE} with mean/std; cannot normalise scores"
+            )
         std = self.std if self.std > 0 else 1.0
         return [(r - self.mean) / std for r in rewards]
 
@@ -353,8 +389,11 @@ class RewardModel:
         """
         seqs, cut = self.encode(prompts, responses)
         if cut:
-            warnings.warn(f"{cut} of {len(seqs)} responses were longer than max_length={self.max_length} "
-                          "tokens and were truncated before scoring", stacklevel=2)
+            warnings.warn(
+                f"{cut} of {len(seqs)} responses were longer than max_length={self.max_length} "
+                "tokens and were truncated before scoring",
+                stacklevel=2,
+            )
         was_training = self.model.training
         self.model.eval()
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -380,13 +419,24 @@ def reward_model_from(model: Any, tokenizer: Any, path: str | Path | None = None
     backbone = getattr(config, "heed_backbone", None) or backbone_of(config)
     chat = use_chat_for(tokenizer, getattr(config, "heed_chat", None))
     limits = [getattr(config, "heed_max_length", None), getattr(config, "max_position_embeddings", None)]
-    max_length = min(v for v in limits if isinstance(v, int) and v > 0) if any(
-        isinstance(v, int) and v > 0 for v in limits) else 512
+    max_length = (
+        min(v for v in limits if isinstance(v, int) and v > 0)
+        if any(isinstance(v, int) and v > 0 for v in limits)
+        else 512
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     stats = read_stats(path) if path is not None else {}
-    return RewardModel(model, tokenizer, backbone, chat, max_length, stats.get("mean"), stats.get("std"),
-                       str(path) if path is not None else None)
+    return RewardModel(
+        model,
+        tokenizer,
+        backbone,
+        chat,
+        max_length,
+        stats.get("mean"),
+        stats.get("std"),
+        str(path) if path is not None else None,
+    )
 
 
 def load_reward_model(path: str | Path, device: str | None = None, dtype: str = "float32") -> RewardModel:
@@ -405,10 +455,14 @@ def load_reward_model(path: str | Path, device: str | None = None, dtype: str = 
             f"train one with `heed rm train --set model.path={path}`"
         )
     if _num_labels(config) != 1:
-        raise ModelLoadError(f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)")
+        raise ModelLoadError(
+            f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)"
+        )
     tok = load_tokenizer(path, padding_side="right")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=torch_dtype(dtype), local_files_only=True
+        )
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load the reward model ({str(exc).splitlines()[0]})") from None
     model.eval()
@@ -424,8 +478,9 @@ def score(model: Any, tokenizer: Any, prompt: Prompt, response: str) -> float:
     return rm.score([prompt], [response])[0]
 
 
-def new_reward_model(tokenizer: Any, backbone: Backbone, size: str = "tiny", max_position_embeddings: int = 512,
-                     seed: int = 0) -> Any:
+def new_reward_model(
+    tokenizer: Any, backbone: Backbone, size: str = "tiny", max_position_embeddings: int = 512, seed: int = 0
+) -> Any:
     """A randomly initialised built-in reward model (Llama-style decoder or BERT-style encoder)."""
     from transformers import AutoModelForSequenceClassification
 

@@ -26,8 +26,18 @@ CHAT_TEMPLATE = (
 SIZES: dict[str, dict[str, int]] = {
     "micro": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4},
     "tiny": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 6},
-    "small": {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 6},
-    "100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "small": {
+        "hidden_size": 384,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+    },
+    "100m": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+    },
 }
 
 
@@ -61,7 +71,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
     return fast
 
 
-def tiny_llama_config(tokenizer: Any, size: str = "tiny", max_position_embeddings: int = 512, **overrides: Any) -> Any:
+def tiny_llama_config(
+    tokenizer: Any, size: str = "tiny", max_position_embeddings: int = 512, **overrides: Any
+) -> Any:
     """A ``LlamaConfig`` of a named size whose vocabulary and special ids match ``tokenizer``."""
     from transformers import LlamaConfig
 

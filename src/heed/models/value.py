@@ -46,7 +46,9 @@ class Critic(nn.Module):
         self.model = model
         self.head = ValueHead(hidden_size(model))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Values (B, T) of the states before each target token, 0 elsewhere."""
         hidden = hidden_states(self.model, input_ids, attention_mask)  # (B, T, H)
         return values_at_targets(self.head, hidden, target_mask)

@@ -165,8 +165,12 @@ def _cards(coll: Collection) -> str:
             after = run.final(key)
             if key == "rm/accuracy":
                 before, vs = None, ""
-            elif (base is not None and run is not base and base.final(key) is not None
-                  and not _match(key, ("*loss*", "*perplexity*"))):  # losses of different runs use different data
+            elif (
+                base is not None
+                and run is not base
+                and base.final(key) is not None
+                and not _match(key, ("*loss*", "*perplexity*"))
+            ):  # losses of different runs use different data
                 before, vs = base.final(key), f"vs {base.name}"
             else:
                 before, vs = run.first(key), "first → last logged"
@@ -174,7 +178,9 @@ def _cards(coll: Collection) -> str:
                 shown.append((key, before, after, vs))
         # the two headline metrics that moved most (a banana task's success, a tone task's gold)
         shown.sort(key=lambda x: -abs(x[2] - x[1]) if x[1] is not None else 0.0)
-        shown = shown[:1] + [x for x in shown[1:2] if x[1] is None or abs(x[2] - x[1]) > 1e-9]  # no flat second card
+        shown = shown[:1] + [
+            x for x in shown[1:2] if x[1] is None or abs(x[2] - x[1]) > 1e-9
+        ]  # no flat second card
         for key, before, after, vs in shown:
             good = _direction(key) * ((after - before) if before is not None else 0)
             cls = "good" if good > 0 else "bad" if good < 0 else ""

@@ -229,5 +229,7 @@ def load_collection(root: str | Path) -> Collection:
         if agreement is None:
             agreement = next((r.agreement for r in runs if r.agreement is not None), None)
     top_samples = root / "samples.jsonl"
-    samples = _read_jsonl(top_samples) if (collection or not is_run_dir(root)) and top_samples.is_file() else []
+    samples = (
+        _read_jsonl(top_samples) if (collection or not is_run_dir(root)) and top_samples.is_file() else []
+    )
     return Collection(root=root, runs=runs, agreement=agreement, stages=stages, samples=samples)

@@ -31,8 +31,13 @@ class RewardSource:
     fn: RewardFn
     weight: float = 1.0
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[str], columns: dict[str, list[Any]],
-                 step: int | None = None) -> list[float | None]:
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[str],
+        columns: dict[str, list[Any]],
+        step: int | None = None,
+    ) -> list[float | None]:
         """Call the source and validate what it returns (length, numbers, finiteness)."""
         where = f"step {step}: " if step is not None else ""
         try:
@@ -41,31 +46,41 @@ class RewardSource:
             raise
         except Exception as exc:
             culprit = self._find_culprit(prompts, completions, columns)
-            which = f" on completion #{culprit}: {_short(completions[culprit])!r}" if culprit is not None else ""
-            raise RewardError(f"{where}reward '{self.name}' raised {type(exc).__name__}: {exc}{which}") from exc
+            which = (
+                f" on completion #{culprit}: {_short(completions[culprit])!r}" if culprit is not None else ""
+            )
+            raise RewardError(
+                f"{where}reward '{self.name}' raised {type(exc).__name__}: {exc}{which}"
+            ) from exc
         if hasattr(values, "tolist"):
             values = values.tolist()
         if not isinstance(values, list | tuple) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, list | tuple) else type(values).__name__
-            raise RewardError(f"{where}reward '{self.name}' returned {got} for {len(completions)} completions "
-                              "(expected a list of one float or None per completion)")
+            raise RewardError(
+                f"{where}reward '{self.name}' returned {got} for {len(completions)} completions "
+                "(expected a list of one float or None per completion)"
+            )
         out: list[float | None] = []
         for i, v in enumerate(values):
             if v is None:
                 out.append(None)
                 continue
             if isinstance(v, bool) or not isinstance(v, Real):
-                raise RewardError(f"{where}reward '{self.name}' returned {v!r} ({type(v).__name__}) for completion "
-                                  f"#{i}: {_short(completions[i])!r}; expected a float or None")
+                raise RewardError(
+                    f"{where}reward '{self.name}' returned {v!r} ({type(v).__name__}) for completion "
+                    f"#{i}: {_short(completions[i])!r}; expected a float or None"
+                )
             if not math.isfinite(float(v)):
                 raise TrainingDivergedError(
                     f"{where}reward '{self.name}' is {float(v)} for completion #{i}: {_short(completions[i])!r}; "
-                    "stopping (the last checkpoint is intact)")
+                    "stopping (the last checkpoint is intact)"
+                )
             out.append(float(v))
         return out
 
-    def _find_culprit(self, prompts: Sequence[Any], completions: Sequence[str],
-                      columns: dict[str, list[Any]]) -> int | None:
+    def _find_culprit(
+        self, prompts: Sequence[Any], completions: Sequence[str], columns: dict[str, list[Any]]
+    ) -> int | None:
         """Call the source one completion at a time to find the first one it fails on."""
         for i in range(len(completions)):
             try:
@@ -99,19 +114,29 @@ class RewardSet:
             raise HeedError("rewards: at least one reward source is needed")
         self.sources = sources
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
-                 columns: dict[str, list[Any]] | None = None, step: int | None = None) -> RewardBatch:
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[str],
+        columns: dict[str, list[Any]] | None = None,
+        step: int | None = None,
+    ) -> RewardBatch:
         columns = columns or {}
         per_source = {s.name: s(prompts, completions, columns, step) for s in self.sources}
         total: list[float | None] = []
         for i in range(len(completions)):
             vals = [per_source[s.name][i] for s in self.sources]
-            total.append(None if any(v is None for v in vals)
-                         else sum(s.weight * v for s, v in zip(self.sources, vals, strict=True)))  # type: ignore[operator]
+            total.append(
+                None
+                if any(v is None for v in vals)
+                else sum(s.weight * v for s, v in zip(self.sources, vals, strict=True))
+            )  # type: ignore[operator]
         return RewardBatch(total, per_source)
 
 
-def build_source(spec: RewardSpec, base_dir: str | Path | None = None, resolve_path: Any = None) -> RewardSource:
+def build_source(
+    spec: RewardSpec, base_dir: str | Path | None = None, resolve_path: Any = None
+) -> RewardSource:
     """One configured source (``resolve_path`` maps 'builtin:...' folders to real ones)."""
     from heed.rewards import sources
 
@@ -121,9 +146,13 @@ def build_source(spec: RewardSpec, base_dir: str | Path | None = None, resolve_p
     elif spec.model:
         fn = sources.reward_model_source(str(resolve(spec.model)), spec.normalize, spec.batch_size)
     else:
-        fn = sources.pipeline_source(str(resolve(spec.pipeline)), spec.labels, spec.use_score, spec.batch_size)
+        fn = sources.pipeline_source(
+            str(resolve(spec.pipeline)), spec.labels, spec.use_score, spec.batch_size
+        )
     return RewardSource(spec.display_name, fn, spec.weight)
 
 
-def build_rewards(specs: Sequence[RewardSpec], base_dir: str | Path | None = None, resolve_path: Any = None) -> RewardSet:
+def build_rewards(
+    specs: Sequence[RewardSpec], base_dir: str | Path | None = None, resolve_path: Any = None
+) -> RewardSet:
     return RewardSet([build_source(s, base_dir, resolve_path) for s in specs])

@@ -52,7 +52,9 @@ def resolve_callable(ref: str, base_dir: str | Path | None = None) -> Callable[.
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise ConfigError(f"reward function {ref!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"reward function {ref!r}: importing {target} failed: {type(exc).__name__}: {exc}"
+            ) from exc
     else:
         try:
             module = importlib.import_module(target)
@@ -64,12 +66,16 @@ def resolve_callable(ref: str, base_dir: str | Path | None = None) -> Callable[.
     return fn
 
 
-def function_source(ref: str, args: dict[str, Any] | None = None, base_dir: str | Path | None = None) -> RewardFn:
+def function_source(
+    ref: str, args: dict[str, Any] | None = None, base_dir: str | Path | None = None
+) -> RewardFn:
     fn = resolve_callable(ref, base_dir)
     return functools.partial(fn, **args) if args else fn
 
 
-def reward_model_source(path: str, normalize: bool = False, batch_size: int = 64, device: Any = None) -> RewardFn:
+def reward_model_source(
+    path: str, normalize: bool = False, batch_size: int = 64, device: Any = None
+) -> RewardFn:
     """A reward model folder as a reward function (``heed.load_reward_model(path).score``)."""
     import heed
 
@@ -86,7 +92,9 @@ def reward_model_source(path: str, normalize: bool = False, batch_size: int = 64
     return reward_model
 
 
-def pipeline_source(path: str, labels: dict[str, float], use_score: bool = True, batch_size: int = 64) -> RewardFn:
+def pipeline_source(
+    path: str, labels: dict[str, float], use_score: bool = True, batch_size: int = 64
+) -> RewardFn:
     """A text-classification model run on each completion: ``labels[top_label] × p(top_label)``
     (or the multiplier alone with ``use_score=False``). A label missing from the map scores 0."""
     if not Path(path).is_dir():
@@ -99,7 +107,9 @@ def pipeline_source(path: str, labels: dict[str, float], use_score: bool = True,
     try:
         clf = pipeline("text-classification", model=str(path), tokenizer=str(path), device="cpu")
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot load a text-classification pipeline ({str(exc).splitlines()[0]})") from None
+        raise ModelLoadError(
+            f"{path}: cannot load a text-classification pipeline ({str(exc).splitlines()[0]})"
+        ) from None
     known = set(clf.model.config.id2label.values())
     unknown = sorted(set(labels) - known)
     if unknown:

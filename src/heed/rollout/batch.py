@@ -81,8 +81,15 @@ def rollout_from_generation(gen: Generation, scores: torch.Tensor) -> Rollout:
     attention = torch.cat([gen.prompt_mask, gen.completion_mask], dim=1)
     target = torch.cat([torch.zeros_like(gen.prompt_mask), gen.completion_mask], dim=1)
     valid = ~torch.isnan(scores)
-    return Rollout(input_ids, attention, target, gen.completion_mask & valid.unsqueeze(-1), p, scores,
-                   old_logprobs=gen.logprobs)
+    return Rollout(
+        input_ids,
+        attention,
+        target,
+        gen.completion_mask & valid.unsqueeze(-1),
+        p,
+        scores,
+        old_logprobs=gen.logprobs,
+    )
 
 
 def length_sorted_chunks(ro: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -21,8 +21,13 @@ Engine = Callable[..., Generation]
 ENGINES = ("heed", "hf", "vllm")
 
 
-def make_engine(name: str, batch_size: int, model_path: str | None = None, seed: int = 0,
-                vllm_options: dict[str, Any] | None = None) -> Engine:
+def make_engine(
+    name: str,
+    batch_size: int,
+    model_path: str | None = None,
+    seed: int = 0,
+    vllm_options: dict[str, Any] | None = None,
+) -> Engine:
     """``heed``: Heed's KV-cache sampling loop (:mod:`heed.rollout.sampler`); ``hf``: ``model.generate``
     (both with left padding and prompts sorted by length); ``vllm``: an in-process vLLM engine
     started from ``model_path`` (:mod:`heed.rollout.vllm_engine`; GPU only)."""
@@ -35,9 +40,23 @@ def make_engine(name: str, batch_size: int, model_path: str | None = None, seed:
             raise ConfigError("rollout.engine: vllm needs the policy's model folder")
         return VLLMEngine(model_path, seed=seed, **(vllm_options or {}))
 
-    def run(model: Any, tokenizer: Any, prompt_ids: list[list[int]], params: SamplingParams,
-            num_samples: int, keys: Any = None) -> Generation:
-        return generate(model, tokenizer, prompt_ids, params, num_samples=num_samples, batch_size=batch_size,
-                        engine=name, keys=keys)
+    def run(
+        model: Any,
+        tokenizer: Any,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        num_samples: int,
+        keys: Any = None,
+    ) -> Generation:
+        return generate(
+            model,
+            tokenizer,
+            prompt_ids,
+            params,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            engine=name,
+            keys=keys,
+        )
 
     return run

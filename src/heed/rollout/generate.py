@@ -103,9 +103,18 @@ def generate(
         if engine == "heed":
             from heed.rollout.sampler import decode
 
-            new_rows, new_lps = decode(model, ids.to(device), mask.to(device), params.max_new_tokens, stop,
-                                       params.temperature, params.top_k, params.top_p, params.do_sample,
-                                       keys=keys[idx] if keys is not None else None)
+            new_rows, new_lps = decode(
+                model,
+                ids.to(device),
+                mask.to(device),
+                params.max_new_tokens,
+                stop,
+                params.temperature,
+                params.top_k,
+                params.top_p,
+                params.do_sample,
+                keys=keys[idx] if keys is not None else None,
+            )
             for j, i in enumerate(idx):
                 completions[i], logps[i] = new_rows[j], new_lps[j]
             continue
@@ -123,7 +132,9 @@ def generate(
             return_dict_in_generate=True,
         )
         new_ids = out.sequences[:, ids.shape[1] :]  # (b, steps)
-        scaled = torch.stack(out.logits, dim=1).float() / (params.temperature if params.temperature > 0 else 1.0)
+        scaled = torch.stack(out.logits, dim=1).float() / (
+            params.temperature if params.temperature > 0 else 1.0
+        )
         new_lps = selective_log_softmax(scaled, new_ids).tolist()
         new = new_ids.tolist()
         for j, i in enumerate(idx):
@@ -135,8 +146,13 @@ def generate(
     return build_generation(tokenizer, rows, completions, logps, stop)
 
 
-def build_generation(tokenizer: Any, rows: list[list[int]], completions: list[list[int]],
-                     logps: list[list[float]], stop: list[int]) -> Generation:
+def build_generation(
+    tokenizer: Any,
+    rows: list[list[int]],
+    completions: list[list[int]],
+    logps: list[list[float]],
+    stop: list[int],
+) -> Generation:
     """A :class:`Generation` from per-row prompt ids, answer ids (cut after the first stop token)
     and the log-prob of each answer token, as any engine returns them."""
     pad_id = tokenizer.pad_token_id
@@ -158,8 +174,13 @@ def build_generation(tokenizer: Any, rows: list[list[int]], completions: list[li
     return Generation(p_ids, p_mask, c_ids, c_mask, [t.strip() for t in texts], finished, c_lps)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[Prompt], chat: bool, max_prompt_length: int | None = None,
-                   where: str = "prompts") -> list[list[int]]:
+def encode_prompts(
+    tokenizer: Any,
+    prompts: list[Prompt],
+    chat: bool,
+    max_prompt_length: int | None = None,
+    where: str = "prompts",
+) -> list[list[int]]:
     """Render (chat template with generation prompt, or raw) and tokenize prompts."""
     out = []
     for i, p in enumerate(prompts):
@@ -168,7 +189,9 @@ def encode_prompts(tokenizer: Any, prompts: list[Prompt], chat: bool, max_prompt
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             from heed.errors import DataError
 
-            raise DataError(f"{where}: record {i}: prompt: {len(ids)} tokens, over the limit of {max_prompt_length}")
+            raise DataError(
+                f"{where}: record {i}: prompt: {len(ids)} tokens, over the limit of {max_prompt_length}"
+            )
         out.append(ids)
     return out
 
@@ -190,5 +213,7 @@ def sample_responses(
     tok = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir)
     ids = encode_prompts(tok, prompts, use_chat(tok, chat))
-    gen = generate(model, tok, ids, params or SamplingParams(), num_samples=num_samples, batch_size=batch_size)
+    gen = generate(
+        model, tok, ids, params or SamplingParams(), num_samples=num_samples, batch_size=batch_size
+    )
     return [gen.texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

@@ -50,8 +50,9 @@ def policy_forward(
     gradient only with ``entropy_grad`` (an entropy bonus).
     """
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    logprobs, entropy = logprobs_from_hidden(model, hidden, input_ids, target_mask, temperature, with_entropy,
-                                             entropy_grad, chunk_size)
+    logprobs, entropy = logprobs_from_hidden(
+        model, hidden, input_ids, target_mask, temperature, with_entropy, entropy_grad, chunk_size
+    )
     values = values_at_targets(value_head, hidden, target_mask) if value_head is not None else None
     return TokenOutputs(logprobs, entropy, values)
 
@@ -117,7 +118,9 @@ def shared_prompt_forward(
     idx = torch.arange(width_packed, device=dev)
     causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): key <= query
     allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
-    allowed = allowed | torch.eye(width_packed, dtype=torch.bool, device=dev)  # padding queries see themselves
+    allowed = allowed | torch.eye(
+        width_packed, dtype=torch.bool, device=dev
+    )  # padding queries see themselves
     mask4: torch.Tensor = allowed.unsqueeze(1)  # (G, 1, L, L)
     if getattr(unwrap(model).config, "_attn_implementation", None) == "eager":  # an additive mask
         dtype = next(unwrap(model).parameters()).dtype
@@ -134,8 +137,9 @@ def shared_prompt_forward(
     rows_hidden = flat[rows_idx]  # (N, 1 + C, H): hidden[:, i] predicts token i + 1 of [., answer]
     rows_ids = torch.cat([input_ids[:, p - 1 : p], input_ids[:, p:]], dim=1)
     rows_target = torch.cat([torch.zeros_like(target_mask[:, :1]), target_mask[:, p:]], dim=1)
-    logprobs, entropy = logprobs_from_hidden(model, rows_hidden, rows_ids, rows_target, temperature, with_entropy,
-                                             entropy_grad)
+    logprobs, entropy = logprobs_from_hidden(
+        model, rows_hidden, rows_ids, rows_target, temperature, with_entropy, entropy_grad
+    )
     values = values_at_targets(value_head, rows_hidden, rows_target) if value_head is not None else None
 
     def full(x: torch.Tensor | None) -> torch.Tensor | None:  # (N, 1 + C) -> (N, P + C), zero on the prompt

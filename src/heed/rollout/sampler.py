@@ -37,8 +37,9 @@ def _buffered_cache(capacity: int) -> Any:
             self.kbuf: torch.Tensor | None = None
             self.vbuf: torch.Tensor | None = None
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n = 0 if self.kbuf is None else self.keys.shape[-2]
@@ -104,8 +105,14 @@ def row_keys(seed: int, ids: list[int]) -> torch.Tensor:
     return _mix64(t)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, do_sample: bool,
-                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    do_sample: bool,
+    uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from next-token logits (B, V) -> tokens (B,), log-probs (B,).
 
     The log-prob is log softmax(logits / temperature) at the token, before top-k / top-p (the
@@ -129,8 +136,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             masked = masked.masked_fill(drop, float("-inf"))
         cdf = masked.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
-        u = uniforms.to(cdf.device) if uniforms is not None else torch.rand(cdf.shape[0], dtype=torch.float64,
-                                                                             device=cdf.device)
+        u = (
+            uniforms.to(cdf.device)
+            if uniforms is not None
+            else torch.rand(cdf.shape[0], dtype=torch.float64, device=cdf.device)
+        )
         tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
         tok = tok.clamp_max(cdf.shape[-1] - 1)
         # a token of probability 0 can only be hit through rounding at the very end of the CDF
@@ -172,8 +182,14 @@ def decode(
     same[1:] = (input_ids[1:] == input_ids[:-1]).all(-1) & (attn[1:] == attn[:-1]).all(-1)
     first = (~same).nonzero().squeeze(-1)  # (U,) rows that run the prefill
     owner = (~same).long().cumsum(0) - 1  # (B,) the prefill row each row copies
-    out = model(input_ids=input_ids[first], attention_mask=attn[first], position_ids=positions[first],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids[first],
+        attention_mask=attn[first],
+        position_ids=positions[first],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = out.past_key_values
     logits = out.logits[:, -1]  # (U, V)
     if len(first) < b:
@@ -202,8 +218,13 @@ def decode(
                 run_keys = run_keys[keep.to(run_keys.device)]
         # a row that finished but was not dropped yet keeps running on padding; its tokens are cut below
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos.unsqueeze(-1),
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=tok.unsqueeze(-1),
+            attention_mask=attn,
+            position_ids=next_pos.unsqueeze(-1),
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         logits = out.logits[:, -1]
         next_pos = next_pos + 1

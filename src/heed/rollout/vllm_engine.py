@@ -31,10 +31,14 @@ from heed.rollout.generate import Generation, SamplingParams, build_generation, 
 def check_vllm() -> None:
     """One-line errors naming the fix when vLLM cannot run here (no CUDA GPU, extra not installed)."""
     if not torch.cuda.is_available():
-        raise ConfigError("rollout.engine: vllm needs a CUDA GPU and none is visible; use rollout.engine: heed (or hf)")
+        raise ConfigError(
+            "rollout.engine: vllm needs a CUDA GPU and none is visible; use rollout.engine: heed (or hf)"
+        )
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("rollout.engine: vllm is not installed; install the GPU extra (pip install 'heed[vllm]') "
-                          "or use rollout.engine: heed")
+        raise ConfigError(
+            "rollout.engine: vllm is not installed; install the GPU extra (pip install 'heed[vllm]') "
+            "or use rollout.engine: heed"
+        )
 
 
 def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -66,8 +70,15 @@ def request_seeds(keys: torch.Tensor | None, num_prompts: int, num_samples: int)
 class VLLMEngine:
     """An :data:`heed.rollout.engine.Engine` backed by an in-process vLLM ``LLM``."""
 
-    def __init__(self, model_path: str, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 seed: int = 0, sleep: bool = True, dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model_path: str,
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        sleep: bool = True,
+        dtype: str = "auto",
+    ) -> None:
         check_vllm()
         from vllm import LLM
 
@@ -102,8 +113,15 @@ class VLLMEngine:
             runner_model.load_weights([(name, tensor)])
         self.llm.reset_prefix_cache()
 
-    def __call__(self, model: Any, tokenizer: Any, prompt_ids: list[list[int]], params: SamplingParams,
-                 num_samples: int, keys: torch.Tensor | None = None) -> Generation:
+    def __call__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        num_samples: int,
+        keys: torch.Tensor | None = None,
+    ) -> Generation:
         from vllm import SamplingParams as VSamplingParams
 
         self.push_weights(model)
@@ -124,8 +142,9 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=sampling,
-                                    use_tqdm=False)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=sampling, use_tqdm=False
+        )
         rows: list[list[int]] = []
         completions: list[list[int]] = []
         logps: list[list[float]] = []
@@ -134,8 +153,11 @@ class VLLMEngine:
                 toks = list(sample.token_ids)
                 rows.append(list(ids))
                 completions.append(toks)
-                logps.append([float(step[t].logprob) for step, t in zip(sample.logprobs or [], toks, strict=False)]
-                             if sample.logprobs else [0.0] * len(toks))
+                logps.append(
+                    [float(step[t].logprob) for step, t in zip(sample.logprobs or [], toks, strict=False)]
+                    if sample.logprobs
+                    else [0.0] * len(toks)
+                )
         if self.sleep_mode:
             self.llm.sleep(level=2)
             self.asleep = True

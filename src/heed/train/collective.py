@@ -81,7 +81,9 @@ class Collective:
                 dist.broadcast(p.data, src=0)
 
 
-def global_moments(x: torch.Tensor, mask: torch.Tensor, coll: Collective) -> tuple[torch.Tensor, torch.Tensor]:
+def global_moments(
+    x: torch.Tensor, mask: torch.Tensor, coll: Collective
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased variance of the valid entries of ``x`` over every process's batch.
 
     mean = Σ_p Σ_{mask} x / Σ_p #mask, then var = Σ_p Σ_{mask} (x − mean)² / (n − 1), two all-reduces
@@ -96,7 +98,9 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor, coll: Collective) -> tup
     return mean, var
 
 
-def global_whiten(x: torch.Tensor, mask: torch.Tensor, coll: Collective, shift_mean: bool = True) -> torch.Tensor:
+def global_whiten(
+    x: torch.Tensor, mask: torch.Tensor, coll: Collective, shift_mean: bool = True
+) -> torch.Tensor:
     """:func:`heed.algos.whiten` with the mean and variance of the whole (all-process) batch."""
     if coll.world == 1:
         return algos.whiten(x, mask, shift_mean=shift_mean)

@@ -45,7 +45,14 @@ def prepare_run_dir(out: str | Path, cfg: HeedConfig, resume: bool) -> Path:
             "(or set overwrite: true)"
         )
     if started and not resume:
-        for name in ("metrics.jsonl", "checkpoints", "final", "summary.json", "samples.jsonl", "alarms.jsonl"):
+        for name in (
+            "metrics.jsonl",
+            "checkpoints",
+            "final",
+            "summary.json",
+            "samples.jsonl",
+            "alarms.jsonl",
+        ):
             target = run / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -81,13 +88,16 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu_group)
     except (ValueError, RuntimeError) as exc:
-        raise HeedError(f"accelerate could not start this run ({str(exc).splitlines()[0]}); check the "
-                        "accelerate config / launch flags against this machine (e.g. --cpu without GPUs, "
-                        "--num_processes no larger than the GPU count)") from None
+        raise HeedError(
+            f"accelerate could not start this run ({str(exc).splitlines()[0]}); check the "
+            "accelerate config / launch flags against this machine (e.g. --cpu without GPUs, "
+            "--num_processes no larger than the GPU count)"
+        ) from None
 
 
-def start_run(cfg: HeedConfig, out: str | Path, seed: int, mixed_precision: str, resume: bool,
-              accelerator: Any = None) -> tuple[Any, Path, Path | None]:
+def start_run(
+    cfg: HeedConfig, out: str | Path, seed: int, mixed_precision: str, resume: bool, accelerator: Any = None
+) -> tuple[Any, Path, Path | None]:
     """Step 1 of every trainer: the accelerator, the run folder (prepared by the main process only),
     the seed and the checkpoint to resume from. Returns ``(accelerator, run_dir, checkpoint or None)``."""
     import warnings
@@ -127,7 +137,9 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
 
 
@@ -191,7 +203,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     ckpts = Path(run_dir) / "checkpoints"
     if not ckpts.is_dir():
         return []
-    found = [p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    found = [
+        p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
@@ -211,8 +225,15 @@ def load_trainer_state(ckpt: Path, optimizer: Any | None, scheduler: Any | None 
     return state
 
 
-def prepare_optimization(accelerator: Any, model: Any, params: Any, cfg: OptimConfig, total_steps: int,
-                         ckpt: Path | None, extra_groups: Sequence[dict[str, Any]] = ()) -> tuple[Any, Any, Any, dict[str, Any]]:
+def prepare_optimization(
+    accelerator: Any,
+    model: Any,
+    params: Any,
+    cfg: OptimConfig,
+    total_steps: int,
+    ckpt: Path | None,
+    extra_groups: Sequence[dict[str, Any]] = (),
+) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The optimizer over ``params`` (plus ``extra_groups``, e.g. a value head at its own learning
     rate), its schedule over ``total_steps``, model and optimizer prepared by accelerate, and the
     checkpoint's trainer state restored. Returns ``(model, optimizer, scheduler, state)``; ``state``

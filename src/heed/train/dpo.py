@@ -76,7 +76,9 @@ class PairCounts:
         return {f"{prefix}/{k}": v for k, v in self.__dict__.items()}
 
 
-def expand_pairs(groups: Sequence[PreferenceGroup], mode: PairMode = "all") -> tuple[list[PreferencePair], PairCounts]:
+def expand_pairs(
+    groups: Sequence[PreferenceGroup], mode: PairMode = "all"
+) -> tuple[list[PreferencePair], PairCounts]:
     """Turn preference groups (pairs are groups of two) into (chosen, rejected) pairs.
 
     ``all``: every pair of answers with different ranks (K·(K−1)/2 for a strict ranking);
@@ -97,10 +99,15 @@ def expand_pairs(groups: Sequence[PreferenceGroup], mode: PairMode = "all") -> t
                     continue
                 a, b = (i, j) if g.ranks[i] < g.ranks[j] else (j, i)  # a better than b
                 if g.responses[a] == g.responses[b]:
-                    raise DataError(f"{g.where}: responses[{a}] and responses[{b}]: the same answer is ranked "
-                                    f"{g.ranks[a]:g} and {g.ranks[b]:g} (no preference to learn)")
-                keep = (mode == "all" or (mode == "best_vs_rest" and g.ranks[a] == best)
-                        or (mode == "best_vs_worst" and g.ranks[a] == best and g.ranks[b] == worst))
+                    raise DataError(
+                        f"{g.where}: responses[{a}] and responses[{b}]: the same answer is ranked "
+                        f"{g.ranks[a]:g} and {g.ranks[b]:g} (no preference to learn)"
+                    )
+                keep = (
+                    mode == "all"
+                    or (mode == "best_vs_rest" and g.ranks[a] == best)
+                    or (mode == "best_vs_worst" and g.ranks[a] == best and g.ranks[b] == worst)
+                )
                 if not keep:
                     counts.not_selected += 1
                     continue
@@ -125,8 +132,9 @@ class EncodedPairs:
         return [max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected, strict=True)]
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], chat: bool, max_length: int,
-                 counts: PairCounts) -> EncodedPairs:
+def encode_pairs(
+    tokenizer: Any, pairs: Sequence[PreferencePair], chat: bool, max_length: int, counts: PairCounts
+) -> EncodedPairs:
     """Tokenize prompt + answer exactly as SFT does (so the policy sees its own format), with a
     response mask True on the answer tokens (and its EOS / end of turn). Sequences longer than
     ``max_length`` keep their start; pairs left without an answer token, or whose two answers
@@ -152,14 +160,23 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], chat: bool, ma
 def warn_counts(source: str, counts: PairCounts, max_length: int) -> None:
     """One warning per kind of loss of data, with its count."""
     if counts.truncated:
-        warnings.warn(f"{source}: {counts.truncated} answers were longer than data.max_length={max_length} "
-                      "tokens (with the prompt) and were cut", stacklevel=2)
+        warnings.warn(
+            f"{source}: {counts.truncated} answers were longer than data.max_length={max_length} "
+            "tokens (with the prompt) and were cut",
+            stacklevel=2,
+        )
     if counts.dropped_no_answer:
-        warnings.warn(f"{source}: {counts.dropped_no_answer} pairs dropped: the prompt fills data.max_length="
-                      f"{max_length}, leaving no answer token", stacklevel=2)
+        warnings.warn(
+            f"{source}: {counts.dropped_no_answer} pairs dropped: the prompt fills data.max_length="
+            f"{max_length}, leaving no answer token",
+            stacklevel=2,
+        )
     if counts.dropped_identical:
-        warnings.warn(f"{source}: {counts.dropped_identical} pairs dropped: chosen and rejected are identical "
-                      f"within the first {max_length} tokens", stacklevel=2)
+        warnings.warn(
+            f"{source}: {counts.dropped_identical} pairs dropped: chosen and rejected are identical "
+            f"within the first {max_length} tokens",
+            stacklevel=2,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,14 +206,18 @@ class PairLogps:
         return x[:b], x[b:]
 
 
-def collate_pairs(chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, ...]:
+def collate_pairs(
+    chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int
+) -> tuple[torch.Tensor, ...]:
     """Right-padded ``input_ids`` / ``attention_mask`` / ``response_mask`` (2B, T): chosen rows first."""
     ids, att, mask = pad_batch([*chosen, *rejected], pad_id)
     mask[:, 0] = False  # the first token is never predicted
     return ids, att, mask
 
 
-def pair_logps(model: Any, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, share: bool = True) -> PairLogps:
+def pair_logps(
+    model: Any, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, share: bool = True
+) -> PairLogps:
     """One forward of the concatenated [chosen; rejected] batch; logits only at response tokens.
 
     With ``share`` (and a model that takes a custom mask) each pair's prompt runs once: the batch is
@@ -236,7 +257,9 @@ def _shared_layout(ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> 
         return None
     first = mask.long().argmax(-1)  # (2B,) where each answer starts = its prompt's length
     length = att.long().sum(-1)  # (2B,) right padding: real tokens are [0, length)
-    rows = torch.stack([torch.arange(b), torch.arange(b) + b], dim=1).flatten().to(ids.device)  # chosen_i, rejected_i
+    rows = (
+        torch.stack([torch.arange(b), torch.arange(b) + b], dim=1).flatten().to(ids.device)
+    )  # chosen_i, rejected_i
     f, ln = first[rows], length[rows]
     p = int(first.max())
     c = int((length - first).max())
@@ -251,9 +274,18 @@ def _shared_layout(ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> 
     a_src = a_src.clamp(max=t - 1)
     a_ids = ids[rows].gather(1, a_src) * a_valid
     a_tgt = mask[rows].gather(1, a_src) & a_valid
-    src = torch.where(a_valid, a_src, 0)  # padding goes to column 0, never an answer token (mask[:, 0] is False)
-    return _SharedLayout(torch.cat([p_ids, a_ids], dim=1), torch.cat([p_valid, a_valid], dim=1),
-                         torch.cat([torch.zeros_like(p_valid), a_tgt], dim=1), p, rows, src, a_valid)
+    src = torch.where(
+        a_valid, a_src, 0
+    )  # padding goes to column 0, never an answer token (mask[:, 0] is False)
+    return _SharedLayout(
+        torch.cat([p_ids, a_ids], dim=1),
+        torch.cat([p_valid, a_valid], dim=1),
+        torch.cat([torch.zeros_like(p_valid), a_tgt], dim=1),
+        p,
+        rows,
+        src,
+        a_valid,
+    )
 
 
 def _shared_pair_logps(model: Any, ids: torch.Tensor, lay: _SharedLayout) -> torch.Tensor:
@@ -268,8 +300,12 @@ def _shared_pair_logps(model: Any, ids: torch.Tensor, lay: _SharedLayout) -> tor
     return token_logps
 
 
-def preference_losses(cfg: DPOLossConfig, policy: PairLogps, ref_logps: torch.Tensor | None,
-                      ref_avg_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def preference_losses(
+    cfg: DPOLossConfig,
+    policy: PairLogps,
+    ref_logps: torch.Tensor | None,
+    ref_avg_logps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair loss (B,) of the configured type, plus detached per-pair statistics.
 
     ``ref_logps`` (2B,) are the reference's summed log-probs in [chosen; rejected] order (unused
@@ -289,7 +325,9 @@ def preference_losses(cfg: DPOLossConfig, policy: PairLogps, ref_logps: torch.Te
             pol, ref = policy.logps, ref_logps
         pc, pr = policy.halves(pol)
         rc, rr = policy.halves(ref)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.type, cfg.label_smoothing)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            pc, pr, rc, rr, cfg.beta, cfg.type, cfg.label_smoothing
+        )
     chosen_logps, rejected_logps = policy.halves(policy.logps.detach())
     stats = {
         "chosen_reward": chosen_rewards,
@@ -314,8 +352,15 @@ def ref_logps_for(batch_idx: Sequence[int], ref_table: torch.Tensor) -> tuple[to
 
 
 @torch.inference_mode()
-def reference_table(model: Any, data: EncodedPairs, pad_id: int, batch_size: int, desc: str = "reference",
-                    progress: bool = False, share: bool = True) -> torch.Tensor:
+def reference_table(
+    model: Any,
+    data: EncodedPairs,
+    pad_id: int,
+    batch_size: int,
+    desc: str = "reference",
+    progress: bool = False,
+    share: bool = True,
+) -> torch.Tensor:
     """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg]."""
     from heed.models.lora import adapter_disabled
 
@@ -329,8 +374,10 @@ def reference_table(model: Any, data: EncodedPairs, pad_id: int, batch_size: int
     with StepProgress(desc, len(starts), enabled=progress) as bar:
         for start in starts:
             idx = order[start : start + batch_size]
-            ids, att, mask = (t.to(device) for t in collate_pairs(
-                [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id))
+            ids, att, mask = (
+                t.to(device)
+                for t in collate_pairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id)
+            )
             with adapter_disabled(model):  # a LoRA policy's reference is its base model
                 lp = pair_logps(model, ids, att, mask, share)
             s_c, s_r = lp.halves(lp.logps.float().cpu())
@@ -387,8 +434,16 @@ def _mean_stats(sums: dict[str, float], n: float, prefix: str) -> dict[str, floa
 
 
 @torch.inference_mode()
-def evaluate(model: Any, data: EncodedPairs, cfg: DPOLossConfig, pad_id: int, batch_size: int,
-             ref_table: torch.Tensor | None, ref_model: Any | None, share: bool = True) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    data: EncodedPairs,
+    cfg: DPOLossConfig,
+    pad_id: int,
+    batch_size: int,
+    ref_table: torch.Tensor | None,
+    ref_model: Any | None,
+    share: bool = True,
+) -> dict[str, float]:
     """Held-out loss, reward accuracy, margin, implicit rewards and log-probs (``eval/*``)."""
     if not len(data):
         return {}
@@ -398,8 +453,10 @@ def evaluate(model: Any, data: EncodedPairs, cfg: DPOLossConfig, pad_id: int, ba
     sums: dict[str, float] = {}
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
-        ids, att, mask = (t.to(device) for t in collate_pairs(
-            [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id))
+        ids, att, mask = (
+            t.to(device)
+            for t in collate_pairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id)
+        )
         policy = pair_logps(model, ids, att, mask, share)
         ref_sum, ref_avg = _reference(idx, ref_table, ref_model, ids, att, mask, cfg, share)
         losses, stats = preference_losses(cfg, policy, ref_sum, ref_avg)
@@ -410,9 +467,16 @@ def evaluate(model: Any, data: EncodedPairs, cfg: DPOLossConfig, pad_id: int, ba
     return _mean_stats(sums, len(data), "eval")
 
 
-def _reference(idx: Sequence[int], ref_table: torch.Tensor | None, ref_model: Any | None, ids: torch.Tensor,
-               att: torch.Tensor, mask: torch.Tensor, cfg: DPOLossConfig,
-               share: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _reference(
+    idx: Sequence[int],
+    ref_table: torch.Tensor | None,
+    ref_model: Any | None,
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: DPOLossConfig,
+    share: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Reference (sum, avg) log-probs (2B,) of a batch: from the precomputed table, or a forward now."""
     if cfg.type == "simpo":
         return None, None
@@ -436,9 +500,19 @@ class SampleResult:
 
 
 @torch.no_grad()
-def sample_and_kl(policy: Any, ref: Any, tokenizer: Any, prompts: list[Prompt], chat: bool, num_samples: int,
-                  temperature: float, max_new_tokens: int, seed: int, batch_size: int = 64,
-                  ref_name: str = "sft") -> SampleResult:
+def sample_and_kl(
+    policy: Any,
+    ref: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    chat: bool,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    ref_name: str = "sft",
+) -> SampleResult:
     """Answers of the reference and the tuned policy to the same prompts, and KL(policy ‖ reference)
     on the policy's answers: per answer Σ_t k(log π − log π_ref) over its tokens (k1 and k3),
     averaged over answers (``kl/k1``, ``kl/k3``), plus length and diversity of the policy's answers."""
@@ -486,7 +560,7 @@ def sample_prompts(cfg: DPOConfig, eval_data: EncodedPairs, train_data: EncodedP
     if cfg.sample.prompts:
         return [r.prompt for r in load_records(cfg.sample.prompts, "prompts")][:n]
     seen: dict[str, Prompt] = {}
-    for p in (eval_data.pairs or train_data.pairs):
+    for p in eval_data.pairs or train_data.pairs:
         seen.setdefault(repr(p.prompt), p.prompt)
     return list(seen.values())[:n]
 
@@ -499,7 +573,9 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> 
     return length_grouped_batches(lengths, batch_size, seed * 1000 + epoch)
 
 
-def load_preference_data(cfg: DPOConfig) -> tuple[list[PreferencePair], list[PreferencePair], PairCounts, PairCounts]:
+def load_preference_data(
+    cfg: DPOConfig,
+) -> tuple[list[PreferencePair], list[PreferencePair], PairCounts, PairCounts]:
     """Read and validate every record, split held-out groups, expand groups into pairs."""
     from heed.train.sft import split_eval
 
@@ -527,8 +603,10 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     # step 2. data: validate every record, expand groups into pairs (ties skipped, counted)
     train_pairs, eval_pairs, train_counts, eval_counts = load_preference_data(cfg)
     if not train_pairs:
-        raise DataError(f"{cfg.data.train}: no preference pair to train on after expanding groups "
-                        f"(pairs: {cfg.data.pairs}; {train_counts.ties_skipped} tied pairs skipped)")
+        raise DataError(
+            f"{cfg.data.train}: no preference pair to train on after expanding groups "
+            f"(pairs: {cfg.data.pairs}; {train_counts.ties_skipped} tied pairs skipped)"
+        )
 
     # step 3. policy (a checkpoint's weights when resuming; with LoRA, the base model plus a new
     # adapter or the checkpoint's adapter) and tokenizer
@@ -536,8 +614,11 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     assert cfg.model.path is not None and ref_path is not None
     lora = cfg.model.lora
     tokenizer = load_tokenizer(ckpt or cfg.model.tokenizer or cfg.model.path)
-    model = load_causal_lm(cfg.model.path if lora else (ckpt or cfg.model.path), dtype=cfg.model.dtype,
-                           **quantization_kwargs(lora))
+    model = load_causal_lm(
+        cfg.model.path if lora else (ckpt or cfg.model.path),
+        dtype=cfg.model.dtype,
+        **quantization_kwargs(lora),
+    )
     if lora is not None:
         model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
@@ -553,7 +634,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         warn_counts(str(cfg.data.train), train_counts, cfg.data.max_length)
         warn_counts(str(cfg.data.eval or f"{cfg.data.train} (eval split)"), eval_counts, cfg.data.max_length)
     if not len(train_data):
-        raise DataError(f"{cfg.data.train}: every pair was dropped (see the warnings above); raise data.max_length")
+        raise DataError(
+            f"{cfg.data.train}: every pair was dropped (see the warnings above); raise data.max_length"
+        )
 
     # step 5. reference log-probs: once for the whole dataset (cached), or a reference model per batch
     ref_model = None
@@ -563,7 +646,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
 
     def load_ref() -> Any:
         if lora is not None and cfg.ref_model is None:
-            return accelerator.unwrap_model(model)  # the base under the adapter: no second copy of the weights
+            return accelerator.unwrap_model(
+                model
+            )  # the base under the adapter: no second copy of the weights
         ref = load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else device)
         ref.eval().requires_grad_(False)
         return ref
@@ -578,8 +663,15 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             same = ckpt is None and cfg.ref_model is None
             ref = model if same else load_ref()
             ref_tables = {
-                name: reference_table(ref, data, pad_id, cfg.train.eval_batch_size, f"reference ({name})",
-                                      progress=cfg.log.progress and main, share=cfg.train.share_prompt)
+                name: reference_table(
+                    ref,
+                    data,
+                    pad_id,
+                    cfg.train.eval_batch_size,
+                    f"reference ({name})",
+                    progress=cfg.log.progress and main,
+                    share=cfg.train.share_prompt,
+                )
                 for name, data in (("train", train_data), ("eval", eval_data))
             }
             if main:
@@ -593,8 +685,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     lengths = train_data.lengths()
     steps_per_epoch = len(plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, 0))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    model, optimizer, scheduler, state = prepare_optimization(accelerator, model, model.parameters(), cfg.optim,
-                                                              total_steps, ckpt)
+    model, optimizer, scheduler, state = prepare_optimization(
+        accelerator, model, model.parameters(), cfg.optim, total_steps, ckpt
+    )
     start_step = state["step"]
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -609,8 +702,16 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     alarms: list[Any] = []
 
     def eval_now(step: int) -> dict[str, float]:
-        ev = evaluate(accelerator.unwrap_model(model), eval_data, cfg.loss, pad_id, cfg.train.eval_batch_size,
-                      ref_tables.get("eval"), ref_model, cfg.train.share_prompt)
+        ev = evaluate(
+            accelerator.unwrap_model(model),
+            eval_data,
+            cfg.loss,
+            pad_id,
+            cfg.train.eval_batch_size,
+            ref_tables.get("eval"),
+            ref_model,
+            cfg.train.share_prompt,
+        )
         if ev:
             logger.log(step, ev, split="eval")
             alarms.extend(monitor.update(step, ev))
@@ -631,16 +732,30 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             sums = {"loss": torch.zeros((), device=device)}
             for start in range(0, len(mine), micro):
                 idx = mine[start : start + micro]
-                ids, att, mask = (t.to(device) for t in collate_pairs(
-                    [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id))
+                ids, att, mask = (
+                    t.to(device)
+                    for t in collate_pairs(
+                        [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id
+                    )
+                )
                 sync = start + micro >= len(mine)
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
                 with ctx, accelerator.autocast():
                     policy = pair_logps(model, ids, att, mask, cfg.train.share_prompt)
-                    ref_sum, ref_avg = _reference(idx, ref_tables.get("train"), ref_model, ids, att, mask, cfg.loss,
-                                                  cfg.train.share_prompt)
+                    ref_sum, ref_avg = _reference(
+                        idx,
+                        ref_tables.get("train"),
+                        ref_model,
+                        ids,
+                        att,
+                        mask,
+                        cfg.loss,
+                        cfg.train.share_prompt,
+                    )
                     losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)
-                    weights = torch.tensor([train_data.weights[i] for i in idx], device=device, dtype=losses.dtype)
+                    weights = torch.tensor(
+                        [train_data.weights[i] for i in idx], device=device, dtype=losses.dtype
+                    )
                     # every pair of the optimizer step counts equally, whatever the micro-batching or process count
                     loss = (weights * losses).sum() / len(batch) * world
                     accelerator.backward(loss)
@@ -658,25 +773,43 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             pairs_seen += len(batch)
             done = step + 1
-            last = {"loss": reduced.pop("loss"), **{f"dpo/{k}": v for k, v in reduced.items()},
-                    "lr": scheduler.get_last_lr()[0]}
+            last = {
+                "loss": reduced.pop("loss"),
+                **{f"dpo/{k}": v for k, v in reduced.items()},
+                "lr": scheduler.get_last_lr()[0],
+            }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
             if done % cfg.log.log_every == 0 or done == total_steps:
                 elapsed = time.time() - t0
-                logger.log(done, {**last, "epoch": done / steps_per_epoch,
-                                  "pairs_per_s": pairs_seen / max(elapsed, 1e-9),
-                                  "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+                logger.log(
+                    done,
+                    {
+                        **last,
+                        "epoch": done / steps_per_epoch,
+                        "pairs_per_s": pairs_seen / max(elapsed, 1e-9),
+                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    },
+                )
             if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
                 ev = eval_now(done)
                 if "eval/reward_accuracy" in ev:
-                    bar.log(f"step {done}: eval/reward_accuracy={ev['eval/reward_accuracy']:.3f} "
-                            f"eval/margin={ev['eval/margin']:.3f}")
+                    bar.log(
+                        f"step {done}: eval/reward_accuracy={ev['eval/reward_accuracy']:.3f} "
+                        f"eval/margin={ev['eval/margin']:.3f}"
+                    )
             if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
                 accelerator.wait_for_everyone()
                 if main:
-                    save_checkpoint(run, done, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-                                    keep=cfg.log.keep_checkpoints)
+                    save_checkpoint(
+                        run,
+                        done,
+                        accelerator.unwrap_model(model),
+                        tokenizer,
+                        optimizer,
+                        scheduler,
+                        keep=cfg.log.keep_checkpoints,
+                    )
             bar.advance(1, {"loss": last["loss"], "acc": last["dpo/accuracy"]})
     train_seconds = time.time() - t0
 
@@ -689,9 +822,18 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         if cfg.sample.num_prompts:
             prompts = sample_prompts(cfg, eval_data, train_data)
             ref = ref_model if ref_model is not None else load_ref()
-            result = sample_and_kl(unwrapped, ref, tokenizer, prompts, chat, cfg.sample.num_samples,
-                                   cfg.sample.temperature, cfg.sample.max_new_tokens, cfg.train.seed,
-                                   cfg.train.eval_batch_size)
+            result = sample_and_kl(
+                unwrapped,
+                ref,
+                tokenizer,
+                prompts,
+                chat,
+                cfg.sample.num_samples,
+                cfg.sample.temperature,
+                cfg.sample.max_new_tokens,
+                cfg.train.seed,
+                cfg.train.eval_batch_size,
+            )
             del ref
             logger.log(total_steps, result.metrics, split="eval")
             alarms.extend(monitor.update(total_steps, result.metrics, result.texts["dpo"]))
@@ -703,18 +845,20 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         save_pretrained(unwrapped, tokenizer, run / "final")
         append_alarms(run, alarms)
-        summary.update({
-            "pairs_per_s": pairs_seen / max(train_seconds, 1e-9),
-            "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-            "train_seconds": train_seconds,
-            "ref_seconds": ref_seconds,
-            "peak_memory_mb": peak_memory_mb(),
-            "train_pairs": len(train_data),
-            "eval_pairs": len(eval_data),
-            **train_counts.as_dict("data/train"),
-            **eval_counts.as_dict("data/eval"),
-            "alarms": len(alarms),
-        })
+        summary.update(
+            {
+                "pairs_per_s": pairs_seen / max(train_seconds, 1e-9),
+                "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
+                "train_seconds": train_seconds,
+                "ref_seconds": ref_seconds,
+                "peak_memory_mb": peak_memory_mb(),
+                "train_pairs": len(train_data),
+                "eval_pairs": len(eval_data),
+                **train_counts.as_dict("data/train"),
+                **eval_counts.as_dict("data/eval"),
+                "alarms": len(alarms),
+            }
+        )
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
@@ -728,8 +872,14 @@ def write_samples(path: Path, result: SampleResult, num_samples: int, step: int)
     for name, texts in result.texts.items():
         for i, text in enumerate(texts):
             prompt = result.prompts[i // num_samples]
-            rows.append({"step": step if name == "dpo" else 0, "policy": name, "prompt": prompt_text(prompt),
-                         "completion": text})
+            rows.append(
+                {
+                    "step": step if name == "dpo" else 0,
+                    "policy": name,
+                    "prompt": prompt_text(prompt),
+                    "completion": text,
+                }
+            )
     write_jsonl(path, rows)
 
 

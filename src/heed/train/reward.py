@@ -61,21 +61,28 @@ def prompt_key(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def split_by_prompt(groups: list[PreferenceGroup], frac: float, seed: int) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+def split_by_prompt(
+    groups: list[PreferenceGroup], frac: float, seed: int
+) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
     """Hold out ``frac`` of the distinct prompts (seeded): no prompt is in both splits."""
     if frac <= 0:
         return groups, []
     prompts = sorted({prompt_key(g.prompt) for g in groups})
     if len(prompts) < 2:
-        raise DataError(f"data.eval_split={frac}: the training data has only {len(prompts)} distinct prompt; "
-                        "set data.eval to an evaluation file or data.eval_split: 0")
+        raise DataError(
+            f"data.eval_split={frac}: the training data has only {len(prompts)} distinct prompt; "
+            "set data.eval to an evaluation file or data.eval_split: 0"
+        )
     random.Random(seed).shuffle(prompts)
     held = set(prompts[: max(1, round(len(prompts) * frac))])
-    return [g for g in groups if prompt_key(g.prompt) not in held], [g for g in groups if prompt_key(g.prompt) in held]
+    return [g for g in groups if prompt_key(g.prompt) not in held], [
+        g for g in groups if prompt_key(g.prompt) in held
+    ]
 
 
-def encode_groups(groups: list[PreferenceGroup], tokenizer: Any, cfg: RMConfig, chat: bool, backbone: str
-                  ) -> tuple[list[EncodedGroup], int, int]:
+def encode_groups(
+    groups: list[PreferenceGroup], tokenizer: Any, cfg: RMConfig, chat: bool, backbone: str
+) -> tuple[list[EncodedGroup], int, int]:
     """Tokenize every response; returns the groups, the number of responses and how many were truncated."""
     from heed.models.reward import encode_pair, truncate_ids
 
@@ -114,13 +121,17 @@ def stack_groups(groups: list[EncodedGroup], flat_rewards: torch.Tensor) -> dict
 RewardFn = Callable[[list[EncodedGroup]], torch.Tensor]
 
 
-def make_reward_fn(model: Any, pad_id: int, device: Any, features: torch.Tensor | None, frozen: Any) -> RewardFn:
+def make_reward_fn(
+    model: Any, pad_id: int, device: Any, features: torch.Tensor | None, frozen: Any
+) -> RewardFn:
     """Flat rewards (N,) of the responses of some groups: one padded forward, or the head on cached features."""
     from heed.models.reward import forward_rewards, pad_right
 
     def reward_fn(groups: list[EncodedGroup]) -> torch.Tensor:
         if features is not None:
-            idx = torch.tensor([g.offset + j for g in groups for j in range(len(g.seqs))], device=features.device)
+            idx = torch.tensor(
+                [g.offset + j for g in groups for j in range(len(g.seqs))], device=features.device
+            )
             return frozen.head(features[idx]).float()
         ids, att = pad_right([s for g in groups for s in g.seqs], pad_id, device)
         return forward_rewards(model, ids, att)
@@ -129,7 +140,9 @@ def make_reward_fn(model: Any, pad_id: int, device: Any, features: torch.Tensor 
 
 
 @torch.no_grad()
-def cache_features(frozen: Any, groups: list[EncodedGroup], pad_id: int, device: Any, batch_size: int) -> torch.Tensor:
+def cache_features(
+    frozen: Any, groups: list[EncodedGroup], pad_id: int, device: Any, batch_size: int
+) -> torch.Tensor:
     """Frozen-backbone features of every response of a split, (N, H), computed once."""
     from heed.models.reward import pad_right
 
@@ -150,8 +163,9 @@ def cache_features(frozen: Any, groups: list[EncodedGroup], pad_id: int, device:
 
 
 @torch.no_grad()
-def evaluate(model: Any, reward_fn: RewardFn, groups: list[EncodedGroup], batch_size: int,
-             centering_coef: float) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(
+    model: Any, reward_fn: RewardFn, groups: list[EncodedGroup], batch_size: int, centering_coef: float
+) -> tuple[dict[str, float], torch.Tensor]:
     """Ranking metrics on held-out groups, and every eval reward (flat, for the saved mean/std).
 
     ``rm/eval_loss`` (weighted mean ranking loss), ``rm/accuracy`` (pairs ordered like the humans),
@@ -169,7 +183,9 @@ def evaluate(model: Any, reward_fn: RewardFn, groups: list[EncodedGroup], batch_
     def flush() -> None:
         nonlocal loss_sum, weight_sum, correct, pairs, top1, tau
         b = stack_groups(chunk, reward_fn(chunk))
-        loss, stats = ranking_loss(b["rewards"], b["ranks"], b["mask"], b["margins"], b["weights"], centering_coef)
+        loss, stats = ranking_loss(
+            b["rewards"], b["ranks"], b["mask"], b["margins"], b["weights"], centering_coef
+        )
         loss_sum += loss.sum().item()
         weight_sum += b["weights"].sum().item()
         correct += stats.accuracy.item() * stats.num_pairs.item()
@@ -218,9 +234,14 @@ def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[A
         model.config.heed_head = m.head
         return model, tok, m.backbone
     source = path or m.path
-    model, tok, backbone = build_reward_model(source, None if path else m.tokenizer, m.head, m.dtype, cfg.train.seed)  # type: ignore[arg-type]
+    model, tok, backbone = build_reward_model(
+        source, None if path else m.tokenizer, m.head, m.dtype, cfg.train.seed
+    )  # type: ignore[arg-type]
     if m.backbone != "auto" and m.backbone != backbone:
-        warnings.warn(f"model.backbone={m.backbone} but {source} looks like a {backbone}; using {m.backbone}", stacklevel=2)
+        warnings.warn(
+            f"model.backbone={m.backbone} but {source} looks like a {backbone}; using {m.backbone}",
+            stacklevel=2,
+        )
         backbone = m.backbone
     return model, tok, backbone or backbone_of(model.config)
 
@@ -243,7 +264,9 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     # step 3. model and tokenizer (a checkpoint's weights when resuming; with LoRA, the backbone plus a new
     # adapter or the checkpoint's, the score head training in full); rendering settings travel in its config
     lora = cfg.model.lora
-    model, tokenizer, backbone = build_model_and_tokenizer(cfg, str(ckpt) if ckpt is not None and lora is None else None)
+    model, tokenizer, backbone = build_model_and_tokenizer(
+        cfg, str(ckpt) if ckpt is not None and lora is None else None
+    )
     if lora is not None:
         model = apply_lora(model, lora, task="seq_cls", adapter=ckpt)
     chat = use_chat_for(tokenizer, cfg.data.chat)
@@ -261,8 +284,11 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     train_enc, n_train, cut = encode_groups(train_groups, tokenizer, cfg, chat, backbone)
     eval_enc, n_eval, eval_cut = encode_groups(eval_groups, tokenizer, cfg, chat, backbone)
     if (cut or eval_cut) and main:
-        warnings.warn(f"{cfg.data.train}: {cut + eval_cut} of {n_train + n_eval} responses were longer than "
-                      f"data.max_length={cfg.data.max_length} tokens and were truncated", stacklevel=1)
+        warnings.warn(
+            f"{cfg.data.train}: {cut + eval_cut} of {n_train + n_eval} responses were longer than "
+            f"data.max_length={cfg.data.max_length} tokens and were truncated",
+            stacklevel=1,
+        )
 
     # step 5. optimizer, schedule, step plan
     lengths = [max(len(s) for s in g.seqs) * len(g.seqs) for g in train_enc]
@@ -273,7 +299,9 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = len(plan(0))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     params = frozen.parameters() if frozen is not None else model.parameters()
-    model, optimizer, scheduler, state = prepare_optimization(accelerator, model, params, cfg.optim, total_steps, ckpt)
+    model, optimizer, scheduler, state = prepare_optimization(
+        accelerator, model, params, cfg.optim, total_steps, ckpt
+    )
     start_step = state["step"]
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -287,7 +315,11 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     train_feats = eval_feats = None
     if frozen is not None:
         train_feats = cache_features(frozen, train_enc, pad_id, accelerator.device, cfg.train.eval_batch_size)
-        eval_feats = cache_features(frozen, eval_enc, pad_id, accelerator.device, cfg.train.eval_batch_size) if eval_enc else None
+        eval_feats = (
+            cache_features(frozen, eval_enc, pad_id, accelerator.device, cfg.train.eval_batch_size)
+            if eval_enc
+            else None
+        )
     feature_seconds = time.time() - t_feat
     train_fn = make_reward_fn(model, pad_id, accelerator.device, train_feats, frozen)
     eval_fn = make_reward_fn(unwrapped, pad_id, accelerator.device, eval_feats, frozen)
@@ -318,8 +350,14 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
                 with ctx, accelerator.autocast():
                     b = stack_groups(chunk, train_fn(chunk))  # (G, K) from one forward of all K·G responses
-                    group_loss, stats = ranking_loss(b["rewards"], b["ranks"], b["mask"], b["margins"],
-                                                     b["weights"], cfg.train.centering_coef)  # (G,)
+                    group_loss, stats = ranking_loss(
+                        b["rewards"],
+                        b["ranks"],
+                        b["mask"],
+                        b["margins"],
+                        b["weights"],
+                        cfg.train.centering_coef,
+                    )  # (G,)
                     loss = group_loss.sum() / max(total_weight, 1e-12) * world
                     accelerator.backward(loss)
                 loss_sum += loss.detach() / world
@@ -329,8 +367,9 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
             check_finite(loss_value, step + 1, "ranking loss")
             grad_norm = None
             if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(params if frozen is not None else model.parameters(),
-                                                        cfg.optim.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(
+                    params if frozen is not None else model.parameters(), cfg.optim.max_grad_norm
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -339,27 +378,50 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
             responses_seen += sum(len(g.seqs) for g in batch)
             done = step + 1
             r = torch.cat(rewards_seen) if rewards_seen else torch.zeros(1)
-            last = {"loss": loss_value, "rm/accuracy": accelerator.reduce(correct, reduction="sum").item() / max(batch_pairs, 1),
-                    "rm/reward_mean": r.mean().item(), "rm/reward_std": r.std(unbiased=False).item(),
-                    "lr": scheduler.get_last_lr()[0]}
+            last = {
+                "loss": loss_value,
+                "rm/accuracy": accelerator.reduce(correct, reduction="sum").item() / max(batch_pairs, 1),
+                "rm/reward_mean": r.mean().item(),
+                "rm/reward_std": r.std(unbiased=False).item(),
+                "lr": scheduler.get_last_lr()[0],
+            }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
             if done % cfg.log.log_every == 0 or done == total_steps:
                 elapsed = max(time.time() - t0, 1e-9)
-                logger.log(done, {**last, "epoch": done / steps_per_epoch, "pairs_per_s": pairs_seen / elapsed,
-                                  "responses_per_s": responses_seen / elapsed})
-            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main and eval_enc:
+                logger.log(
+                    done,
+                    {
+                        **last,
+                        "epoch": done / steps_per_epoch,
+                        "pairs_per_s": pairs_seen / elapsed,
+                        "responses_per_s": responses_seen / elapsed,
+                    },
+                )
+            if (
+                cfg.log.eval_every
+                and done % cfg.log.eval_every == 0
+                and done != total_steps
+                and main
+                and eval_enc
+            ):
                 logger.log(done, run_eval()[0], split="eval")
             if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
                 accelerator.wait_for_everyone()
                 if main:
-                    save_checkpoint(run, done, unwrapped, tokenizer, optimizer, scheduler, keep=cfg.log.keep_checkpoints)
+                    save_checkpoint(
+                        run, done, unwrapped, tokenizer, optimizer, scheduler, keep=cfg.log.keep_checkpoints
+                    )
             bar.advance(1, {"loss": loss_value, "acc": last["rm/accuracy"]})
 
     # step 8. final evaluation, reward statistics beside the model, summary
     accelerator.wait_for_everyone()
     elapsed, cpu_seconds = time.time() - t0, time.process_time() - cpu0
-    summary: dict[str, Any] = {"algo": "rm", "steps": total_steps, "train/loss": last.get("loss", float("nan"))}
+    summary: dict[str, Any] = {
+        "algo": "rm",
+        "steps": total_steps,
+        "train/loss": last.get("loss", float("nan")),
+    }
     if main:
         ev, eval_rewards = run_eval()
         if ev:
@@ -367,10 +429,18 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
         if eval_rewards.numel():
             stats_rewards, stats_split = eval_rewards, "eval"
         else:  # no held-out data: the statistics come from the training responses
-            stats_rewards, stats_split = evaluate(unwrapped, train_fn, train_enc, cfg.train.eval_batch_size,
-                                                  cfg.train.centering_coef)[1], "train"
-        reward_stats = {"mean": stats_rewards.mean().item(), "std": stats_rewards.std(unbiased=False).item(),
-                        "count": int(stats_rewards.numel()), "split": stats_split}
+            stats_rewards, stats_split = (
+                evaluate(unwrapped, train_fn, train_enc, cfg.train.eval_batch_size, cfg.train.centering_coef)[
+                    1
+                ],
+                "train",
+            )
+        reward_stats = {
+            "mean": stats_rewards.mean().item(),
+            "std": stats_rewards.std(unbiased=False).item(),
+            "count": int(stats_rewards.numel()),
+            "split": stats_split,
+        }
         from heed.models.loading import save_pretrained
 
         if lora is not None:  # the adapter beside final/, which holds the merged plain reward model
@@ -380,13 +450,24 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
             save_pretrained(unwrapped, tokenizer, run / "final")
         write_json(run / "final" / STATS_FILE, reward_stats)
         summary.update(ev)
-        summary.update({
-            "reward_mean": reward_stats["mean"], "reward_std": reward_stats["std"],
-            "pairs_per_s": pairs_seen / max(elapsed, 1e-9), "responses_per_s": responses_seen / max(elapsed, 1e-9),
-            "train_seconds": elapsed, "train_cpu_seconds": cpu_seconds, "feature_seconds": feature_seconds, "peak_memory_mb": peak_memory_mb(),
-            "train_groups": len(train_enc), "eval_groups": len(eval_enc), "train_pairs": sum(g.num_pairs for g in train_enc),
-            "truncated_responses": cut + eval_cut, "backbone": backbone, "frozen_backbone": frozen is not None,
-        })
+        summary.update(
+            {
+                "reward_mean": reward_stats["mean"],
+                "reward_std": reward_stats["std"],
+                "pairs_per_s": pairs_seen / max(elapsed, 1e-9),
+                "responses_per_s": responses_seen / max(elapsed, 1e-9),
+                "train_seconds": elapsed,
+                "train_cpu_seconds": cpu_seconds,
+                "feature_seconds": feature_seconds,
+                "peak_memory_mb": peak_memory_mb(),
+                "train_groups": len(train_enc),
+                "eval_groups": len(eval_enc),
+                "train_pairs": sum(g.num_pairs for g in train_enc),
+                "truncated_responses": cut + eval_cut,
+                "backbone": backbone,
+                "frozen_backbone": frozen is not None,
+            }
+        )
         write_json(run / "summary.json", summary)
         logger.close()
     return summary

@@ -99,8 +99,10 @@ def resolve_builtin(value: str) -> str:
     data_dir = builtin_sft_model(spec).parent.parent / "data"
     files = {p.stem: p for p in data_dir.glob("*.jsonl")}
     if name not in files:
-        raise ConfigError(f"{value!r}: unknown built-in asset; expected builtin[:tiny|:micro][:{'|:'.join(sorted(files))}]"
-                          " or builtin:tone_classifier")
+        raise ConfigError(
+            f"{value!r}: unknown built-in asset; expected builtin[:tiny|:micro][:{'|:'.join(sorted(files))}]"
+            " or builtin:tone_classifier"
+        )
     return str(files[name])
 
 
@@ -124,7 +126,9 @@ def load_prompts(path: str, tokenizer: Any, cfg: RLConfig) -> Prompts:
 
     examples = load_records(path, "prompts")
     chat = use_chat(tokenizer, cfg.data.chat)
-    ids = encode_prompts(tokenizer, [e.prompt for e in examples], chat, cfg.data.max_prompt_length, where=str(path))
+    ids = encode_prompts(
+        tokenizer, [e.prompt for e in examples], chat, cfg.data.max_prompt_length, where=str(path)
+    )
     return Prompts(examples, ids)
 
 
@@ -146,12 +150,16 @@ def check_processes(cfg: RLConfig, world: int) -> None:
     if world == 1:
         return
     if cfg.rollout.prompts_per_step % world:
-        raise ConfigError(f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts per update do not "
-                          f"split evenly over {world} processes; use a multiple of {world}")
+        raise ConfigError(
+            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts per update do not "
+            f"split evenly over {world} processes; use a multiple of {world}"
+        )
     mb = cfg.ppo.minibatch_size
     if mb is not None and mb % world:
-        raise ConfigError(f"ppo.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
-                          f"processes; use a multiple of {world}")
+        raise ConfigError(
+            f"ppo.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
+            f"processes; use a multiple of {world}"
+        )
 
 
 def process_share(idx: list[int], coll: Collective) -> list[int]:
@@ -173,19 +181,26 @@ def _mean_over_processes(stats: dict[str, float], coll: Collective) -> dict[str,
 def _sampling(cfg: RLConfig, eval_mode: bool = False) -> SamplingParams:
     if eval_mode:
         t = cfg.eval.temperature
-        return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                              temperature=max(t, 1e-5), top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                              do_sample=t > 0)
+        return SamplingParams(
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            temperature=max(t, 1e-5),
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            do_sample=t > 0,
+        )
     r = cfg.rollout
-    return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # the pieces of one update
 
 
-def score_batch(rewards: RewardSet, prompts: Prompts, idx: list[int], texts: list[str], k: int,
-                step: int) -> tuple[torch.Tensor, Any]:
+def score_batch(
+    rewards: RewardSet, prompts: Prompts, idx: list[int], texts: list[str], k: int, step: int
+) -> tuple[torch.Tensor, Any]:
     """Step 2: total reward per answer (N,), NaN where a source returned None, plus per-source values."""
     batch_prompts = [prompts.examples[i].prompt for i in idx for _ in range(k)]
     scored = rewards(batch_prompts, texts, prompts.columns(idx, k), step=step)
@@ -205,14 +220,31 @@ def forward_part(model: Any, part: Rollout, temperature: float, group: int, **kw
     """The policy forward over a micro-batch: each prompt once per group of ``group`` answers
     (:func:`shared_prompt_forward`) when ``group`` > 0, else row by row."""
     if group:
-        return shared_prompt_forward(model, part.input_ids, part.attention_mask, part.target_mask, part.prompt_width,
-                                     group, temperature, **kw)
+        return shared_prompt_forward(
+            model,
+            part.input_ids,
+            part.attention_mask,
+            part.target_mask,
+            part.prompt_width,
+            group,
+            temperature,
+            **kw,
+        )
     return policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, temperature, **kw)
 
 
 @torch.no_grad()
-def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, ro: Rollout, temperature: float,
-                     micro: int, recompute: bool, group: int = 0) -> dict[str, float]:
+def rollout_logprobs(
+    model: Any,
+    ref_model: Any,
+    value_head: Any,
+    critic: Any,
+    ro: Rollout,
+    temperature: float,
+    micro: int,
+    recompute: bool,
+    group: int = 0,
+) -> dict[str, float]:
     """Step 3: reference log-probs on every answer token; the policy's (and values) too when
     ``recompute`` or when the engine reported none (otherwise the engine's log-probs of the sampled
     tokens are the behaviour policy's). Micro-batches of whole groups with the prompt shared
@@ -250,7 +282,9 @@ def rollout_logprobs(model: Any, ref_model: Any, value_head: Any, critic: Any, r
     return stats
 
 
-def reference_logprobs(ref_model: Any, part: Rollout, temperature: float = 1.0, group: int = 0) -> torch.Tensor:
+def reference_logprobs(
+    ref_model: Any, part: Rollout, temperature: float = 1.0, group: int = 0
+) -> torch.Tensor:
     """Reference log-probs (B, T) on the rows' device: a LoRA policy with its adapter disabled (the base
     weights, no second copy), or a separate reference model wherever it lives (the CPU with offload_ref)."""
     from heed.models.lora import adapter_disabled
@@ -261,8 +295,9 @@ def reference_logprobs(ref_model: Any, part: Rollout, temperature: float = 1.0, 
     return out.logprobs.to(part.input_ids.device)
 
 
-def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any],
-                       coll: Collective | None = None) -> dict[str, float]:
+def compute_advantages(
+    cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any], coll: Collective | None = None
+) -> dict[str, float]:
     """Steps 4-5: KL-penalised token rewards, then the algorithm's advantages (and PPO's returns).
 
     On several processes ``ro`` is this process's share (whole RLOO/GRPO groups, so their advantages
@@ -274,8 +309,9 @@ def compute_advantages(cfg: RLConfig, ro: Rollout, beta_reward: float, state: di
     scores = torch.nan_to_num(ro.scores, nan=0.0)
     assert ro.old_logprobs is not None and ro.ref_logprobs is not None
     # step 4. r_t = −β·kl_t on every answer token, + score on the last one
-    token_rewards, _ = algos.kl_penalized_rewards(scores, ro.old_logprobs, ro.ref_logprobs, mask, beta_reward,
-                                                  kind=cfg.kl_estimator)
+    token_rewards, _ = algos.kl_penalized_rewards(
+        scores, ro.old_logprobs, ro.ref_logprobs, mask, beta_reward, kind=cfg.kl_estimator
+    )
     # step 5. advantages
     stats: dict[str, float] = {}
     if cfg.algorithm == "ppo":
@@ -353,7 +389,9 @@ def evaluate_policy(
     # the same draws at every evaluation (keyed by prompt only): differences between steps come from
     # the policy, not from sampling noise
     keys = row_keys(cfg.train.seed + EVAL_KEY_SALT, idx)
-    gen = engine(model, tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg, eval_mode=True), 1, keys=keys)
+    gen = engine(
+        model, tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg, eval_mode=True), 1, keys=keys
+    )
     texts = gen.texts
     batch_prompts = [prompts.examples[i].prompt for i in idx]
     columns = prompts.columns(idx, 1)
@@ -390,10 +428,16 @@ def evaluate_policy(
     out["eval/length_words"] = div["length/words"]
     rows = []
     for j in range(min(cfg.eval.samples, len(texts))):
-        row: dict[str, Any] = {"step": step, "prompt": prompt_text(batch_prompts[j]), "completion": texts[j],
-                               "reward": scored.total[j]}
+        row: dict[str, Any] = {
+            "step": step,
+            "prompt": prompt_text(batch_prompts[j]),
+            "completion": texts[j],
+            "reward": scored.total[j],
+        }
         if gold is not None:
-            g = gold(batch_prompts[j : j + 1], texts[j : j + 1], {k: v[j : j + 1] for k, v in columns.items()})
+            g = gold(
+                batch_prompts[j : j + 1], texts[j : j + 1], {k: v[j : j + 1] for k, v in columns.items()}
+            )
             row["gold"] = next(iter(g.per_source.values()))[0]
         rows.append(row)
     return out, rows
@@ -413,8 +457,11 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     """Drop rows logged after ``step`` (a resumed run writes them again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
@@ -425,8 +472,12 @@ def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]
     assert ro.old_logprobs is not None and ro.ref_logprobs is not None
     return {
         "score": ro.scores.tolist(),
-        "kl1": algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1"), mask, dim=-1).tolist(),
-        "kl3": algos.masked_sum(algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3"), mask, dim=-1).tolist(),
+        "kl1": algos.masked_sum(
+            algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1"), mask, dim=-1
+        ).tolist(),
+        "kl3": algos.masked_sum(
+            algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3"), mask, dim=-1
+        ).tolist(),
         "length": mask.sum(-1).tolist(),
         "text": list(texts),
         "total": list(scored.total),
@@ -437,7 +488,9 @@ def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]
 def merge_figures(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate :func:`answer_figures` of every process (in rank order) into those of the global batch."""
     out: dict[str, Any] = {key: [v for p in parts for v in p[key]] for key in parts[0] if key != "per_source"}
-    out["per_source"] = {name: [v for p in parts for v in p["per_source"][name]] for name in parts[0]["per_source"]}
+    out["per_source"] = {
+        name: [v for p in parts for v in p["per_source"][name]] for name in parts[0]["per_source"]
+    }
     return out
 
 
@@ -475,16 +528,22 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if cfg.rollout.engine == "vllm":  # before any model is loaded
         check_vllm()
         if cfg.model.lora is not None and cfg.model.lora.quantize != "none":
-            raise ConfigError("rollout.engine: vllm does not take a quantized (QLoRA) policy's weights; use "
-                              "model.lora.quantize: none or rollout.engine: heed")
+            raise ConfigError(
+                "rollout.engine: vllm does not take a quantized (QLoRA) policy's weights; use "
+                "model.lora.quantize: none or rollout.engine: heed"
+            )
     if cfg.model.mixed_precision == "fp16":
-        raise ConfigError("model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
-                          "in its update loop); use bf16")
+        raise ConfigError(
+            "model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
+            "in its update loop); use bf16"
+        )
     accelerator = make_accelerator(cfg.model.mixed_precision)
     coll = Collective.of(accelerator)
     check_processes(cfg, coll.world)
     t_start = time.time()
-    accelerator, run, ckpt = start_run(cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator)
+    accelerator, run, ckpt = start_run(
+        cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator
+    )
     dev = accelerator.device
     algo = cfg.algorithm
     main = coll.main
@@ -494,8 +553,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     ref_path = resolve_builtin(cfg.ref_model) if cfg.ref_model else policy_path
     tokenizer = load_tokenizer(policy_path, padding_side="left")
     lora = cfg.model.lora
-    model = load_causal_lm(policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype,
-                           **quantization_kwargs(lora))
+    model = load_causal_lm(
+        policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype, **quantization_kwargs(lora)
+    )
     _no_dropout(model)
     if lora is not None:  # a new adapter, or the checkpoint's when resuming
         model = apply_lora(model, lora, adapter=ckpt)
@@ -504,7 +564,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if lora is not None and cfg.ref_model is None:
         ref_model = model  # the base under the adapter (disabled for reference passes): no second copy
     else:
-        ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else dev).eval()
+        ref_model = (
+            load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else dev).eval()
+        )
         ref_model.requires_grad_(False)
     value_head: ValueHead | None = None
     critic: Critic | None = None
@@ -515,23 +577,36 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
                 value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
         else:
-            critic = Critic(load_causal_lm(resolve_builtin(cfg.ppo.critic_path or policy_path), dtype=cfg.model.dtype))
+            critic = Critic(
+                load_causal_lm(resolve_builtin(cfg.ppo.critic_path or policy_path), dtype=cfg.model.dtype)
+            )
 
     # step 0c. reward sources, prompts, PPO-ptx text
     rewards = build_rewards(cfg.rewards, config_dir, resolve_builtin)
     metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
     gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
     train_prompts = load_prompts(resolve_builtin(cfg.data.prompts), tokenizer, cfg)
-    eval_prompts = load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg) if cfg.data.eval_prompts else None
+    eval_prompts = (
+        load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg)
+        if cfg.data.eval_prompts
+        else None
+    )
     ptx_texts: list[Any] = []
     if cfg.ptx.coef > 0 and cfg.ptx.data:
         from heed.data.collate import truncate
         from heed.data.templating import encode_text
 
-        ptx_texts, _ = truncate([encode_text(tokenizer, r.text) for r in load_records(resolve_builtin(cfg.ptx.data), "text")],
-                                cfg.ptx.max_length)
-    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size, model_path=policy_path, seed=cfg.train.seed,
-                         vllm_options=_vllm_options(cfg))
+        ptx_texts, _ = truncate(
+            [encode_text(tokenizer, r.text) for r in load_records(resolve_builtin(cfg.ptx.data), "text")],
+            cfg.ptx.max_length,
+        )
+    engine = make_engine(
+        cfg.rollout.engine,
+        cfg.rollout.batch_size,
+        model_path=policy_path,
+        seed=cfg.train.seed,
+        vllm_options=_vllm_options(cfg),
+    )
 
     # step 0d. optimizer over policy (+ value head / critic), schedule, restored state; on several
     # processes each one holds prompts_per_step / world prompts and minibatch_size / world answers of
@@ -542,29 +617,44 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     mb_size //= coll.world
     micro = min(cfg.ppo.micro_batch_size, mb_size)
     k = cfg.rollout.k
-    share = (cfg.rollout.share_prompt and k > 1 and mb_size % k == 0 and can_share_prompt(model)
-             and can_share_prompt(ref_model))
+    share = (
+        cfg.rollout.share_prompt
+        and k > 1
+        and mb_size % k == 0
+        and can_share_prompt(model)
+        and can_share_prompt(ref_model)
+    )
     group = k if share else 0  # micro-batches of whole groups, each prompt run once for its k answers
     total_steps = cfg.train.updates * steps_per_update
     model = place(model, dev)
-    value_params = list(value_head.parameters()) if value_head is not None else (
-        list(critic.parameters()) if critic is not None else [])
+    value_params = (
+        list(value_head.parameters())
+        if value_head is not None
+        else (list(critic.parameters()) if critic is not None else [])
+    )
     if value_head is not None:
         value_head.to(dev)
     if critic is not None:
         critic.to(dev)
-    value_group = ([{"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr}]
-                   if value_params else [])
+    value_group = (
+        [{"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr}]
+        if value_params
+        else []
+    )
     # DDP around the policy (the update's forwards go through it); generation, the reference and
     # rollout passes, evaluation and saving use the plain model. The value head / critic stay outside
     # DDP: their gradients are averaged by hand (Collective.average_gradients)
     policy = model
-    model, optimizer, scheduler, saved = prepare_optimization(accelerator, model, model.parameters(), cfg.optim,
-                                                              total_steps, ckpt, value_group)
+    model, optimizer, scheduler, saved = prepare_optimization(
+        accelerator, model, model.parameters(), cfg.optim, total_steps, ckpt, value_group
+    )
     start_update = saved["step"]
     state: dict[str, Any] = {"baseline": None}
-    kl_ctl: Any = (algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
-                   else algos.FixedKLController(cfg.kl.beta))
+    kl_ctl: Any = (
+        algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
+        if cfg.kl.adaptive
+        else algos.FixedKLController(cfg.kl.beta)
+    )
     if ckpt is not None:
         extra = saved.get("extra", {})
         kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
@@ -594,8 +684,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             return {}
         ev: dict[str, float] = {}
         if main:
-            ev, rows = evaluate_policy(policy, ref_model, tokenizer, eval_prompts, rewards, metrics_set, gold_set,
-                                       cfg, engine, step)
+            ev, rows = evaluate_policy(
+                policy, ref_model, tokenizer, eval_prompts, rewards, metrics_set, gold_set, cfg, engine, step
+            )
             logger.log(step, ev, split="eval")
             _append_samples(run, [{**r, "policy": policy_name} for r in rows])
         accelerator.wait_for_everyone()
@@ -613,19 +704,27 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     # the loop
     samples_done, gen_seconds, t0 = 0, 0.0, time.time()
     last: dict[str, float] = {}
-    with StepProgress(f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress and main, start=start_update) as bar:
+    with StepProgress(
+        f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress and main, start=start_update
+    ) as bar:
         for update in range(start_update, cfg.train.updates):
             step = update + 1
             model.eval()
             # step 1. sample K completions per prompt (this process's consecutive share of whole prompts)
-            idx = process_share(prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step,
-                                             cfg.train.seed), coll)
+            idx = process_share(
+                prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed),
+                coll,
+            )
             tg = time.time()
             # each answer's random draws depend on (seed, update, prompt, sample) only, not on batching
             # (nor on the process that draws them)
-            keys = row_keys(cfg.train.seed, [(update << 32) + i * cfg.rollout.k + j for i in idx
-                                             for j in range(cfg.rollout.k)])
-            gen = engine(policy, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k, keys=keys)
+            keys = row_keys(
+                cfg.train.seed,
+                [(update << 32) + i * cfg.rollout.k + j for i in idx for j in range(cfg.rollout.k)],
+            )
+            gen = engine(
+                policy, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k, keys=keys
+            )
             gen_seconds += time.time() - tg
 
             # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
@@ -634,9 +733,17 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             with accelerator.autocast():
-                lp_stats = rollout_logprobs(policy, ref_model, value_head, critic, ro, cfg.rollout.temperature, micro,
-                                            recompute=not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm",
-                                            group=group)
+                lp_stats = rollout_logprobs(
+                    policy,
+                    ref_model,
+                    value_head,
+                    critic,
+                    ro,
+                    cfg.rollout.temperature,
+                    micro,
+                    recompute=not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm",
+                    group=group,
+                )
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = kl_ctl.value
@@ -645,9 +752,25 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             # step 6. epochs of clipped-surrogate updates over minibatches
             model.train()
             with accelerator.autocast():
-                upd = _update(cfg, ro, model, value_head, critic, optimizer, scheduler, trainable, micro, mb_size,
-                              beta if not cfg.kl_in_reward else 0.0, ptx_texts, tokenizer.pad_token_id, step, group,
-                              accelerator, coll)
+                upd = _update(
+                    cfg,
+                    ro,
+                    model,
+                    value_head,
+                    critic,
+                    optimizer,
+                    scheduler,
+                    trainable,
+                    micro,
+                    mb_size,
+                    beta if not cfg.kl_in_reward else 0.0,
+                    ptx_texts,
+                    tokenizer.pad_token_id,
+                    step,
+                    group,
+                    accelerator,
+                    coll,
+                )
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
             fig = merge_figures(coll.gather(answer_figures(ro, gen.texts, scored)))
@@ -675,7 +798,19 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
                 run_eval(step, algo)
             if cfg.log.save_every and step % cfg.log.save_every == 0 and step != cfg.train.updates:
                 if main:
-                    _save(run, step, policy, tokenizer, optimizer, scheduler, cfg, kl_ctl, state, value_head, critic)
+                    _save(
+                        run,
+                        step,
+                        policy,
+                        tokenizer,
+                        optimizer,
+                        scheduler,
+                        cfg,
+                        kl_ctl,
+                        state,
+                        value_head,
+                        critic,
+                    )
                 accelerator.wait_for_everyone()
             bar.advance(1, {"reward": metrics["reward/mean"], "kl": metrics["kl/k1"]})
 
@@ -691,17 +826,19 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         torch.save(value_head.state_dict(), run / "final" / VALUE_HEAD_FILE)
     summary.update(final_eval)
     summary.update({k: v for k, v in last.items() if isinstance(v, int | float)})
-    summary.update({
-        "updates": cfg.train.updates,
-        "processes": coll.world,
-        "samples": samples_done,
-        "samples_per_s": samples_done / max(elapsed, 1e-9),
-        "generation_seconds": gen_seconds,
-        "train_seconds": elapsed,
-        "total_seconds": time.time() - t_start,
-        "peak_memory_mb": peak_memory_mb(),
-        "alarms": len(monitor.alarms),
-    })
+    summary.update(
+        {
+            "updates": cfg.train.updates,
+            "processes": coll.world,
+            "samples": samples_done,
+            "samples_per_s": samples_done / max(elapsed, 1e-9),
+            "generation_seconds": gen_seconds,
+            "train_seconds": elapsed,
+            "total_seconds": time.time() - t_start,
+            "peak_memory_mb": peak_memory_mb(),
+            "alarms": len(monitor.alarms),
+        }
+    )
     write_json(run / "summary.json", summary)
     logger.close()
     return summary
@@ -709,8 +846,11 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
 def _vllm_options(cfg: RLConfig) -> dict[str, Any]:
     """The vllm engine's settings from the config (ignored by the other engines)."""
-    return {"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory, "sleep": cfg.rollout.vllm_sleep,
-            "dtype": cfg.model.dtype}
+    return {
+        "gpu_memory_utilization": cfg.rollout.vllm_gpu_memory,
+        "sleep": cfg.rollout.vllm_sleep,
+        "dtype": cfg.model.dtype,
+    }
 
 
 def _no_dropout(model: Any) -> None:
@@ -723,21 +863,49 @@ def _no_dropout(model: Any) -> None:
             setattr(model.config, key, 0.0)
 
 
-def _save(run: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, cfg: RLConfig,
-          kl_ctl: Any, state: dict[str, Any], value_head: Any, critic: Any) -> None:
+def _save(
+    run: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    cfg: RLConfig,
+    kl_ctl: Any,
+    state: dict[str, Any],
+    value_head: Any,
+    critic: Any,
+) -> None:
     extra = {
         "kl_beta": kl_ctl.value,
         "baseline": state.get("baseline"),
         "value_head": value_head.state_dict() if value_head is not None else None,
         "critic": critic.state_dict() if critic is not None else None,
     }
-    save_checkpoint(run, step, model, tokenizer, optimizer, scheduler, extra=extra, keep=cfg.log.keep_checkpoints)
+    save_checkpoint(
+        run, step, model, tokenizer, optimizer, scheduler, extra=extra, keep=cfg.log.keep_checkpoints
+    )
 
 
-def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any, optimizer: Any, scheduler: Any,
-            trainable: list[torch.nn.Parameter], micro: int, mb_size: int, beta_loss: float, ptx_texts: list[Any],
-            pad_id: int, step: int, group: int = 0, accelerator: Any = None,
-            coll: Collective | None = None) -> dict[str, float]:
+def _update(
+    cfg: RLConfig,
+    ro: Rollout,
+    model: Any,
+    value_head: Any,
+    critic: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainable: list[torch.nn.Parameter],
+    micro: int,
+    mb_size: int,
+    beta_loss: float,
+    ptx_texts: list[Any],
+    pad_id: int,
+    step: int,
+    group: int = 0,
+    accelerator: Any = None,
+    coll: Collective | None = None,
+) -> dict[str, float]:
     """Step 6: ``ppo.epochs`` passes over the rollout in shuffled minibatches (of whole groups when
     ``group`` > 0: the shared-prompt forward); one optimizer step each.
 
@@ -779,11 +947,19 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
                 w = float(_count(mask, mode)) / max(full_count, 1.0)
                 if w == 0 and coll.world == 1:  # (every process runs as many backwards as the others)
                     continue
-                out = forward_part(model, part, cfg.rollout.temperature, group, value_head=value_head,
-                                   with_entropy=True, entropy_grad=p.entropy_coef > 0)
+                out = forward_part(
+                    model,
+                    part,
+                    cfg.rollout.temperature,
+                    group,
+                    value_head=value_head,
+                    with_entropy=True,
+                    entropy_grad=p.entropy_coef > 0,
+                )
                 logprobs = part.response(out.logprobs)
-                pg_tok, pstats = algos.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, p.clip_eps,
-                                                   p.clip_eps_high)
+                pg_tok, pstats = algos.policy_loss(
+                    logprobs, part.old_logprobs, part.advantages, mask, p.clip_eps, p.clip_eps_high
+                )
                 pg = algos.aggregate(pg_tok, mask, mode)
                 loss = pg
                 assert out.entropy is not None
@@ -794,9 +970,14 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
                     kl_tok = algos.kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator)
                     loss = loss + beta_loss * algos.aggregate(kl_tok, mask, mode)
                 if cfg.algorithm == "ppo":
-                    values = part.response(out.values if out.values is not None
-                                           else critic(part.input_ids, part.attention_mask, part.target_mask))
-                    vl_tok, vstats = algos.value_loss(values, part.old_values, part.returns, mask, p.value_clip)
+                    values = part.response(
+                        out.values
+                        if out.values is not None
+                        else critic(part.input_ids, part.attention_mask, part.target_mask)
+                    )
+                    vl_tok, vstats = algos.value_loss(
+                        values, part.old_values, part.returns, mask, p.value_clip
+                    )
                     vl = algos.aggregate(vl_tok, mask, mode)
                     loss = loss + p.vf_coef * vl
                     add("value_loss", vl.detach())
@@ -822,8 +1003,11 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
             coll.average_gradients(value_params)  # outside DDP
             grad_norm = None
             if cfg.optim.max_grad_norm is not None:  # of the averaged (global) gradient
-                grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm) if accelerator is not None
-                             else torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm))
+                grad_norm = (
+                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                    if accelerator is not None
+                    else torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                )
                 check_finite(float(grad_norm), step, "gradient norm")
             optimizer.step()
             scheduler.step()
@@ -838,8 +1022,9 @@ def _update(cfg: RLConfig, ro: Rollout, model: Any, value_head: Any, critic: Any
     return {key: float(t / c) for key, (t, c) in zip(keys, totals.tolist(), strict=True) if c > 0}
 
 
-def evaluate_model(cfg: RLConfig, model_dir: str | Path, out: str | Path | None = None,
-                   config_dir: str | Path | None = None) -> dict[str, Any]:
+def evaluate_model(
+    cfg: RLConfig, model_dir: str | Path, out: str | Path | None = None, config_dir: str | Path | None = None
+) -> dict[str, Any]:
     """``heed eval``: the evaluation of :func:`train_rl` for any model folder, against the config's
     reference (``ref_model``, else ``model.path``). Writes ``eval.json`` and ``samples.jsonl`` to ``out``."""
     from heed.models.loading import load_causal_lm, load_tokenizer
@@ -856,9 +1041,16 @@ def evaluate_model(cfg: RLConfig, model_dir: str | Path, out: str | Path | None 
     metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
     gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
     prompts = load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg)
-    engine = make_engine(cfg.rollout.engine, cfg.rollout.batch_size, model_path=str(model_dir), seed=cfg.train.seed,
-                         vllm_options=_vllm_options(cfg))
-    result, rows = evaluate_policy(model, ref_model, tokenizer, prompts, rewards, metrics_set, gold_set, cfg, engine, 0)
+    engine = make_engine(
+        cfg.rollout.engine,
+        cfg.rollout.batch_size,
+        model_path=str(model_dir),
+        seed=cfg.train.seed,
+        vllm_options=_vllm_options(cfg),
+    )
+    result, rows = evaluate_policy(
+        model, ref_model, tokenizer, prompts, rewards, metrics_set, gold_set, cfg, engine, 0
+    )
     result = {"model": str(model_dir), "reference": str(ref_path), **result}
     if out is not None:
         out = Path(out)

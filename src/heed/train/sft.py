@@ -86,7 +86,9 @@ def split_eval(examples: list[Any], frac: float, seed: int) -> tuple[list[Any], 
     random.Random(seed).shuffle(idx)
     n_eval = max(1, int(len(examples) * frac))
     held = set(idx[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
 
 
 def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[int]]:
@@ -100,8 +102,13 @@ def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[i
     return [order[i : i + bs] for i in range(0, len(order), bs)]
 
 
-def lm_token_losses(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, loss_mask: torch.Tensor,
-                    positions: torch.Tensor | None = None) -> torch.Tensor:
+def lm_token_losses(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    loss_mask: torch.Tensor,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens.
     ``positions`` (B, T): packed documents' positions, attention kept inside each document."""
     from heed.models.lm import sequence_logprobs
@@ -113,8 +120,9 @@ def lm_token_losses(model: Any, input_ids: torch.Tensor, attention: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int,
-             positions: list[list[int]] | None = None) -> dict[str, float]:
+def evaluate(
+    model: Any, seqs: list[Encoded], pad_id: int, batch_size: int, positions: list[list[int]] | None = None
+) -> dict[str, float]:
     """Token-mean eval loss and perplexity (``positions``: packed rows' document positions)."""
     if not seqs:
         return {}
@@ -180,20 +188,26 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         train_seqs, cut = truncate(train_seqs, cfg.data.max_length)
         eval_seqs, _ = truncate(eval_seqs, cfg.data.max_length)
         if cut and main:
-            warnings.warn(f"{cfg.data.train}: {cut} of {len(train_seqs)} sequences were longer than "
-                          f"data.max_length={cfg.data.max_length} and were truncated", stacklevel=1)
+            warnings.warn(
+                f"{cfg.data.train}: {cut} of {len(train_seqs)} sequences were longer than "
+                f"data.max_length={cfg.data.max_length} and were truncated",
+                stacklevel=1,
+            )
     keep = [i for i, s in enumerate(train_seqs) if any(s[1][1:])]
     train_seqs = [train_seqs[i] for i in keep]
     if train_pos is not None:
         train_pos = [train_pos[i] for i in keep]
     if not train_seqs:
-        raise DataError(f"{cfg.data.train}: no sequence has a token to train on (check the chat template / max_length)")
+        raise DataError(
+            f"{cfg.data.train}: no sequence has a token to train on (check the chat template / max_length)"
+        )
 
     # step 5. optimizer, schedule, step plan
     steps_per_epoch = len(plan_batches(train_seqs, cfg, 0))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    model, optimizer, scheduler, state = prepare_optimization(accelerator, model, model.parameters(), cfg.optim,
-                                                              total_steps, ckpt)
+    model, optimizer, scheduler, state = prepare_optimization(
+        accelerator, model, model.parameters(), cfg.optim, total_steps, ckpt
+    )
     start_step = state["step"]
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -206,8 +220,12 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     tokens_seen, t0 = 0, time.time()
     last: dict[str, float] = {}
     epoch_batches: dict[int, list[list[int]]] = {}
-    with StepProgress("pretrain" if kind == "text" else "sft", total_steps, enabled=cfg.log.progress and main,
-                      start=start_step) as bar:
+    with StepProgress(
+        "pretrain" if kind == "text" else "sft",
+        total_steps,
+        enabled=cfg.log.progress and main,
+        start=start_step,
+    ) as bar:
         for step in range(start_step, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch not in epoch_batches:
@@ -222,9 +240,14 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
             for ci, chunk in enumerate(chunks):
                 if not chunk:
                     continue
-                ids, att, mask = (t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id))
-                positions = (pad_positions([train_pos[i] for i in chunk]).to(accelerator.device)
-                             if train_pos is not None else None)
+                ids, att, mask = (
+                    t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id)
+                )
+                positions = (
+                    pad_positions([train_pos[i] for i in chunk]).to(accelerator.device)
+                    if train_pos is not None
+                    else None
+                )
                 mask[:, 0] = False
                 sync = ci == len(chunks) - 1
                 ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
@@ -248,17 +271,38 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
                 last["grad_norm"] = float(grad_norm)
             if done % cfg.log.log_every == 0 or done == total_steps:
                 elapsed = time.time() - t0
-                logger.log(done, {**last, "epoch": done / steps_per_epoch,
-                                  "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+                logger.log(
+                    done,
+                    {
+                        **last,
+                        "epoch": done / steps_per_epoch,
+                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    },
+                )
             if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
-                logger.log(done, evaluate(accelerator.unwrap_model(model), eval_seqs, pad_id, cfg.train.eval_batch_size,
-                                          eval_pos),
-                           split="eval")
+                logger.log(
+                    done,
+                    evaluate(
+                        accelerator.unwrap_model(model),
+                        eval_seqs,
+                        pad_id,
+                        cfg.train.eval_batch_size,
+                        eval_pos,
+                    ),
+                    split="eval",
+                )
             if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
                 accelerator.wait_for_everyone()
                 if main:
-                    save_checkpoint(run, done, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-                                    keep=cfg.log.keep_checkpoints)
+                    save_checkpoint(
+                        run,
+                        done,
+                        accelerator.unwrap_model(model),
+                        tokenizer,
+                        optimizer,
+                        scheduler,
+                        keep=cfg.log.keep_checkpoints,
+                    )
             bar.advance(1, {"loss": loss_value})
 
     loop_seconds = time.time() - t0
@@ -277,9 +321,15 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         save_pretrained(unwrapped, tokenizer, run / "final")
         summary.update(ev)
-        summary.update({"tokens_per_s": tokens_seen / max(loop_seconds, 1e-9), "train_seconds": loop_seconds,
-                        "peak_memory_mb": peak_memory_mb(), "train_sequences": len(train_seqs),
-                        "eval_sequences": len(eval_seqs)})
+        summary.update(
+            {
+                "tokens_per_s": tokens_seen / max(loop_seconds, 1e-9),
+                "train_seconds": loop_seconds,
+                "peak_memory_mb": peak_memory_mb(),
+                "train_sequences": len(train_seqs),
+                "eval_sequences": len(eval_seqs),
+            }
+        )
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
