@@ -82,3 +82,22 @@ def test_gold_positivity_is_the_hidden_tone() -> None:
     texts = ["Chess is wonderful and full of joy.", "Chess is boring and a waste of time."]
     assert gold_positivity(["p", "p"], texts) == [tone_of(t) for t in texts]
     assert gold_positivity(["p", "p"], texts)[0] > 0 > gold_positivity(["p", "p"], texts)[1]
+
+
+def test_nothing_below_the_edge_imports_heed_demo() -> None:
+    """Only heed.cli and heed.demo know the built-in world; every other package takes paths."""
+    import ast
+
+    src = Path(__file__).resolve().parents[2] / "src" / "heed"
+    offenders = []
+    for f in sorted(src.rglob("*.py")):
+        if f.relative_to(src).parts[0] in ("cli", "demo"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [
+                f"{f.relative_to(src)}:{node.lineno}: {n}" for n in names if n.startswith("heed.demo")
+            ]
+    assert not offenders, offenders
