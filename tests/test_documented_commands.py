@@ -81,15 +81,17 @@ SMALL: dict[str, list[str]] = {
         "data.eval_split=0.01",
         "sample.num_prompts=2",
         "sample.max_new_tokens=8",
+        "log.save_every=1",  # a checkpoint for the page's --resume line to continue from
         "log.progress=false",
     ],
     "rl": [
-        "train.updates=1",
+        "train.updates=2",  # with save_every=1: a checkpoint (at 1) for the page's --resume line
         "rollout.prompts_per_step=2",
         "rollout.k=2",
         "rollout.max_new_tokens=8",
         "ppo.minibatch_size=null",
         "eval.num_prompts=2",
+        "log.save_every=1",
         "log.progress=false",
     ],
     "eval": ["rollout.max_new_tokens=8", "eval.num_prompts=2"],
