@@ -67,8 +67,13 @@ def token_gae(
     The last valid token is terminal (its next value is 0 and nothing follows it), so with
     token rewards r_t (e.g. from :func:`heed.algos.kl.kl_penalized_rewards`):
         δ_t = r_t + γ·V_{t+1}·1[t+1 valid] − V_t,   A_t = δ_t + γλ·1[t+1 valid]·A_{t+1}.
-    Invalid (padding) positions give advantage 0 and return 0. As in InstructGPT-style
-    PPO (https://arxiv.org/abs/2203.02155) and TRL's PPO trainer.
+    Invalid (padding) positions give advantage 0 and return 0. The sequence score sits in the
+    last token's reward, as in InstructGPT-style PPO (https://arxiv.org/abs/2203.02155).
+
+    Treating the last token as terminal is a choice: a loop that instead runs GAE over the padded
+    row and keeps the value V_{T+1} of the position after the last token gets
+    A_T = r_T + γ·V_{T+1} − V_T + γλ·(−V_{T+1}) = r_T − V_T + γ(1 − λ)·V_{T+1}, which equals this
+    function's A_T = r_T − V_T only when λ = 1 (or that value is 0).
 
     Shapes: ``rewards``, ``values``, ``mask`` (B, T), ``mask`` True on response tokens,
     which must form a prefix of each row (right padding). Returns ``(advantages, returns)``, (B, T).

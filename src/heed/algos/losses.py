@@ -21,6 +21,10 @@ DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 
 
+# Log-ratios are clamped to ±this before exp in the policy loss: exp(20) ≈ 4.9e8 stays finite in fp32.
+MAX_LOG_RATIO = 20.0
+
+
 class _Stats:
     """Mixin: the stats as plain floats, ready for ``MetricsLogger.log``."""
 
@@ -186,34 +190,49 @@ def policy_loss(
     mask: Tensor | None = None,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
 ) -> tuple[Tensor, PolicyStats]:
     """PPO clipped surrogate, per element (https://arxiv.org/abs/1707.06347 eq. 7).
 
-        ratio = exp(logprobs − old_logprobs)
+        ratio = exp(clamp(logprobs − old_logprobs, −M, M))
         loss  = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε_high)·A)
+        with dual_clip c (A < 0 only):  loss = min(loss, −c·A)
 
     ``ε_high`` (``clip_eps_high``) defaults to ε; a larger one is DAPO's clip-higher
-    (https://arxiv.org/abs/2503.14476). ``mask`` only affects the statistics: reduce the loss
-    with :func:`heed.algos.ops.aggregate`.
+    (https://arxiv.org/abs/2503.14476). Dual-clip PPO (Ye et al. 2020,
+    https://arxiv.org/abs/1912.09729) bounds the loss of a negative advantage by ``−c·A``
+    (``c > 1``), so a token whose ratio has run far above 1 cannot dominate the batch. The
+    log-ratio is clamped to ``±M`` (``max_log_ratio``) before ``exp``, so an fp32 log-ratio of
+    100 gives a large finite loss instead of ``inf`` (its gradient is then 0). ``mask`` only
+    affects the statistics: reduce the loss with :func:`heed.algos.ops.aggregate`.
 
     Shapes: ``logprobs``, ``old_logprobs`` (B, T) (or (N,) for classic control); ``advantages``
     broadcastable to them, e.g. (B, 1) for one advantage per sequence; ``mask`` like ``logprobs``.
     Returns ``(loss like logprobs, PolicyStats)``.
     """
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))
     surrogate = ratio * advantages
     clipped_surrogate = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
     loss = -torch.minimum(surrogate, clipped_surrogate)
+    adv = torch.as_tensor(advantages, dtype=ratio.dtype).expand_as(ratio)
+    dual_clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual_clipped = (adv < 0) & (loss > bound)
+        loss = torch.where(dual_clipped, bound, loss)
     with torch.no_grad():
-        adv = torch.as_tensor(advantages).detach().expand_as(ratio)
+        adv = adv.detach()
         # the clipped branch is the smaller one exactly where the gradient is cut off
-        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0)) | dual_clipped
         stats = PolicyStats(
             clipfrac=masked_mean(clipped.to(ratio.dtype), mask),
             approx_kl_k1=masked_mean(-log_ratio, mask),
-            approx_kl_k3=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            approx_kl_k3=masked_mean(torch.expm1(log_ratio.clamp(max=max_log_ratio)) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
         )
     return loss, stats

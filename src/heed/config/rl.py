@@ -155,6 +155,11 @@ class PPOConfig(HeedConfig):
     clip_eps_high: float | None = Field(
         None, gt=0, description="Upper clip range (clip-higher); default clip_eps."
     )
+    dual_clip: float | None = Field(
+        None,
+        gt=1,
+        description="Dual-clip PPO: bound the loss of a negative advantage by -c·A (c > 1, e.g. 3); null disables.",
+    )
     loss_aggregation: Literal[
         "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
     ] = Field("token_mean", description="How per-token losses are reduced (heed.algos.aggregate).")

@@ -958,7 +958,13 @@ def _update(
                 )
                 logprobs = part.response(out.logprobs)
                 pg_tok, pstats = algos.policy_loss(
-                    logprobs, part.old_logprobs, part.advantages, mask, p.clip_eps, p.clip_eps_high
+                    logprobs,
+                    part.old_logprobs,
+                    part.advantages,
+                    mask,
+                    p.clip_eps,
+                    p.clip_eps_high,
+                    dual_clip=p.dual_clip,
                 )
                 pg = algos.aggregate(pg_tok, mask, mode)
                 loss = pg
