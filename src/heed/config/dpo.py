@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
-from heed.report.monitors import MonitorConfig
+from heed.config.monitor import MonitorConfig
 
 PairMode = Literal["all", "best_vs_rest", "best_vs_worst"]
 DPOLoss = Literal["sigmoid", "ipo", "hinge", "simpo"]

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
-from heed.report.monitors import MonitorConfig
+from heed.config.monitor import MonitorConfig
 
 ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce")
 
