@@ -11,11 +11,19 @@ from heed.algos.advantages import (
     ema_update,
     gae,
     grpo_advantages,
+    overlong_penalty,
     reinforce_advantages,
     rloo_advantages,
     token_gae,
 )
-from heed.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
+from heed.algos.correction import engine_importance_weights
+from heed.algos.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    best_of_n_kl,
+    kl_estimate,
+    kl_penalized_rewards,
+)
 from heed.algos.losses import (
     PolicyStats,
     RankingStats,
@@ -46,9 +54,11 @@ __all__ = [
     "RankingStats",
     "ValueStats",
     "aggregate",
+    "best_of_n_kl",
     "bradley_terry_loss",
     "dpo_loss",
     "ema_update",
+    "engine_importance_weights",
     "entropy_from_logits",
     "explained_variance",
     "gae",
@@ -59,6 +69,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "masked_var",
+    "overlong_penalty",
     "policy_loss",
     "ranking_loss",
     "reinforce_advantages",

@@ -19,6 +19,7 @@ from heed.algos.ops import DEFAULT_CHUNK_SIZE, masked_mean, selective_log_softma
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+RatioLevel = Literal["token", "sequence"]
 
 
 # Log-ratios are clamped to ±this before exp in the policy loss: exp(20) ≈ 4.9e8 stays finite in fp32.
@@ -192,6 +193,7 @@ def policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
+    ratio_level: RatioLevel = "token",
 ) -> tuple[Tensor, PolicyStats]:
     """PPO clipped surrogate, per element (https://arxiv.org/abs/1707.06347 eq. 7).
 
@@ -204,8 +206,13 @@ def policy_loss(
     https://arxiv.org/abs/1912.09729) bounds the loss of a negative advantage by ``−c·A``
     (``c > 1``), so a token whose ratio has run far above 1 cannot dominate the batch. The
     log-ratio is clamped to ``±M`` (``max_log_ratio``) before ``exp``, so an fp32 log-ratio of
-    100 gives a large finite loss instead of ``inf`` (its gradient is then 0). ``mask`` only
-    affects the statistics: reduce the loss with :func:`heed.algos.ops.aggregate`.
+    100 gives a large finite loss instead of ``inf`` (its gradient is then 0).
+
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025, https://arxiv.org/abs/2507.18071): one
+    ratio per answer, the geometric mean of its token ratios,
+    ``s_b = exp(Σ_t m_bt (logπ − logπ_old)_bt / Σ_t m_bt)``, clipped like a token ratio and shared
+    by every token of the answer; it needs ``mask`` and sequence advantages. Otherwise ``mask``
+    only affects the statistics: reduce the loss with :func:`heed.algos.ops.aggregate`.
 
     Shapes: ``logprobs``, ``old_logprobs`` (B, T) (or (N,) for classic control); ``advantages``
     broadcastable to them, e.g. (B, 1) for one advantage per sequence; ``mask`` like ``logprobs``.
@@ -215,6 +222,14 @@ def policy_loss(
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs
+    if ratio_level == "sequence":
+        if mask is None:
+            raise ValueError("policy_loss: ratio_level='sequence' needs the answer mask")
+        m = mask.to(log_ratio.dtype)
+        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_ratio = seq.expand_as(log_ratio)
+    elif ratio_level != "token":
+        raise ValueError(f"policy_loss: ratio_level must be token or sequence, got {ratio_level!r}")
     ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))
     surrogate = ratio * advantages
     clipped_surrogate = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
