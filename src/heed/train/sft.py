@@ -10,6 +10,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,13 +31,15 @@ from heed.data.templating import encode_sft, encode_text, use_chat
 from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import (
-    check_finite,
-    peak_memory_mb,
-    prepare_optimization,
-    save_checkpoint,
-    start_run,
-    write_json,
+from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.loop import (
+    Cadence,
+    EpochPlan,
+    accumulate,
+    checkpoint,
+    micro_batches,
+    optimizer_step,
+    save_final,
 )
 
 
@@ -219,7 +222,17 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     tokens_seen, t0 = 0, time.time()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
+    plan = EpochPlan(lambda epoch: plan_batches(train_seqs, cfg, epoch), steps_per_epoch)
+    cadence = Cadence.of(cfg.log, total_steps)
+
+    def loss_of(chunk: Sequence[int]) -> torch.Tensor:
+        ids, att, mask = (t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id))
+        positions = pad_positions([train_pos[i] for i in chunk]).to(accelerator.device) if train_pos else None
+        mask[:, 0] = False
+        nll = lm_token_losses(model, ids, att, mask, positions)
+        # every token of the optimizer step counts equally, whatever the micro-batching or process count
+        return masked_sum(nll, mask) / global_tokens * world
+
     with StepProgress(
         "pretrain" if kind == "text" else "sft",
         total_steps,
@@ -227,82 +240,37 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         start=start_step,
     ) as bar:
         for step in range(start_step, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: plan_batches(train_seqs, cfg, epoch)}
-            batch_idx = epoch_batches[epoch][pos]
-            batch = [train_seqs[i] for i in batch_idx]
-            # every token of the optimizer step counts equally, whatever the micro-batching or process count
-            global_tokens = sum(sum(m[1:]) for _, m in batch)
-            mine_idx = batch_idx[rank::world]
-            loss_sum = torch.zeros((), device=accelerator.device)
-            chunks = [mine_idx[i : i + micro] for i in range(0, len(mine_idx), micro)] or [[]]
-            for ci, chunk in enumerate(chunks):
-                if not chunk:
-                    continue
-                ids, att, mask = (
-                    t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id)
-                )
-                positions = (
-                    pad_positions([train_pos[i] for i in chunk]).to(accelerator.device)
-                    if train_pos is not None
-                    else None
-                )
-                mask[:, 0] = False
-                sync = ci == len(chunks) - 1
-                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx, accelerator.autocast():
-                    nll = lm_token_losses(model, ids, att, mask, positions)
-                    loss = masked_sum(nll, mask) / global_tokens * world
-                    accelerator.backward(loss)
-                loss_sum += loss.detach() / world
-            loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
-            check_finite(loss_value, step + 1, "training loss")
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            batch_idx = plan.batch(step)
+            global_tokens = sum(sum(train_seqs[i][1][1:]) for i in batch_idx)
+            loss_sum = accumulate(accelerator, model, micro_batches(batch_idx[rank::world], micro), loss_of)
+            loss_value = accelerator.reduce(loss_sum / world, reduction="sum").item()
+            last = {"loss": loss_value}
+            last |= optimizer_step(
+                accelerator,
+                model.parameters(),
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                loss_value,
+                step + 1,
+                "training loss",
+            )
             tokens_seen += global_tokens
             done = step + 1
-            last = {"loss": loss_value, "lr": scheduler.get_last_lr()[0]}
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if done % cfg.log.log_every == 0 or done == total_steps:
+            if cadence.log(done):
                 elapsed = time.time() - t0
                 logger.log(
                     done,
-                    {
-                        **last,
-                        "epoch": done / steps_per_epoch,
-                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                    },
+                    {**last, "epoch": plan.epoch(done), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)},
                 )
-            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
-                logger.log(
-                    done,
-                    evaluate(
-                        accelerator.unwrap_model(model),
-                        eval_seqs,
-                        pad_id,
-                        cfg.train.eval_batch_size,
-                        eval_pos,
-                    ),
-                    split="eval",
+            if cadence.eval(done) and main:
+                unwrapped = accelerator.unwrap_model(model)
+                ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size, eval_pos)
+                logger.log(done, ev, split="eval")
+            if cadence.save(done):
+                checkpoint(
+                    accelerator, run, done, model, tokenizer, optimizer, scheduler, cfg.log.keep_checkpoints
                 )
-            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        run,
-                        done,
-                        accelerator.unwrap_model(model),
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        keep=cfg.log.keep_checkpoints,
-                    )
             bar.advance(1, {"loss": loss_value})
 
     loop_seconds = time.time() - t0
@@ -315,11 +283,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size, eval_pos)
         if ev:
             logger.log(total_steps, ev, split="eval")
-        from heed.models.loading import save_pretrained
-
-        unwrapped.generation_config.pad_token_id = pad_id
-        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-        save_pretrained(unwrapped, tokenizer, run / "final")
+        save_final(unwrapped, tokenizer, run / "final")
         summary.update(ev)
         summary.update(
             {
@@ -333,11 +297,3 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
