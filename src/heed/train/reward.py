@@ -17,7 +17,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +31,8 @@ from heed.data.records import PreferenceGroup, load_records
 from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import (
-    check_finite,
-    peak_memory_mb,
-    prepare_optimization,
-    save_checkpoint,
-    start_run,
-    write_json,
-)
+from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.loop import Cadence, EpochPlan, accumulate, checkpoint, micro_batches, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -331,48 +325,40 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     pairs_seen, responses_seen, t0, cpu0 = 0, 0, time.time(), time.process_time()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
+    batches = EpochPlan(plan, steps_per_epoch)
+    cadence = Cadence.of(cfg.log, total_steps)
+    correct = torch.zeros((), device=accelerator.device)
+    rewards_seen: list[torch.Tensor] = []
+
+    def loss_of(chunk: Sequence[EncodedGroup]) -> torch.Tensor:
+        nonlocal correct
+        b = stack_groups(list(chunk), train_fn(list(chunk)))  # (G, K) from one forward of all K·G responses
+        group_loss, stats = ranking_loss(
+            b["rewards"], b["ranks"], b["mask"], b["margins"], b["weights"], cfg.train.centering_coef
+        )  # (G,)
+        correct = correct + stats.accuracy * stats.num_pairs
+        rewards_seen.append(b["rewards"][b["mask"]].detach().float())
+        # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
+        return group_loss.sum() / max(total_weight, 1e-12) * world
+
     with StepProgress("rm", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
         for step in range(start_step, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: plan(epoch)}
-            batch = [train_enc[i] for i in epoch_batches[epoch][pos]]
-            # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
+            batch = [train_enc[i] for i in batches.batch(step)]
             total_weight = sum(g.weight for g in batch)
-            mine = batch[rank::world]
-            loss_sum = torch.zeros((), device=accelerator.device)
             correct = torch.zeros((), device=accelerator.device)
-            rewards_seen = []
-            chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
-            for ci, chunk in enumerate(chunks):
-                sync = ci == len(chunks) - 1
-                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx, accelerator.autocast():
-                    b = stack_groups(chunk, train_fn(chunk))  # (G, K) from one forward of all K·G responses
-                    group_loss, stats = ranking_loss(
-                        b["rewards"],
-                        b["ranks"],
-                        b["mask"],
-                        b["margins"],
-                        b["weights"],
-                        cfg.train.centering_coef,
-                    )  # (G,)
-                    loss = group_loss.sum() / max(total_weight, 1e-12) * world
-                    accelerator.backward(loss)
-                loss_sum += loss.detach() / world
-                correct += stats.accuracy * stats.num_pairs
-                rewards_seen.append(b["rewards"][b["mask"]].detach().float())
-            loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
-            check_finite(loss_value, step + 1, "ranking loss")
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(
-                    params if frozen is not None else model.parameters(), cfg.optim.max_grad_norm
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            rewards_seen.clear()
+            loss_sum = accumulate(accelerator, model, micro_batches(batch[rank::world], micro), loss_of)
+            loss_value = accelerator.reduce(loss_sum / world, reduction="sum").item()
+            figures = optimizer_step(
+                accelerator,
+                params if frozen is not None else model.parameters(),
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                loss_value,
+                step + 1,
+                "ranking loss",
+            )
             batch_pairs = sum(g.num_pairs for g in batch)
             pairs_seen += batch_pairs
             responses_seen += sum(len(g.seqs) for g in batch)
@@ -383,35 +369,25 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                 "rm/accuracy": accelerator.reduce(correct, reduction="sum").item() / max(batch_pairs, 1),
                 "rm/reward_mean": r.mean().item(),
                 "rm/reward_std": r.std(unbiased=False).item(),
-                "lr": scheduler.get_last_lr()[0],
+                **figures,
             }
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if done % cfg.log.log_every == 0 or done == total_steps:
+            if cadence.log(done):
                 elapsed = max(time.time() - t0, 1e-9)
                 logger.log(
                     done,
                     {
                         **last,
-                        "epoch": done / steps_per_epoch,
+                        "epoch": batches.epoch(done),
                         "pairs_per_s": pairs_seen / elapsed,
                         "responses_per_s": responses_seen / elapsed,
                     },
                 )
-            if (
-                cfg.log.eval_every
-                and done % cfg.log.eval_every == 0
-                and done != total_steps
-                and main
-                and eval_enc
-            ):
+            if cadence.eval(done) and main and eval_enc:
                 logger.log(done, run_eval()[0], split="eval")
-            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        run, done, unwrapped, tokenizer, optimizer, scheduler, keep=cfg.log.keep_checkpoints
-                    )
+            if cadence.save(done):
+                checkpoint(
+                    accelerator, run, done, model, tokenizer, optimizer, scheduler, cfg.log.keep_checkpoints
+                )
             bar.advance(1, {"loss": loss_value, "acc": last["rm/accuracy"]})
 
     # step 8. final evaluation, reward statistics beside the model, summary
@@ -471,11 +447,3 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
