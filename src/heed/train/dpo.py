@@ -34,13 +34,15 @@ from heed.data.templating import encode_sft, use_chat
 from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import (
-    check_finite,
-    peak_memory_mb,
-    prepare_optimization,
-    save_checkpoint,
-    start_run,
-    write_json,
+from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.loop import (
+    Cadence,
+    EpochPlan,
+    accumulate,
+    checkpoint,
+    micro_batches,
+    optimizer_step,
+    save_final,
 )
 
 REF_CACHE = "ref_logps.pt"
@@ -721,95 +723,75 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     pairs_seen, tokens_seen, t0 = 0, 0, time.time()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
+    batches = EpochPlan(
+        lambda epoch: plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch), steps_per_epoch
+    )
+    cadence = Cadence.of(cfg.log, total_steps)
+    sums: dict[str, torch.Tensor] = {}
+
+    def loss_of(idx: Sequence[int]) -> torch.Tensor:
+        nonlocal tokens_seen
+        ids, att, mask = (
+            t.to(device)
+            for t in collate_pairs(
+                [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id
+            )
+        )
+        policy = pair_logps(model, ids, att, mask, cfg.train.share_prompt)
+        ref_sum, ref_avg = _reference(
+            idx, ref_tables.get("train"), ref_model, ids, att, mask, cfg.loss, cfg.train.share_prompt
+        )
+        losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)
+        weights = torch.tensor([train_data.weights[i] for i in idx], device=device, dtype=losses.dtype)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.sum() / len(batch)
+        tokens_seen += int(mask.sum().item())
+        # every pair of the optimizer step counts equally, whatever the micro-batching or process count
+        return (weights * losses).sum() / len(batch) * world
+
     with StepProgress("dpo", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
         for step in range(start_step, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)}
-            batch = epoch_batches[epoch][pos]
-            mine = batch[rank::world]
-            sums = {"loss": torch.zeros((), device=device)}
-            for start in range(0, len(mine), micro):
-                idx = mine[start : start + micro]
-                ids, att, mask = (
-                    t.to(device)
-                    for t in collate_pairs(
-                        [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id
-                    )
-                )
-                sync = start + micro >= len(mine)
-                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx, accelerator.autocast():
-                    policy = pair_logps(model, ids, att, mask, cfg.train.share_prompt)
-                    ref_sum, ref_avg = _reference(
-                        idx,
-                        ref_tables.get("train"),
-                        ref_model,
-                        ids,
-                        att,
-                        mask,
-                        cfg.loss,
-                        cfg.train.share_prompt,
-                    )
-                    losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)
-                    weights = torch.tensor(
-                        [train_data.weights[i] for i in idx], device=device, dtype=losses.dtype
-                    )
-                    # every pair of the optimizer step counts equally, whatever the micro-batching or process count
-                    loss = (weights * losses).sum() / len(batch) * world
-                    accelerator.backward(loss)
-                sums["loss"] += loss.detach() / world
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v.sum() / len(batch)
-                tokens_seen += int(mask.sum().item())
+            batch = batches.batch(step)
+            sums.clear()
+            sums["loss"] = (
+                accumulate(accelerator, model, micro_batches(batch[rank::world], micro), loss_of) / world
+            )
             reduced = {k: accelerator.reduce(v, reduction="sum").item() for k, v in sums.items()}
-            check_finite(reduced["loss"], step + 1, "DPO loss")
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            figures = optimizer_step(
+                accelerator,
+                model.parameters(),
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                reduced["loss"],
+                step + 1,
+                "DPO loss",
+            )
             pairs_seen += len(batch)
             done = step + 1
-            last = {
-                "loss": reduced.pop("loss"),
-                **{f"dpo/{k}": v for k, v in reduced.items()},
-                "lr": scheduler.get_last_lr()[0],
-            }
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if done % cfg.log.log_every == 0 or done == total_steps:
+            last = {"loss": reduced.pop("loss"), **{f"dpo/{k}": v for k, v in reduced.items()}, **figures}
+            if cadence.log(done):
                 elapsed = time.time() - t0
                 logger.log(
                     done,
                     {
                         **last,
-                        "epoch": done / steps_per_epoch,
+                        "epoch": batches.epoch(done),
                         "pairs_per_s": pairs_seen / max(elapsed, 1e-9),
                         "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                     },
                 )
-            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
+            if cadence.eval(done) and main:
                 ev = eval_now(done)
                 if "eval/reward_accuracy" in ev:
                     bar.log(
                         f"step {done}: eval/reward_accuracy={ev['eval/reward_accuracy']:.3f} "
                         f"eval/margin={ev['eval/margin']:.3f}"
                     )
-            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        run,
-                        done,
-                        accelerator.unwrap_model(model),
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        keep=cfg.log.keep_checkpoints,
-                    )
+            if cadence.save(done):
+                checkpoint(
+                    accelerator, run, done, model, tokenizer, optimizer, scheduler, cfg.log.keep_checkpoints
+                )
             bar.advance(1, {"loss": last["loss"], "acc": last["dpo/accuracy"]})
     train_seconds = time.time() - t0
 
@@ -839,11 +821,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             alarms.extend(monitor.update(total_steps, result.metrics, result.texts["dpo"]))
             summary.update(result.metrics)
             write_samples(run / "samples.jsonl", result, cfg.sample.num_samples, total_steps)
-        from heed.models.loading import save_pretrained
-
-        unwrapped.generation_config.pad_token_id = pad_id
-        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-        save_pretrained(unwrapped, tokenizer, run / "final")
+        save_final(unwrapped, tokenizer, run / "final")
         append_alarms(run, alarms)
         summary.update(
             {
@@ -881,11 +859,3 @@ def write_samples(path: Path, result: SampleResult, num_samples: int, step: int)
                 }
             )
     write_jsonl(path, rows)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
