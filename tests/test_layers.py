@@ -66,3 +66,20 @@ def test_the_check_sees_an_upward_import() -> None:
     # the same rule on a hand-made case: train (level 7) importing demo (level 9) is upward
     level = {name: i for i, layer in enumerate(documented_layers()) for name in layer}
     assert level["demo"] > level["train"] > level["algos"] == level["config"]
+
+
+SHARED_TRAIN_MODULES = {"common", "loop", "collective"}
+
+
+def test_no_trainer_imports_another() -> None:
+    # the trainers share heed.train.common / loop / collective and the layers below, never each other
+    trainers = {p.stem for p in (SRC / "train").glob("*.py")} - SHARED_TRAIN_MODULES - {"__init__"}
+    found = []
+    for name in sorted(trainers):
+        path = SRC / "train" / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                bits = node.module.split(".")
+                if bits[:2] == ["heed", "train"] and len(bits) > 2 and bits[2] in trainers - {name}:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {node.module}")
+    assert found == []

@@ -157,3 +157,18 @@ def logprobs_from_hidden(
         if entropy is not None:
             entropy[:, 1:][sel] = torch.cat(ents).float()
     return logprobs, entropy
+
+
+def lm_token_losses(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    loss_mask: torch.Tensor,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens.
+    ``positions`` (B, T): packed documents' positions, attention kept inside each document."""
+    target = loss_mask.clone()
+    target[:, 0] = False  # the first token has no context to be predicted from
+    logprobs, _ = sequence_logprobs(model, input_ids, attention, target, position_ids=positions)
+    return -logprobs * target

@@ -579,7 +579,7 @@ def load_preference_data(
     cfg: DPOConfig,
 ) -> tuple[list[PreferencePair], list[PreferencePair], PairCounts, PairCounts]:
     """Read and validate every record, split held-out groups, expand groups into pairs."""
-    from heed.train.sft import split_eval
+    from heed.data.split import split_eval
 
     train_groups = load_records(cfg.data.train, "preferences")
     eval_groups = load_records(cfg.data.eval, "preferences") if cfg.data.eval else []

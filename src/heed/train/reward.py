@@ -12,9 +12,7 @@ the head learns on the cached features (the cheap variant of GPT-2-feature rewar
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +26,7 @@ from heed.algos.ops import kendall_tau, top1_accuracy
 from heed.config.reward import RMConfig
 from heed.data.collate import length_grouped_batches
 from heed.data.records import PreferenceGroup, load_records
-from heed.errors import DataError
+from heed.data.split import split_by_prompt
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
@@ -49,29 +47,6 @@ class EncodedGroup:
     @property
     def num_pairs(self) -> int:
         return sum(a < b for a in self.ranks for b in self.ranks)
-
-
-def prompt_key(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
-def split_by_prompt(
-    groups: list[PreferenceGroup], frac: float, seed: int
-) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
-    """Hold out ``frac`` of the distinct prompts (seeded): no prompt is in both splits."""
-    if frac <= 0:
-        return groups, []
-    prompts = sorted({prompt_key(g.prompt) for g in groups})
-    if len(prompts) < 2:
-        raise DataError(
-            f"data.eval_split={frac}: the training data has only {len(prompts)} distinct prompt; "
-            "set data.eval to an evaluation file or data.eval_split: 0"
-        )
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, round(len(prompts) * frac))])
-    return [g for g in groups if prompt_key(g.prompt) not in held], [
-        g for g in groups if prompt_key(g.prompt) in held
-    ]
 
 
 def encode_groups(

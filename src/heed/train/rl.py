@@ -356,7 +356,7 @@ def _count(mask: torch.Tensor, mode: str) -> torch.Tensor:
 def ptx_loss(model: Any, texts: list[Any], pad_id: int, device: Any) -> torch.Tensor:
     """PPO-ptx: token-mean language-modelling loss on a batch of pretraining text."""
     from heed.data.collate import pad_batch
-    from heed.train.sft import lm_token_losses
+    from heed.models.lm import lm_token_losses
 
     ids, att, mask = (t.to(device) for t in pad_batch(texts, pad_id))
     mask[:, 0] = False

@@ -27,8 +27,10 @@ from heed.data.collate import (
     truncate,
 )
 from heed.data.records import load_records
+from heed.data.split import split_eval
 from heed.data.templating import encode_sft, encode_text, use_chat
 from heed.errors import DataError
+from heed.models.lm import lm_token_losses
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
@@ -82,18 +84,6 @@ def encode_examples(examples: list[Any], tokenizer: Any, cfg: SFTConfig) -> list
     return [encode_sft(tokenizer, ex, chat) for ex in examples]
 
 
-def split_eval(examples: list[Any], frac: float, seed: int) -> tuple[list[Any], list[Any]]:
-    if frac <= 0 or len(examples) < 2:
-        return examples, []
-    idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
-    n_eval = max(1, int(len(examples) * frac))
-    held = set(idx[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [
-        e for i, e in enumerate(examples) if i in held
-    ]
-
-
 def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[int]]:
     """The batches of one epoch, deterministic in (seed, epoch), so a resumed run sees the same order."""
     seed = cfg.train.seed * 1000 + epoch
@@ -103,23 +93,6 @@ def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[i
     order = list(range(len(seqs)))
     random.Random(seed).shuffle(order)
     return [order[i : i + bs] for i in range(0, len(order), bs)]
-
-
-def lm_token_losses(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention: torch.Tensor,
-    loss_mask: torch.Tensor,
-    positions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens.
-    ``positions`` (B, T): packed documents' positions, attention kept inside each document."""
-    from heed.models.lm import sequence_logprobs
-
-    target = loss_mask.clone()
-    target[:, 0] = False  # the first token has no context to be predicted from
-    logprobs, _ = sequence_logprobs(model, input_ids, attention, target, position_ids=positions)
-    return -logprobs * target
 
 
 @torch.no_grad()
