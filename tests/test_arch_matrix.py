@@ -78,7 +78,7 @@ def rl_config(path: Path, data: dict[str, Path], algorithm: str) -> Path:
         "data": {"prompts": str(data["prompts"]), "eval_prompts": str(data["prompts"])},
         "rewards": [{"function": f"{data['rewards']}:length"}],
         "rollout": {"prompts_per_step": 2, "k": 2, "max_new_tokens": 12},
-        "ppo": {"epochs": 1, "micro_batch_size": 4},
+        "update": {"epochs": 1, "micro_batch_size": 4},
         "train": {"updates": 2},
         "eval": {"num_prompts": 2, "max_new_tokens": 8, "at_start": False},
         "log": {"eval_every": 0, "save_every": 0, "log_every": 1, "progress": False},

@@ -133,7 +133,10 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
     try:
         summary = train_rl(
             _rl_cfg(
-                tmp_path / "run", algorithm="ppo", ppo={"epochs": 2, "minibatch_size": 16}, critic_lr=3e-3
+                tmp_path / "run",
+                algorithm="ppo",
+                update={"epochs": 2, "minibatch_size": 16},
+                ppo={"critic_lr": 3e-3},
             )
         )
     finally:

@@ -154,10 +154,10 @@ def check_processes(cfg: RLConfig, world: int) -> None:
             f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts per update do not "
             f"split evenly over {world} processes; use a multiple of {world}"
         )
-    mb = cfg.ppo.minibatch_size
+    mb = cfg.update.minibatch_size
     if mb is not None and mb % world:
         raise ConfigError(
-            f"ppo.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
+            f"update.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
             f"processes; use a multiple of {world}"
         )
 
@@ -316,10 +316,12 @@ def compute_advantages(
     stats: dict[str, float] = {}
     if cfg.algorithm == "ppo":
         assert ro.old_values is not None
-        if cfg.ppo.whiten_rewards:
+        if cfg.advantages.whiten_rewards:
             token_rewards = global_whiten(token_rewards, mask, coll, shift_mean=False)
-        adv, returns = algos.token_gae(token_rewards, ro.old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        if cfg.ppo.whiten_advantages:
+        adv, returns = algos.token_gae(
+            token_rewards, ro.old_values, mask, cfg.advantages.gamma, cfg.advantages.lam
+        )
+        if cfg.advantages.whiten:
             adv = global_whiten(adv, mask, coll)
         ro.advantages, ro.returns = adv, returns
         stats["returns/mean"] = global_mean(returns, mask, coll)
@@ -331,7 +333,7 @@ def compute_advantages(
     if cfg.algorithm == "rloo":
         adv = algos.rloo_advantages(seq_return, k)
     elif cfg.algorithm == "grpo":
-        adv = algos.grpo_advantages(seq_return, k, scale=cfg.ppo.grpo_scale)
+        adv = algos.grpo_advantages(seq_return, k, scale=cfg.advantages.scale_rewards)
     else:  # reinforce: moving-average baseline (of the global mean return), updated after use
         n_valid = coll.sum(valid.sum().to(seq_return.dtype))
         batch_mean = coll.sum(torch.nansum(seq_return)) / n_valid.clamp(min=1)  # NaN answers left out
@@ -339,7 +341,9 @@ def compute_advantages(
             state["baseline"] = float(batch_mean) if n_valid > 0 else 0.0
         adv = algos.reinforce_advantages(seq_return, state["baseline"])
         mean_or_nan = torch.where(n_valid > 0, batch_mean, torch.full_like(batch_mean, math.nan)).reshape(1)
-        state["baseline"] = float(algos.ema_update(state["baseline"], mean_or_nan, cfg.ppo.reinforce_decay))
+        state["baseline"] = float(
+            algos.ema_update(state["baseline"], mean_or_nan, cfg.advantages.reinforce_decay)
+        )
         stats["baseline"] = state["baseline"]
     ro.advantages = adv.unsqueeze(-1)  # (N, 1): one advantage for every token of an answer
     return stats
@@ -406,7 +410,7 @@ def evaluate_policy(
     ro = rollout_from_generation(gen, torch.zeros(len(texts)))
     dev = next(model.parameters()).device
     ro = ro.to(dev)
-    micro = cfg.ppo.micro_batch_size
+    micro = cfg.update.micro_batch_size
     kl1, kl3, ent = [], [], []
     for rows in length_sorted_chunks(ro, torch.arange(len(ro), device=dev), micro):
         part = ro.select(rows).trimmed()
@@ -612,10 +616,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     # processes each one holds prompts_per_step / world prompts and minibatch_size / world answers of
     # every minibatch
     n = cfg.batch_size
-    mb_size = cfg.ppo.minibatch_size or n
-    steps_per_update = cfg.ppo.epochs * (n // mb_size)
+    mb_size = cfg.update.minibatch_size or n
+    steps_per_update = cfg.update.epochs * (n // mb_size)
     mb_size //= coll.world
-    micro = min(cfg.ppo.micro_batch_size, mb_size)
+    micro = min(cfg.update.micro_batch_size, mb_size)
     k = cfg.rollout.k
     share = (
         cfg.rollout.share_prompt
@@ -637,7 +641,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     if critic is not None:
         critic.to(dev)
     value_group = (
-        [{"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr}]
+        [{"params": value_params, "weight_decay": 0.0, "lr": cfg.ppo.critic_lr or cfg.optim.lr}]
         if value_params
         else []
     )
@@ -916,7 +920,7 @@ def _update(
     coll = coll or Collective()
     value_params = [q for module in (value_head, critic) if module is not None for q in module.parameters()]
     use_ptx = cfg.ptx.coef > 0 and bool(ptx_texts)
-    p = cfg.ppo
+    p, critic_cfg = cfg.update, cfg.ppo
     mode = p.loss_aggregation
     n = len(ro)
     dev = ro.input_ids.device
@@ -982,10 +986,10 @@ def _update(
                         else critic(part.input_ids, part.attention_mask, part.target_mask)
                     )
                     vl_tok, vstats = algos.value_loss(
-                        values, part.old_values, part.returns, mask, p.value_clip
+                        values, part.old_values, part.returns, mask, critic_cfg.value_clip
                     )
                     vl = algos.aggregate(vl_tok, mask, mode)
-                    loss = loss + p.vf_coef * vl
+                    loss = loss + critic_cfg.vf_coef * vl
                     add("value_loss", vl.detach())
                     add("value_clipfrac", vstats.clipfrac)
                     add("explained_variance", algos.explained_variance(part.old_values, part.returns, mask))
