@@ -354,3 +354,37 @@ def test_lm_loss_matches_cross_entropy():
     (grad,) = torch.autograd.grad(aggregate(nll, mask, "token_mean"), logits)
     (expected_grad,) = torch.autograd.grad(mean_ce, logits)
     close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- KTO
+
+
+def test_kto_loss_hand_values():
+    from heed.algos import kto_loss
+
+    # r = policy − ref = [1, −0.5, 2, 0]; labels [good, good, bad, bad]; KL 0.5; β = 2; λ_D = 1, λ_U = 1.5
+    #   good, r = 1:    1 − σ(2·(1 − 0.5))    = 1 − σ(1)    = 0.268941
+    #   good, r = −0.5: 1 − σ(2·(−0.5 − 0.5)) = 1 − σ(−2)   = 0.880797
+    #   bad,  r = 2:    1.5·(1 − σ(2·(0.5 − 2))) = 1.5·(1 − σ(−3)) = 1.5·0.952574 = 1.428861
+    #   bad,  r = 0:    1.5·(1 − σ(2·0.5))    = 1.5·(1 − σ(1)) = 0.403412
+    policy = T([1.0, -0.5, 2.0, 0.0]).requires_grad_(True)
+    ref = T([0.0, 0.0, 0.0, 0.0])
+    good = torch.tensor([True, True, False, False])
+    losses, rewards = kto_loss(policy, ref, good, 0.5, beta=2.0, undesirable_weight=1.5)
+    close(losses, [0.268941, 0.880797, 1.428861, 0.403412])
+    close(rewards, [2.0, -1.0, 4.0, 0.0])
+    # d/dr of 1 − σ(β(r − z)) = −β σ'(·); of λ(1 − σ(β(z − r))) = +λβ σ'(·), σ' = σ(1 − σ)
+    losses.sum().backward()
+    s = torch.sigmoid
+    expected = [
+        -2 * s(T(1.0)) * (1 - s(T(1.0))),
+        -2 * s(T(-2.0)) * (1 - s(T(-2.0))),
+        1.5 * 2 * s(T(-3.0)) * (1 - s(T(-3.0))),
+        1.5 * 2 * s(T(1.0)) * (1 - s(T(1.0))),
+    ]
+    close(policy.grad, [float(e) for e in expected])
+    # the reference point is clamped at 0 and carries no gradient
+    kl = T(-3.0).requires_grad_(True)
+    l0, _ = kto_loss(T([0.0]), T([0.0]), torch.tensor([True]), kl, beta=1.0)
+    close(l0, [0.5])  # 1 − σ(0): z_0 = max(0, −3) = 0
+    assert not l0.requires_grad

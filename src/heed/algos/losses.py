@@ -184,6 +184,41 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Kahneman-Tversky optimisation from unpaired thumbs up / down, per example
+    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306 eq. 8).
+
+        r = log π(y|x) − log π_ref(y|x),   z_0 = max(0, KL) (detached: the reference point)
+        desirable:    λ_D · (1 − σ(β·(r − z_0)))
+        undesirable:  λ_U · (1 − σ(β·(z_0 − r)))
+
+    ``kl`` is the batch estimate of KL(π ‖ π_ref): the mean of r over mismatched pairs (each prompt
+    with another example's answer), averaged over processes by the caller; it is clamped at 0 and
+    carries no gradient, as in the paper and TRL's ``KTOTrainer``. Implicit rewards β·r are returned
+    detached for logging.
+
+    Shapes: ``policy_logps``, ``ref_logps`` (B,) sequence log-probs; ``desirable`` (B,) bool.
+    Returns ``(losses, rewards)``, each (B,).
+    """
+    z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).detach().clamp(min=0)
+    r = policy_logps - ref_logps
+    good = desirable.to(device=r.device, dtype=torch.bool)
+    losses = torch.where(
+        good,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
+    )
+    return losses, beta * r.detach()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
