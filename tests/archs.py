@@ -79,7 +79,13 @@ CAUSAL: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        {**_LLAMA_LIKE, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+        {
+            **_LLAMA_LIKE,
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        },
     ),
     "mixtral": (
         "MixtralConfig",
@@ -91,7 +97,10 @@ CAUSAL: dict[str, tuple[str, str, dict[str, Any]]] = {
 ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bert": ("BertConfig", {**_COMMON, "intermediate_size": 64, "type_vocab_size": 2}),
     "roberta": ("RobertaConfig", {**_COMMON, "intermediate_size": 64, "max_position_embeddings": 300}),
-    "distilbert": ("DistilBertConfig", {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": 64}),
+    "distilbert": (
+        "DistilBertConfig",
+        {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": 64},
+    ),
     "deberta_v2": (
         "DebertaV2Config",
         {**_COMMON, "intermediate_size": 64, "type_vocab_size": 2, "relative_attention": True},
