@@ -11,6 +11,7 @@ engines (``heed`` and ``hf``) at the sampling temperature.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,3 +243,90 @@ def test_unknown_logit_post_processing_uses_the_models_own_logits(monkeypatch: p
     for path, (d, g) in measure("llama", model).items():
         assert d <= TOL, f"{path}: {d:.2e}"
         assert g != g or g <= GRAD_TOL, f"{path}: gradient {g:.2e}"
+
+
+# --- dropout: off in every policy, reference and value pass of DPO and RL --------------------------
+
+
+@pytest.fixture(scope="module")
+def dropout_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """GPT-2 and OPT with their default configs' dropout 0.1 (OPT keeps it as a float on its layers)."""
+    from archs import causal_model_dir
+
+    root = tmp_path_factory.mktemp("dropout")
+    models = {name: causal_model_dir(name, root) for name in ("gpt2", "opt")}
+    from heed.models.loading import read_model_config
+
+    assert read_model_config(models["gpt2"])["resid_pdrop"] == 0.1
+    assert read_model_config(models["opt"])["dropout"] == 0.1
+    return models
+
+
+def test_disable_dropout_reaches_float_rates() -> None:
+    """``nn.Dropout`` modules, float rates on modules and config fields all go to 0, and training
+    mode then computes what eval mode does."""
+    from heed.models.lm import disable_dropout
+
+    model = build_causal("opt", micro_tokenizer())
+    layer = model.model.decoder.layers[0]
+    assert layer.dropout == 0.1 and model.config.dropout == 0.1  # a float read in forward, not a module
+    assert disable_dropout(model)
+    assert layer.dropout == 0.0 and model.config.dropout == 0.0
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_first_dpo_loss_is_log_2(name: str, dropout_models: dict[str, Any], tmp_path: Path) -> None:
+    """Policy == reference at step 1, so every implicit reward is 0 and the loss is exactly log 2
+    (with dropout 0.1 left on it was 0.880 / 0.662)."""
+    import json
+    import math
+
+    from heed.config import config_from_dict
+    from heed.config.dpo import DPOConfig
+    from heed.data.io import write_jsonl
+    from heed.demo.preferences import make_pairs
+    from heed.train.dpo import train_dpo
+
+    write_jsonl(tmp_path / "train.jsonl", make_pairs(16, seed=0))
+    cfg = {
+        "model": {"path": str(dropout_models[name])},
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 64},
+        "train": {"batch_size": 16, "max_steps": 1},
+        "log": {"log_every": 1, "eval_every": 0, "progress": False},
+        "sample": {"num_prompts": 0},
+        "out": str(tmp_path / "run"),
+    }
+    train_dpo(config_from_dict(DPOConfig, cfg))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["split"] == "train" and r["step"] == 1)
+    assert abs(first["loss"] - math.log(2)) < 1e-5, first["loss"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_first_ppo_ratio_is_1(name: str, dropout_models: dict[str, Any], tmp_path: Path) -> None:
+    """One PPO update of one minibatch: the update's first forward sees the rollout's policy, so the
+    ratio is 1 and the approximate KL 0 (with OPT's float dropout left on: ratio 0.951, approx_kl 0.10).
+    The critic is the model itself, a separate copy, whose dropout is off too."""
+    import json
+
+    from heed.config import config_from_dict
+    from heed.config.rl import RLConfig
+    from heed.train.rl import train_rl
+
+    cfg = {
+        "model": {"path": str(dropout_models[name])},
+        "data": {"prompts": "builtin:micro:prompts_train"},
+        "rewards": [{"function": "length_penalty", "args": {"per_word": 0.1}}],
+        "algorithm": "ppo",
+        "ppo": {"epochs": 1, "critic": "separate"},
+        "rollout": {"prompts_per_step": 4, "k": 2, "max_new_tokens": 12},
+        "train": {"updates": 1},
+        "log": {"progress": False},
+        "out": str(tmp_path / "run"),
+    }
+    train_rl(config_from_dict(RLConfig, cfg, "test"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["split"] == "train")
+    assert abs(first["ratio"] - 1) < 1e-5 and abs(first["approx_kl/k1"]) < 1e-6, first
+    assert first["rollout/logprob_diff"] < 1e-5  # the sampler's log-probs: the same policy
