@@ -74,8 +74,13 @@ def _cache_argument(model: Any) -> str:
     is deprecated there and warns on every call), ``past_key_values`` on older versions."""
     import inspect
 
-    params = inspect.signature(type(unwrap(model)).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    for cls in type(
+        unwrap(model)
+    ).__mro__:  # the first forward that names either (a subclass may take **kwargs)
+        params = inspect.signature(cls.forward).parameters if "forward" in vars(cls) else {}
+        if "cache" in params or "past_key_values" in params:
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
 
 
 _MASK64 = (1 << 64) - 1
