@@ -147,6 +147,16 @@ def _probe(model: Any) -> ForwardSupport:
     was = model.training
     model.eval()
     try:
+        return _compare(model, docs, tol)
+    finally:
+        model.train(was)
+
+
+def _compare(model: Any, docs: list[torch.Tensor], tol: float) -> ForwardSupport:
+    """The probe's forwards, in the model's own dtype (a caller's autocast would blur the comparison)."""
+    n1, n2 = docs[0].shape[1], docs[1].shape[1]
+    dev = docs[0].device
+    with torch.autocast(device_type=dev.type, enabled=False):
         plain = [model(input_ids=d, use_cache=False).logits for d in docs]  # (1, n, V) each
         own: str | None = None
         try:
@@ -176,8 +186,6 @@ def _probe(model: Any) -> ForwardSupport:
         except Exception as exc:
             no_mask = f"its forward does not take a block attention mask ({_first_line(exc)})"
         return ForwardSupport(own, no_mask)
-    finally:
-        model.train(was)
 
 
 # ---------------------------------------------------------------------------------------------
