@@ -161,7 +161,11 @@ def adapter_disabled(model: Any) -> AbstractContextManager[Any]:
 def enable_gradient_checkpointing(model: Any) -> None:
     """Gradient checkpointing that also works when the embeddings are frozen (LoRA): the
     non-reentrant variant needs no input that requires grad."""
-    base_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = base_of(model)
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers' newer name (the old one warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_adapter_base(path: str | Path, dtype: str = "float32") -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from heed.models.lm import hidden_states, logprobs_from_hidden, unwrap
+from heed.models.lm import block_mask, forward_support, hidden_states, logprobs_from_hidden
 from heed.models.value import ValueHead, values_at_targets
 
 
@@ -58,10 +58,12 @@ def policy_forward(
 
 
 def can_share_prompt(model: Any) -> bool:
-    """Whether the model takes the custom 4-D attention mask :func:`shared_prompt_forward` needs
-    (the sdpa and eager attention implementations do; flash-attention kernels take no mask)."""
-    impl = getattr(unwrap(model).config, "_attn_implementation", None)
-    return impl in ("sdpa", "eager")
+    """Whether :func:`shared_prompt_forward` gives this model's per-row results: whether a custom
+    block mask with explicit positions (sliding windows built in) keeps sequences apart, as a probe
+    forward against the plain one found (:func:`heed.models.lm.forward_support`, once per model and
+    said once in the log when not). Not so for ALiBi models (Bloom builds its biases from a 2-D mask)
+    or attention kernels that take no mask; those run row by row."""
+    return forward_support(model).no_block_mask is None
 
 
 def shared_prompt_forward(
@@ -84,11 +86,16 @@ def shared_prompt_forward(
     is packed as ``[prompt (n_g tokens) | answer 1 (l_1) | ... | answer k (l_k)]`` (right-padded to the
     longest group); token t of answer j sits at position n_g + t, as on its own; the (G, 1, L, L) mask
     allows key κ for query q when κ ≤ q and κ is in the prompt or in q's own answer (a padding
-    query sees itself only). Returns (N, P + C) tensors like :func:`policy_forward`.
+    query sees itself only), and on sliding-window layers when κ is less than the window back in q's own
+    positions. A model that cannot take such a mask (:func:`can_share_prompt`) runs row by row. Returns (N, P + C) tensors like :func:`policy_forward`.
     """
     n, width = input_ids.shape
     if n % k:
         raise ValueError(f"{n} rows are not whole groups of {k}")
+    if not can_share_prompt(model):  # the block mask would be wrong for this model: row by row
+        return policy_forward(
+            model, input_ids, attention_mask, target_mask, temperature, value_head, with_entropy, entropy_grad
+        )
     g, p, c = n // k, prompt_width, width - prompt_width
     dev = input_ids.device
     prompt_mask = attention_mask[::k, :p].bool()  # (G, P)
@@ -117,14 +124,9 @@ def shared_prompt_forward(
     q_seg, k_seg = seg.unsqueeze(-1), seg.unsqueeze(-2)  # (G, L, 1), (G, 1, L)
     idx = torch.arange(width_packed, device=dev)
     causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): key <= query
-    allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
-    allowed = allowed | torch.eye(
-        width_packed, dtype=torch.bool, device=dev
-    )  # padding queries see themselves
-    mask4: torch.Tensor = allowed.unsqueeze(1)  # (G, 1, L, L)
-    if getattr(unwrap(model).config, "_attn_implementation", None) == "eager":  # an additive mask
-        dtype = next(unwrap(model).parameters()).dtype
-        mask4 = torch.zeros(mask4.shape, dtype=dtype, device=dev).masked_fill(~mask4, torch.finfo(dtype).min)
+    allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))  # (G, L, L)
+    # sliding windows apply to each answer's own positions, not to distances in the packed row
+    mask4 = block_mask(model, allowed, pos)
     hidden = hidden_states(model, packed, mask4, position_ids=pos)  # (G, L, H)
 
     # per row: the hidden state before each answer token: the prompt's last, then answer tokens 0..C-2

@@ -593,6 +593,7 @@ def load_preference_data(
 
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
+    from heed.models.lm import disable_dropout
     from heed.models.loading import load_causal_lm, load_tokenizer
     from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
@@ -625,7 +626,10 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    # no dropout in policy or reference passes: the first loss is log 2 while policy == reference;
+    # a model still random in training mode is trained in eval mode
     model = place(model, device)
+    train_mode = disable_dropout(model)
     pad_id = tokenizer.pad_token_id
     chat = use_chat(tokenizer, cfg.data.chat)
 
@@ -720,7 +724,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         return ev
 
     # step 7. the loop: one concatenated forward per micro-batch, loss averaged over the global batch
-    model.train()
+    model.train(train_mode)
     pairs_seen, tokens_seen, t0 = 0, 0, time.time()
     last: dict[str, float] = {}
     batches = EpochPlan(

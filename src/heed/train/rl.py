@@ -524,6 +524,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
     ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
     """
+    from heed.models.lm import disable_dropout
     from heed.models.loading import load_causal_lm, load_tokenizer, save_pretrained
     from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.models.value import Critic, ValueHead, hidden_size
@@ -560,7 +561,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     model = load_causal_lm(
         policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype, **quantization_kwargs(lora)
     )
-    _no_dropout(model)
     if lora is not None:  # a new adapter, or the checkpoint's when resuming
         model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
@@ -621,6 +621,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     mb_size //= coll.world
     micro = min(cfg.update.micro_batch_size, mb_size)
     k = cfg.rollout.k
+    model = place(model, dev)
+    # dropout would make the rollout's and the update's log-probs differ (ratio ≠ 1 before any step);
+    # a model still random in training mode is updated in eval mode
+    train_mode = disable_dropout(model)
     share = (
         cfg.rollout.share_prompt
         and k > 1
@@ -630,7 +634,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     )
     group = k if share else 0  # micro-batches of whole groups, each prompt run once for its k answers
     total_steps = cfg.train.updates * steps_per_update
-    model = place(model, dev)
     value_params = (
         list(value_head.parameters())
         if value_head is not None
@@ -640,6 +643,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         value_head.to(dev)
     if critic is not None:
         critic.to(dev)
+        if not disable_dropout(critic.model):  # its values must not be random either
+            critic.eval()
     value_group = (
         [{"params": value_params, "weight_decay": 0.0, "lr": cfg.ppo.critic_lr or cfg.optim.lr}]
         if value_params
@@ -754,7 +759,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             adv_stats = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, state, coll)
 
             # step 6. epochs of clipped-surrogate updates over minibatches
-            model.train()
+            model.train(train_mode)
             with accelerator.autocast():
                 upd = _update(
                     cfg,
@@ -855,16 +860,6 @@ def _vllm_options(cfg: RLConfig) -> dict[str, Any]:
         "sleep": cfg.rollout.vllm_sleep,
         "dtype": cfg.model.dtype,
     }
-
-
-def _no_dropout(model: Any) -> None:
-    """Dropout would make the rollout's and the update's log-probs differ (ratio ≠ 1 before any step)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout"):
-        if isinstance(getattr(model.config, key, None), float):
-            setattr(model.config, key, 0.0)
 
 
 def _save(
