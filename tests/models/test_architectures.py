@@ -19,10 +19,10 @@ import torch
 
 from archs import CAUSAL, WINDOW, build_causal, micro_tokenizer
 from heed.data.collate import pad_positions
+from heed.models.forward import can_share_prompt, policy_forward, shared_prompt_forward
 from heed.models.lm import forward_support, sequence_logprobs
 from heed.models.value import ValueHead, hidden_size
 from heed.rollout.generate import SamplingParams, generate
-from heed.rollout.logprobs import can_share_prompt, policy_forward, shared_prompt_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

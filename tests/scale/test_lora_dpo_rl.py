@@ -42,7 +42,8 @@ def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(
 
     from heed.config.dpo import DPOLossConfig
     from heed.demo.preferences import make_pairs
-    from heed.train.dpo import _reference, collate_pairs, encode_pairs, expand_pairs, pair_logps, train_dpo
+    from heed.models.forward import collate_pairs, pair_logps
+    from heed.train.dpo import _reference, encode_pairs, expand_pairs, train_dpo
 
     write_jsonl(tmp_path / "train.jsonl", make_pairs(96, seed=0))
     write_jsonl(tmp_path / "eval.jsonl", make_pairs(32, seed=1, heldout=True))

@@ -15,15 +15,13 @@ from heed.config.dpo import DPOConfig, DPOLossConfig
 from heed.data.io import write_jsonl
 from heed.data.records import PreferenceGroup, load_records
 from heed.errors import ConfigError, DataError
+from heed.models.forward import PairLogps, collate_pairs, pair_logps
 from heed.train.dpo import (
     REF_CACHE,
     PairCounts,
-    PairLogps,
     PreferencePair,
-    collate_pairs,
     encode_pairs,
     expand_pairs,
-    pair_logps,
     preference_losses,
     train_dpo,
     warn_counts,
@@ -147,7 +145,7 @@ def test_concatenated_forward_matches_separate_and_full_softmax(micro) -> None:
 def test_shared_prompt_forward_matches_row_by_row(micro) -> None:
     """[prompt | chosen | rejected] packed with a block mask gives each answer token's log-prob, and the
     same gradient, as running the two rows separately; the prompts here differ in length."""
-    from heed.train.dpo import _shared_layout
+    from heed.models.forward import _shared_layout
 
     model, tok = micro
     pairs = [

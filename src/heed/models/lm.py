@@ -12,7 +12,7 @@ Two things differ between architectures and are checked, not assumed, once per m
   with ``final_logit_softcapping``, Cohere multiplies by ``logit_scale``): :func:`head_logits`
   applies these; a model whose logits it does not reproduce runs through its own forward instead;
 * whether a custom block attention mask with explicit positions (packed documents, the shared
-  prompt of :mod:`heed.rollout.logprobs`) gives each sequence what it gets alone. Sliding windows are
+  prompt of :mod:`heed.models.forward`) gives each sequence what it gets alone. Sliding windows are
   built into the mask from each token's own position (:func:`block_mask`); a model that cannot take
   such a mask (ALiBi models build their biases from a 2-D mask) runs its documents as separate rows.
 """

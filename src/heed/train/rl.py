@@ -3,7 +3,7 @@
 Every update reads as the numbered steps of the issue, each calling the library:
 (1) sample K completions per prompt (:mod:`heed.rollout.engine`), (2) score them with the reward
 sources (:mod:`heed.rewards`), (3) log-probs of policy and reference, and values for PPO
-(:func:`heed.rollout.logprobs.policy_forward`), (4) KL-penalised token rewards
+(:func:`heed.models.forward.policy_forward`), (4) KL-penalised token rewards
 (:func:`heed.algos.kl_penalized_rewards`), (5) advantages (GAE / leave-one-out / group-normalised /
 moving-average baseline, :mod:`heed.algos.advantages`), (6) epochs of clipped-surrogate updates
 over minibatches (:func:`heed.algos.policy_loss`, :func:`heed.algos.value_loss`), (7) log, watch,
@@ -33,6 +33,7 @@ from heed import algos
 from heed.config.rl import RLConfig
 from heed.data.records import PromptExample, load_records, prompt_text
 from heed.errors import ConfigError
+from heed.models.forward import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.report.diversity import diversity_metrics
 from heed.report.metrics import MetricsLogger, read_metrics
 from heed.report.monitors import Monitor, append_alarms, resume_monitor
@@ -47,7 +48,6 @@ from heed.rollout.batch import (
 )
 from heed.rollout.engine import Engine, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
-from heed.rollout.logprobs import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.rollout.sampler import row_keys
 from heed.rollout.vllm_engine import check_vllm
 from heed.train.collective import Collective, global_mean, global_whiten

@@ -1,25 +1,35 @@
-"""One forward of the policy over (prompt + completion) rows: token log-probs, entropies and,
-with a shared value head, values — from a single trunk pass.
+"""The policy forwards every trainer uses, and the packed layouts that run a prompt once.
 
-Logits are computed only at response positions, in chunks, and reduced at once to the sampled
-token's log-prob (gather − logsumexp, :func:`heed.algos.ops.selective_log_softmax`); no float32
-(B, T, V) log-softmax is ever held.
+:func:`policy_forward`: one forward over (prompt + completion) rows: token log-probs, entropies and,
+with a shared value head, values — from a single trunk pass. Logits are computed only at response
+positions, in chunks, and reduced at once to the sampled token's log-prob (gather − logsumexp,
+:func:`heed.algos.ops.selective_log_softmax`); no float32 (B, T, V) log-softmax is ever held.
 
 :func:`shared_prompt_forward` does the same for groups of K answers to one prompt with the prompt
 computed once: each group becomes one packed sequence ``[prompt | answer 1 | ... | answer K]``
 whose attention mask lets every answer see the prompt and itself only, with the positions each
 answer would have on its own. The results equal :func:`policy_forward`'s up to float noise, for
-``P + sum(len_k)`` tokens per group instead of ``K·(P + max len)``.
+``P + sum(len_k)`` tokens per group instead of ``K·(P + max len)``. RL uses it for the K answers of a
+prompt; :func:`pair_logps` uses it for a preference pair's chosen and rejected answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from heed.models.lm import block_mask, forward_support, hidden_states, logprobs_from_hidden
+from heed.algos.ops import masked_mean, masked_sum
+from heed.data.collate import Encoded, pad_batch
+from heed.models.lm import (
+    block_mask,
+    forward_support,
+    hidden_states,
+    logprobs_from_hidden,
+    sequence_logprobs,
+)
 from heed.models.value import ValueHead, values_at_targets
 
 
@@ -154,3 +164,119 @@ def shared_prompt_forward(
     lp = full(logprobs)
     assert lp is not None
     return TokenOutputs(lp, full(entropy), full(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs: [chosen; rejected] with the prompt run once
+
+
+@dataclass
+class PairLogps:
+    """Sequence log-probs of a batch of B pairs, from one forward over 2B rows [chosen; rejected].
+
+    ``token_logps`` (2B, T) is zero off ``response_mask`` (2B, T); ``logps`` (2B,) its row sums.
+    """
+
+    token_logps: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def logps(self) -> torch.Tensor:
+        return masked_sum(self.token_logps, self.response_mask, dim=-1)
+
+    @property
+    def avg_logps(self) -> torch.Tensor:
+        return masked_mean(self.token_logps, self.response_mask, dim=-1)
+
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) halves of a (2B, ...) tensor."""
+        b = x.shape[0] // 2
+        return x[:b], x[b:]
+
+
+def collate_pairs(
+    chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int
+) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``response_mask`` (2B, T): chosen rows first."""
+    ids, att, mask = pad_batch([*chosen, *rejected], pad_id)
+    mask[:, 0] = False  # the first token is never predicted
+    return ids, att, mask
+
+
+def pair_logps(
+    model: Any, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, share: bool = True
+) -> PairLogps:
+    """One forward of the concatenated [chosen; rejected] batch; logits only at response tokens.
+
+    With ``share`` (and a model that takes a custom mask) each pair's prompt runs once: the batch is
+    rearranged into :func:`shared_prompt_forward`'s layout (rows ``2i`` / ``2i+1``
+    = chosen / rejected of pair ``i``, ``[left-padded prompt | right-padded answer]``) and the
+    log-probs are put back at their places in the (2B, T) batch. Pairs whose two prompts differ
+    (which Heed's encoding never produces) make the whole batch go row by row."""
+    if share:
+        shared = _shared_layout(ids, att, mask) if can_share_prompt(model) else None
+        if shared is not None:
+            return PairLogps(_shared_pair_logps(model, ids, shared), mask)
+    token_logps, _ = sequence_logprobs(model, ids, att, mask)  # (2B, T)
+    return PairLogps(token_logps, mask)
+
+
+@dataclass
+class _SharedLayout:
+    ids: torch.Tensor  # (2B, P + C) interleaved pairs, [left-padded prompt | right-padded answer]
+    att: torch.Tensor
+    tgt: torch.Tensor
+    prompt_width: int  # P
+    rows: torch.Tensor  # (2B,) the batch row of each interleaved row
+    src: torch.Tensor  # (2B, C) the batch column of each answer position
+    valid: torch.Tensor  # (2B, C) answer positions that exist
+
+
+def _shared_layout(ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> _SharedLayout | None:
+    """The shared-prompt layout of a right-padded [chosen; rejected] batch, or None when a pair's
+    prompts (the tokens before its first answer token) differ or a row has no answer token."""
+    n, t = ids.shape
+    b = n // 2
+    if not bool(mask.any(-1).all()):
+        return None
+    first = mask.long().argmax(-1)  # (2B,) where each answer starts = its prompt's length
+    length = att.long().sum(-1)  # (2B,) right padding: real tokens are [0, length)
+    rows = (
+        torch.stack([torch.arange(b), torch.arange(b) + b], dim=1).flatten().to(ids.device)
+    )  # chosen_i, rejected_i
+    f, ln = first[rows], length[rows]
+    p = int(first.max())
+    c = int((length - first).max())
+    cols = torch.arange(p, device=ids.device)
+    p_src = cols - (p - f).unsqueeze(-1)  # (2B, P): batch column of each left-padded prompt column
+    p_valid = p_src >= 0
+    p_ids = ids[rows].gather(1, p_src.clamp(min=0)) * p_valid
+    if not torch.equal(f[0::2], f[1::2]) or not torch.equal(p_ids[0::2], p_ids[1::2]):
+        return None
+    a_src = f.unsqueeze(-1) + torch.arange(c, device=ids.device)  # (2B, C)
+    a_valid = a_src < ln.unsqueeze(-1)
+    a_src = a_src.clamp(max=t - 1)
+    a_ids = ids[rows].gather(1, a_src) * a_valid
+    a_tgt = mask[rows].gather(1, a_src) & a_valid
+    src = torch.where(
+        a_valid, a_src, 0
+    )  # padding goes to column 0, never an answer token (mask[:, 0] is False)
+    return _SharedLayout(
+        torch.cat([p_ids, a_ids], dim=1),
+        torch.cat([p_valid, a_valid], dim=1),
+        torch.cat([torch.zeros_like(p_valid), a_tgt], dim=1),
+        p,
+        rows,
+        src,
+        a_valid,
+    )
+
+
+def _shared_pair_logps(model: Any, ids: torch.Tensor, lay: _SharedLayout) -> torch.Tensor:
+    """Token log-probs (2B, T) at the batch's own positions, from one shared-prompt forward."""
+    out = shared_prompt_forward(model, lay.ids, lay.att, lay.tgt, lay.prompt_width, 2)
+    answer = out.logprobs[:, lay.prompt_width :] * lay.valid  # (2B, C), zero off the answers
+    token_logps = torch.zeros(ids.shape, dtype=answer.dtype, device=ids.device)
+    placed = torch.zeros_like(token_logps).scatter(1, lay.src, answer)  # interleaved order
+    token_logps[lay.rows] = placed
+    return token_logps
