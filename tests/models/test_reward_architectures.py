@@ -250,6 +250,16 @@ def test_unknown_architecture_is_one_line_before_anything_is_built(
         build_reward_model(folder)
     msg = str(err.value)
     assert "\n" not in msg and "HeedFooForCausalLM" in msg and "'heedfoo'" in msg and "does not know" in msg
+    # transformers knows Marian but has no sequence classifier for it, and it is encoder-decoder
+    marian = tmp_path / "marian"
+    marian.mkdir()
+    (marian / "config.json").write_text(
+        json.dumps({"model_type": "marian", "architectures": ["MarianMTModel"]})
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"no sequence-classification class for MarianMTModel .*encoder-decoder"
+    ):
+        build_reward_model(marian)
     data = tmp_path / "g.jsonl"
     write_jsonl(data, make_ranked_groups(4, k=2, seed=0))
     assert (

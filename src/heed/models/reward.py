@@ -150,9 +150,25 @@ def reward_model_class(path: str | Path, config: dict[str, Any]) -> Any:
             f"{path}: {missing} and no base model class (AutoModel) to put a score head on; "
             "Heed cannot build a reward model on it"
         )
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{path}: {missing}, and it is an encoder-decoder model; Heed's generic score head needs a decoder-only one"
+        )
     if getattr(hf_config.get_text_config(), "hidden_size", None) is None:
         raise ModelLoadError(f"{path}: {missing}, and its config has no hidden_size for a score head")
+    params = inspect.signature(base.forward).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()) and not set(params) >= _GENERIC_INPUTS:
+        raise ModelLoadError(
+            f"{path}: {missing}, and {base.__name__}.forward lacks "
+            f"{', '.join(sorted(_GENERIC_INPUTS - set(params)))} that Heed's generic score head passes"
+        )
     return generic_reward_class(type(hf_config))
+
+
+# the arguments GenericForSequenceClassification passes to the base model
+_GENERIC_INPUTS = frozenset(
+    {"input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds", "use_cache"}
+)
 
 
 def _pretrained_parent(base_model_class: type) -> type | None:
