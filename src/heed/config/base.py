@@ -60,8 +60,9 @@ class LoraConfig(HeedConfig):
     alpha: float = Field(32.0, gt=0, description="Scale of the update: W + (alpha / r)·B·A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Names (last component) of the linear layers that get adapters, or 'all-linear'.",
+        "all-linear",
+        description="Names (last component) of the layers that get adapters, or 'all-linear' (every "
+        "linear and Conv1D layer except the output / score head).",
     )
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit with bitsandbytes (CUDA only)."

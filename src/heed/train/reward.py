@@ -36,13 +36,15 @@ from heed.train.loop import Cadence, EpochPlan, accumulate, checkpoint, micro_ba
 @dataclass(frozen=True)
 class EncodedGroup:
     """One ranked group as token ids. ``offset`` is the index of its first response in the
-    split's flat list of responses (where the frozen-backbone features are cached)."""
+    split's flat list of responses (where the frozen-backbone features are cached); ``types`` the
+    token types of each response (encoders whose tokenizer gives them, else None)."""
 
     seqs: list[list[int]]
     ranks: list[float]
     margin: float
     weight: float
     offset: int
+    types: list[list[int]] | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -57,12 +59,13 @@ def encode_groups(
 
     out, offset, cut = [], 0, 0
     for g in groups:
-        seqs = [encode_pair(tokenizer, g.prompt, r, chat, backbone) for r in g.responses]  # type: ignore[arg-type]
-        seqs, n_cut = truncate_ids(seqs, cfg.data.max_length)
+        pairs = [encode_pair(tokenizer, g.prompt, r, chat, backbone) for r in g.responses]  # type: ignore[arg-type]
+        seqs, n_cut = truncate_ids([ids for ids, _ in pairs], cfg.data.max_length)
+        types = None if pairs[0][1] is None else truncate_ids([t for _, t in pairs], cfg.data.max_length)[0]  # type: ignore[misc]
         cut += n_cut
         margin = g.margin if (cfg.data.use_margin and g.margin is not None) else 0.0
         weight = g.weight if cfg.data.use_weight else 1.0
-        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset))
+        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset, types=types))
         offset += len(seqs)
     return out, offset, cut
 
@@ -90,11 +93,15 @@ def stack_groups(groups: list[EncodedGroup], flat_rewards: torch.Tensor) -> dict
 RewardFn = Callable[[list[EncodedGroup]], torch.Tensor]
 
 
+def _flat_types(groups: list[EncodedGroup]) -> list[list[int]] | None:
+    return None if not groups or groups[0].types is None else [t for g in groups for t in g.types or []]
+
+
 def make_reward_fn(
     model: Any, pad_id: int, device: Any, features: torch.Tensor | None, frozen: Any
 ) -> RewardFn:
     """Flat rewards (N,) of the responses of some groups: one padded forward, or the head on cached features."""
-    from heed.models.reward import forward_rewards, pad_right
+    from heed.models.reward import forward_rewards, pad_right, pad_types
 
     def reward_fn(groups: list[EncodedGroup]) -> torch.Tensor:
         if features is not None:
@@ -103,7 +110,7 @@ def make_reward_fn(
             )
             return frozen.head(features[idx]).float()
         ids, att = pad_right([s for g in groups for s in g.seqs], pad_id, device)
-        return forward_rewards(model, ids, att)
+        return forward_rewards(model, ids, att, pad_types(_flat_types(groups), device))
 
     return reward_fn
 
@@ -113,16 +120,18 @@ def cache_features(
     frozen: Any, groups: list[EncodedGroup], pad_id: int, device: Any, batch_size: int
 ) -> torch.Tensor:
     """Frozen-backbone features of every response of a split, (N, H), computed once."""
-    from heed.models.reward import pad_right
+    from heed.models.reward import pad_right, pad_types
 
     seqs = [s for g in groups for s in g.seqs]
+    types = _flat_types(groups)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     was_training = frozen.model.training
     frozen.model.eval()  # features without dropout, as at scoring time
     feats: torch.Tensor | None = None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        f = frozen.features(*pad_right([seqs[i] for i in idx], pad_id, device))
+        tt = pad_types([types[i] for i in idx] if types is not None else None, device)
+        f = frozen.features(*pad_right([seqs[i] for i in idx], pad_id, device), tt)
         if feats is None:
             feats = torch.zeros(len(seqs), f.shape[-1], dtype=f.dtype, device=f.device)
         feats[torch.tensor(idx, device=f.device)] = f
