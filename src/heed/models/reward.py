@@ -31,7 +31,13 @@ from typing import Any, Literal
 import torch
 
 from heed.data.records import Prompt
-from heed.data.templating import as_messages, has_chat_template, require_chat_template
+from heed.data.templating import (
+    as_messages,
+    completion_suffix,
+    has_chat_template,
+    prepare_prompt,
+    require_chat_template,
+)
 from heed.errors import ConfigError, HeedError, ModelLoadError
 
 Backbone = Literal["decoder", "encoder"]
@@ -287,9 +293,17 @@ def use_chat_for(tokenizer: Any, chat: str | bool | None) -> bool:
     return chat in (True, "true")
 
 
-def encode_pair(tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone) -> list[int]:
-    """Token ids of one (prompt, response) as the reward model reads it (untruncated)."""
+def encode_pair(
+    tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone, where: str = "prompt"
+) -> list[int]:
+    """Token ids of one (prompt, response) as the reward model reads it (untruncated). The chat
+    template is applied once: HH-RLHF markup becomes messages, an already rendered prompt stays."""
     special = backbone == "encoder"  # encoders keep their own [CLS] ... [SEP] convention
+    prompt, form = prepare_prompt(tokenizer, prompt, chat, where)
+    if form == "rendered":
+        text = str(prompt) + response + completion_suffix(tokenizer, True)
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+    response = response.strip() if form == "hh" else response
     if chat or isinstance(prompt, list):
         require_chat_template(tokenizer, "prompt")
         text = tokenizer.apply_chat_template(
