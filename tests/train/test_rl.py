@@ -190,9 +190,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match="expected a built-in"):
         train_rl(_cfg(tmp_path / "a", rewards=[{"function": "banana"}]))
-    with pytest.raises(
-        DataError, match=r"prompts_train.jsonl: record 0: prompt: \d+ tokens, over the limit of 2"
-    ):
+    with pytest.raises(DataError, match=r"prompts_train.jsonl:1: prompt: \d+ tokens, over the limit of 2"):
         train_rl(_cfg(tmp_path / "b", **{"data.max_prompt_length": 2}))
     bad = tmp_path / "bad.py"
     bad.write_text("def r(prompts, completions, **k):\n    return [1.0]\n")

@@ -25,6 +25,18 @@ class DPODataConfig(HeedConfig):
     eval_split: float = Field(
         0.1, ge=0, lt=1, description="Fraction of train groups held out for eval when `eval` is unset."
     )
+    split: str | None = Field(
+        None,
+        description="Split of a DatasetDict folder in `train` (e.g. train_prefs); unset: its only split, or 'train'.",
+    )
+    eval_split_name: str | None = Field(
+        None,
+        description="Split of a DatasetDict folder in `eval` (e.g. test_prefs); unset: its only split.",
+    )
+    allow_negative_weights: bool = Field(
+        False,
+        description="Accept records with a negative `weight` (they push towards the worse answer); refused otherwise.",
+    )
     pairs: PairMode = Field(
         "all",
         description="How a ranked group becomes pairs: all, best_vs_rest or best_vs_worst (ties skipped).",

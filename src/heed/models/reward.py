@@ -44,7 +44,13 @@ from typing import Any, Literal
 import torch
 
 from heed.data.records import Prompt
-from heed.data.templating import as_messages, has_chat_template, require_chat_template
+from heed.data.templating import (
+    as_messages,
+    completion_suffix,
+    has_chat_template,
+    prepare_prompt,
+    require_chat_template,
+)
 from heed.errors import ConfigError, HeedError, ModelLoadError
 
 Backbone = Literal["decoder", "encoder"]
@@ -452,13 +458,19 @@ def use_chat_for(tokenizer: Any, chat: str | bool | None) -> bool:
 
 
 def encode_pair(
-    tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone
+    tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone, where: str = "prompt"
 ) -> tuple[list[int], list[int] | None]:
     """Token ids of one (prompt, response) as the reward model reads it (untruncated), and the
     token types the tokenizer gives an encoder (BERT's text pair: 0 for ``[CLS] prompt [SEP]``,
-    1 for ``response [SEP]``); ``None`` for decoders and tokenizers without token types."""
+    1 for ``response [SEP]``); ``None`` for decoders and tokenizers without token types. The chat
+    template is applied once: HH-RLHF markup becomes messages, an already rendered prompt stays."""
     special = backbone == "encoder"  # encoders keep their own [CLS] ... [SEP] convention
-    if chat or isinstance(prompt, list):
+    prompt, form = prepare_prompt(tokenizer, prompt, chat, where)
+    response = response.strip() if form == "hh" else response
+    if form == "rendered":
+        text = str(prompt) + response + completion_suffix(tokenizer, True)
+        enc = tokenizer(text, add_special_tokens=special)
+    elif chat or isinstance(prompt, list):
         require_chat_template(tokenizer, "prompt")
         text = tokenizer.apply_chat_template(
             [*as_messages(prompt), {"role": "assistant", "content": response}], tokenize=False

@@ -29,7 +29,16 @@ from heed.algos.losses import dpo_loss, simpo_loss
 from heed.algos.ops import masked_sum
 from heed.config.dpo import DPOConfig, DPOLossConfig, PairMode
 from heed.data.collate import Encoded, length_grouped_batches, truncate
-from heed.data.records import PreferenceGroup, Prompt, SFTExample, load_records, prompt_text
+from heed.data.records import (
+    EVAL_SPLIT,
+    ParseOptions,
+    PreferenceGroup,
+    Prompt,
+    SFTExample,
+    check_ranked_group,
+    load_records,
+    prompt_text,
+)
 from heed.data.templating import encode_sft, use_chat
 from heed.errors import DataError
 from heed.models.forward import PairLogps, collate_pairs, pair_logps
@@ -87,12 +96,13 @@ def expand_pairs(
     ``all``: every pair of answers with different ranks (K·(K−1)/2 for a strict ranking);
     ``best_vs_rest``: each best-ranked answer against every worse one;
     ``best_vs_worst``: each best-ranked answer against each worst-ranked one.
-    Ties are skipped and counted. Two identical answers ranked differently are an error
-    (as ``chosen == rejected`` is for a pair): the record contradicts itself.
+    Ties are skipped and counted. A group that cannot teach anything is an error
+    (:func:`heed.data.records.check_ranked_group`, the reward model's rule too).
     """
     out: list[PreferencePair] = []
     counts = PairCounts(groups=len(groups))
     for g in groups:
+        check_ranked_group(g.responses, g.ranks, g.where)  # the reward model's rules too
         best, worst = min(g.ranks), max(g.ranks)
         k = len(g.responses)
         for i in range(k):
@@ -101,11 +111,6 @@ def expand_pairs(
                     counts.ties_skipped += 1
                     continue
                 a, b = (i, j) if g.ranks[i] < g.ranks[j] else (j, i)  # a better than b
-                if g.responses[a] == g.responses[b]:
-                    raise DataError(
-                        f"{g.where}: responses[{a}] and responses[{b}]: the same answer is ranked "
-                        f"{g.ranks[a]:g} and {g.ranks[b]:g} (no preference to learn)"
-                    )
                 keep = (
                     mode == "all"
                     or (mode == "best_vs_rest" and g.ranks[a] == best)
@@ -464,8 +469,22 @@ def load_preference_data(
     """Read and validate every record, split held-out groups, expand groups into pairs."""
     from heed.data.split import split_eval
 
-    train_groups = load_records(cfg.data.train, "preferences")
-    eval_groups = load_records(cfg.data.eval, "preferences") if cfg.data.eval else []
+    d = cfg.data
+    opts = ParseOptions(allow_negative_weights=d.allow_negative_weights)
+    train_groups = load_records(d.train, "preferences", split=d.split, options=opts, max_length=d.max_length)
+    eval_groups = (
+        load_records(
+            d.eval,
+            "preferences",
+            split=d.eval_split_name,
+            split_key=EVAL_SPLIT,
+            default_split=None,
+            options=opts,
+            max_length=d.max_length,
+        )
+        if d.eval
+        else []
+    )
     if not cfg.data.eval:
         # split by group, so answers to one prompt never sit on both sides
         train_groups, eval_groups = split_eval(train_groups, cfg.data.eval_split, cfg.train.seed)

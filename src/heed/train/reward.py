@@ -25,8 +25,9 @@ from heed.algos.losses import ranking_loss
 from heed.algos.ops import kendall_tau, top1_accuracy
 from heed.config.reward import RMConfig
 from heed.data.collate import length_grouped_batches
-from heed.data.records import PreferenceGroup, load_records
+from heed.data.records import EVAL_SPLIT, ParseOptions, PreferenceGroup, load_records
 from heed.data.split import split_by_prompt
+from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
@@ -53,21 +54,28 @@ class EncodedGroup:
 
 def encode_groups(
     groups: list[PreferenceGroup], tokenizer: Any, cfg: RMConfig, chat: bool, backbone: str
-) -> tuple[list[EncodedGroup], int, int]:
-    """Tokenize every response; returns the groups, the number of responses and how many were truncated."""
+) -> tuple[list[EncodedGroup], int, int, int]:
+    """Tokenize every response; returns the groups, the number of responses, how many were truncated,
+    and how many groups were dropped: two differently ranked responses identical within
+    ``max_length`` tokens (a prompt that fills it leaves every response the same: loss ln 2, nothing
+    learned), as DPO drops such pairs."""
     from heed.models.reward import encode_pair, truncate_ids
 
-    out, offset, cut = [], 0, 0
+    out, offset, cut, dropped = [], 0, 0, 0
     for g in groups:
-        pairs = [encode_pair(tokenizer, g.prompt, r, chat, backbone) for r in g.responses]  # type: ignore[arg-type]
+        pairs = [encode_pair(tokenizer, g.prompt, r, chat, backbone, g.where) for r in g.responses]  # type: ignore[arg-type]
         seqs, n_cut = truncate_ids([ids for ids, _ in pairs], cfg.data.max_length)
         types = None if pairs[0][1] is None else truncate_ids([t for _, t in pairs], cfg.data.max_length)[0]  # type: ignore[misc]
         cut += n_cut
+        rank_of: dict[tuple[int, ...], float] = {}
+        if any(rank_of.setdefault(tuple(s), r) != r for s, r in zip(seqs, g.ranks, strict=True)):
+            dropped += 1
+            continue
         margin = g.margin if (cfg.data.use_margin and g.margin is not None) else 0.0
         weight = g.weight if cfg.data.use_weight else 1.0
         out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset, types=types))
         offset += len(seqs)
-    return out, offset, cut
+    return out, sum(len(g.responses) for g in groups), cut, dropped
 
 
 def stack_groups(groups: list[EncodedGroup], flat_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -234,8 +242,21 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     main = accelerator.is_main_process
 
     # step 2. data: read and validate every record up front; hold out prompts for eval
-    train_groups = load_records(cfg.data.train, "preferences")
-    eval_groups = load_records(cfg.data.eval, "preferences") if cfg.data.eval else []
+    d, opts = cfg.data, ParseOptions(allow_negative_weights=cfg.data.allow_negative_weights)
+    train_groups = load_records(d.train, "preferences", split=d.split, options=opts, max_length=d.max_length)
+    eval_groups = (
+        load_records(
+            d.eval,
+            "preferences",
+            split=d.eval_split_name,
+            split_key=EVAL_SPLIT,
+            default_split=None,
+            options=opts,
+            max_length=d.max_length,
+        )
+        if d.eval
+        else []
+    )
     if not cfg.data.eval:
         train_groups, eval_groups = split_by_prompt(train_groups, cfg.data.eval_split, cfg.train.seed)
 
@@ -259,13 +280,23 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     # step 4. tokenize every response; truncate with one warning that counts
-    train_enc, n_train, cut = encode_groups(train_groups, tokenizer, cfg, chat, backbone)
-    eval_enc, n_eval, eval_cut = encode_groups(eval_groups, tokenizer, cfg, chat, backbone)
+    train_enc, n_train, cut, dropped = encode_groups(train_groups, tokenizer, cfg, chat, backbone)
+    eval_enc, n_eval, eval_cut, eval_dropped = encode_groups(eval_groups, tokenizer, cfg, chat, backbone)
     if (cut or eval_cut) and main:
         warnings.warn(
             f"{cfg.data.train}: {cut + eval_cut} of {n_train + n_eval} responses were longer than "
             f"data.max_length={cfg.data.max_length} tokens and were truncated",
             stacklevel=1,
+        )
+    if (dropped or eval_dropped) and main:
+        warnings.warn(
+            f"{cfg.data.train}: {dropped + eval_dropped} groups dropped: differently ranked responses are "
+            f"identical within data.max_length={cfg.data.max_length} tokens (the prompt fills it?)",
+            stacklevel=1,
+        )
+    if not train_enc:
+        raise DataError(
+            f"{cfg.data.train}: every group was dropped (see the warnings above); raise data.max_length"
         )
 
     # step 5. optimizer, schedule, step plan
@@ -424,6 +455,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                 "eval_groups": len(eval_enc),
                 "train_pairs": sum(g.num_pairs for g in train_enc),
                 "truncated_responses": cut + eval_cut,
+                "dropped_groups": dropped + eval_dropped,
                 "backbone": backbone,
                 "frozen_backbone": frozen is not None,
             }

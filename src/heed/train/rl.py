@@ -127,7 +127,11 @@ def load_prompts(path: str, tokenizer: Any, cfg: RLConfig) -> Prompts:
     examples = load_records(path, "prompts")
     chat = use_chat(tokenizer, cfg.data.chat)
     ids = encode_prompts(
-        tokenizer, [e.prompt for e in examples], chat, cfg.data.max_prompt_length, where=str(path)
+        tokenizer,
+        [e.prompt for e in examples],
+        chat,
+        cfg.data.max_prompt_length,
+        wheres=[e.where for e in examples],
     )
     return Prompts(examples, ids)
 
