@@ -35,7 +35,9 @@ from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
+    check_batch_weight,
     check_finite,
+    guard_run,
     peak_memory_mb,
     prepare_optimization,
     save_checkpoint,
@@ -415,8 +417,12 @@ def load_ref_cache(run: Path, key: str) -> dict[str, torch.Tensor] | None:
     path = run / REF_CACHE
     if not path.exists():
         return None
-    cached = torch.load(path, map_location="cpu", weights_only=True)
-    return cached if cached.get("key_str") == key else None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or damaged cache is recomputed, not fatal
+        warnings.warn(f"{path}: unreadable ({str(exc).splitlines()[0][:120]}); recomputing it", stacklevel=2)
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key_str") == key else None
 
 
 def save_ref_cache(run: Path, key: str, tables: dict[str, torch.Tensor]) -> None:
@@ -589,6 +595,7 @@ def load_preference_data(
     return train_pairs, eval_pairs, train_counts, eval_counts
 
 
+@guard_run
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
     from heed.models.loading import load_causal_lm, load_tokenizer
@@ -728,6 +735,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             if epoch not in epoch_batches:
                 epoch_batches = {epoch: plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)}
             batch = epoch_batches[epoch][pos]
+            check_batch_weight(
+                [train_data.weights[i] for i in batch], [train_data.pairs[i].where for i in batch], step + 1
+            )
             mine = batch[rank::world]
             sums = {"loss": torch.zeros((), device=device)}
             for start in range(0, len(mine), micro):

@@ -32,7 +32,9 @@ from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
+    check_batch_weight,
     check_finite,
+    guard_run,
     peak_memory_mb,
     prepare_optimization,
     save_checkpoint,
@@ -51,6 +53,7 @@ class EncodedGroup:
     margin: float
     weight: float
     offset: int
+    where: str = ""  # file:line of the record
 
     @property
     def num_pairs(self) -> int:
@@ -93,7 +96,7 @@ def encode_groups(
         cut += n_cut
         margin = g.margin if (cfg.data.use_margin and g.margin is not None) else 0.0
         weight = g.weight if cfg.data.use_weight else 1.0
-        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset))
+        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset, g.where))
         offset += len(seqs)
     return out, offset, cut
 
@@ -246,6 +249,7 @@ def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[A
     return model, tok, backbone or backbone_of(model.config)
 
 
+@guard_run
 def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     """Train a reward model; returns the final summary (also written to ``summary.json``)."""
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
@@ -339,7 +343,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                 epoch_batches = {epoch: plan(epoch)}
             batch = [train_enc[i] for i in epoch_batches[epoch][pos]]
             # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
-            total_weight = sum(g.weight for g in batch)
+            total_weight = check_batch_weight([g.weight for g in batch], [g.where for g in batch], step + 1)
             mine = batch[rank::world]
             loss_sum = torch.zeros((), device=accelerator.device)
             correct = torch.zeros((), device=accelerator.device)

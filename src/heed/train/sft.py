@@ -32,6 +32,7 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
     check_finite,
+    guard_run,
     peak_memory_mb,
     prepare_optimization,
     save_checkpoint,
@@ -143,6 +144,7 @@ def evaluate(
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
+@guard_run
 def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT / language modelling; returns the final summary (also written to ``summary.json``)."""
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
