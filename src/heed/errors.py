@@ -75,16 +75,17 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def describe_os_error(exc: OSError, what: str = "") -> str:
-    """One line for an ``OSError`` on a path: the path, what went wrong and what to do."""
-    path = exc.filename if exc.filename is not None else "(unknown path)"
-    where = f"{path}{f' ({what})' if what else ''}"
+def describe_os_error(exc: OSError, fix: str = "choose another path") -> str:
+    """One line for an ``OSError`` on a path: the path, what went wrong and ``fix``."""
+    where = exc.filename if exc.filename is not None else "(unknown path)"
     if exc.errno in _DISK_FULL_ERRNOS:
-        return f"no space left on {where}; free some space or choose another --out"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{where}: not writable ({exc.strerror}); choose another --out or fix the permissions"
+        return f"no space left on {where}; free some space or {fix}"
+    if exc.errno == errno.EROFS:
+        return f"{where}: not writable (read-only file system); {fix}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied; fix its permissions or {fix}"
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        return f"{where}: a file is in the way of a folder ({exc.strerror}); choose another --out"
+        return f"{where}: a file is in the way of a folder; {fix}"
     if exc.errno == errno.ENOENT:
         return f"{where}: no such file or folder"
-    return f"{where}: {exc.strerror or exc}; choose another --out"
+    return f"{where}: {exc.strerror or exc}; {fix}"

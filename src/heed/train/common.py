@@ -86,11 +86,12 @@ def ensure_writable_dir(path: Path, what: str = "out") -> None:
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
+        fix = "choose another --out"
         if exc.errno == errno.ENOENT:  # e.g. under /proc, or a vanished mount
-            raise StorageError(
-                f"{what}: {exc.filename} cannot be created ({exc.strerror}); choose another --out"
-            ) from None
-        raise StorageError(f"{what}: {describe_os_error(exc)}") from None
+            raise StorageError(f"{what}: {exc.filename} cannot be created ({exc.strerror}); {fix}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise StorageError(f"{what}: {exc.filename}: not writable ({exc.strerror}); {fix}") from None
+        raise StorageError(f"{what}: {describe_os_error(exc, fix)}") from None
 
 
 def prepare_run_dir(out: str | Path, cfg: HeedConfig, resume: bool) -> Path:
@@ -198,9 +199,14 @@ def guard_run(train: F) -> F:
             if isinstance(exc, KeyboardInterrupt):
                 raise interrupted(run, restored) from None
             if is_disk_full(exc) and not isinstance(exc, HeedError):
+                then = (
+                    f"resume with --resume{_last_checkpoint_note(run)}"
+                    if latest_checkpoint(run) is not None
+                    else "start it again with --set overwrite=true (it has no checkpoint to resume from)"
+                )
                 raise StorageError(
                     f"no space left on {run} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                    f"free some space and resume with --resume{_last_checkpoint_note(run)}"
+                    f"free some space and {then}"
                 ) from exc
             raise
         if main:
