@@ -20,9 +20,11 @@ C = TypeVar("C", bound="HeedConfig")
 
 
 class HeedConfig(BaseModel):
-    """Base of every config: unknown keys are errors, instances are immutable."""
+    """Base of every config: unknown keys are errors, instances are immutable, and every number is
+    finite (``.inf`` / ``.nan`` in YAML or ``--set`` are refused: a run with an infinite learning rate
+    or KL coefficient would learn nothing and still exit 0)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class OptimConfig(HeedConfig):

@@ -302,6 +302,11 @@ class TrainLoopConfig(HeedConfig):
 
     updates: int = Field(100, ge=1, description="Rollout + update rounds.")
     seed: int = Field(0, description="Seed for prompt order and sampling.")
+    max_none_updates: int = Field(
+        3,
+        ge=0,
+        description="Stop when the reward is None for every answer of this many updates in a row (0 = never).",
+    )
 
 
 class RLOptimConfig(OptimConfig):

@@ -23,7 +23,7 @@ from typing import Any
 
 from heed.data.io import write_jsonl
 from heed.demo.assets import MICRO, BuiltinSpec
-from heed.train.common import write_json
+from heed.train.common import latest_checkpoint, write_json
 
 GUIDELINES = """# How to rank
 
@@ -135,8 +135,12 @@ class Demo:
         return True
 
     def _resume(self, run: Path) -> bool:
-        """A run folder left by an interrupted stage is resumed, not refused."""
-        return run.exists() and any(run.iterdir())
+        """A run folder left by an interrupted stage is resumed from its last checkpoint, not refused;
+        one that stopped before its first checkpoint is started again."""
+        if latest_checkpoint(run) is not None:
+            return True
+        shutil.rmtree(run, ignore_errors=True)
+        return False
 
     def _log(self, **extra: Any) -> dict[str, Any]:
         return {"progress": self.s.progress, **extra}

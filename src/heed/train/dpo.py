@@ -44,7 +44,14 @@ from heed.errors import DataError
 from heed.models.forward import PairLogps, collate_pairs, pair_logps
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.common import (
+    check_batch_weight,
+    guard_run,
+    peak_memory_mb,
+    prepare_optimization,
+    start_run,
+    write_json,
+)
 from heed.train.loop import (
     Cadence,
     EpochPlan,
@@ -305,8 +312,12 @@ def load_ref_cache(run: Path, key: str) -> dict[str, torch.Tensor] | None:
     path = run / REF_CACHE
     if not path.exists():
         return None
-    cached = torch.load(path, map_location="cpu", weights_only=True)
-    return cached if cached.get("key_str") == key else None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or damaged cache is recomputed, not fatal
+        warnings.warn(f"{path}: unreadable ({str(exc).splitlines()[0][:120]}); recomputing it", stacklevel=2)
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key_str") == key else None
 
 
 def save_ref_cache(run: Path, key: str, tables: dict[str, torch.Tensor]) -> None:
@@ -493,6 +504,7 @@ def load_preference_data(
     return train_pairs, eval_pairs, train_counts, eval_counts
 
 
+@guard_run
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
     from heed.models.lm import disable_dropout
@@ -658,6 +670,9 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     with StepProgress("dpo", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
         for step in range(start_step, total_steps):
             batch = batches.batch(step)
+            check_batch_weight(
+                [train_data.weights[i] for i in batch], [train_data.pairs[i].where for i in batch], step + 1
+            )
             sums.clear()
             sums["loss"] = (
                 accumulate(accelerator, model, micro_batches(batch[rank::world], micro), loss_of) / world

@@ -30,7 +30,14 @@ from heed.data.split import split_by_prompt
 from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.common import (
+    check_batch_weight,
+    guard_run,
+    peak_memory_mb,
+    prepare_optimization,
+    start_run,
+    write_json,
+)
 from heed.train.loop import Cadence, EpochPlan, accumulate, checkpoint, micro_batches, optimizer_step
 
 
@@ -46,6 +53,7 @@ class EncodedGroup:
     weight: float
     offset: int
     types: list[list[int]] | None = None
+    where: str = ""  # file:line of the record
 
     @property
     def num_pairs(self) -> int:
@@ -73,7 +81,7 @@ def encode_groups(
             continue
         margin = g.margin if (cfg.data.use_margin and g.margin is not None) else 0.0
         weight = g.weight if cfg.data.use_weight else 1.0
-        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset, types=types))
+        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset, types=types, where=g.where))
         offset += len(seqs)
     return out, sum(len(g.responses) for g in groups), cut, dropped
 
@@ -232,6 +240,7 @@ def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[A
     return model, tok, backbone or backbone_of(model.config)
 
 
+@guard_run
 def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     """Train a reward model; returns the final summary (also written to ``summary.json``)."""
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
@@ -359,7 +368,8 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     with StepProgress("rm", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
         for step in range(start_step, total_steps):
             batch = [train_enc[i] for i in batches.batch(step)]
-            total_weight = sum(g.weight for g in batch)
+            # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
+            total_weight = check_batch_weight([g.weight for g in batch], [g.where for g in batch], step + 1)
             correct = torch.zeros((), device=accelerator.device)
             rewards_seen.clear()
             loss_sum = accumulate(accelerator, model, micro_batches(batch[rank::world], micro), loss_of)

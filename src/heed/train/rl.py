@@ -35,10 +35,10 @@ from heed.data.records import PromptExample, load_records, prompt_text
 from heed.errors import ConfigError
 from heed.models.forward import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.report.diversity import diversity_metrics
-from heed.report.metrics import MetricsLogger, read_metrics
+from heed.report.metrics import MetricsLogger, read_metrics, truncate_jsonl
 from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
-from heed.rewards.combine import RewardBatch, RewardSet, build_rewards
+from heed.rewards.combine import NoneRewardWatch, RewardBatch, RewardSet, build_rewards
 from heed.rollout.batch import (
     Rollout,
     group_chunks,
@@ -53,6 +53,7 @@ from heed.rollout.vllm_engine import check_vllm
 from heed.train.collective import Collective, global_mean, global_whiten
 from heed.train.common import (
     check_finite,
+    guard_run,
     make_accelerator,
     peak_memory_mb,
     prepare_optimization,
@@ -462,15 +463,8 @@ def _append_samples(run: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (a resumed run writes them again)."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    """Drop rows logged after ``step`` (a resumed run writes them again), and any torn line."""
+    truncate_jsonl(path, step)
 
 
 def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]:
@@ -523,6 +517,7 @@ def batch_statistics(fig: dict[str, Any], entropy: float | None) -> dict[str, fl
     return out
 
 
+@guard_run
 def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None = None) -> dict[str, Any]:
     """Run PPO / RLOO / GRPO / REINFORCE; returns the final summary (also written to ``summary.json``).
 
@@ -663,6 +658,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     )
     start_update = saved["step"]
     state: dict[str, Any] = {"baseline": None}
+    totals = {"samples": 0, "train_seconds": 0.0, "generation_seconds": 0.0, "total_seconds": 0.0}
     kl_ctl: Any = (
         algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
         if cfg.kl.adaptive
@@ -672,6 +668,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         extra = saved.get("extra", {})
         kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
         state["baseline"] = extra.get("baseline")
+        totals.update(extra.get("totals") or {})  # what the run had done before it was stopped
         if value_head is not None and extra.get("value_head") is not None:
             value_head.load_state_dict(extra["value_head"])
         if critic is not None and extra.get("critic") is not None:
@@ -714,8 +711,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             if row.get("split") == "eval" and row.get("step") == 0:
                 summary.update({f"start/{k}": v for k, v in row.items() if k.startswith(("eval/", "gold/"))})
 
-    # the loop
-    samples_done, gen_seconds, t0 = 0, 0.0, time.time()
+    # the loop (counters continue those of a resumed run, so summary.json covers the whole run)
+    samples_done, gen_seconds = totals["samples"], totals["generation_seconds"]
+    t0, t_start = time.time() - totals["train_seconds"], t_start - totals["total_seconds"]
+    none_watch = NoneRewardWatch(cfg.train.max_none_updates)
     last: dict[str, float] = {}
     with StepProgress(
         f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress and main, start=start_update
@@ -787,6 +786,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
             fig = merge_figures(coll.gather(answer_figures(ro, gen.texts, scored)))
+            none_watch.update(fig["total"], fig["per_source"], step)  # global figures: every process stops
             samples_done += len(fig["score"])
             metrics = batch_statistics(fig, upd.pop("entropy", None))
             kl_ctl.update(metrics["kl/k1"], len(fig["score"]))
@@ -810,6 +810,12 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.train.updates:
                 run_eval(step, algo)
             if cfg.log.save_every and step % cfg.log.save_every == 0 and step != cfg.train.updates:
+                state["totals"] = {
+                    "samples": samples_done,
+                    "train_seconds": time.time() - t0,
+                    "generation_seconds": gen_seconds,
+                    "total_seconds": time.time() - t_start,
+                }
                 if main:
                     _save(
                         run,
@@ -882,6 +888,7 @@ def _save(
     extra = {
         "kl_beta": kl_ctl.value,
         "baseline": state.get("baseline"),
+        "totals": state.get("totals"),
         "value_head": value_head.state_dict() if value_head is not None else None,
         "critic": critic.state_dict() if critic is not None else None,
     }

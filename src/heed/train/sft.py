@@ -33,7 +33,7 @@ from heed.errors import DataError
 from heed.models.lm import lm_token_losses
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.common import guard_run, peak_memory_mb, prepare_optimization, start_run, write_json
 from heed.train.loop import (
     Cadence,
     EpochPlan,
@@ -119,6 +119,7 @@ def evaluate(
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
+@guard_run
 def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT / language modelling; returns the final summary (also written to ``summary.json``)."""
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
