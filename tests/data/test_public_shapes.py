@@ -73,7 +73,7 @@ def test_hh_rlhf_transcripts_split_at_the_last_assistant_turn(tok: Any, tmp_path
 
 
 def test_multi_turn_prompt_trains_only_the_final_answer_in_sft_and_dpo(tok: Any) -> None:
-    from heed.train.dpo import PairCounts, PreferencePair, encode_pairs
+    from heed.data.pairs import PairCounts, PreferencePair, encode_pairs
 
     prompt = [
         USER_Q,
@@ -226,7 +226,7 @@ def test_argilla_options_must_name_fields(tmp_path: Path) -> None:
 
 
 def test_ranked_k9_with_ties_in_dpo_and_rm(tmp_path: Path) -> None:
-    from heed.train.dpo import expand_pairs
+    from heed.data.pairs import expand_pairs
     from heed.train.reward import EncodedGroup
 
     ranks = [1, 2, 2, 3, 4, 4, 4, 5, 6]

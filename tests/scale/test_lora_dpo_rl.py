@@ -41,9 +41,10 @@ def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(
     from peft import PeftModel
 
     from heed.config.dpo import DPOLossConfig
+    from heed.data.pairs import encode_pairs, expand_pairs
     from heed.demo.preferences import make_pairs
     from heed.models.forward import collate_pairs, pair_logps
-    from heed.train.dpo import _reference, encode_pairs, expand_pairs, train_dpo
+    from heed.train.dpo import _reference, train_dpo
 
     write_jsonl(tmp_path / "train.jsonl", make_pairs(96, seed=0))
     write_jsonl(tmp_path / "eval.jsonl", make_pairs(32, seed=1, heldout=True))

@@ -13,19 +13,12 @@ import torch
 from heed.config import config_from_dict
 from heed.config.dpo import DPOConfig, DPOLossConfig
 from heed.data.io import write_jsonl
+from heed.data.pairs import PairCounts, PreferencePair, encode_pairs, expand_pairs, warn_counts
 from heed.data.records import PreferenceGroup, load_records
 from heed.errors import ConfigError, DataError
 from heed.models.forward import PairLogps, collate_pairs, pair_logps
-from heed.train.dpo import (
-    REF_CACHE,
-    PairCounts,
-    PreferencePair,
-    encode_pairs,
-    expand_pairs,
-    preference_losses,
-    train_dpo,
-    warn_counts,
-)
+from heed.train.dpo import preference_losses, train_dpo
+from heed.train.reference import REF_CACHE
 
 
 def group(ranks: list[float], where: str = "f.jsonl:1") -> PreferenceGroup:

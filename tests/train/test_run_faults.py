@@ -342,7 +342,8 @@ def test_a_batch_without_weight_is_refused(trainer: str, tmp_path: Path, micro_s
 
 
 def test_a_damaged_reference_cache_is_recomputed(tmp_path: Path, micro_sft_model: Path) -> None:
-    from heed.train.dpo import REF_CACHE, train_dpo
+    from heed.train.dpo import train_dpo
+    from heed.train.reference import REF_CACHE
 
     data = tmp_path / "pairs.jsonl"
     rows = [

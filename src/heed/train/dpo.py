@@ -14,32 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from heed.algos.kl import kl_estimate
 from heed.algos.losses import dpo_loss, simpo_loss
-from heed.algos.ops import masked_sum
-from heed.config.dpo import DPOConfig, DPOLossConfig, PairMode
-from heed.data.collate import Encoded, length_grouped_batches, truncate
+from heed.config.dpo import DPOConfig, DPOLossConfig
+from heed.data.collate import length_grouped_batches
+from heed.data.pairs import EncodedPairs, PairCounts, PreferencePair, encode_pairs, expand_pairs, warn_counts
 from heed.data.records import (
     EVAL_SPLIT,
     ParseOptions,
-    PreferenceGroup,
     Prompt,
-    SFTExample,
-    check_ranked_group,
     load_records,
-    prompt_text,
 )
-from heed.data.templating import encode_sft, use_chat
+from heed.data.templating import use_chat
 from heed.errors import DataError
 from heed.models.forward import PairLogps, collate_pairs, pair_logps
 from heed.report.metrics import MetricsLogger
@@ -61,139 +52,18 @@ from heed.train.loop import (
     optimizer_step,
     save_final,
 )
-
-REF_CACHE = "ref_logps.pt"
+from heed.train.reference import (
+    load_ref_cache,
+    model_fingerprint,
+    sample_and_kl,
+    save_ref_cache,
+    write_samples,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # data: groups -> pairs -> token ids
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PreferencePair:
-    """One (chosen, rejected) answer pair to a prompt; ``weight`` scales its loss."""
-
-    prompt: Prompt
-    chosen: str
-    rejected: str
-    weight: float = 1.0
-    where: str = ""
-
-
-@dataclass
-class PairCounts:
-    """What happened to the data on its way to training, reported instead of silently dropped."""
-
-    groups: int = 0
-    pairs: int = 0
-    ties_skipped: int = 0  # tied (i, j) pairs inside ranked groups
-    not_selected: int = 0  # untied pairs left out by `pairs: best_vs_rest | best_vs_worst`
-    truncated: int = 0  # answers cut at max_length
-    dropped_no_answer: int = 0  # pairs whose prompt fills max_length (no answer token left)
-    dropped_identical: int = 0  # pairs whose answers are identical after truncation
-
-    def as_dict(self, prefix: str) -> dict[str, int]:
-        return {f"{prefix}/{k}": v for k, v in self.__dict__.items()}
-
-
-def expand_pairs(
-    groups: Sequence[PreferenceGroup], mode: PairMode = "all"
-) -> tuple[list[PreferencePair], PairCounts]:
-    """Turn preference groups (pairs are groups of two) into (chosen, rejected) pairs.
-
-    ``all``: every pair of answers with different ranks (K·(K−1)/2 for a strict ranking);
-    ``best_vs_rest``: each best-ranked answer against every worse one;
-    ``best_vs_worst``: each best-ranked answer against each worst-ranked one.
-    Ties are skipped and counted. A group that cannot teach anything is an error
-    (:func:`heed.data.records.check_ranked_group`, the reward model's rule too).
-    """
-    out: list[PreferencePair] = []
-    counts = PairCounts(groups=len(groups))
-    for g in groups:
-        check_ranked_group(g.responses, g.ranks, g.where)  # the reward model's rules too
-        best, worst = min(g.ranks), max(g.ranks)
-        k = len(g.responses)
-        for i in range(k):
-            for j in range(i + 1, k):
-                if g.ranks[i] == g.ranks[j]:
-                    counts.ties_skipped += 1
-                    continue
-                a, b = (i, j) if g.ranks[i] < g.ranks[j] else (j, i)  # a better than b
-                keep = (
-                    mode == "all"
-                    or (mode == "best_vs_rest" and g.ranks[a] == best)
-                    or (mode == "best_vs_worst" and g.ranks[a] == best and g.ranks[b] == worst)
-                )
-                if not keep:
-                    counts.not_selected += 1
-                    continue
-                out.append(PreferencePair(g.prompt, g.responses[a], g.responses[b], g.weight, g.where))
-    counts.pairs = len(out)
-    return out, counts
-
-
-@dataclass
-class EncodedPairs:
-    """Token ids of pairs: ``chosen[i]`` / ``rejected[i]`` are (ids, response_mask) of pair ``i``."""
-
-    pairs: list[PreferencePair]
-    chosen: list[Encoded]
-    rejected: list[Encoded]
-    weights: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def lengths(self) -> list[int]:
-        return [max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected, strict=True)]
-
-
-def encode_pairs(
-    tokenizer: Any, pairs: Sequence[PreferencePair], chat: bool, max_length: int, counts: PairCounts
-) -> EncodedPairs:
-    """Tokenize prompt + answer exactly as SFT does (so the policy sees its own format), with a
-    response mask True on the answer tokens (and its EOS / end of turn). Sequences longer than
-    ``max_length`` keep their start; pairs left without an answer token, or whose two answers
-    became identical, are dropped. Every cut and drop is counted in ``counts``."""
-    kept, chosen, rejected = [], [], []
-    for p in pairs:
-        c = encode_sft(tokenizer, SFTExample(prompt=p.prompt, completion=p.chosen, where=p.where), chat)
-        r = encode_sft(tokenizer, SFTExample(prompt=p.prompt, completion=p.rejected, where=p.where), chat)
-        (c, r), cut = truncate([c, r], max_length)
-        counts.truncated += cut
-        if not any(c[1][1:]) or not any(r[1][1:]):
-            counts.dropped_no_answer += 1
-            continue
-        if c[0] == r[0]:
-            counts.dropped_identical += 1
-            continue
-        kept.append(p)
-        chosen.append(c)
-        rejected.append(r)
-    return EncodedPairs(kept, chosen, rejected, [p.weight for p in kept])
-
-
-def warn_counts(source: str, counts: PairCounts, max_length: int) -> None:
-    """One warning per kind of loss of data, with its count."""
-    if counts.truncated:
-        warnings.warn(
-            f"{source}: {counts.truncated} answers were longer than data.max_length={max_length} "
-            "tokens (with the prompt) and were cut",
-            stacklevel=2,
-        )
-    if counts.dropped_no_answer:
-        warnings.warn(
-            f"{source}: {counts.dropped_no_answer} pairs dropped: the prompt fills data.max_length="
-            f"{max_length}, leaving no answer token",
-            stacklevel=2,
-        )
-    if counts.dropped_identical:
-        warnings.warn(
-            f"{source}: {counts.dropped_identical} pairs dropped: chosen and rejected are identical "
-            f"within the first {max_length} tokens",
-            stacklevel=2,
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # the loss
 # ---------------------------------------------------------------------------------------------
@@ -285,20 +155,6 @@ def reference_table(
     return table
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """A cheap identity of a model folder: its config and the size and first MiB of each weights file."""
-    h = hashlib.sha256()
-    folder = Path(path)
-    cfg_file = folder / "config.json"
-    if cfg_file.exists():
-        h.update(cfg_file.read_bytes())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(2**20))
-    return h.hexdigest()
-
-
 def data_fingerprint(*datasets: EncodedPairs) -> str:
     h = hashlib.sha256()
     for d in datasets:
@@ -306,24 +162,6 @@ def data_fingerprint(*datasets: EncodedPairs) -> str:
         for (ci, cm), (ri, rm) in zip(d.chosen, d.rejected, strict=True):
             h.update(repr((ci, cm, ri, rm)).encode())
     return h.hexdigest()
-
-
-def load_ref_cache(run: Path, key: str) -> dict[str, torch.Tensor] | None:
-    path = run / REF_CACHE
-    if not path.exists():
-        return None
-    try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or damaged cache is recomputed, not fatal
-        warnings.warn(f"{path}: unreadable ({str(exc).splitlines()[0][:120]}); recomputing it", stacklevel=2)
-        return None
-    return cached if isinstance(cached, dict) and cached.get("key_str") == key else None
-
-
-def save_ref_cache(run: Path, key: str, tables: dict[str, torch.Tensor]) -> None:
-    tmp = run / (REF_CACHE + ".tmp")
-    torch.save({"key_str": key, **tables}, tmp)
-    os.replace(tmp, run / REF_CACHE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,68 +229,6 @@ def _reference(
     with torch.inference_mode(), adapter_disabled(ref_model):
         lp = pair_logps(ref_model, ids.to(ref_dev), att.to(ref_dev), mask.to(ref_dev), share)
         return lp.logps.to(ids.device).clone(), lp.avg_logps.to(ids.device).clone()
-
-
-@dataclass
-class SampleResult:
-    prompts: list[Prompt]
-    texts: dict[str, list[str]]  # policy name -> answers, prompt-major
-    metrics: dict[str, float]
-
-
-@torch.no_grad()
-def sample_and_kl(
-    policy: Any,
-    ref: Any,
-    tokenizer: Any,
-    prompts: list[Prompt],
-    chat: bool,
-    num_samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int = 64,
-    ref_name: str = "sft",
-) -> SampleResult:
-    """Answers of the reference and the tuned policy to the same prompts, and KL(policy ‖ reference)
-    on the policy's answers: per answer Σ_t k(log π − log π_ref) over its tokens (k1 and k3),
-    averaged over answers (``kl/k1``, ``kl/k3``), plus length and diversity of the policy's answers."""
-    from heed.models.lm import sequence_logprobs
-    from heed.models.lora import adapter_disabled
-    from heed.report.diversity import diversity_metrics
-    from heed.rollout.generate import SamplingParams, encode_prompts, generate
-
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    prompt_ids = encode_prompts(tokenizer, prompts, chat)
-    texts = {}
-    torch.manual_seed(seed)
-    with adapter_disabled(ref):
-        gen_ref = generate(ref, tokenizer, prompt_ids, params, num_samples, batch_size)
-    texts[ref_name] = gen_ref.texts
-    torch.manual_seed(seed)
-    gen = generate(policy, tokenizer, prompt_ids, params, num_samples, batch_size)
-    texts["dpo"] = gen.texts
-    device = next(policy.parameters()).device
-    kl1, kl3 = [], []
-    for start in range(0, len(gen.texts), batch_size):
-        sl = slice(start, start + batch_size)
-        ids = torch.cat([gen.prompt_ids[sl], gen.completion_ids[sl]], dim=1).to(device)  # (b, P + C)
-        att = torch.cat([gen.prompt_mask[sl], gen.completion_mask[sl]], dim=1).to(device)
-        target = torch.cat([torch.zeros_like(gen.prompt_mask[sl]), gen.completion_mask[sl]], dim=1).to(device)
-        lp, _ = sequence_logprobs(policy, ids, att.long(), target)
-        ref_dev = next(ref.parameters()).device
-        with adapter_disabled(ref):
-            lp_ref, _ = sequence_logprobs(ref, ids.to(ref_dev), att.long().to(ref_dev), target.to(ref_dev))
-        lp_ref = lp_ref.to(device)
-        kl1.append(masked_sum(kl_estimate(lp, lp_ref, "k1"), target, dim=-1))
-        kl3.append(masked_sum(kl_estimate(lp, lp_ref, "k3"), target, dim=-1))
-    metrics = {
-        "kl/k1": torch.cat(kl1).mean().item(),
-        "kl/k3": torch.cat(kl3).mean().item(),
-        "length/mean": gen.lengths.float().mean().item(),
-        **diversity_metrics(gen.texts),
-    }
-    return SampleResult(list(prompts), texts, metrics)
 
 
 def sample_prompts(cfg: DPOConfig, eval_data: EncodedPairs, train_data: EncodedPairs) -> list[Prompt]:
@@ -761,22 +537,3 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
-
-
-def write_samples(path: Path, result: SampleResult, num_samples: int, step: int) -> None:
-    """``samples.jsonl``: the same prompts answered by the reference (step 0) and the tuned policy."""
-    from heed.data.io import write_jsonl
-
-    rows = []
-    for name, texts in result.texts.items():
-        for i, text in enumerate(texts):
-            prompt = result.prompts[i // num_samples]
-            rows.append(
-                {
-                    "step": step if name == "dpo" else 0,
-                    "policy": name,
-                    "prompt": prompt_text(prompt),
-                    "completion": text,
-                }
-            )
-    write_jsonl(path, rows)
