@@ -77,13 +77,14 @@ def run_env(env_id: str, seeds: list[int], steps: int, out: Path) -> dict[str, f
 
 def run_bandit(seeds: list[int], out: Path) -> None:
     from heed.control.bandit import train_bandit
+    from heed.demo.classifier import bandit_tone_data
 
     gains = []
     for seed in seeds:
         cfg = load_config(
             BanditConfig, None, [f"seed={seed}", f"out={out / f'bandit-{seed}'}", "progress=false"]
         )
-        s = train_bandit(cfg)
+        s = train_bandit(cfg, bandit_tone_data(cfg.num_texts, cfg.eval_fraction, cfg.seed))
         curve = [(st, a) for st, a in series(read_metrics(cfg.out), "accuracy", split="eval")]
         gains.append(s["accuracy_gain"])
         print(f"  seed {seed}: held-out accuracy vs rounds: " + ", ".join(f"{st}:{a:.2f}" for st, a in curve))

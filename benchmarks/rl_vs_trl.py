@@ -39,15 +39,15 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def model_dir(name: str) -> str:
-    from heed.train.rl import resolve_builtin
+    from heed.demo.builtin import resolve_name
 
-    return resolve_builtin("builtin" if name == "tiny" else "builtin:micro")
+    return resolve_name("builtin" if name == "tiny" else "builtin:micro")
 
 
 def data_file(name: str, which: str) -> str:
-    from heed.train.rl import resolve_builtin
+    from heed.demo.builtin import resolve_name
 
-    return resolve_builtin(("builtin:" if name == "tiny" else "builtin:micro:") + which)
+    return resolve_name(("builtin:" if name == "tiny" else "builtin:micro:") + which)
 
 
 def run_heed(args: argparse.Namespace, out: Path) -> dict:

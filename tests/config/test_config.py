@@ -129,3 +129,30 @@ def test_rl_unknown_key_is_still_an_error() -> None:
             None,
             ["model.path=builtin", "data.prompts=p.jsonl", "rewards=[{function: f}]", "update.epoch=2"],
         )
+
+
+def test_missing_required_key_says_which_key_to_set_with_an_example(tmp_path: Path) -> None:
+    from heed.config.dpo import DPOConfig
+    from heed.config.reward import RMConfig
+
+    # set to null in a YAML file (as the old configs/rm.yaml did), and left out altogether
+    f = tmp_path / "rm.yaml"
+    f.write_text("model: {path: m}\ndata: {train: null}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(RMConfig, f)
+    assert str(err.value) == (
+        f"{f}: config key 'data.train' is required: set it in the config or with --set "
+        "data.train=rankings.jsonl (Training file (.jsonl/.json/.parquet) of pairs and/or ranked groups; "
+        "or builtin:rankings or builtin:pairs for the built-in data)"
+    )
+    # a whole required section left out names the key inside it
+    with pytest.raises(ConfigError) as err:
+        load_config(DPOConfig, None, ["model.path=m"])
+    msg = str(err.value)
+    assert "config key 'data.train' is required" in msg and "--set data.train=prefs.jsonl" in msg
+    assert "builtin:pairs" in msg and "\n" not in msg
+    # other errors keep their form
+    with pytest.raises(
+        ConfigError, match=r"config key 'data.train': Input should be a valid string \(got 3\)"
+    ):
+        load_config(DPOConfig, None, ["model.path=m", "data.train=3"])

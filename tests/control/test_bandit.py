@@ -8,6 +8,7 @@ import torch
 
 from heed.control.bandit import SimulatedAnnotator, train_bandit
 from heed.control.config import BanditConfig
+from heed.demo.classifier import bandit_tone_data
 from heed.report.metrics import read_metrics
 
 
@@ -34,7 +35,7 @@ def test_bandit_classifier_accuracy_rises_from_a_weak_start(tmp_path) -> None:
         progress=False,
         threads=1,
     )
-    summary = train_bandit(cfg)
+    summary = train_bandit(cfg, bandit_tone_data(cfg.num_texts, cfg.eval_fraction, cfg.seed))
     # The weak start is well below the tuned classifier; 20 rounds of noisy approvals lift
     # held-out accuracy (three tones, chance is 1/3) by a wide margin.
     assert summary["start_accuracy"] < 0.75

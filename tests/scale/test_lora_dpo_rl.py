@@ -14,6 +14,7 @@ from heed.config import config_from_dict
 from heed.config.dpo import DPOConfig
 from heed.config.rl import RLConfig
 from heed.data.io import write_jsonl
+from heed.demo.builtin import resolve_config
 
 torch.set_num_threads(1)
 LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
@@ -108,14 +109,15 @@ def _rl_cfg(out: Path, **over: Any) -> RLConfig:
         "out": str(out),
     }
     base.update(over)
-    return config_from_dict(RLConfig, base, "test")
+    return resolve_config(config_from_dict(RLConfig, base, "test"))
 
 
 def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
     tmp_path: Path, count_loads: list[str]
 ) -> None:
+    from heed.demo.builtin import resolve_name
     from heed.train import rl as rl_mod
-    from heed.train.rl import VALUE_HEAD_FILE, resolve_builtin, train_rl
+    from heed.train.rl import VALUE_HEAD_FILE, train_rl
 
     calls: list[float] = []
     real_ref = rl_mod.reference_logprobs
@@ -129,7 +131,7 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
 
     from heed.models.loading import load_causal_lm
 
-    plain = load_causal_lm(resolve_builtin("builtin:micro")).eval()
+    plain = load_causal_lm(resolve_name("builtin:micro")).eval()
     count_loads.clear()
     rl_mod.reference_logprobs = checking
     try:
@@ -143,7 +145,7 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
         )
     finally:
         rl_mod.reference_logprobs = real_ref
-    assert count_loads == [resolve_builtin("builtin:micro")]  # the policy only
+    assert count_loads == [resolve_name("builtin:micro")]  # the policy only
     assert calls and max(calls) < 1e-5, calls  # reference = base, at every update and in the evaluation
     assert summary["kl/k1"] > 0  # the adapter moved the policy away from it
     final = tmp_path / "run" / "final"

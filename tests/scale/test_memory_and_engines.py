@@ -11,6 +11,7 @@ import torch
 
 from heed.config import config_from_dict
 from heed.config.rl import RLConfig
+from heed.demo.builtin import resolve_config
 from heed.errors import ConfigError, HeedError
 
 torch.set_num_threads(1)
@@ -31,7 +32,7 @@ def _rl(out: Path, **over: Any) -> RLConfig:
         "out": str(out),
     }
     base.update(over)
-    return config_from_dict(RLConfig, base, "test")
+    return resolve_config(config_from_dict(RLConfig, base, "test"))
 
 
 def test_ppo_value_head_with_gradient_checkpointing_matches_without(tmp_path: Path) -> None:

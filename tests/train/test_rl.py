@@ -15,6 +15,7 @@ import pytest
 from heed.config import config_from_dict, load_config
 from heed.config.base import set_dotted
 from heed.config.rl import RLConfig
+from heed.demo.builtin import resolve_config
 from heed.errors import ConfigError, DataError, HeedError, TrainingDivergedError
 from heed.train.common import latest_checkpoint
 from heed.train.rl import train_rl
@@ -35,7 +36,7 @@ def _cfg(out: Path, **over: Any) -> RLConfig:
     }
     for key, value in over.items():
         set_dotted(base, key, value)
-    return config_from_dict(RLConfig, base, "test")
+    return resolve_config(config_from_dict(RLConfig, base, "test"))
 
 
 def _train_rows(run: Path) -> list[dict[str, Any]]:
@@ -131,7 +132,7 @@ def test_ppo_ptx_separate_critic_adaptive_kl_and_eval(tmp_path: Path) -> None:
             "eval.num_prompts": 8,
             "eval.samples": 3,
             "eval.metrics": [{"function": "banana_success"}],
-            "eval.gold": [{"function": "gold_positivity", "name": "positivity"}],
+            "eval.gold": [{"function": "builtin:gold_positivity", "name": "positivity"}],
         },
     )
     summary = train_rl(cfg)

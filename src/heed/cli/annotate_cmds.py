@@ -129,8 +129,10 @@ def user_list(db: DbOpt = "heed-annotate.db") -> None:
 
 def _scorer(reward_model: Path):  # type: ignore[no-untyped-def]
     import heed
+    from heed.cli.builtin import resolve_path
     from heed.errors import ModelLoadError
 
+    reward_model = resolve_path(reward_model, "--reward-model")
     try:
         rm = heed.load_reward_model(str(reward_model))
     except ModuleNotFoundError as exc:
@@ -153,8 +155,10 @@ def import_(
     db: DbOpt = "heed-annotate.db",
 ) -> None:
     """Import records {prompt, responses} (or {prompt, chosen, rejected}) into a project."""
+    from heed.cli.builtin import resolve_path
+
     fb = _feedback(db)
-    n = fb.import_file(project, data, file_format)
+    n = fb.import_file(project, resolve_path(data, "--data"), file_format)
     typer.echo(f"imported {n} records into {project}")
     if reward_model is not None:
         typer.echo(
@@ -181,8 +185,10 @@ def generate(
     db: DbOpt = "heed-annotate.db",
 ) -> None:
     """Sample K answers per prompt from a policy and import them as records of the project."""
+    from heed.cli.builtin import resolve_path
     from heed.feedback.generate import generate_records
 
+    model, prompts = resolve_path(model, "--model"), resolve_path(prompts, "--prompts")
     fb = _feedback(db)
     task = fb.project(project).task
     scorer = _scorer(reward_model) if reward_model is not None else None

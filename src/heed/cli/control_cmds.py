@@ -83,7 +83,8 @@ def bandit(config: ConfigOpt = None, overrides: SetOpt = None, out: OutOpt = Non
     from heed.config import load_config
     from heed.control.bandit import train_bandit
     from heed.control.config import BanditConfig
+    from heed.demo.classifier import bandit_tone_data
 
     cfg = load_config(BanditConfig, config, with_out(overrides, out))
-    summary = train_bandit(cfg)
+    summary = train_bandit(cfg, bandit_tone_data(cfg.num_texts, cfg.eval_fraction, cfg.seed))
     typer.echo(json.dumps(summary, indent=2))

@@ -12,16 +12,17 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resum
     """Tune a policy directly on preferences: DPO (sigmoid, cDPO), IPO, hinge or SimPO, + optional RPO term.
 
     Data: {"prompt", "chosen", "rejected"} pairs and/or {"prompt", "responses", "ranks"} groups
-    (expanded by data.pairs: all | best_vs_rest | best_vs_worst; ties skipped). Example:
+    (expanded by data.pairs: all | best_vs_rest | best_vs_worst; ties skipped). Examples:
+    heed dpo --config configs/dpo.yaml --out runs/dpo (the built-in model and rankings);
     heed dpo --set model.path=runs/sft/final --set data.train=prefs.jsonl --out runs/dpo
     """
     from rich.console import Console
 
-    from heed.config import load_config
+    from heed.cli.builtin import load_resolved
     from heed.config.dpo import DPOConfig
     from heed.train.dpo import train_dpo
 
-    cfg = load_config(DPOConfig, config, with_out(set_, out))
+    cfg = load_resolved(DPOConfig, config, with_out(set_, out))
     summary = train_dpo(cfg, resume=resume)
     keys = (
         "loss",

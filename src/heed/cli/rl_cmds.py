@@ -22,14 +22,14 @@ def rl(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resume
 
     heed rl --config configs/banana.yaml --set algorithm=ppo --out runs/ppo-banana
     """
-    from heed.config import load_config
+    from heed.cli.builtin import load_resolved
     from heed.config.rl import RLConfig
     from heed.errors import ConfigError
     from heed.train.rl import train_rl
 
     if config is None and not set_:
         raise ConfigError("heed rl: give --config FILE (see configs/banana.yaml)")
-    cfg = load_config(RLConfig, config, with_out(set_, out))
+    cfg = load_resolved(RLConfig, config, with_out(set_, out))
     summary = train_rl(cfg, resume=resume, config_dir=config.parent if config else None)
     _done(cfg.out, summary)
 
@@ -63,13 +63,13 @@ def eval_(
     """
     import json
 
-    from heed.config import load_config
+    from heed.cli.builtin import load_resolved, resolve_path
     from heed.config.rl import RLConfig
     from heed.errors import ConfigError
     from heed.train.rl import evaluate_model
 
     if config is None:
         raise ConfigError("heed eval: give --config FILE (its rewards, eval prompts and reference are used)")
-    cfg = load_config(RLConfig, config, list(set_ or []))
-    result = evaluate_model(cfg, str(model), out, config_dir=config.parent)
+    cfg = load_resolved(RLConfig, config, list(set_ or []))
+    result = evaluate_model(cfg, str(resolve_path(model, "--model")), out, config_dir=config.parent)
     typer.echo(json.dumps(result, indent=2))

@@ -26,15 +26,16 @@ def train(
     (BERT-style) or an existing reward model; writes final/ as an AutoModelForSequenceClassification
     with reward_stats.json (eval mean/std) beside it.
 
-    Example: heed rm train --set model.path=runs/sft/final --set data.train=rankings.jsonl --out runs/rm
+    Examples: heed rm train --config configs/rm.yaml --out runs/rm (the built-in model and rankings);
+    heed rm train --set model.path=runs/sft/final --set data.train=rankings.jsonl --out runs/rm
     """
     from rich.console import Console
 
-    from heed.config import load_config
+    from heed.cli.builtin import load_resolved
     from heed.config.reward import RMConfig
     from heed.train.reward import train_reward
 
-    cfg = load_config(RMConfig, config, with_out(set_, out))
+    cfg = load_resolved(RMConfig, config, with_out(set_, out))
     summary = train_reward(cfg, resume=resume)
     keys = [
         k
@@ -82,7 +83,10 @@ def _records_to_pairs(located: list[Any]) -> list[tuple[int, str, Any, str]]:
 @rm_app.command("score")
 def score(
     model: Annotated[
-        Path, typer.Option("--model", "-m", help="Reward model folder (heed rm train's final/).")
+        Path,
+        typer.Option(
+            "--model", "-m", help="Reward model folder (heed rm train's final/), or builtin:reward_model."
+        ),
     ],
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="The prompt the responses answer.")
@@ -109,6 +113,7 @@ def score(
     heed rm score --model runs/rm/final --prompt "Tell me about tea." --response "Tea is lovely." --response "Tea."
     heed rm score --model runs/rm/final --data answers.jsonl --out scored.jsonl
     """
+    from heed.cli.builtin import resolve_optional, resolve_path
     from heed.errors import HeedError
     from heed.models.reward import load_reward_model
 
@@ -118,6 +123,7 @@ def score(
         )
     if data is not None and out is None:
         raise HeedError("rm score: --data needs --out FILE for the scored records")
+    model, data = resolve_path(model, "--model"), resolve_optional(data, "--data")
     rm = load_reward_model(model)
     if data is None:
         assert prompt is not None and response

@@ -23,7 +23,8 @@ def merge(
 
     Example: heed merge --adapter runs/sft-lora/final --out runs/sft-merged
     """
+    from heed.cli.builtin import resolve_optional
     from heed.models.lora import merge_adapter
 
-    written = merge_adapter(adapter, out, base=base, dtype=dtype)
+    written = merge_adapter(adapter, out, base=resolve_optional(base, "--base"), dtype=dtype)
     typer.echo(f"merged model: {written}")

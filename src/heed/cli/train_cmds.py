@@ -20,13 +20,14 @@ def pretrain(
     Llama-style model of model.size, packs the text into full rows and writes final/ in
     Hugging Face format.
 
-    Example: heed pretrain --set data.train=corpus.jsonl --out runs/base
+    Examples: heed pretrain --config configs/pretrain.yaml --out runs/base (the built-in corpus);
+    heed pretrain --set data.train=corpus.jsonl --out runs/base
     """
-    from heed.config import load_config
+    from heed.cli.builtin import load_resolved
     from heed.config.sft import PRETRAIN_DEFAULTS, SFTConfig
     from heed.train.sft import train_sft
 
-    cfg = load_config(SFTConfig, config, with_out(set_, out), defaults=PRETRAIN_DEFAULTS)
+    cfg = load_resolved(SFTConfig, config, with_out(set_, out), defaults=PRETRAIN_DEFAULTS)
     summary = train_sft(cfg, resume=resume)
     _done(cfg.out, summary)
 
@@ -35,14 +36,15 @@ def pretrain(
 def sft(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False) -> None:
     """Supervised fine-tuning on chats ({"messages": [...]}) or {"prompt", "completion"} records.
 
-    The loss falls on assistant / completion tokens only. Example:
+    The loss falls on assistant / completion tokens only. Examples:
+    heed sft --config configs/sft.yaml --out runs/sft (the built-in base model and chats);
     heed sft --set model.path=runs/base/final --set data.train=chat.jsonl --out runs/sft
     """
-    from heed.config import load_config
+    from heed.cli.builtin import load_resolved
     from heed.config.sft import SFTConfig
     from heed.train.sft import train_sft
 
-    cfg = load_config(SFTConfig, config, with_out(set_, out))
+    cfg = load_resolved(SFTConfig, config, with_out(set_, out))
     summary = train_sft(cfg, resume=resume)
     _done(cfg.out, summary)
 
@@ -61,9 +63,16 @@ def _done(out: str, summary: dict) -> None:
 
 @app.command(rich_help_panel="Use")
 def generate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Local model folder (Hugging Face format).")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Local model folder (Hugging Face format), or 'builtin'.")
+    ],
     prompts: Annotated[
-        Path, typer.Option("--prompts", "-p", help='Prompts file: {"prompt": ...} per record.')
+        Path,
+        typer.Option(
+            "--prompts",
+            "-p",
+            help='Prompts file: {"prompt": ...} per record (builtin:prompts_eval: built-in).',
+        ),
     ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help='Output JSONL: {"prompt", "responses": [...]} per prompt.')
@@ -76,7 +85,11 @@ def generate(
     chat: Annotated[str, typer.Option(help="Use the chat template: auto, true or false.")] = "auto",
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
-    """Sample K answers per prompt from any local model folder into a JSONL file."""
+    """Sample K answers per prompt from any local model folder into a JSONL file.
+
+    Example: heed generate --model builtin --prompts builtin:prompts_eval --num-samples 4 --out answers.jsonl
+    """
+    from heed.cli.builtin import resolve_path
     from heed.data.io import write_jsonl
     from heed.data.records import load_records
     from heed.errors import ConfigError
@@ -84,6 +97,7 @@ def generate(
 
     if chat not in ("auto", "true", "false"):
         raise ConfigError(f"--chat: expected auto, true or false, got {chat!r}")
+    model, prompts = resolve_path(model, "--model"), resolve_path(prompts, "--prompts")
     records = load_records(prompts, "prompts")
     params = SamplingParams(
         max_new_tokens=max_new_tokens,

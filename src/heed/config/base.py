@@ -169,12 +169,51 @@ def _allowed_keys(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | Non
     return None
 
 
+def _section(annotation: Any) -> Any:
+    """The config class inside a field's annotation (``X`` or ``X | None``), if there is one."""
+    candidates = [a for a in (typing.get_args(annotation) or (annotation,)) if isinstance(a, type)]
+    return next((a for a in candidates if issubclass(a, BaseModel)), None)
+
+
+def _required_keys(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[tuple[str, Any]]:
+    """``(dotted key, field)`` of what the user must set at ``loc``: the field itself when it has no
+    default, or, for a required section, its own required keys (``data`` -> ``data.train``)."""
+    model: Any = cls
+    info: Any = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        info = model.model_fields[part]
+        model = _section(info.annotation)
+    if info is None or not info.is_required():
+        return []
+    key = ".".join(str(p) for p in loc)
+    inner = (
+        [(f"{key}.{name}", f) for name, f in model.model_fields.items() if f.is_required()] if model else []
+    )
+    return inner or [(key, info)]
+
+
+def _missing_key_message(info: Any, key: str, source: str) -> str:
+    """``config key 'data.train' is required: set it ... --set data.train=prefs.jsonl (what it holds; ...)``:
+    the example is the field's first ``examples`` entry, the other entries (built-in names) follow."""
+    examples = list(info.examples or ["VALUE"])
+    what = (info.description or "").rstrip(".")
+    if examples[1:]:
+        what += f"; or {', '.join(str(x) for x in examples[1:])}"
+    hint = f" ({what})" if what else ""
+    return f"{source}: config key '{key}' is required: set it in the config or with --set {key}={examples[0]}{hint}"
+
+
 def _format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
         key = ".".join(str(p) for p in loc) or "(root)"
-        if e["type"] == "extra_forbidden":
+        required = _required_keys(cls, loc) if e["type"] == "missing" or e.get("input", 0) is None else []
+        if required:  # left out, or set to null
+            lines += [_missing_key_message(info, k, source) for k, info in required]
+        elif e["type"] == "extra_forbidden":
             allowed = _allowed_keys(cls, loc)
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
             lines.append(f"{source}: unknown config key '{key}'{hint}")

@@ -17,7 +17,9 @@ class DPODataConfig(HeedConfig):
     """Preference data: pairs and/or ranked groups (one file may mix them)."""
 
     train: str = Field(
-        ..., description="Preference file (.jsonl/.json/.parquet) or datasets folder: pairs or ranked groups."
+        ...,
+        description="Preference file (.jsonl/.json/.parquet) or datasets folder: pairs or ranked groups",
+        examples=["prefs.jsonl", "builtin:pairs or builtin:rankings for the built-in data"],
     )
     eval: str | None = Field(
         None, description="Held-out preference file; if unset, `eval_split` of train groups is held out."

@@ -57,7 +57,9 @@ class RMDataConfig(HeedConfig):
     """Preference data: pairs and ranked groups, in one file or several kinds mixed."""
 
     train: str = Field(
-        ..., description="Training file (.jsonl/.json/.parquet) of pairs and/or ranked groups."
+        ...,
+        description="Training file (.jsonl/.json/.parquet) of pairs and/or ranked groups",
+        examples=["rankings.jsonl", "builtin:rankings or builtin:pairs for the built-in data"],
     )
     eval: str | None = Field(
         None, description="Evaluation file; if unset, `eval_split` of the prompts is held out."

@@ -21,8 +21,9 @@ class RewardSpec(HeedConfig):
     weight: float = Field(1.0, description="Weight of this source in the total reward.")
     function: str | None = Field(
         None,
-        description="A built-in (banana_format, banana_success, length_penalty, gold_positivity), "
-        "'package.module:function' or 'path/to/file.py:function'.",
+        description="A built-in (banana_format, banana_success, length_penalty), "
+        "'package.module:function', 'path/to/file.py:function', or builtin:gold_positivity (the "
+        "built-in world's hidden gold tone).",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to `function`.")
     model: str | None = Field(None, description="Reward-model folder written by `heed rm train`.")
@@ -68,6 +69,7 @@ class RLDataConfig(HeedConfig):
     prompts: str = Field(
         ...,
         description="Training prompts ({\"prompt\": ...} JSONL); 'builtin:prompts_train' for the built-in ones.",
+        examples=["prompts.jsonl"],
     )
     eval_prompts: str | None = Field(
         None, description="Held-out prompts for evaluation; 'builtin:prompts_eval' for the built-in ones."

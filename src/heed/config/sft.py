@@ -12,7 +12,12 @@ from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
 class SFTDataConfig(HeedConfig):
     """Training data for SFT / language modelling."""
 
-    train: str = Field(..., description="Training file (.jsonl/.json/.parquet) or datasets folder.")
+    train: str = Field(
+        ...,
+        description="Training file (.jsonl/.json/.parquet) or datasets folder: chats, "
+        '{"prompt", "completion"} or, for heed pretrain, {"text"} records',
+        examples=["data.jsonl", "builtin:chat or builtin:text for the built-in chats or text"],
+    )
     eval: str | None = Field(
         None, description="Evaluation file; if unset, `eval_split` of train is held out."
     )

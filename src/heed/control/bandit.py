@@ -32,7 +32,7 @@ from heed.control.config import BanditConfig
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 
-TONES = ("positive", "neutral", "negative")  # label ids, as in heed.demo.corpus.TONES
+TONES = ("positive", "neutral", "negative")  # label ids (the built-in corpus names its tones so too)
 
 
 @dataclass(frozen=True)
@@ -127,36 +127,30 @@ def warm_start(
         optimizer.step()
 
 
-def load_tone_data(cfg: BanditConfig) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Answers of the built-in corpus and their hidden tone labels (indices into :data:`TONES`):
-    ``(train texts, train labels, held-out texts, held-out labels)``; the held-out answers come from
-    the corpus's held-out prompts."""
-    from heed.demo.corpus import make_corpus
+@dataclass(frozen=True)
+class LabelledTexts:
+    """Texts and their true labels (indices into :data:`TONES`): a train split and a held-out one.
+    The command line passes the built-in corpus's answers and hidden tones (:mod:`heed.demo.classifier`)."""
 
-    n_eval = max(1, int(cfg.num_texts * cfg.eval_fraction))
-    train = make_corpus(cfg.num_texts - n_eval, seed=cfg.seed)
-    held = make_corpus(n_eval, seed=cfg.seed, heldout=True)
-    return (
-        [r.response for r in train],
-        [TONES.index(r.tone) for r in train],
-        [r.response for r in held],
-        [TONES.index(r.tone) for r in held],
-    )
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
 
 
-def train_bandit(cfg: BanditConfig) -> dict[str, Any]:
-    """Tune a weak classifier with PPO from simulated approvals on the built-in corpus's tone
-    labels; returns the summary (also ``summary.json``). Runs with ``cfg.threads`` torch threads
-    and restores the caller's setting afterwards."""
+def train_bandit(cfg: BanditConfig, data: LabelledTexts) -> dict[str, Any]:
+    """Tune a weak classifier with PPO from simulated approvals on ``data``'s labels; returns the
+    summary (also ``summary.json``). Runs with ``cfg.threads`` torch threads and restores the
+    caller's setting afterwards."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train_bandit(cfg)
+        return _train_bandit(cfg, data)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_bandit(cfg: BanditConfig) -> dict[str, Any]:
+def _train_bandit(cfg: BanditConfig, data: LabelledTexts) -> dict[str, Any]:
     # step 1. seeds, run folder, data split, tokenizer
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -164,7 +158,12 @@ def _train_bandit(cfg: BanditConfig) -> dict[str, Any]:
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    train_texts, train_labels, eval_texts, eval_labels = load_tone_data(cfg)
+    train_texts, train_labels, eval_texts, eval_labels = (
+        data.train_texts,
+        data.train_labels,
+        data.eval_texts,
+        data.eval_labels,
+    )
     from heed.models.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)

@@ -10,14 +10,13 @@ cached like :func:`heed.demo.assets.builtin_sft_model`.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from heed.demo.assets import cache_dir, spec_key
+from heed.control.bandit import TONES, LabelledTexts
+from heed.demo.assets import cached_build, spec_key
 from heed.demo.corpus import make_corpus
 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
@@ -43,6 +42,20 @@ class ClassifierSpec:
 def tone_examples(n: int, seed: int) -> list[tuple[str, int]]:
     """(response, label) pairs: 1 for a positive tone, 0 for neutral or negative."""
     return [(r.response, int(r.tone == "positive")) for r in make_corpus(n, seed=seed)]
+
+
+def bandit_tone_data(num_texts: int, eval_fraction: float, seed: int) -> LabelledTexts:
+    """Answers of the built-in corpus and their hidden tones, for ``heed control bandit``: the
+    held-out share (``eval_fraction`` of ``num_texts``) answers the corpus's held-out prompts."""
+    n_eval = max(1, int(num_texts * eval_fraction))
+    train = make_corpus(num_texts - n_eval, seed=seed)
+    held = make_corpus(n_eval, seed=seed, heldout=True)
+    return LabelledTexts(
+        [r.response for r in train],
+        [TONES.index(r.tone) for r in train],
+        [r.response for r in held],
+        [TONES.index(r.tone) for r in held],
+    )
 
 
 def build_tone_classifier(out_dir: str | Path, spec: ClassifierSpec = ClassifierSpec()) -> dict[str, Any]:
@@ -107,17 +120,6 @@ def build_tone_classifier(out_dir: str | Path, spec: ClassifierSpec = Classifier
 
 def builtin_tone_classifier(spec: ClassifierSpec = ClassifierSpec(), root: str | Path | None = None) -> Path:
     """Folder of the built-in tone classifier, built once (about half a minute) and cached."""
-    root = Path(root) if root is not None else cache_dir()
-    target = root / f"tone-classifier-{spec.key()}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tone-classifier-{spec.key()}.{os.getpid()}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    build_tone_classifier(tmp, spec)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(
+        f"tone-classifier-{spec.key()}", "config.json", lambda tmp: build_tone_classifier(tmp, spec), root
+    )

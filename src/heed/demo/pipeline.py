@@ -23,7 +23,10 @@ from typing import Any
 
 from heed.data.io import write_jsonl
 from heed.demo.assets import MICRO, BuiltinSpec
+from heed.demo.builtin import FUNCTIONS
 from heed.train.common import latest_checkpoint, write_json
+
+GOLD_POSITIVITY = FUNCTIONS["gold_positivity"]  # the hidden gold tone, as a reward function
 
 GUIDELINES = """# How to rank
 
@@ -318,7 +321,7 @@ class Demo:
             "eval": {
                 "num_prompts": self.s.eval_prompts,
                 "temperature": 0.7,
-                "gold": [{"name": "positivity", "function": "gold_positivity"}],
+                "gold": [{"name": "positivity", "function": GOLD_POSITIVITY}],
                 "metrics": [{"name": "banana_success", "function": "banana_success"}],
             },
             "log": self._log(eval_every=20, save_every=20),
@@ -410,7 +413,7 @@ class Demo:
                         "num_prompts": self.s.eval_prompts,
                         "temperature": 0.7,
                         "samples": 8,
-                        "gold": [{"name": "positivity", "function": "gold_positivity"}],
+                        "gold": [{"name": "positivity", "function": GOLD_POSITIVITY}],
                         "metrics": [{"name": "banana_success", "function": "banana_success"}],
                     },
                     "log": {"progress": False},

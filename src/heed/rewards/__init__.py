@@ -4,7 +4,7 @@
 Light to import: models and pipelines are loaded only when a source that needs them is built.
 """
 
-from heed.rewards.builtin import BUILTINS, banana_format, banana_success, gold_positivity, length_penalty
+from heed.rewards.builtin import BUILTINS, banana_format, banana_success, length_penalty
 from heed.rewards.combine import (
     RewardBatch,
     RewardError,
@@ -26,7 +26,6 @@ __all__ = [
     "build_rewards",
     "build_source",
     "function_source",
-    "gold_positivity",
     "length_penalty",
     "pipeline_source",
     "resolve_callable",

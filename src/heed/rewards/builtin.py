@@ -1,5 +1,6 @@
 """Built-in reward functions and task metrics, all with the reward signature
-``fn(prompts, completions, **columns) -> list[float]``.
+``fn(prompts, completions, **columns) -> list[float]``. (The built-in world's gold metric,
+``builtin:gold_positivity``, belongs to :mod:`heed.demo.builtin`, which knows the hidden labels.)
 
 The banana task (DESIGN.md, the demo's rule task): answer in the form ``"Sure: ... banana"``.
 
@@ -64,16 +65,8 @@ def length_penalty(
     return [-per_word * max(0, word_count(t) - target_words) for t in completions]
 
 
-def gold_positivity(prompts: list[Any], completions: list[str], **columns: Any) -> list[float]:
-    """Gold positivity of each answer in [−1, 1] (:func:`heed.demo.corpus.tone_of`)."""
-    from heed.demo.corpus import tone_of
-
-    return [tone_of(t) for t in completions]
-
-
 BUILTINS: dict[str, Callable[..., list[float]]] = {
     "banana_format": banana_format,
     "banana_success": banana_success,
     "length_penalty": length_penalty,
-    "gold_positivity": gold_positivity,
 }

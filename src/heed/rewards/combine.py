@@ -165,25 +165,19 @@ class NoneRewardWatch:
             )
 
 
-def build_source(
-    spec: RewardSpec, base_dir: str | Path | None = None, resolve_path: Any = None
-) -> RewardSource:
-    """One configured source (``resolve_path`` maps 'builtin:...' folders to real ones)."""
+def build_source(spec: RewardSpec, base_dir: str | Path | None = None) -> RewardSource:
+    """One configured source. Folders and functions are real paths and ``module:function`` names
+    (the command line resolves ``builtin:...`` names before a config gets here)."""
     from heed.rewards import sources
 
-    resolve = resolve_path or (lambda p: p)
     if spec.function:
         fn = sources.function_source(spec.function, spec.args, base_dir)
     elif spec.model:
-        fn = sources.reward_model_source(str(resolve(spec.model)), spec.normalize, spec.batch_size)
+        fn = sources.reward_model_source(str(spec.model), spec.normalize, spec.batch_size)
     else:
-        fn = sources.pipeline_source(
-            str(resolve(spec.pipeline)), spec.labels, spec.use_score, spec.batch_size
-        )
+        fn = sources.pipeline_source(str(spec.pipeline), spec.labels, spec.use_score, spec.batch_size)
     return RewardSource(spec.display_name, fn, spec.weight)
 
 
-def build_rewards(
-    specs: Sequence[RewardSpec], base_dir: str | Path | None = None, resolve_path: Any = None
-) -> RewardSet:
-    return RewardSet([build_source(s, base_dir, resolve_path) for s in specs])
+def build_rewards(specs: Sequence[RewardSpec], base_dir: str | Path | None = None) -> RewardSet:
+    return RewardSet([build_source(s, base_dir) for s in specs])

@@ -67,44 +67,29 @@ VALUE_HEAD_FILE = "value_head.pt"
 
 
 # --------------------------------------------------------------------------------------------
-# built-in assets named in configs
+# paths only: 'builtin' names are resolved by heed.cli / heed.demo before a config gets here
 
 
-def resolve_builtin(value: str) -> str:
-    """Map ``builtin`` names in configs to cached built-in assets; any other value is returned as is.
+def check_paths(cfg: RLConfig) -> None:
+    """Refuse a config that still holds ``builtin`` names, with the call that resolves them."""
+    found: list[str] = []
 
-    ``builtin`` / ``builtin:tiny`` / ``builtin:micro``: the built-in SFT model folder;
-    ``builtin:prompts_train`` / ``builtin:prompts_eval`` / ``builtin:text`` / ``builtin:chat``:
-    the corpus files beside it (``builtin:micro:prompts_eval`` for the micro model's);
-    ``builtin:tone_classifier``: the optimism classifier (:mod:`heed.demo.classifier`).
-    """
-    if not isinstance(value, str) or not value.startswith("builtin"):
-        return value
-    from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(node, str) and (node == "builtin" or node.startswith("builtin:")):
+            found.append(f"{where}={node}")
 
-    parts = value.split(":")
-    if parts[0] != "builtin":
-        return value
-    spec = BuiltinSpec()
-    if len(parts) > 1 and parts[1] in ("tiny", "micro"):
-        spec = MICRO if parts[1] == "micro" else spec
-        parts = parts[:1] + parts[2:]
-    if len(parts) == 1:
-        return str(builtin_sft_model(spec))
-    name = parts[1]
-    if name == "tone_classifier":
-        from heed.demo.classifier import builtin_tone_classifier
-
-        return str(builtin_tone_classifier())
-    # the corpus files sit in <asset>/data beside <asset>/sft/final
-    data_dir = builtin_sft_model(spec).parent.parent / "data"
-    files = {p.stem: p for p in data_dir.glob("*.jsonl")}
-    if name not in files:
+    walk(cfg.model_dump(), "")
+    if found:
         raise ConfigError(
-            f"{value!r}: unknown built-in asset; expected builtin[:tiny|:micro][:{'|:'.join(sorted(files))}]"
-            " or builtin:tone_classifier"
+            f"{', '.join(found)}: built-in names are resolved by the heed command; from Python, "
+            "pass the config through heed.demo.builtin.resolve_config(cfg) first"
         )
-    return str(files[name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,6 +514,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     from heed.models.value import Critic, ValueHead, hidden_size
 
     # step 0. run folder, seed, resume point, mixed precision
+    check_paths(cfg)
     if cfg.rollout.engine == "vllm":  # before any model is loaded
         check_vllm()
         if cfg.model.lora is not None and cfg.model.lora.quantize != "none":
@@ -553,8 +539,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
     main = coll.main
 
     # step 0b. models: policy (from the checkpoint when resuming), frozen reference, critic
-    policy_path = resolve_builtin(cfg.model.path or "")
-    ref_path = resolve_builtin(cfg.ref_model) if cfg.ref_model else policy_path
+    policy_path = cfg.model.path or ""
+    ref_path = cfg.ref_model or policy_path
     tokenizer = load_tokenizer(policy_path, padding_side="left")
     lora = cfg.model.lora
     model = load_causal_lm(
@@ -580,27 +566,21 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
                 value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
         else:
-            critic = Critic(
-                load_causal_lm(resolve_builtin(cfg.ppo.critic_path or policy_path), dtype=cfg.model.dtype)
-            )
+            critic = Critic(load_causal_lm(cfg.ppo.critic_path or policy_path, dtype=cfg.model.dtype))
 
     # step 0c. reward sources, prompts, PPO-ptx text
-    rewards = build_rewards(cfg.rewards, config_dir, resolve_builtin)
-    metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
-    gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
-    train_prompts = load_prompts(resolve_builtin(cfg.data.prompts), tokenizer, cfg)
-    eval_prompts = (
-        load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg)
-        if cfg.data.eval_prompts
-        else None
-    )
+    rewards = build_rewards(cfg.rewards, config_dir)
+    metrics_set = build_rewards(cfg.eval.metrics, config_dir) if cfg.eval.metrics else None
+    gold_set = build_rewards(cfg.eval.gold, config_dir) if cfg.eval.gold else None
+    train_prompts = load_prompts(cfg.data.prompts, tokenizer, cfg)
+    eval_prompts = load_prompts(cfg.data.eval_prompts, tokenizer, cfg) if cfg.data.eval_prompts else None
     ptx_texts: list[Any] = []
     if cfg.ptx.coef > 0 and cfg.ptx.data:
         from heed.data.collate import truncate
         from heed.data.templating import encode_text
 
         ptx_texts, _ = truncate(
-            [encode_text(tokenizer, r.text) for r in load_records(resolve_builtin(cfg.ptx.data), "text")],
+            [encode_text(tokenizer, r.text) for r in load_records(cfg.ptx.data, "text")],
             cfg.ptx.max_length,
         )
     engine = make_engine(
@@ -1048,15 +1028,15 @@ def evaluate_model(
     if not cfg.data.eval_prompts:
         raise ConfigError("data.eval_prompts: heed eval needs held-out prompts (e.g. builtin:prompts_eval)")
     set_seed(cfg.train.seed)
-    model_dir = resolve_builtin(str(model_dir))
-    ref_path = resolve_builtin(cfg.ref_model or cfg.model.path or "")
+    check_paths(cfg)
+    ref_path = cfg.ref_model or cfg.model.path or ""
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir, dtype=cfg.model.dtype).eval()
     ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).eval()
-    rewards = build_rewards(cfg.rewards, config_dir, resolve_builtin)
-    metrics_set = build_rewards(cfg.eval.metrics, config_dir, resolve_builtin) if cfg.eval.metrics else None
-    gold_set = build_rewards(cfg.eval.gold, config_dir, resolve_builtin) if cfg.eval.gold else None
-    prompts = load_prompts(resolve_builtin(cfg.data.eval_prompts), tokenizer, cfg)
+    rewards = build_rewards(cfg.rewards, config_dir)
+    metrics_set = build_rewards(cfg.eval.metrics, config_dir) if cfg.eval.metrics else None
+    gold_set = build_rewards(cfg.eval.gold, config_dir) if cfg.eval.gold else None
+    prompts = load_prompts(cfg.data.eval_prompts, tokenizer, cfg)
     engine = make_engine(
         cfg.rollout.engine,
         cfg.rollout.batch_size,
