@@ -319,13 +319,16 @@ def test_first_ppo_ratio_is_1(name: str, dropout_models: dict[str, Any], tmp_pat
         "data": {"prompts": "builtin:micro:prompts_train"},
         "rewards": [{"function": "length_penalty", "args": {"per_word": 0.1}}],
         "algorithm": "ppo",
-        "ppo": {"epochs": 1, "critic": "separate"},
+        "update": {"epochs": 1},
+        "ppo": {"critic": "separate"},
         "rollout": {"prompts_per_step": 4, "k": 2, "max_new_tokens": 12},
         "train": {"updates": 1},
         "log": {"progress": False},
         "out": str(tmp_path / "run"),
     }
-    train_rl(config_from_dict(RLConfig, cfg, "test"))
+    from heed.demo.builtin import resolve_config
+
+    train_rl(resolve_config(config_from_dict(RLConfig, cfg, "test")))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r["split"] == "train")
     assert abs(first["ratio"] - 1) < 1e-5 and abs(first["approx_kl/k1"]) < 1e-6, first

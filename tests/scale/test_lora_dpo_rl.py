@@ -122,10 +122,10 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
     calls: list[float] = []
     real_ref = rl_mod.reference_logprobs
 
-    def checking(ref_model: Any, part: Any, temperature: float = 1.0, group: int = 0):
-        out = real_ref(ref_model, part, temperature, group)
+    def checking(ref_model: Any, part: Any, plan: Any, temperature: float = 1.0):
+        out = real_ref(ref_model, part, plan, temperature)
         with torch.no_grad():  # the base model's log-probs, computed from a plain copy loaded for the check
-            want = rl_mod.forward_part(plain, part, temperature, group).logprobs
+            want = plan.forward(plain, part, temperature).logprobs
         calls.append(float((out - want).abs().max()))
         return out
 

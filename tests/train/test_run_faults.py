@@ -235,7 +235,9 @@ def _rl_cfg(out: Path, **over: Any) -> RLConfig:
     }
     for key, value in over.items():
         set_dotted(raw, key, value)
-    return config_from_dict(RLConfig, raw, "test")
+    from heed.demo.builtin import resolve_config
+
+    return resolve_config(config_from_dict(RLConfig, raw, "test"))
 
 
 def test_rl_resume_repairs_torn_logs_and_counts_the_whole_run(tmp_path: Path) -> None:

@@ -75,12 +75,14 @@ def optimizer_step(
     source: str,
 ) -> dict[str, float]:
     """The end of every optimizer step: stop on a non-finite ``loss`` (naming ``source`` and the
-    1-based ``step``; the last checkpoint stays intact), clip the gradient norm, step the optimizer
-    and the schedule, clear the gradients. Returns ``{"lr", "grad_norm"?}`` for the log."""
+    1-based ``step``; the last checkpoint stays intact), clip the gradient norm (stopping, before any
+    weight changes, when it is not finite), step the optimizer and the schedule, clear the gradients.
+    Returns ``{"lr", "grad_norm"?}`` for the log."""
     check_finite(loss, step, source)
     figures: dict[str, float] = {}
     if max_grad_norm is not None:
         figures["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+        check_finite(figures["grad_norm"], step, "gradient norm")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
