@@ -749,18 +749,14 @@ class Feedback:
             ]
 
     def aggregate(
-        self, project: str, method: Literal["mean_rank", "borda"] = "mean_rank"
+        self,
+        project: str,
+        method: Literal["mean_rank", "borda"] = "mean_rank",
+        aggregate: str | None = None,
     ) -> list[agg.Aggregate]:
-        """The consensus of every annotated record (majority vote or mean rank / Borda)."""
-        task = self.project(project).task
-        out = []
-        for rid, js in sorted(agg.by_record(self.judgements(project)).items()):
-            out.append(
-                agg.aggregate_pairwise(rid, js)
-                if task == "pairwise"
-                else agg.aggregate_ranking(rid, js, method)
-            )
-        return out
+        """The consensus of every annotated record: ``aggregate`` = majority (pairwise), mean-rank
+        (rankings; ``method`` mean rank or Borda) or dawid-skene; ``None`` = the task's default."""
+        return agg.aggregate_records(self.project(project).task, self.judgements(project), aggregate, method)
 
     def agreement(self, project: str) -> agg.AgreementReport:
         """Inter-annotator agreement, agreement with the majority per annotator, position bias."""
@@ -779,10 +775,10 @@ class Feedback:
                 r["prompt"] = prompts.get(r["record_id"])
         return rows
 
-    def summary(self, project: str) -> dict[str, Any]:
+    def summary(self, project: str, aggregate: str | None = None) -> dict[str, Any]:
         """Aggregation outcome counts: records with a majority per label and without one."""
         counts: dict[str, int] = {}
-        for a in self.aggregate(project):
+        for a in self.aggregate(project, aggregate=aggregate):
             key = a.label if a.label is not None else "no_majority"
             counts[key] = counts.get(key, 0) + 1
         return counts
@@ -796,8 +792,9 @@ class Feedback:
         *,
         method: Literal["mean_rank", "borda"] = "mean_rank",
         complete_only: bool = False,
+        aggregate: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Consensus records in the DESIGN.md formats.
+        """Consensus records in the DESIGN.md formats (``aggregate``: see :meth:`aggregate`).
 
         ``pairs``: ``{"prompt", "chosen", "rejected", "weight", ...}`` (TRL-compatible; a chat prompt
         gives conversational ``chosen`` / ``rejected`` lists); a ranking yields every pair its
@@ -809,20 +806,17 @@ class Feedback:
         if format not in ("pairs", "ranked"):
             raise DataError(f"format {format!r}: expected pairs or ranked")
         p = self.project(project)
-        judgements = agg.by_record(self.judgements(project))
+        all_judgements = self.judgements(project)
+        judgements = agg.by_record(all_judgements)
+        consensus = {a.record_id: a for a in agg.aggregate_records(p.task, all_judgements, aggregate, method)}
         with self.store.read() as s:
             pid = self._project(s, project).id
             recs = {r.id: r for r in s.scalars(select(Record).where(Record.project_id == pid))}
         rows: list[dict[str, Any]] = []
         for rid in sorted(judgements):
-            js, rec = judgements[rid], recs[rid]
+            js, rec, a = judgements[rid], recs[rid], consensus[rid]
             if complete_only and rec.n_done < p.overlap:
                 continue
-            a = (
-                agg.aggregate_pairwise(rid, js)
-                if p.task == "pairwise"
-                else agg.aggregate_ranking(rid, js, method)
-            )
             if a.ranks is None:
                 continue
             extra = {
@@ -844,7 +838,9 @@ class Feedback:
                     }
                 )
                 continue
-            if p.task == "pairwise":
+            if a.pairs is not None:  # Dawid-Skene: each pair weighted by its posterior
+                pairs = a.pairs
+            elif p.task == "pairwise":
                 if a.label not in ("0", "1"):
                     continue
                 pairs = [(int(a.label), 1 - int(a.label), a.weight)]
@@ -927,6 +923,13 @@ class Feedback:
             lease.expires_at,
             dict(rec.meta or {}),
         )
+
+    # ---------------------------------------------------------------- reliability (Dawid-Skene)
+
+    def reliability(self, project: str) -> agg.rel.DawidSkene:
+        """Each annotator's estimated reliability: a Dawid-Skene fit (:class:`heed.feedback.reliability.DawidSkene`)
+        over the project's pairwise preferences (a ranking counts as its C(K, 2) pairs)."""
+        return agg.fit_reliability(self.judgements(project))
 
 
 _EXPORT_KEYS = {"prompt", "chosen", "rejected", "responses", "ranks", "weight"}
