@@ -27,6 +27,27 @@ class HeedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
+class DataFilesConfig(HeedConfig):
+    """Where a trainer's records come from: a training file, and an evaluation file or a held-out share
+    of the training records. Each trainer's data section adds what it reads."""
+
+    train: str = Field(..., description="Training file (.jsonl/.json/.parquet) or datasets folder.")
+    eval: str | None = Field(
+        None, description="Evaluation file; if unset, `eval_split` of train is held out."
+    )
+    eval_split: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of train held out for eval when `eval` is unset."
+    )
+    split: str | None = Field(
+        None,
+        description="Split of a DatasetDict folder in `train` (e.g. train_prefs); unset: its only split, or 'train'.",
+    )
+    eval_split_name: str | None = Field(
+        None,
+        description="Split of a DatasetDict folder in `eval` (e.g. test_prefs); unset: its only split.",
+    )
+
+
 class OptimConfig(HeedConfig):
     """AdamW with warmup and a decay schedule."""
 

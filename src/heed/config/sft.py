@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
+from heed.config.base import DataFilesConfig, HeedConfig, LogConfig, ModelConfig, OptimConfig
 
 
-class SFTDataConfig(HeedConfig):
+class SFTDataConfig(DataFilesConfig):
     """Training data for SFT / language modelling."""
 
     train: str = Field(
@@ -23,14 +23,6 @@ class SFTDataConfig(HeedConfig):
     )
     eval_split: float = Field(
         0.05, ge=0, lt=1, description="Fraction of train held out for eval when `eval` is unset."
-    )
-    split: str | None = Field(
-        None,
-        description="Split of a DatasetDict folder in `train` (e.g. train_prefs); unset: its only split, or 'train'.",
-    )
-    eval_split_name: str | None = Field(
-        None,
-        description="Split of a DatasetDict folder in `eval` (e.g. test_prefs); unset: its only split.",
     )
     kind: Literal["sft", "text"] = Field(
         "sft", description="sft: chat or prompt/completion (loss on answers); text: plain LM."

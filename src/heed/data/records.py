@@ -738,3 +738,24 @@ def prompt_text(prompt: Prompt) -> str:
         return prompt
     users = [m["content"] for m in prompt if m["role"] == "user"]
     return users[-1] if users else prompt[-1]["content"]
+
+
+def load_train_and_eval(
+    data: Any, kind: Kind, options: ParseOptions | None = None, max_length: int | None = None
+) -> tuple[list[Any], list[Any]]:
+    """The records of a config's ``data.train`` and ``data.eval`` (``[]`` when unset), each from its
+    split of a ``DatasetDict`` folder (``data.split``, ``data.eval_split_name``). Holding out part of
+    the training records when ``data.eval`` is unset is the trainer's choice (by record or by prompt)."""
+    train = load_records(data.train, kind, split=data.split, options=options, max_length=max_length)
+    if not data.eval:
+        return train, []
+    held = load_records(
+        data.eval,
+        kind,
+        split=data.eval_split_name,
+        split_key=EVAL_SPLIT,
+        default_split=None,
+        options=options,
+        max_length=max_length,
+    )
+    return train, held

@@ -25,10 +25,10 @@ from heed.config.dpo import DPOConfig, DPOLossConfig
 from heed.data.collate import length_grouped_batches
 from heed.data.pairs import EncodedPairs, PairCounts, PreferencePair, encode_pairs, expand_pairs, warn_counts
 from heed.data.records import (
-    EVAL_SPLIT,
     ParseOptions,
     Prompt,
     load_records,
+    load_train_and_eval,
 )
 from heed.data.templating import use_chat
 from heed.errors import DataError
@@ -258,20 +258,7 @@ def load_preference_data(
 
     d = cfg.data
     opts = ParseOptions(allow_negative_weights=d.allow_negative_weights)
-    train_groups = load_records(d.train, "preferences", split=d.split, options=opts, max_length=d.max_length)
-    eval_groups = (
-        load_records(
-            d.eval,
-            "preferences",
-            split=d.eval_split_name,
-            split_key=EVAL_SPLIT,
-            default_split=None,
-            options=opts,
-            max_length=d.max_length,
-        )
-        if d.eval
-        else []
-    )
+    train_groups, eval_groups = load_train_and_eval(d, "preferences", opts, d.max_length)
     if not cfg.data.eval:
         # split by group, so answers to one prompt never sit on both sides
         train_groups, eval_groups = split_eval(train_groups, cfg.data.eval_split, cfg.train.seed)

@@ -25,7 +25,7 @@ from heed.algos.losses import ranking_loss
 from heed.algos.ops import kendall_tau, top1_accuracy
 from heed.config.reward import RMConfig
 from heed.data.collate import length_grouped_batches
-from heed.data.records import EVAL_SPLIT, ParseOptions, PreferenceGroup, load_records
+from heed.data.records import ParseOptions, PreferenceGroup, load_train_and_eval
 from heed.data.split import split_by_prompt
 from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
@@ -252,20 +252,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
 
     # step 2. data: read and validate every record up front; hold out prompts for eval
     d, opts = cfg.data, ParseOptions(allow_negative_weights=cfg.data.allow_negative_weights)
-    train_groups = load_records(d.train, "preferences", split=d.split, options=opts, max_length=d.max_length)
-    eval_groups = (
-        load_records(
-            d.eval,
-            "preferences",
-            split=d.eval_split_name,
-            split_key=EVAL_SPLIT,
-            default_split=None,
-            options=opts,
-            max_length=d.max_length,
-        )
-        if d.eval
-        else []
-    )
+    train_groups, eval_groups = load_train_and_eval(d, "preferences", opts, d.max_length)
     if not cfg.data.eval:
         train_groups, eval_groups = split_by_prompt(train_groups, cfg.data.eval_split, cfg.train.seed)
 

@@ -26,7 +26,7 @@ from heed.data.collate import (
     pad_positions,
     truncate,
 )
-from heed.data.records import EVAL_SPLIT, load_records
+from heed.data.records import load_train_and_eval
 from heed.data.split import split_eval
 from heed.data.templating import encode_sft, encode_text, use_chat
 from heed.errors import DataError
@@ -132,19 +132,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     kind = cfg.data.kind
     # (texts past what max_length tokens can reach are cut before tokenizing; packing keeps them whole)
     cut_at = None if cfg.data.packing else cfg.data.max_length
-    train_ex = load_records(cfg.data.train, kind, split=cfg.data.split, max_length=cut_at)
-    eval_ex = (
-        load_records(
-            cfg.data.eval,
-            kind,
-            split=cfg.data.eval_split_name,
-            split_key=EVAL_SPLIT,
-            default_split=None,
-            max_length=cut_at,
-        )
-        if cfg.data.eval
-        else []
-    )
+    train_ex, eval_ex = load_train_and_eval(cfg.data, kind, max_length=cut_at)
     if not cfg.data.eval:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_split, cfg.train.seed)
 
