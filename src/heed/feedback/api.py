@@ -434,16 +434,17 @@ def create_app(
     login_limit: int = 10,
     login_window_s: float = 300.0,
     login_slots: int = 2,
+    limiter: LoginLimiter | None = None,
 ) -> FastAPI:
     """Build the app over a database URL/path (or an open :class:`Feedback`).
 
     ``secure_cookies`` adds the ``Secure`` flag (serve behind HTTPS). Failed logins: ``login_limit``
     per ``login_window_s`` per (user name, client address), ten times that per address, then a
     backoff of at most 30 s (:class:`heed.feedback.auth.LoginLimiter`), all counted before any hash;
-    at most ``login_slots`` password checks run at once.
+    at most ``login_slots`` password checks run at once. ``limiter`` replaces the default limiter.
     """
     fb = db if isinstance(db, Feedback) else Feedback(db)
-    limiter = LoginLimiter(login_limit, login_window_s)
+    limiter = limiter or LoginLimiter(login_limit, login_window_s)
     hash_slots = asyncio.Semaphore(login_slots)
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 

@@ -9,6 +9,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -88,9 +89,11 @@ class LoginLimiter:
         address_limit: int | None = None,
         base_s: float = 2.0,
         max_backoff_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = {"pair": limit, "address": address_limit or 10 * limit}
         self.window_s, self.base_s, self.max_backoff_s = window_s, base_s, max_backoff_s
+        self.clock = clock
         self._fails: dict[tuple, deque[float]] = {}
         self._inflight: dict[tuple, int] = {}
         self._lock = threading.Lock()
@@ -116,7 +119,7 @@ class LoginLimiter:
     def acquire(self, name: str, address: str) -> float | None:
         """Reserve one attempt: None when it may go ahead (then call :meth:`release`), else the
         seconds to wait before trying again."""
-        now = time.monotonic()
+        now = self.clock()
         keys = self._keys(name, address)
         with self._lock:
             waits = [w for kind, key in keys.items() if (w := self._wait(key, self.limits[kind], now))]
@@ -129,7 +132,7 @@ class LoginLimiter:
     def release(self, name: str, address: str, *, ok: bool | None) -> None:
         """Settle an attempt reserved by :meth:`acquire`: ``ok=False`` counts a failure, ``True`` clears
         the pair's failures, ``None`` does neither (the attempt never reached a password check)."""
-        now = time.monotonic()
+        now = self.clock()
         keys = self._keys(name, address)
         with self._lock:
             for key in keys.values():
