@@ -364,6 +364,8 @@ function show(item, past) {
   state.choice = null; state.ranked = []; state.tiePending = false; state.discard = false;
   state.key = newKey(); state.shownAt = performance.now();
   $("rationale").value = past && past.rationale ? past.rationale : "";
+  // a new record starts with the keys working (not typing into the last record's rationale)
+  if (document.activeElement === $("rationale")) $("rationale").blur();
   $("all-done").hidden = item !== null;
   $("item").hidden = item === null;
   for (const id of ["pairwise-buttons", "ranking-buttons", "submit", "skip"]) $(id).classList.toggle("gone", item === null);
