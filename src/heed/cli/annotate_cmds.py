@@ -103,12 +103,21 @@ def project_list(db: DbOpt = "heed-annotate.db") -> None:
 
 @user_app.command("add")
 def user_add(
-    name: Annotated[str, typer.Argument(help="User name.")],
+    name: Annotated[str, typer.Argument(help="User name (unique ignoring case).")],
     role: Annotated[str, typer.Option(help="annotator or admin.")] = "annotator",
+    project: Annotated[
+        list[str] | None, typer.Option("--project", "-p", help="Make the user a member (repeatable).")
+    ] = None,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
-    """Create a user and print a one-time password (only its argon2 hash is stored)."""
-    info, password = _feedback(db).add_user(name, role)  # type: ignore[arg-type]
+    """Create a user and print a one-time password (only its argon2 hash is stored); the user must
+    choose their own password at first login."""
+    fb = _feedback(db)
+    for p in project or []:
+        fb.project(p)  # an unknown project is refused before the user is created
+    info, password = fb.add_user(name, role)  # type: ignore[arg-type]
+    for p in project or []:
+        fb.add_member(p, info)
     typer.echo(f"user {info.name} ({info.role}) password: {password}")
 
 
@@ -116,15 +125,87 @@ def user_add(
 def user_reset(
     name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
 ) -> None:
-    """Give a user a new one-time password and end their sessions."""
+    """Give a user a new one-time password (to change at next login) and end their sessions."""
     typer.echo(f"user {name} password: {_feedback(db).set_password(name)}")
+
+
+@user_app.command("disable")
+def user_disable(
+    name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """Disable a user: no login, sessions ended, pending records released (their labels stay)."""
+    u = _feedback(db).set_active(name, False)
+    typer.echo(f"user {u.name} disabled")
+
+
+@user_app.command("enable")
+def user_enable(
+    name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """Enable a disabled user again."""
+    u = _feedback(db).set_active(name, True)
+    typer.echo(f"user {u.name} enabled")
+
+
+@user_app.command("rename")
+def user_rename(
+    old: Annotated[str, typer.Argument(help="Current name, spelled exactly as stored.")],
+    new: Annotated[str, typer.Argument(help="New name.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Rename a user (also resolves two older names that differ only in case)."""
+    from heed.feedback.service import Feedback
+
+    fb = Feedback(db, allow_name_clashes=True)
+    u = fb.rename_user(old, new)
+    fb.close()
+    Feedback(db).close()  # with the clash gone, the case-insensitive index can be made now
+    typer.echo(f"user {old} renamed to {u.name}")
 
 
 @user_app.command("list")
 def user_list(db: DbOpt = "heed-annotate.db") -> None:
-    """List users."""
+    """List users (name, role, state)."""
     for u in _feedback(db).users():
-        typer.echo(f"{u.name}\t{u.role}")
+        flags = ("active" if u.active else "disabled") + (
+            ", one-time password" if u.must_change_password else ""
+        )
+        typer.echo(f"{u.name}\t{u.role}\t{flags}")
+
+
+@project_app.command("add-member")
+def project_add_member(
+    project: Annotated[str, typer.Argument(help="Project name.")],
+    users: Annotated[list[str], typer.Argument(help="User names.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Let annotators work on a project (annotators see only their projects; admins see all)."""
+    fb = _feedback(db)
+    for u in users:
+        fb.add_member(project, u)
+    typer.echo(f"{project} members: {', '.join(fb.members(project))}")
+
+
+@project_app.command("remove-member")
+def project_remove_member(
+    project: Annotated[str, typer.Argument(help="Project name.")],
+    users: Annotated[list[str], typer.Argument(help="User names.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Take a project away from annotators (their labels stay; pending records are released)."""
+    fb = _feedback(db)
+    for u in users:
+        fb.remove_member(project, u)
+    typer.echo(f"{project} members: {', '.join(fb.members(project)) or '(none)'}")
+
+
+@project_app.command("members")
+def project_members(
+    project: Annotated[str, typer.Argument(help="Project name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """List a project's members."""
+    for name in _feedback(db).members(project):
+        typer.echo(name)
 
 
 def _scorer(reward_model: Path):  # type: ignore[no-untyped-def]
