@@ -86,8 +86,14 @@ def reference_table(
     desc: str = "reference",
     progress: bool = False,
     share: bool = True,
+    with_adapter: bool = False,
 ) -> torch.Tensor:
-    """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg]."""
+    """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg].
+
+    A LoRA model's reference is its base (the adapter disabled), unless ``with_adapter``: then the
+    model as it is now (iterative DPO anchors a round to the policy that starts it)."""
+    import contextlib
+
     from heed.models.lora import adapter_disabled
 
     device = next(model.parameters()).device
@@ -104,7 +110,8 @@ def reference_table(
                 t.to(device)
                 for t in collate_pairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id)
             )
-            with adapter_disabled(model):  # a LoRA policy's reference is its base model
+            # a LoRA policy's reference is its base model
+            with contextlib.nullcontext() if with_adapter else adapter_disabled(model):
                 lp = pair_logps(model, ids, att, mask, share)
             s_c, s_r = lp.halves(lp.logps.float().cpu())
             a_c, a_r = lp.halves(lp.avg_logps.float().cpu())
@@ -227,3 +234,28 @@ def write_samples(path: Path, result: SampleResult, num_samples: int, step: int)
                 }
             )
     write_jsonl(path, rows)
+
+
+def score_samples(
+    result: SampleResult, judge: Any, gold: Any | None, ref_name: str = "sft"
+) -> dict[str, float]:
+    """The judge's mean reward and each gold metric's mean over the answers of :func:`sample_and_kl`:
+    the tuned policy's as ``eval/reward``, ``eval/reward/<source>``, ``gold/<name>``, and the
+    reference's (``ref_name``) under ``start/`` (the same prompts and draws before tuning)."""
+    import math
+
+    prompts = [
+        p
+        for p in result.prompts
+        for _ in range(len(result.texts[result.policy_name]) // max(1, len(result.prompts)))
+    ]
+    out: dict[str, float] = {}
+    for name, prefix in ((result.policy_name, ""), (ref_name, "start/")):
+        texts = result.texts[name]
+        scored = judge(prompts, texts)
+        ok = [v for v in scored.total if v is not None]
+        out[f"{prefix}eval/reward"] = sum(ok) / len(ok) if ok else math.nan
+        out.update(scored.means(prefix=f"{prefix}eval/reward/"))
+        if gold is not None:
+            out.update(gold(prompts, texts).means(prefix=f"{prefix}gold/"))
+    return out
