@@ -246,3 +246,28 @@ def test_cli_errors_are_one_line(argv: list[str], expected: str, capsys: pytest.
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and re.match(rf"error: {re.escape(expected)}", err)
+
+
+def test_online_resume_retraces_the_run(
+    micro_sft_model: Path, corpus_files: dict[str, Path], judges: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from heed.train.online_dpo import train_online_dpo
+
+    over = {"train__updates": 4, "train__prompts_per_step": 4, "log__save_every": 2, "eval__num_prompts": 0}
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_online_dpo(online_config(micro_sft_model, corpus_files, f"{judges}:shorter", a, **over))
+    shutil.copytree(a, b)  # b: as if killed after step 3, its last checkpoint step-2
+    shutil.rmtree(b / "final")
+    (b / "metrics.jsonl").write_text("".join((a / "metrics.jsonl").read_text().splitlines(True)[:3]))
+    train_online_dpo(
+        online_config(micro_sft_model, corpus_files, f"{judges}:shorter", b, **over), resume=True
+    )
+    full, resumed = metrics(a), metrics(b)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for x, y in zip(
+        full[2:], resumed[2:], strict=True
+    ):  # steps 3-4 redone from step-2: the same answers and loss
+        assert x["online/reward"] == y["online/reward"]
+        assert abs(x["loss"] - y["loss"]) < 1e-5
