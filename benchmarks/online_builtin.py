@@ -5,8 +5,9 @@
     PYTHONPATH=src .venv/bin/python benchmarks/online_builtin.py --only online,rs
 
 Every method starts from the built-in SFT model. The judge of the online methods is the built-in
-reward model (``builtin:reward_model``: trained with ``heed rm train`` on ``builtin:rankings``, the
-world's ranked groups of SFT answers); offline DPO learns from the world's labelled pairs
+tone classifier (``builtin:tone_classifier``, P(POSITIVE) − P(NEGATIVE) of the answer; ``--judge
+reward_model``: the built-in reward model trained with ``heed rm train`` on ``builtin:rankings``);
+offline DPO learns from the world's labelled pairs
 (``heed.demo.preferences.make_pairs``, as ``benchmarks/dpo_builtin.py``). Nobody trains on the gold.
 
 Every final policy is evaluated the same way: the SFT model and the policy answer the same 200
@@ -59,7 +60,15 @@ def main() -> None:
     p.add_argument("--only", default="offline,online,iterative,rs", help="Methods to run, comma-separated.")
     p.add_argument("--pairs", type=int, default=1280, help="Pair budget of offline / online / iterative DPO.")
     p.add_argument("--batch-size", type=int, default=32, help="Pairs per DPO step.")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=3e-4, help="Learning rate of offline DPO and the SFT of rs.")
+    p.add_argument("--online-lr", type=float, default=1e-4, help="Learning rate of online / iterative DPO.")
+    p.add_argument(
+        "--judge",
+        choices=["tone_classifier", "reward_model"],
+        default="tone_classifier",
+        help="Judge of the online methods: the built-in tone classifier (P(POSITIVE) - P(NEGATIVE)) or "
+        "the built-in reward model (which online DPO at lr 3e-4 hacks: short, toneless answers).",
+    )
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=2, help="Rounds of iterative DPO and rejection sampling.")
     p.add_argument("--rs-n", type=int, default=8, help="Answers per prompt in rejection sampling.")
@@ -85,13 +94,17 @@ def main() -> None:
 
     size = "builtin" if ns.size == "tiny" else "builtin:micro"
     sft = Path(resolve_name(size))
-    rm = resolve_name(f"{size}:reward_model")
+    judge_path = resolve_name(f"{size}:{ns.judge}")
     prompts_train = resolve_name(f"{size}:prompts_train")
     tmp = tempfile.TemporaryDirectory(prefix="heed-online-builtin-")
     root = Path(ns.out or tmp.name)
     root.mkdir(parents=True, exist_ok=True)
     eval_prompts = [r["prompt"] for r in make_prompts(ns.prompts, seed=0, heldout=True)]
-    judge_specs = [{"name": "rm", "model": rm}]
+    judge_specs = [
+        {"name": "judge", "model": judge_path}
+        if ns.judge == "reward_model"
+        else {"name": "judge", "pipeline": judge_path, "labels": {"POSITIVE": 1.0, "NEGATIVE": -1.0}}
+    ]
     judge = build_rewards([RewardSpec(**judge_specs[0])])
     common = {"log": {"progress": False}, "overwrite": True}
     steps = ns.pairs // ns.batch_size
@@ -130,7 +143,7 @@ def main() -> None:
                     "prompts_per_round": ns.pairs // max(rounds, 1),
                     "batch_size": ns.batch_size,
                 },
-                "optim": {"lr": ns.lr, "warmup_steps": 4},
+                "optim": {"lr": ns.online_lr, "warmup_steps": 4},
                 "eval": {"num_prompts": 0},
                 "out": str(root / name),
                 **common,
@@ -164,7 +177,7 @@ def main() -> None:
 
     methods = {
         "offline": ("offline DPO (labelled pairs)", offline),
-        "online": ("online DPO (judge: reward model)", lambda: online(0)),
+        "online": (f"online DPO (judge: {ns.judge})", lambda: online(0)),
         "iterative": (f"iterative DPO, {ns.rounds} rounds", lambda: online(ns.rounds)),
         "rs": (f"rejection sampling, best of {ns.rs_n}, {ns.rounds} rounds", rs),
     }
@@ -182,7 +195,7 @@ def main() -> None:
     cpu = os.cpu_count()
     print(
         f"\nbuilt-in {ns.size} SFT model; {ns.prompts} held-out prompts, temperature {ns.temperature}, seed 0; "
-        f"pair budget {ns.pairs} ({steps} steps x {ns.batch_size}), lr {ns.lr}, beta {ns.beta}; {cpu} CPU cores"
+        f"pair budget {ns.pairs} ({steps} steps x {ns.batch_size}), lr {ns.lr} (online: {ns.online_lr}), beta {ns.beta}, judge {ns.judge}; {cpu} CPU cores"
     )
     print(
         f"{'method':<44} {'positive rate':>13} {'mean tone':>9} {'KL k1':>7} {'judge':>7} {'length':>6} {'wall s':>7}"
