@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from heed.algos.losses import dpo_loss, simpo_loss
 from heed.config.dpo import DPOConfig, DPOLossConfig
 from heed.data.collate import length_grouped_batches
 from heed.data.pairs import EncodedPairs, PairCounts, PreferencePair, encode_pairs, expand_pairs, warn_counts
@@ -32,7 +31,7 @@ from heed.data.records import (
 )
 from heed.data.templating import use_chat
 from heed.errors import DataError
-from heed.models.forward import PairLogps, collate_pairs, pair_logps
+from heed.models.forward import collate_pairs, pair_logps
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
@@ -55,6 +54,9 @@ from heed.train.loop import (
 from heed.train.reference import (
     load_ref_cache,
     model_fingerprint,
+    preference_losses,
+    ref_logps_for,
+    reference_table,
     sample_and_kl,
     save_ref_cache,
     write_samples,
@@ -62,99 +64,8 @@ from heed.train.reference import (
 
 
 # ---------------------------------------------------------------------------------------------
-# data: groups -> pairs -> token ids
+# the reference cache's key (the loss and the reference table live in heed.train.reference)
 # ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
-# the loss
-# ---------------------------------------------------------------------------------------------
-def preference_losses(
-    cfg: DPOLossConfig,
-    policy: PairLogps,
-    ref_logps: torch.Tensor | None,
-    ref_avg_logps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair loss (B,) of the configured type, plus detached per-pair statistics.
-
-    ``ref_logps`` (2B,) are the reference's summed log-probs in [chosen; rejected] order (unused
-    by SimPO). IPO uses length-averaged log-ratios, as TRL does (the IPO authors' choice), so β
-    does not depend on answer length. ``sft_coef`` adds RPO's NLL of the chosen answer, averaged
-    over its tokens: loss += sft_coef · (−(1/|y_c|) Σ_t log π(y_c,t)).
-    """
-    if cfg.type == "simpo":
-        avg_c, avg_r = policy.halves(policy.avg_logps)
-        losses, chosen_rewards, rejected_rewards = simpo_loss(avg_c, avg_r, cfg.beta, cfg.simpo_gamma)
-    else:
-        assert ref_logps is not None
-        if cfg.type == "ipo":
-            assert ref_avg_logps is not None
-            pol, ref = policy.avg_logps, ref_avg_logps
-        else:
-            pol, ref = policy.logps, ref_logps
-        pc, pr = policy.halves(pol)
-        rc, rr = policy.halves(ref)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            pc, pr, rc, rr, cfg.beta, cfg.type, cfg.label_smoothing
-        )
-    chosen_logps, rejected_logps = policy.halves(policy.logps.detach())
-    stats = {
-        "chosen_reward": chosen_rewards,
-        "rejected_reward": rejected_rewards,
-        "accuracy": (chosen_rewards > rejected_rewards).float(),
-        "margin": chosen_rewards - rejected_rewards,
-        "chosen_logps": chosen_logps,
-        "rejected_logps": rejected_logps,
-    }
-    if cfg.sft_coef:
-        nll_chosen = -policy.halves(policy.avg_logps)[0]
-        losses = losses + cfg.sft_coef * nll_chosen
-        stats["sft_loss"] = nll_chosen.detach()
-    return losses, stats
-
-
-def ref_logps_for(batch_idx: Sequence[int], ref_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and average reference log-probs (2B,) of pairs ``batch_idx`` from a (N, 4) table
-    of [chosen sum, rejected sum, chosen avg, rejected avg]."""
-    rows = ref_table[list(batch_idx)]
-    return torch.cat([rows[:, 0], rows[:, 1]]), torch.cat([rows[:, 2], rows[:, 3]])
-
-
-@torch.inference_mode()
-def reference_table(
-    model: Any,
-    data: EncodedPairs,
-    pad_id: int,
-    batch_size: int,
-    desc: str = "reference",
-    progress: bool = False,
-    share: bool = True,
-) -> torch.Tensor:
-    """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg]."""
-    from heed.models.lora import adapter_disabled
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    lengths = data.lengths()
-    order = sorted(range(len(data)), key=lambda i: lengths[i])  # similar lengths, less padding
-    table = torch.zeros((len(data), 4), dtype=torch.float32)
-    starts = range(0, len(order), batch_size)
-    with StepProgress(desc, len(starts), enabled=progress) as bar:
-        for start in starts:
-            idx = order[start : start + batch_size]
-            ids, att, mask = (
-                t.to(device)
-                for t in collate_pairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id)
-            )
-            with adapter_disabled(model):  # a LoRA policy's reference is its base model
-                lp = pair_logps(model, ids, att, mask, share)
-            s_c, s_r = lp.halves(lp.logps.float().cpu())
-            a_c, a_r = lp.halves(lp.avg_logps.float().cpu())
-            table[idx] = torch.stack([s_c, s_r, a_c, a_r], dim=-1)
-            bar.advance(1)
-    model.train(was_training)
-    return table
-
-
 def data_fingerprint(*datasets: EncodedPairs) -> str:
     h = hashlib.sha256()
     for d in datasets:
