@@ -142,3 +142,19 @@ def test_bad_targets_name_the_real_linear_and_conv1d_layers(models_root: Path) -
     # a dotted suffix is what peft matches, so it is accepted
     model = apply_lora(gpt2, LoraConfig(target_modules=["attn.c_attn"]))
     assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"c_attn"}
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt2", "qwen3_moe"])
+def test_wrapping_warns_nothing(name: str) -> None:
+    """peft's own calls into transformers (``is_gradient_checkpointing``) and its per-architecture
+    patterns a tiny model lacks (``alpha_pattern``) used to warn on every LoRA run; none reaches the user."""
+    import warnings
+
+    from archs import build_causal, micro_tokenizer
+    from heed.models.lora import apply_lora
+
+    model = build_causal(name, micro_tokenizer())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(model, LoraConfig(r=4))
+    assert [str(w.message) for w in caught] == []

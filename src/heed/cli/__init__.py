@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import warnings
 from typing import Any, NoReturn
 
 from heed.cli.app import app
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     if not args:  # a bare `heed` asks what Heed is: the help, exit 0
         args = ["--help"]
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         rc = app(args=args, prog_name="heed", standalone_mode=False)
     except RunInterrupted as exc:
@@ -69,6 +72,19 @@ def main(argv: list[str] | None = None) -> None:
         if rc == INTERRUPTED:
             _exit(rc, "interrupted")
         sys.exit(rc)
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: Any = None,
+) -> None:
+    """Warnings as one line, ``warning: ...``, without the source line Python shows (``--debug`` keeps
+    Python's own format, with the file and line that warned)."""
+    print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
 
 
 def _exit(code: int, line: str | None) -> NoReturn:

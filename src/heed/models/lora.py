@@ -16,6 +16,9 @@ and the tokenizer; ``heed merge`` (:func:`merge_adapter`) writes a plain Hugging
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -192,7 +195,8 @@ def apply_lora(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter is not None and (Path(adapter) / ADAPTER_CONFIG).is_file():
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     base_path = str(getattr(model.config, "_name_or_path", "") or "")
     if base_path and Path(base_path).is_dir():
         base_path = str(Path(base_path).resolve())  # heed merge finds the base through this absolute path
@@ -205,7 +209,19 @@ def apply_lora(
         fan_in_fan_out=_has_conv1d(model),  # Conv1D stores W transposed (GPT-2); peft would warn and fix it
         task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM,
     )
-    return get_peft_model(model, peft_cfg)
+    with quiet_peft():
+        return get_peft_model(model, peft_cfg)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft's own calls into transformers warn about APIs Heed does not use (``is_gradient_checkpointing``
+    on transformers 5) and about its built-in per-architecture patterns that a model lacks
+    (``alpha_pattern`` / ``rank_pattern`` keys); neither is the user's to act on, so neither reaches them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*(alpha|rank)_pattern keys did not match.*")
+        yield
 
 
 def is_peft(model: Any) -> bool:
@@ -252,7 +268,8 @@ def load_adapter_base(path: str | Path, dtype: str = "float32") -> Any:
             f"{p}: the adapter's base model {base_path!r} is not a local folder; "
             "re-run heed merge with --base DIR"
         )
-    return PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(p))
+    with quiet_peft():
+        return PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(p))
 
 
 def merge_adapter(
@@ -272,7 +289,8 @@ def merge_adapter(
             f"{a}: no {ADAPTER_CONFIG}; --adapter must be a LoRA run's final/ (or a checkpoint)"
         )
     if base is not None:
-        model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(a))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(a))
     else:
         model = load_adapter_base(a, dtype)
     merged = model.merge_and_unload()
