@@ -171,9 +171,11 @@ def first_batch_losses(a: dict[str, Any]) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     from heed.config.dpo import DPOLossConfig
+    from heed.data.pairs import PairCounts, encode_pairs, expand_pairs
     from heed.data.records import load_records
+    from heed.models.forward import pair_logps
     from heed.models.loading import load_causal_lm, load_tokenizer
-    from heed.train.dpo import PairCounts, encode_pairs, expand_pairs, pair_logps, preference_losses
+    from heed.train.dpo import preference_losses
 
     tok = load_tokenizer(a["model"])
     policy, ref = load_causal_lm(a["model"]), load_causal_lm(a["ref"])

@@ -4,7 +4,7 @@ Each trainer runs in its own subprocess (so peak memory is each one's own), for 
 updates, ``--repeats`` times in alternating order (the fastest run of each side is reported); both
 final policies are then evaluated by the same code (``heed.train.rl.evaluate_model``: banana
 success on the held-out prompts, sampled at temperature 0.7). Heed optimises TRL's RLOO objective
-(``ppo.loss_aggregation: seq_mean_token_sum``). Prints samples/s, peak memory and success side by
+(``update.loss_aggregation: seq_mean_token_sum``). Prints samples/s, peak memory and success side by
 side, with ratios, and the machine's load average (the figures are only as quiet as the machine).
 
     python benchmarks/rl_vs_trl.py                       # built-in tiny model, 30 updates
@@ -72,7 +72,7 @@ def run_heed(args: argparse.Namespace, out: Path) -> dict:
             "kl": {"beta": s["beta"]},
             # TRL's RLOOTrainer: -mean over answers of A * ratio(answer), the ratio of the summed token
             # log-probs: per answer, the sum of its tokens' terms (Heed's default is the token mean)
-            "ppo": {"loss_aggregation": "seq_mean_token_sum"},
+            "update": {"loss_aggregation": "seq_mean_token_sum"},
             "optim": {"lr": s["lr"], "max_grad_norm": 1.0},
             "train": {"updates": s["updates"], "seed": 0},
             "eval": {"at_start": False},

@@ -73,7 +73,7 @@ def rl_config(
     cfg = {
         "algorithm": "rloo",
         "model": {"path": str(model), **model_extra},
-        "ppo": {"micro_batch_size": micro_batch_size},
+        "update": {"micro_batch_size": micro_batch_size},
         "data": {"prompts": str(prompts)},
         "rewards": [{"function": "length_penalty", "args": {"per_word": 0.1}}],
         "rollout": {"prompts_per_step": prompts_per_step, "k": k, "max_new_tokens": max_new_tokens},
@@ -178,7 +178,7 @@ def main() -> None:
 def rl_memory(big: Path, micro: Path, tmp: Path, args: argparse.Namespace) -> None:
     """RLOO on the ~100M model, one update of 8 prompts x 4 answers: peak memory with a separate
     reference copy (full fine-tuning) vs LoRA (the reference is the base with the adapter off), and
-    with smaller forward micro-batches (ppo.micro_batch_size)."""
+    with smaller forward micro-batches (update.micro_batch_size)."""
     prompts = micro.parent.parent / "data" / "prompts_train.jsonl"
     for name, extra in (
         ("full, reference copy, micro-batch 32", {"micro_batch_size": 32}),

@@ -1,7 +1,10 @@
 """Tiny random-weight models of many architectures, built from configs (nothing is downloaded).
 
 Every causal model shares the micro tokenizer's vocabulary and special ids, so any Heed command
-runs on it. Sizes are as small as each architecture allows (hidden 32, 2 layers); sliding windows
+runs on it. Encoders of the BERT family (``WORDPIECE``) get a small WordPiece ``BertTokenizerFast``
+trained on the built-in corpus, which gives text pairs token types (0 for ``[CLS] a [SEP]``, 1 for
+``b [SEP]``), so a Heed that dropped them would score differently; RoBERTa and ModernBERT keep the
+micro byte-level BPE tokenizer. Sizes are as small as each architecture allows (hidden 32, 2 layers); sliding windows
 are short (8 tokens) so that ordinary test sequences are longer than the window.
 
 ``causal_model_dir(name, root)`` / ``encoder_model_dir(name, root)`` save a model + tokenizer folder
@@ -10,6 +13,7 @@ in Hugging Face format and return its path (reused when it already exists).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +83,13 @@ CAUSAL: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        {**_LLAMA_LIKE, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+        {
+            **_LLAMA_LIKE,
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        },
     ),
     "mixtral": (
         "MixtralConfig",
@@ -88,10 +98,14 @@ CAUSAL: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
 }
 
+# name -> (config class, config kwargs); their tokenizer is the WordPiece one for WORDPIECE, else micro.
 ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bert": ("BertConfig", {**_COMMON, "intermediate_size": 64, "type_vocab_size": 2}),
     "roberta": ("RobertaConfig", {**_COMMON, "intermediate_size": 64, "max_position_embeddings": 300}),
-    "distilbert": ("DistilBertConfig", {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": 64}),
+    "distilbert": (
+        "DistilBertConfig",
+        {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": 64},
+    ),
     "deberta_v2": (
         "DebertaV2Config",
         {**_COMMON, "intermediate_size": 64, "type_vocab_size": 2, "relative_attention": True},
@@ -105,6 +119,35 @@ ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
         {**_COMMON, "intermediate_size": 64, "embedding_size": 16, "type_vocab_size": 2},
     ),
 }
+
+
+WORDPIECE = frozenset({"bert", "distilbert", "deberta_v2", "electra"})
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@functools.cache
+def bert_tokenizer(vocab_size: int = 600) -> Any:
+    """A small lower-casing WordPiece ``BertTokenizerFast`` trained on 300 built-in corpus records
+    (prompts and answers): deterministic, ~1 s, nothing downloaded. Pairs get token types."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast
+
+    from heed.demo.corpus import make_corpus
+
+    texts = [t for r in make_corpus(300, seed=0) for t in (r.prompt, r.response)]
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False
+    )
+    wp.train_from_iterator(texts, trainer=trainer)
+    return BertTokenizerFast(vocab=wp.get_vocab())
+
+
+def encoder_tokenizer(name: str) -> Any:
+    """The tokenizer ``encoder_model_dir(name)`` saves: WordPiece for the BERT family, else micro."""
+    return bert_tokenizer() if name in WORDPIECE else micro_tokenizer()
 
 
 def micro_tokenizer() -> Any:
@@ -177,9 +220,8 @@ def causal_model_dir(name: str, root: str | Path) -> Path:
 
 
 def encoder_model_dir(name: str, root: str | Path) -> Path:
-    """Save ``build_encoder(name)`` with the micro tokenizer under ``root/name`` and return the folder.
-
-    The tokenizer is the micro (byte-level BPE) one: what matters for these tests is that Heed feeds the
-    encoder exactly what ``model(**tokenizer(prompt, response))`` feeds it."""
-    tok = micro_tokenizer()
+    """Save ``build_encoder(name)`` with ``encoder_tokenizer(name)`` under ``root/name`` and return the
+    folder: what matters for these tests is that Heed feeds the encoder exactly what
+    ``model(**tokenizer(prompt, response))`` feeds it, token types included."""
+    tok = encoder_tokenizer(name)
     return _save(build_encoder(name, tok), tok, Path(root) / name)

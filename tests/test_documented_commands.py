@@ -94,6 +94,22 @@ SMALL: dict[str, list[str]] = {
         "log.save_every=1",
         "log.progress=false",
     ],
+    "online-dpo": [
+        "train.updates=1",
+        "train.prompts_per_step=2",
+        "iterative.prompts_per_round=2",
+        "rollout.max_new_tokens=8",
+        "eval.num_prompts=2",
+        "log.progress=false",
+    ],
+    "rs": [
+        "train.rounds=1",
+        "train.prompts_per_round=2",
+        "rollout.num_samples=2",
+        "rollout.max_new_tokens=8",
+        "eval.num_prompts=2",
+        "log.progress=false",
+    ],
     "eval": ["rollout.max_new_tokens=8", "eval.num_prompts=2"],
     "control": ["total_steps=1024", "eval_episodes=2", "progress=false"],
     "control bandit": [

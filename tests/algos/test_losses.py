@@ -250,6 +250,37 @@ def test_policy_loss_mask_stats_and_clip_higher():
     close(policy_loss(T([math.log(0.7)]), old, T([-1.0]), clip_eps_high=0.28)[0], [0.8])
 
 
+def test_policy_loss_dual_clip_bounds_negative_advantages():
+    # ratios 4, 1.5, 4 with A = −1, −1, +1 and c = 3:
+    #   4·−1:   −min(−4, −1.2) = 4    > −c·A = 3 -> 3, dual-clipped (gradient 0)
+    #   1.5·−1: −min(−1.5, −1.2) = 1.5 < 3      -> 1.5, gradient −rA = 1.5
+    #   4·+1:   −min(4, 1.2) = −1.2 (A > 0: dual clip never applies), clipped (gradient 0)
+    ratios, adv = T([4.0, 1.5, 4.0]), T([-1.0, -1.0, 1.0])
+    old = T([-2.0, -2.0, -2.0])
+    logprobs = (old + ratios.log()).requires_grad_(True)
+    loss, stats = policy_loss(logprobs, old, adv, dual_clip=3.0)
+    close(loss, [3.0, 1.5, -1.2])
+    close(stats.clipfrac, 2 / 3)
+    loss.sum().backward()
+    close(logprobs.grad, [0.0, 1.5, 0.0])
+    # without dual clip the first loss is the unbounded 4
+    close(policy_loss(old + ratios.log(), old, adv)[0], [4.0, 1.5, -1.2])
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(logprobs, old, adv, dual_clip=1.0)
+
+
+def test_policy_loss_is_finite_for_huge_log_ratios():
+    # an fp32 log-ratio of 100 with A = −1: exp(100) overflows to inf; clamped at 20 the loss is
+    # exp(20) ≈ 4.85e8, finite, and its gradient is 0 (the clamp is flat there)
+    old = T([0.0, 0.0])
+    logprobs = T([100.0, -100.0]).requires_grad_(True)
+    loss, stats = policy_loss(logprobs, old, T([-1.0, 1.0]))
+    assert torch.isfinite(loss).all() and torch.isfinite(stats.approx_kl_k3)
+    close(loss[0], math.exp(20.0))
+    loss.sum().backward()
+    assert torch.isfinite(logprobs.grad).all()
+
+
 def test_policy_loss_sequence_advantage_broadcasts_and_aggregates():
     # one advantage per sequence (B, 1) over (B, T); on-policy (ratio 1) loss = −A on every token
     logprobs = torch.randn(2, 3)
@@ -323,3 +354,37 @@ def test_lm_loss_matches_cross_entropy():
     (grad,) = torch.autograd.grad(aggregate(nll, mask, "token_mean"), logits)
     (expected_grad,) = torch.autograd.grad(mean_ce, logits)
     close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- KTO
+
+
+def test_kto_loss_hand_values():
+    from heed.algos import kto_loss
+
+    # r = policy − ref = [1, −0.5, 2, 0]; labels [good, good, bad, bad]; KL 0.5; β = 2; λ_D = 1, λ_U = 1.5
+    #   good, r = 1:    1 − σ(2·(1 − 0.5))    = 1 − σ(1)    = 0.268941
+    #   good, r = −0.5: 1 − σ(2·(−0.5 − 0.5)) = 1 − σ(−2)   = 0.880797
+    #   bad,  r = 2:    1.5·(1 − σ(2·(0.5 − 2))) = 1.5·(1 − σ(−3)) = 1.5·0.952574 = 1.428861
+    #   bad,  r = 0:    1.5·(1 − σ(2·0.5))    = 1.5·(1 − σ(1)) = 0.403412
+    policy = T([1.0, -0.5, 2.0, 0.0]).requires_grad_(True)
+    ref = T([0.0, 0.0, 0.0, 0.0])
+    good = torch.tensor([True, True, False, False])
+    losses, rewards = kto_loss(policy, ref, good, 0.5, beta=2.0, undesirable_weight=1.5)
+    close(losses, [0.268941, 0.880797, 1.428861, 0.403412])
+    close(rewards, [2.0, -1.0, 4.0, 0.0])
+    # d/dr of 1 − σ(β(r − z)) = −β σ'(·); of λ(1 − σ(β(z − r))) = +λβ σ'(·), σ' = σ(1 − σ)
+    losses.sum().backward()
+    s = torch.sigmoid
+    expected = [
+        -2 * s(T(1.0)) * (1 - s(T(1.0))),
+        -2 * s(T(-2.0)) * (1 - s(T(-2.0))),
+        1.5 * 2 * s(T(-3.0)) * (1 - s(T(-3.0))),
+        1.5 * 2 * s(T(1.0)) * (1 - s(T(1.0))),
+    ]
+    close(policy.grad, [float(e) for e in expected])
+    # the reference point is clamped at 0 and carries no gradient
+    kl = T(-3.0).requires_grad_(True)
+    l0, _ = kto_loss(T([0.0]), T([0.0]), torch.tensor([True]), kl, beta=1.0)
+    close(l0, [0.5])  # 1 − σ(0): z_0 = max(0, −3) = 0
+    assert not l0.requires_grad

@@ -186,3 +186,25 @@ def test_generate_writes_k_answers_per_prompt(tmp_path: Path, micro_sft_model: P
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1]
     assert all(len(r["responses"]) == k and all(isinstance(x, str) for x in r["responses"]) for r in rows)
+
+
+def test_warnings_are_one_line_each(tmp_path: Path) -> None:
+    # an old RL key name warns: one line `warning: ...`, without Python's source-line echo
+    r = heed(
+        "rl",
+        "--set",
+        "model.path=/nonexistent",
+        "--set",
+        "data.prompts=p.jsonl",
+        "--set",
+        "rewards=[{function: banana_format}]",
+        "--set",
+        "critic_lr=0.001",
+        cwd=tmp_path,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert (
+        "warning: config key 'critic_lr' is now 'ppo.critic_lr'; the old name still works in this release"
+        in lines
+    )
+    assert not any("rename_old_keys" in line or "FutureWarning" in line for line in lines), lines

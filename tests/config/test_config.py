@@ -68,6 +68,69 @@ def test_configs_are_frozen() -> None:
         cfg.out = "x"  # type: ignore[misc]
 
 
+def test_rl_old_key_names_move_to_their_new_place_and_warn_once() -> None:
+    import warnings
+
+    from heed.config import load_config
+    from heed.config.rl import RLConfig, _warned
+
+    _warned.clear()
+    sets = [
+        "model.path=builtin",
+        "data.prompts=p.jsonl",
+        "rewards=[{function: banana_format}]",
+        "ppo.epochs=3",
+        "ppo.grpo_scale=false",
+        "critic_lr=0.002",
+        "ppo.vf_coef=0.5",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(RLConfig, None, sets)
+        load_config(RLConfig, None, sets)  # a second load warns no more
+    assert cfg.update.epochs == 3
+    assert cfg.advantages.scale_rewards == "none"  # false meant Dr. GRPO: no scaling
+    assert cfg.ppo.critic_lr == 0.002 and cfg.ppo.vf_coef == 0.5
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, FutureWarning))
+    assert messages == [
+        "config key 'critic_lr' is now 'ppo.critic_lr'; the old name still works in this release",
+        "config key 'ppo.epochs' is now 'update.epochs'; the old name still works in this release",
+        "config key 'ppo.grpo_scale' is now 'advantages.scale_rewards'; the old name still works in this release",
+    ]
+
+
+def test_rl_old_and_new_name_together_is_an_error() -> None:
+    from heed.config import load_config
+    from heed.config.rl import RLConfig
+    from heed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'ppo\.epochs' and its new name 'update\.epochs' are both set"):
+        load_config(
+            RLConfig,
+            None,
+            [
+                "model.path=builtin",
+                "data.prompts=p.jsonl",
+                "rewards=[{function: f}]",
+                "ppo.epochs=2",
+                "update.epochs=3",
+            ],
+        )
+
+
+def test_rl_unknown_key_is_still_an_error() -> None:
+    from heed.config import load_config
+    from heed.config.rl import RLConfig
+    from heed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"update\.epoch"):
+        load_config(
+            RLConfig,
+            None,
+            ["model.path=builtin", "data.prompts=p.jsonl", "rewards=[{function: f}]", "update.epoch=2"],
+        )
+
+
 def test_missing_required_key_says_which_key_to_set_with_an_example(tmp_path: Path) -> None:
     from heed.config.dpo import DPOConfig
     from heed.config.reward import RMConfig

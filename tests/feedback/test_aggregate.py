@@ -6,10 +6,12 @@ import math
 
 import pytest
 
+from heed.errors import DataError
 from heed.feedback.aggregate import (
     Judgement,
     aggregate_pairwise,
     aggregate_ranking,
+    aggregate_records,
     agreement_report,
     disagreements,
     pairs_of,
@@ -105,3 +107,21 @@ def test_biased_annotator_stands_out() -> None:
     assert rep.records_multi == 6
     assert rep.fleiss_kappa < 0.2 and not math.isnan(rep.cohen_kappa)
     assert [d["record_id"] for d in disagreements("pairwise", js)] == list(range(6))
+
+
+def test_aggregate_records_defaults_and_reliability_in_report() -> None:
+    pairwise = [pw(1, "a", "0"), pw(1, "b", "0"), pw(1, "c", "1"), pw(2, "a", "1"), pw(2, "b", "1")]
+    assert aggregate_records("pairwise", pairwise) == [
+        aggregate_pairwise(1, pairwise[:3]),
+        aggregate_pairwise(2, pairwise[3:]),
+    ]
+    ranked = [rk(1, "a", [1, 2, 3]), rk(1, "b", [1, 3, 2])]
+    assert aggregate_records("ranking", ranked, None, "borda") == [aggregate_ranking(1, ranked, "borda")]
+    with pytest.raises(DataError, match="a ranking project takes mean-rank or dawid-skene"):
+        aggregate_records("ranking", ranked, "majority")
+    # agreement_report carries the Dawid-Skene reliability per annotator: c disagrees on record 1
+    # (its one label), a and b agree on both records -> c comes out least reliable
+    rep = agreement_report("pairwise", pairwise)
+    rel = {u: v["reliability"] for u, v in rep.per_annotator.items()}
+    assert rel["c"] < min(rel["a"], rel["b"]) and rep.per_annotator["c"]["reliability_labels"] == 1
+    assert rep.reliability["method"] == "dawid-skene" and set(rep.reliability["confusion"]) == {"a", "b", "c"}

@@ -77,6 +77,16 @@ def test_krippendorff_alpha_published_example(level: str, expected: float) -> No
     assert ag.krippendorff_alpha(KRIPPENDORFF_2011, level) == pytest.approx(expected, abs=5e-4)  # type: ignore[arg-type]
 
 
+def test_krippendorff_alpha_ordinal_mixes_ints_and_floats() -> None:
+    # Values 1 < 1.5 < 2 (ints and floats mixed). Coincidences: o(1,1.5) = o(1.5,1) = 1,
+    # o(1.5,2) = o(2,1.5) = 1, o(2,2) = 2, so n_1 = 1, n_1.5 = 2, n_2 = 3, n = 6.
+    # Ordinal d2: (1,1.5) = (3 - 1.5)^2 = 2.25; (1.5,2) = (5 - 2.5)^2 = 6.25; (1,2) = (6 - 2)^2 = 16.
+    # D_o = 2*2.25 + 2*6.25 = 17; D_e = 2*(1*2*2.25 + 2*3*6.25 + 1*3*16) = 180;
+    # alpha = 1 - (n - 1) * 17 / 180 = 1 - 85/180 = 0.52778.
+    units = [[1, 1.5], [1.5, 2], [2, 2]]
+    assert ag.krippendorff_alpha(units, "ordinal") == pytest.approx(1 - 85 / 180)
+
+
 def test_krippendorff_alpha_by_hand() -> None:
     # Units (1, 1), (1, 2), two coders, nominal. Coincidences: unit 1 adds o_11 = 2; unit 2 adds
     # o_12 = o_21 = 1. n_1 = 3, n_2 = 1, n = 4. D_o ~ sum o_ck d = 2; D_e ~ sum n_c n_k d = 3 + 3 = 6.

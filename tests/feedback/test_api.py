@@ -16,9 +16,11 @@ XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2
 @pytest.fixture
 def env(db_url: str, hasher):  # type: ignore[no-untyped-def]
     fb = Feedback(db_url, hasher=hasher, seed=0)
-    _, admin_pw = fb.add_user("boss", "admin")
-    _, ann_pw = fb.add_user("ann", "annotator")
+    # passwords of their own: a one-time password would have to be changed first (test_accounts.py)
+    _, admin_pw = fb.add_user("boss", "admin", password="boss-password-1")
+    _, ann_pw = fb.add_user("ann", "annotator", password="ann-password-1")
     fb.create_project("p", "pairwise", overlap=1, guidelines="# Be *fair*\n<script>alert(1)</script>")
+    fb.add_member("p", "ann")
     fb.import_records(
         "p", [{"prompt": XSS + " ' OR 1=1; --", "responses": [XSS, "```py\nprint(1)\n```"]}] * 3
     )
@@ -37,8 +39,9 @@ def login(client: TestClient, name: str, password: str) -> str:
 def test_routes_need_a_session(env) -> None:  # type: ignore[no-untyped-def]
     client, *_ = env
     assert client.get("/health").json() == {"status": "ok"}
-    for path in ("/api/projects", "/api/projects/p/next", "/api/admin/projects/p/stats", "/api/me"):
+    for path in ("/api/projects", "/api/admin/projects/p/stats", "/api/me"):
         assert client.get(path).status_code == 401, path
+    assert client.post("/api/projects/p/next").status_code == 401  # leasing a record is a POST
     assert client.post("/api/projects/p/annotations", json={}).status_code in (401, 422)
     r = client.get("/admin", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
@@ -51,7 +54,8 @@ def test_cookie_flags_csrf_and_forged_tokens(env) -> None:  # type: ignore[no-un
     cookie = r.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
     csrf = r.json()["csrf_token"]
-    item = client.get("/api/projects/p/next").json()
+    assert client.post("/api/projects/p/next").status_code == 403  # no CSRF header
+    item = client.post("/api/projects/p/next", headers={"X-CSRF-Token": csrf}).json()
     body = {"record_id": item["record_id"], "idempotency_key": "k1", "choice": "A"}
     assert client.post("/api/projects/p/annotations", json=body).status_code == 403  # no CSRF header
     r = client.post("/api/projects/p/annotations", json=body, headers={"X-CSRF-Token": "forged"})
@@ -73,7 +77,7 @@ def test_bearer_tokens_skip_csrf(env) -> None:  # type: ignore[no-untyped-def]
     ]
     client.cookies.clear()
     h = {"Authorization": f"Bearer {token}"}
-    item = client.get("/api/projects/p/next", headers=h).json()
+    item = client.post("/api/projects/p/next", headers=h).json()
     r = client.post(
         "/api/projects/p/annotations",
         headers=h,
@@ -167,7 +171,7 @@ def test_bad_input_is_rejected_cleanly(env) -> None:  # type: ignore[no-untyped-
 
 def test_untrusted_text_is_inert(env) -> None:  # type: ignore[no-untyped-def]
     client, _, _, ann_pw = env
-    login(client, "ann", ann_pw)
+    csrf = login(client, "ann", ann_pw)
     page = client.get("/annotate/p")
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
@@ -177,7 +181,7 @@ def test_untrusted_text_is_inert(env) -> None:  # type: ignore[no-untyped-def]
         "<script>" not in project["guidelines_html"]
         and "<h1>Be <em>fair</em></h1>" in project["guidelines_html"]
     )
-    item = client.get("/api/projects/p/next").json()
+    item = client.post("/api/projects/p/next", headers={"X-CSRF-Token": csrf}).json()
     assert item["prompt"].startswith(
         XSS
     )  # stored and returned verbatim; the browser test shows it stays inert
@@ -196,7 +200,7 @@ def test_admin_flow_over_http(env) -> None:  # type: ignore[no-untyped-def]
         json={"records": [{"prompt": "中文？", "responses": ["甲", "乙", "丙"]}]},
     )
     assert r.json() == {"count": 1}
-    item = client.get("/api/projects/rank1/next").json()
+    item = client.post("/api/projects/rank1/next", headers=h).json()
     texts = [x["text"] for x in item["responses"]]
     wanted = {"甲": 1, "乙": 2, "丙": 2}
     r = client.post(

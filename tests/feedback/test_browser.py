@@ -26,7 +26,9 @@ def server(tmp_path, hasher):  # type: ignore[no-untyped-def]
     from heed.feedback.api import create_app
 
     fb = Feedback(f"sqlite:///{tmp_path / 'heed.db'}", hasher=hasher, seed=1)
-    passwords = {"boss": fb.add_user("boss", "admin")[1], "ann": fb.add_user("ann")[1]}
+    passwords = {"boss": "boss-password-1", "ann": "ann-password-1"}
+    for name, role in (("boss", "admin"), ("ann", "annotator")):
+        fb.add_user(name, role, password=passwords[name])  # not one-time: no password change first
     fb.create_project(
         "pw", "pairwise", overlap=1, guidelines="Pick the **good** answer.\n\n<script>bad()</script>"
     )
@@ -42,6 +44,8 @@ def server(tmp_path, hasher):  # type: ignore[no-untyped-def]
         ],
     )
     fb.create_project("rk", "ranking", overlap=1)
+    for project in ("pw", "rk"):
+        fb.add_member(project, "ann")
     fb.import_records(
         "rk",
         [{"prompt": f"rank me {i}", "responses": [f"worst {i}", f"best {i}", f"mid {i}"]} for i in range(2)],

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from heed.models.forward import policy_forward
 from heed.models.loading import load_causal_lm, load_tokenizer
 from heed.models.value import ValueHead
 from heed.rollout.batch import rollout_from_generation
 from heed.rollout.generate import SamplingParams, encode_prompts, generate
-from heed.rollout.logprobs import policy_forward
 from heed.rollout.sampler import keyed_uniforms, row_keys, sample_next
 
 PROMPTS = ["What do you think about chess?", "Tell me something about the ocean.", "Is tea worth my time?"]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from heed.models.forward import can_share_prompt, policy_forward, shared_prompt_forward
 from heed.models.loading import load_causal_lm, load_tokenizer
 from heed.models.value import ValueHead
 from heed.rollout.batch import rollout_from_generation
 from heed.rollout.generate import SamplingParams, encode_prompts, generate
-from heed.rollout.logprobs import can_share_prompt, policy_forward, shared_prompt_forward
 
 # prompts of different lengths, so groups have different left padding
 PROMPTS = ["Is tea worth my time?", "Tell me something about the ocean and the summer camps.", "Chess?"]

@@ -42,8 +42,10 @@ def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(
     from peft import PeftModel
 
     from heed.config.dpo import DPOLossConfig
+    from heed.data.pairs import encode_pairs, expand_pairs
     from heed.demo.preferences import make_pairs
-    from heed.train.dpo import _reference, collate_pairs, encode_pairs, expand_pairs, pair_logps, train_dpo
+    from heed.models.forward import collate_pairs, pair_logps
+    from heed.train.dpo import _reference, train_dpo
 
     write_jsonl(tmp_path / "train.jsonl", make_pairs(96, seed=0))
     write_jsonl(tmp_path / "eval.jsonl", make_pairs(32, seed=1, heldout=True))
@@ -120,10 +122,10 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
     calls: list[float] = []
     real_ref = rl_mod.reference_logprobs
 
-    def checking(ref_model: Any, part: Any, temperature: float = 1.0, group: int = 0):
-        out = real_ref(ref_model, part, temperature, group)
+    def checking(ref_model: Any, part: Any, plan: Any, temperature: float = 1.0):
+        out = real_ref(ref_model, part, plan, temperature)
         with torch.no_grad():  # the base model's log-probs, computed from a plain copy loaded for the check
-            want = rl_mod.forward_part(plain, part, temperature, group).logprobs
+            want = plan.forward(plain, part, temperature).logprobs
         calls.append(float((out - want).abs().max()))
         return out
 
@@ -135,7 +137,10 @@ def test_rl_with_lora_reference_is_the_base_and_value_head_trains(
     try:
         summary = train_rl(
             _rl_cfg(
-                tmp_path / "run", algorithm="ppo", ppo={"epochs": 2, "minibatch_size": 16}, critic_lr=3e-3
+                tmp_path / "run",
+                algorithm="ppo",
+                update={"epochs": 2, "minibatch_size": 16},
+                ppo={"critic_lr": 3e-3},
             )
         )
     finally:

@@ -25,7 +25,7 @@ def _rl(out: Path, **over: Any) -> RLConfig:
         "rewards": [{"function": "length_penalty", "args": {"per_word": 0.1}}],
         "rollout": {"prompts_per_step": 4, "k": 2, "max_new_tokens": 12},
         "optim": {"lr": 1e-3},
-        "critic_lr": 3e-3,
+        "ppo": {"critic_lr": 3e-3},
         "train": {"updates": 2},
         "eval": {"at_start": False},
         "log": {"progress": False},

@@ -176,7 +176,7 @@ RL_CASES = {
     "rloo": {"algorithm": "rloo"},
     # one minibatch per epoch (the default), two epochs: the second epoch's ratios move off 1 and the
     # value head (outside DDP, averaged by hand) trains; whitening uses the global moments
-    "ppo": {"algorithm": "ppo", "ppo.epochs": 2, "critic_lr": 3e-3},
+    "ppo": {"algorithm": "ppo", "update.epochs": 2, "ppo.critic_lr": 3e-3},
 }
 
 

@@ -13,21 +13,12 @@ import torch
 from heed.config import config_from_dict
 from heed.config.dpo import DPOConfig, DPOLossConfig
 from heed.data.io import write_jsonl
+from heed.data.pairs import PairCounts, PreferencePair, encode_pairs, expand_pairs, warn_counts
 from heed.data.records import PreferenceGroup, load_records
 from heed.errors import ConfigError, DataError
-from heed.train.dpo import (
-    REF_CACHE,
-    PairCounts,
-    PairLogps,
-    PreferencePair,
-    collate_pairs,
-    encode_pairs,
-    expand_pairs,
-    pair_logps,
-    preference_losses,
-    train_dpo,
-    warn_counts,
-)
+from heed.models.forward import PairLogps, collate_pairs, pair_logps
+from heed.train.dpo import preference_losses, train_dpo
+from heed.train.reference import REF_CACHE
 
 
 def group(ranks: list[float], where: str = "f.jsonl:1") -> PreferenceGroup:
@@ -147,7 +138,7 @@ def test_concatenated_forward_matches_separate_and_full_softmax(micro) -> None:
 def test_shared_prompt_forward_matches_row_by_row(micro) -> None:
     """[prompt | chosen | rejected] packed with a block mask gives each answer token's log-prob, and the
     same gradient, as running the two rows separately; the prompts here differ in length."""
-    from heed.train.dpo import _shared_layout
+    from heed.models.forward import _shared_layout
 
     model, tok = micro
     pairs = [

@@ -302,13 +302,20 @@ def test_every_config_field_is_read():
     import inspect
 
     import heed.cli.rm_cmds
+    import heed.data.records
     import heed.models.reward
     import heed.train.common
     import heed.train.reward
 
     source = "".join(
         inspect.getsource(m)
-        for m in (heed.train.reward, heed.train.common, heed.models.reward, heed.cli.rm_cmds)
+        for m in (
+            heed.train.reward,
+            heed.train.common,
+            heed.models.reward,
+            heed.cli.rm_cmds,
+            heed.data.records,
+        )
     )
     from heed.config.reward import RMDataConfig, RMModelConfig, RMTrainConfig
 

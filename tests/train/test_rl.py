@@ -45,7 +45,7 @@ def _train_rows(run: Path) -> list[dict[str, Any]]:
     ]
 
 
-PPO = {"ppo.epochs": 2, "ppo.minibatch_size": 16, "critic_lr": 3e-3}
+PPO = {"update.epochs": 2, "update.minibatch_size": 16, "ppo.critic_lr": 3e-3}
 
 
 @pytest.mark.parametrize("algo, extra", [("rloo", {}), ("grpo", {}), ("reinforce", {}), ("ppo", PPO)])
@@ -164,7 +164,7 @@ def test_ppo_ptx_separate_critic_adaptive_kl_and_eval(tmp_path: Path) -> None:
 
 def test_second_round_continues_from_a_ppo_policy(tmp_path: Path) -> None:
     """Round 2 starts from round 1's final/ (policy and value head), with the SFT model as reference."""
-    small = {"algorithm": "ppo", "train.updates": 2, "rollout.prompts_per_step": 4, "critic_lr": 1e-2}
+    small = {"algorithm": "ppo", "train.updates": 2, "rollout.prompts_per_step": 4, "ppo.critic_lr": 1e-2}
     train_rl(_cfg(tmp_path / "round1", **small))
     train_rl(
         _cfg(
@@ -191,9 +191,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match="expected a built-in"):
         train_rl(_cfg(tmp_path / "a", rewards=[{"function": "banana"}]))
-    with pytest.raises(
-        DataError, match=r"prompts_train.jsonl: record 0: prompt: \d+ tokens, over the limit of 2"
-    ):
+    with pytest.raises(DataError, match=r"prompts_train.jsonl:1: prompt: \d+ tokens, over the limit of 2"):
         train_rl(_cfg(tmp_path / "b", **{"data.max_prompt_length": 2}))
     bad = tmp_path / "bad.py"
     bad.write_text("def r(prompts, completions, **k):\n    return [1.0]\n")

@@ -8,10 +8,15 @@ whether the next step belongs to the same episode.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from heed.algos.ops import masked_mean
+from heed.algos.ops import masked_mean, masked_var
+
+ScaleRewards = Literal["group", "batch", "none"]
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
 
 
 def gae(
@@ -67,8 +72,13 @@ def token_gae(
     The last valid token is terminal (its next value is 0 and nothing follows it), so with
     token rewards r_t (e.g. from :func:`heed.algos.kl.kl_penalized_rewards`):
         δ_t = r_t + γ·V_{t+1}·1[t+1 valid] − V_t,   A_t = δ_t + γλ·1[t+1 valid]·A_{t+1}.
-    Invalid (padding) positions give advantage 0 and return 0. As in InstructGPT-style
-    PPO (https://arxiv.org/abs/2203.02155) and TRL's PPO trainer.
+    Invalid (padding) positions give advantage 0 and return 0. The sequence score sits in the
+    last token's reward, as in InstructGPT-style PPO (https://arxiv.org/abs/2203.02155).
+
+    Treating the last token as terminal is a choice: a loop that instead runs GAE over the padded
+    row and keeps the value V_{T+1} of the position after the last token gets
+    A_T = r_T + γ·V_{T+1} − V_T + γλ·(−V_{T+1}) = r_T − V_T + γ(1 − λ)·V_{T+1}, which equals this
+    function's A_T = r_T − V_T only when λ = 1 (or that value is 0).
 
     Shapes: ``rewards``, ``values``, ``mask`` (B, T), ``mask`` True on response tokens,
     which must form a prefix of each row (right padding). Returns ``(advantages, returns)``, (B, T).
@@ -126,32 +136,63 @@ def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = Non
 def grpo_advantages(
     rewards: Tensor,
     group_size: int,
-    scale: bool = True,
+    scale: bool | ScaleRewards = True,
     eps: float = 1e-4,
     valid: Tensor | None = None,
 ) -> Tensor:
     """Group-relative advantages of GRPO (https://arxiv.org/abs/2402.03300).
 
-        A_i = (r_i − mean_g) / (std_g + eps)      (``scale=True``, std unbiased as in TRL)
-        A_i = r_i − mean_g                        (``scale=False``, Dr. GRPO https://arxiv.org/abs/2503.20783)
+        A_i = (r_i − mean_g) / (std_g + eps)      ``scale="group"`` (or True): std of the group, unbiased as in TRL
+        A_i = (r_i − mean_g) / (std_B + eps)      ``scale="batch"``: one std over every valid reward of the batch
+        A_i = r_i − mean_g                        ``scale="none"`` (or False): Dr. GRPO, https://arxiv.org/abs/2503.20783
 
     mean_g and std_g are over the valid samples of the group; invalid samples (``valid``
-    False or NaN reward) get 0, and std_g is 0 for a group with one valid sample.
+    False or NaN reward) get 0, and std_g is 0 for a group with one valid sample. The batch
+    std (https://arxiv.org/abs/2508.08221) keeps a group whose answers all but agree from being
+    blown up to unit scale.
 
     Shapes: ``rewards`` (N,) with N = G·K, samples of one prompt adjacent; ``valid`` (N,) bool.
     Returns (N,).
     """
+    mode = {True: "group", False: "none"}.get(scale, scale) if isinstance(scale, bool) else scale
+    if mode not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALE_REWARDS)}")
     r, ok = _grouped(rewards, group_size, valid)
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
     r0 = torch.where(ok, r, zero)
     count = ok.sum(dim=-1, keepdim=True).to(r.dtype)  # (G, 1)
     mean = masked_mean(r0, ok, dim=-1).unsqueeze(-1)  # (G, 1)
     advantages = r0 - mean
-    if scale:
+    if mode == "group":
         sq = torch.where(ok, advantages**2, zero).sum(dim=-1, keepdim=True)
         std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), zero)  # (G, 1)
         advantages = advantages / (std + eps)
+    elif mode == "batch":
+        n = ok.sum()
+        std = masked_var(r0, ok).sqrt() if n > 1 else zero  # scalar, over all valid rewards
+        advantages = advantages / (std + eps)
     return torch.where(ok, advantages, zero).reshape(-1)
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, cache: int) -> Tensor:
+    """DAPO's soft overlong punishment (https://arxiv.org/abs/2503.14476, eq. 13).
+
+        R(|y|) = 0                              |y| ≤ L_max − L_cache
+               = ((L_max − L_cache) − |y|) / L_cache    L_max − L_cache < |y| ≤ L_max
+               = −1                             |y| > L_max
+
+    Added to the task reward, it ramps linearly from 0 to −1 over the last ``cache`` tokens
+    before ``max_length``. Shapes: ``lengths`` (N,) answer lengths in tokens; returns (N,) float.
+    """
+    if not 0 < cache <= max_length:
+        raise ValueError(
+            f"overlong_penalty: need 0 < cache <= max_length, got cache={cache}, max={max_length}"
+        )
+    lengths = lengths.to(torch.float32)
+    start = float(max_length - cache)
+    ramp = (start - lengths) / cache
+    penalty = torch.where(lengths <= start, torch.zeros_like(lengths), ramp)
+    return torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
 
 
 def reinforce_advantages(rewards: Tensor, baseline: float | Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -89,3 +90,15 @@ class AdaptiveKLController:
         """Move β up when the KL is above target and down when below."""
         proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n ‖ π) of picking the best of n samples by a reward (ties aside), in nats.
+
+        KL = log n − (n − 1) / n
+    (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix; exact for continuous
+    rewards, an upper bound otherwise: Beirami et al. 2024, https://arxiv.org/abs/2401.01879).
+    """
+    if n < 1:
+        raise ValueError(f"best_of_n_kl: n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n

@@ -19,6 +19,11 @@ from heed.algos.ops import DEFAULT_CHUNK_SIZE, masked_mean, selective_log_softma
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+RatioLevel = Literal["token", "sequence"]
+
+
+# Log-ratios are clamped to ±this before exp in the policy loss: exp(20) ≈ 4.9e8 stays finite in fp32.
+MAX_LOG_RATIO = 20.0
 
 
 class _Stats:
@@ -179,6 +184,41 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Kahneman-Tversky optimisation from unpaired thumbs up / down, per example
+    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306 eq. 8).
+
+        r = log π(y|x) − log π_ref(y|x),   z_0 = max(0, KL) (detached: the reference point)
+        desirable:    λ_D · (1 − σ(β·(r − z_0)))
+        undesirable:  λ_U · (1 − σ(β·(z_0 − r)))
+
+    ``kl`` is the batch estimate of KL(π ‖ π_ref): the mean of r over mismatched pairs (each prompt
+    with another example's answer), averaged over processes by the caller; it is clamped at 0 and
+    carries no gradient, as in the paper and TRL's ``KTOTrainer``. Implicit rewards β·r are returned
+    detached for logging.
+
+    Shapes: ``policy_logps``, ``ref_logps`` (B,) sequence log-probs; ``desirable`` (B,) bool.
+    Returns ``(losses, rewards)``, each (B,).
+    """
+    z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).detach().clamp(min=0)
+    r = policy_logps - ref_logps
+    good = desirable.to(device=r.device, dtype=torch.bool)
+    losses = torch.where(
+        good,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
+    )
+    return losses, beta * r.detach()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -186,34 +226,63 @@ def policy_loss(
     mask: Tensor | None = None,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
+    ratio_level: RatioLevel = "token",
 ) -> tuple[Tensor, PolicyStats]:
     """PPO clipped surrogate, per element (https://arxiv.org/abs/1707.06347 eq. 7).
 
-        ratio = exp(logprobs − old_logprobs)
+        ratio = exp(clamp(logprobs − old_logprobs, −M, M))
         loss  = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε_high)·A)
+        with dual_clip c (A < 0 only):  loss = min(loss, −c·A)
 
     ``ε_high`` (``clip_eps_high``) defaults to ε; a larger one is DAPO's clip-higher
-    (https://arxiv.org/abs/2503.14476). ``mask`` only affects the statistics: reduce the loss
-    with :func:`heed.algos.ops.aggregate`.
+    (https://arxiv.org/abs/2503.14476). Dual-clip PPO (Ye et al. 2020,
+    https://arxiv.org/abs/1912.09729) bounds the loss of a negative advantage by ``−c·A``
+    (``c > 1``), so a token whose ratio has run far above 1 cannot dominate the batch. The
+    log-ratio is clamped to ``±M`` (``max_log_ratio``) before ``exp``, so an fp32 log-ratio of
+    100 gives a large finite loss instead of ``inf`` (its gradient is then 0).
+
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025, https://arxiv.org/abs/2507.18071): one
+    ratio per answer, the geometric mean of its token ratios,
+    ``s_b = exp(Σ_t m_bt (logπ − logπ_old)_bt / Σ_t m_bt)``, clipped like a token ratio and shared
+    by every token of the answer; it needs ``mask`` and sequence advantages. Otherwise ``mask``
+    only affects the statistics: reduce the loss with :func:`heed.algos.ops.aggregate`.
 
     Shapes: ``logprobs``, ``old_logprobs`` (B, T) (or (N,) for classic control); ``advantages``
     broadcastable to them, e.g. (B, 1) for one advantage per sequence; ``mask`` like ``logprobs``.
     Returns ``(loss like logprobs, PolicyStats)``.
     """
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        if mask is None:
+            raise ValueError("policy_loss: ratio_level='sequence' needs the answer mask")
+        m = mask.to(log_ratio.dtype)
+        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_ratio = seq.expand_as(log_ratio)
+    elif ratio_level != "token":
+        raise ValueError(f"policy_loss: ratio_level must be token or sequence, got {ratio_level!r}")
+    ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))
     surrogate = ratio * advantages
     clipped_surrogate = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
     loss = -torch.minimum(surrogate, clipped_surrogate)
+    adv = torch.as_tensor(advantages, dtype=ratio.dtype).expand_as(ratio)
+    dual_clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual_clipped = (adv < 0) & (loss > bound)
+        loss = torch.where(dual_clipped, bound, loss)
     with torch.no_grad():
-        adv = torch.as_tensor(advantages).detach().expand_as(ratio)
+        adv = adv.detach()
         # the clipped branch is the smaller one exactly where the gradient is cut off
-        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0)) | dual_clipped
         stats = PolicyStats(
             clipfrac=masked_mean(clipped.to(ratio.dtype), mask),
             approx_kl_k1=masked_mean(-log_ratio, mask),
-            approx_kl_k3=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            approx_kl_k3=masked_mean(torch.expm1(log_ratio.clamp(max=max_log_ratio)) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
         )
     return loss, stats

@@ -103,12 +103,21 @@ def project_list(db: DbOpt = "heed-annotate.db") -> None:
 
 @user_app.command("add")
 def user_add(
-    name: Annotated[str, typer.Argument(help="User name.")],
+    name: Annotated[str, typer.Argument(help="User name (unique ignoring case).")],
     role: Annotated[str, typer.Option(help="annotator or admin.")] = "annotator",
+    project: Annotated[
+        list[str] | None, typer.Option("--project", "-p", help="Make the user a member (repeatable).")
+    ] = None,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
-    """Create a user and print a one-time password (only its argon2 hash is stored)."""
-    info, password = _feedback(db).add_user(name, role)  # type: ignore[arg-type]
+    """Create a user and print a one-time password (only its argon2 hash is stored); the user must
+    choose their own password at first login."""
+    fb = _feedback(db)
+    for p in project or []:
+        fb.project(p)  # an unknown project is refused before the user is created
+    info, password = fb.add_user(name, role)  # type: ignore[arg-type]
+    for p in project or []:
+        fb.add_member(p, info)
     typer.echo(f"user {info.name} ({info.role}) password: {password}")
 
 
@@ -116,15 +125,87 @@ def user_add(
 def user_reset(
     name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
 ) -> None:
-    """Give a user a new one-time password and end their sessions."""
+    """Give a user a new one-time password (to change at next login) and end their sessions."""
     typer.echo(f"user {name} password: {_feedback(db).set_password(name)}")
+
+
+@user_app.command("disable")
+def user_disable(
+    name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """Disable a user: no login, sessions ended, pending records released (their labels stay)."""
+    u = _feedback(db).set_active(name, False)
+    typer.echo(f"user {u.name} disabled")
+
+
+@user_app.command("enable")
+def user_enable(
+    name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """Enable a disabled user again."""
+    u = _feedback(db).set_active(name, True)
+    typer.echo(f"user {u.name} enabled")
+
+
+@user_app.command("rename")
+def user_rename(
+    old: Annotated[str, typer.Argument(help="Current name, spelled exactly as stored.")],
+    new: Annotated[str, typer.Argument(help="New name.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Rename a user (also resolves two older names that differ only in case)."""
+    from heed.feedback.service import Feedback
+
+    fb = Feedback(db, allow_name_clashes=True)
+    u = fb.rename_user(old, new)
+    fb.close()
+    Feedback(db).close()  # with the clash gone, the case-insensitive index can be made now
+    typer.echo(f"user {old} renamed to {u.name}")
 
 
 @user_app.command("list")
 def user_list(db: DbOpt = "heed-annotate.db") -> None:
-    """List users."""
+    """List users (name, role, state)."""
     for u in _feedback(db).users():
-        typer.echo(f"{u.name}\t{u.role}")
+        flags = ("active" if u.active else "disabled") + (
+            ", one-time password" if u.must_change_password else ""
+        )
+        typer.echo(f"{u.name}\t{u.role}\t{flags}")
+
+
+@project_app.command("add-member")
+def project_add_member(
+    project: Annotated[str, typer.Argument(help="Project name.")],
+    users: Annotated[list[str], typer.Argument(help="User names.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Let annotators work on a project (annotators see only their projects; admins see all)."""
+    fb = _feedback(db)
+    for u in users:
+        fb.add_member(project, u)
+    typer.echo(f"{project} members: {', '.join(fb.members(project))}")
+
+
+@project_app.command("remove-member")
+def project_remove_member(
+    project: Annotated[str, typer.Argument(help="Project name.")],
+    users: Annotated[list[str], typer.Argument(help="User names.")],
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Take a project away from annotators (their labels stay; pending records are released)."""
+    fb = _feedback(db)
+    for u in users:
+        fb.remove_member(project, u)
+    typer.echo(f"{project} members: {', '.join(fb.members(project)) or '(none)'}")
+
+
+@project_app.command("members")
+def project_members(
+    project: Annotated[str, typer.Argument(help="Project name.")], db: DbOpt = "heed-annotate.db"
+) -> None:
+    """List a project's members."""
+    for name in _feedback(db).members(project):
+        typer.echo(name)
 
 
 def _scorer(reward_model: Path):  # type: ignore[no-untyped-def]
@@ -230,17 +311,29 @@ def export(
     file_format: Annotated[
         str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")
     ] = None,
-    method: Annotated[str, typer.Option(help="Ranking aggregation: mean_rank or borda.")] = "mean_rank",
+    method: Annotated[
+        str, typer.Option(help="Scores of --aggregate mean-rank: mean_rank or borda (the same order).")
+    ] = "mean_rank",
+    aggregate: Annotated[
+        str | None,
+        typer.Option(
+            help="majority (pairwise), mean-rank (ranking) or dawid-skene (both: votes weighted by "
+            "each annotator's estimated reliability). Default: majority / mean-rank by task."
+        ),
+    ] = None,
     complete_only: Annotated[bool, typer.Option(help="Only records with all `overlap` annotations.")] = False,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
     """Aggregate the annotations and write the training file (feeds `heed rm train` / `heed dpo`)."""
     from heed.errors import DataError
+    from heed.feedback.aggregate import AGGREGATIONS
 
     if format not in ("pairs", "ranked"):
         raise DataError(f"--format {format!r}: expected pairs or ranked")
     if method not in ("mean_rank", "borda"):
         raise DataError(f"--method {method!r}: expected mean_rank or borda")
+    if aggregate is not None and aggregate not in AGGREGATIONS:
+        raise DataError(f"--aggregate {aggregate!r}: expected {', '.join(AGGREGATIONS)}")
     fb = _feedback(db)
     path, n = fb.export_file(
         project,
@@ -249,14 +342,20 @@ def export(
         file_format,
         method=method,  # type: ignore[arg-type]
         complete_only=complete_only,
+        aggregate=aggregate,
     )
-    summary = fb.summary(project)
+    summary = fb.summary(project, aggregate=aggregate)
     typer.echo(f"wrote {n} {format} rows to {path}; record outcomes: {json.dumps(summary)}")
 
 
 @annotate.command("stats")
 def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
-    """Print progress, agreement and position bias as JSON."""
+    """Print progress, agreement, position bias and each annotator's estimated reliability as JSON.
+
+    ``agreement.per_annotator[user]`` puts the Dawid-Skene ``reliability`` (chance of giving a pair's
+    true preference) next to the leave-one-out agreement; ``agreement.reliability`` has the fit
+    (confusion matrices, class prior).
+    """
     fb = _feedback(db)
 
     def finite(x):  # type: ignore[no-untyped-def]
@@ -264,6 +363,8 @@ def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
             return x if math.isfinite(x) else None
         if isinstance(x, dict):
             return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
         return x
 
     typer.echo(
@@ -279,3 +380,128 @@ def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
             ensure_ascii=False,
         )
     )
+
+
+def _load_watch_state(path: Path, project: str) -> dict:  # type: ignore[type-arg]
+    """The watch's state file, or a fresh state when there is none; one-line errors otherwise."""
+    from heed.errors import DataError
+
+    if not path.exists():
+        return {"project": project, "last_complete": 0, "runs": 0, "last_run": None}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(state, dict) and isinstance(state.get("last_complete"), int)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a watch state file ({exc.__class__.__name__}: {exc})") from None
+    if not ok or not isinstance(state.get("runs"), int):
+        raise DataError(f"{path}: not a watch state file (expected last_complete and runs as integers)")
+    if state.get("project") != project:
+        raise DataError(
+            f"{path}: state of project {state.get('project')!r}, not {project!r}; pass --state FILE"
+        )
+    return state
+
+
+def _save_watch_state(path: Path, state: dict) -> None:  # type: ignore[type-arg]
+    """Write the state atomically (a killed watch leaves the old file or the new one, never half)."""
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@annotate.command("watch")
+def watch(
+    project: ProjectOpt,
+    every: Annotated[
+        int, typer.Option(help="Start the command each time this many more records are complete.")
+    ],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The command to start, after -- (e.g. heed rm train ...).")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between two looks at the store.")] = 30.0,
+    max_runs: Annotated[int | None, typer.Option(help="Stop after starting the command this often.")] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Look once (start the command if due), then exit.")
+    ] = False,
+    state: Annotated[
+        Path | None, typer.Option(help="State file (default heed-watch-PROJECT.json in this folder).")
+    ] = None,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """Start a command each time N more records reach their overlap, e.g. retrain the reward model.
+
+    The count of complete records at each start is kept in the state file, so a restarted watch
+    does not start the command again for the same records (an interrupted run is not repeated; a
+    failed run stops the watch and is retried when it is started again). The command sees
+    HEED_WATCH_PROJECT, HEED_WATCH_RUN and HEED_WATCH_COMPLETE in its environment.
+    """
+    import os
+    import shlex
+    import subprocess
+    import time
+
+    from heed.errors import DataError, HeedError
+
+    if every < 1:
+        raise DataError(f"--every {every}: expected a positive number of records")
+    if interval < 0:
+        raise DataError(f"--interval {interval}: expected seconds >= 0")
+    if max_runs is not None and max_runs < 1:
+        raise DataError(f"--max-runs {max_runs}: expected 1 or more")
+    if not command:
+        raise DataError("watch: give the command after --, e.g. -- heed rm train --config rm.yaml")
+    path = state or Path(f"heed-watch-{project}.json")
+    st = _load_watch_state(path, project)
+    fb = _feedback(db)
+    fb.project(project)  # an unknown project fails here, before any state is written
+    if st["last_run"] and st["last_run"].get("status") == "running":
+        typer.echo(f"watch: run {st['last_run']['run']} was interrupted; not started again for these records")
+        st["last_run"]["status"] = "interrupted"
+        _save_watch_state(path, st)
+    started = 0
+    while True:
+        complete = int(fb.progress(project)["complete_records"])
+        if complete - st["last_complete"] >= every:
+            # step 1: record the start before starting, so a restart never starts it twice
+            previous, run_no = st["last_complete"], st["runs"] + 1
+            st.update(last_complete=complete, runs=run_no)
+            st["last_run"] = {
+                "run": run_no,
+                "complete": complete,
+                "started_at": time.time(),
+                "status": "running",
+            }
+            _save_watch_state(path, st)
+            typer.echo(
+                f"watch: {complete} complete records ({complete - previous} new); run {run_no}: {shlex.join(command)}"
+            )
+            # step 2: run it, with the counts in its environment
+            env = {
+                **os.environ,
+                "HEED_WATCH_PROJECT": project,
+                "HEED_WATCH_RUN": str(run_no),
+                "HEED_WATCH_COMPLETE": str(complete),
+            }
+            try:
+                rc = subprocess.run(command, env=env, check=False).returncode
+            except OSError as exc:  # not found, not executable
+                rc = None
+                error = f"watch: cannot start {command[0]!r} ({exc.strerror or exc})"
+            else:
+                error = f"watch: run {run_no} ({shlex.join(command)}) exited with code {rc}"
+            # step 3: a failure hands these records back to the next start of the watch
+            st["last_run"].update(status="ok" if rc == 0 else "failed", returncode=rc, ended_at=time.time())
+            if rc != 0:
+                st["last_complete"] = previous
+                _save_watch_state(path, st)
+                raise HeedError(f"{error}; fix it and start the watch again to retry")
+            _save_watch_state(path, st)
+            started += 1
+            if max_runs is not None and started >= max_runs:
+                return
+            continue
+        if once:
+            return
+        time.sleep(interval)

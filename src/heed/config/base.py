@@ -20,9 +20,32 @@ C = TypeVar("C", bound="HeedConfig")
 
 
 class HeedConfig(BaseModel):
-    """Base of every config: unknown keys are errors, instances are immutable."""
+    """Base of every config: unknown keys are errors, instances are immutable, and every number is
+    finite (``.inf`` / ``.nan`` in YAML or ``--set`` are refused: a run with an infinite learning rate
+    or KL coefficient would learn nothing and still exit 0)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+class DataFilesConfig(HeedConfig):
+    """Where a trainer's records come from: a training file, and an evaluation file or a held-out share
+    of the training records. Each trainer's data section adds what it reads."""
+
+    train: str = Field(..., description="Training file (.jsonl/.json/.parquet) or datasets folder.")
+    eval: str | None = Field(
+        None, description="Evaluation file; if unset, `eval_split` of train is held out."
+    )
+    eval_split: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of train held out for eval when `eval` is unset."
+    )
+    split: str | None = Field(
+        None,
+        description="Split of a DatasetDict folder in `train` (e.g. train_prefs); unset: its only split, or 'train'.",
+    )
+    eval_split_name: str | None = Field(
+        None,
+        description="Split of a DatasetDict folder in `eval` (e.g. test_prefs); unset: its only split.",
+    )
 
 
 class OptimConfig(HeedConfig):
@@ -60,8 +83,9 @@ class LoraConfig(HeedConfig):
     alpha: float = Field(32.0, gt=0, description="Scale of the update: W + (alpha / r)·B·A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Names (last component) of the linear layers that get adapters, or 'all-linear'.",
+        "all-linear",
+        description="Names (last component) of the layers that get adapters, or 'all-linear' (every "
+        "linear and Conv1D layer except the output / score head).",
     )
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit with bitsandbytes (CUDA only)."

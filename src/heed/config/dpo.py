@@ -6,14 +6,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
-from heed.report.monitors import MonitorConfig
+from heed.config.base import DataFilesConfig, HeedConfig, LogConfig, ModelConfig, OptimConfig
+from heed.config.monitor import MonitorConfig
 
 PairMode = Literal["all", "best_vs_rest", "best_vs_worst"]
 DPOLoss = Literal["sigmoid", "ipo", "hinge", "simpo"]
 
 
-class DPODataConfig(HeedConfig):
+class DPODataConfig(DataFilesConfig):
     """Preference data: pairs and/or ranked groups (one file may mix them)."""
 
     train: str = Field(
@@ -26,6 +26,10 @@ class DPODataConfig(HeedConfig):
     )
     eval_split: float = Field(
         0.1, ge=0, lt=1, description="Fraction of train groups held out for eval when `eval` is unset."
+    )
+    allow_negative_weights: bool = Field(
+        False,
+        description="Accept records with a negative `weight` (they push towards the worse answer); refused otherwise.",
     )
     pairs: PairMode = Field(
         "all",

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, LoraConfig, MixedPrecision, OptimConfig
+from heed.config.base import DataFilesConfig, HeedConfig, LogConfig, LoraConfig, MixedPrecision, OptimConfig
 
 
 class RMModelConfig(HeedConfig):
@@ -53,7 +53,7 @@ class RMModelConfig(HeedConfig):
     )
 
 
-class RMDataConfig(HeedConfig):
+class RMDataConfig(DataFilesConfig):
     """Preference data: pairs and ranked groups, in one file or several kinds mixed."""
 
     train: str = Field(
@@ -66,6 +66,10 @@ class RMDataConfig(HeedConfig):
     )
     eval_split: float = Field(
         0.1, ge=0, lt=1, description="Fraction of prompts held out for eval when `eval` is unset."
+    )
+    allow_negative_weights: bool = Field(
+        False,
+        description="Accept records with a negative `weight` (they push towards the worse answer); refused otherwise.",
     )
     max_length: int = Field(
         256, ge=8, description="Tokens per (prompt, response); longer ones are truncated (with a warning)."

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
-from heed.report.monitors import MonitorConfig
+from heed.config.monitor import MonitorConfig
 
 ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce")
 
@@ -141,8 +141,8 @@ class KLConfig(HeedConfig):
     )
 
 
-class PPOConfig(HeedConfig):
-    """The update: clipped surrogate over minibatches, plus PPO's critic settings."""
+class UpdateConfig(HeedConfig):
+    """The policy update of every algorithm: clipped surrogate over shuffled minibatches."""
 
     epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     minibatch_size: int | None = Field(
@@ -157,28 +157,116 @@ class PPOConfig(HeedConfig):
     clip_eps_high: float | None = Field(
         None, gt=0, description="Upper clip range (clip-higher); default clip_eps."
     )
+    dual_clip: float | None = Field(
+        None,
+        gt=1,
+        description="Dual-clip PPO: bound the loss of a negative advantage by -c·A (c > 1, e.g. 3); null disables.",
+    )
     loss_aggregation: Literal[
         "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
     ] = Field("token_mean", description="How per-token losses are reduced (heed.algos.aggregate).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
-    # critic (PPO only)
+
+
+class AdvantageConfig(HeedConfig):
+    """How rewards become advantages: GAE for PPO, group baselines for RLOO / GRPO, REINFORCE's average."""
+
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount over response tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    whiten: bool = Field(True, description="PPO: whiten the advantages over the batch.")
+    whiten_rewards: bool = Field(False, description="PPO: whiten the token rewards before GAE (scale only).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="GRPO: divide by the group's std (group), the batch's std (batch) or not at all (none: Dr. GRPO).",
+    )
+    reinforce_decay: float = Field(
+        0.9, ge=0, lt=1, description="REINFORCE: moving-average decay of the baseline."
+    )
+
+
+class PPOConfig(HeedConfig):
+    """PPO's critic: a value head on the policy's trunk or a separate model, and its loss."""
+
     critic: Literal["shared", "separate"] = Field(
         "shared", description="Value head on the policy's trunk (shared) or on a separate critic model."
     )
     critic_path: str | None = Field(
         None, description="Separate critic's initial model folder (default: model.path)."
     )
+    critic_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the value head / critic (default: optim.lr)."
+    )
     vf_coef: float = Field(0.1, ge=0, description="Value-loss coefficient.")
     value_clip: float | None = Field(0.2, gt=0, description="Clip range of the value loss; null disables.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount over response tokens.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over the batch.")
-    whiten_rewards: bool = Field(False, description="Whiten the token rewards before GAE (scale only).")
-    # baselines
-    reinforce_decay: float = Field(
-        0.9, ge=0, lt=1, description="REINFORCE: moving-average decay of the baseline."
-    )
-    grpo_scale: bool = Field(True, description="GRPO: divide by the group's std (false: Dr. GRPO).")
+
+
+# Keys that moved (old dotted name -> new dotted name); the old names work for one release and warn once.
+RENAMED_KEYS: dict[str, str] = {
+    **{
+        f"ppo.{k}": f"update.{k}"
+        for k in (
+            "epochs",
+            "minibatch_size",
+            "micro_batch_size",
+            "clip_eps",
+            "clip_eps_high",
+            "dual_clip",
+            "loss_aggregation",
+            "entropy_coef",
+        )
+    },
+    "ppo.gamma": "advantages.gamma",
+    "ppo.lam": "advantages.lam",
+    "ppo.whiten_advantages": "advantages.whiten",
+    "ppo.whiten_rewards": "advantages.whiten_rewards",
+    "ppo.reinforce_decay": "advantages.reinforce_decay",
+    "ppo.grpo_scale": "advantages.scale_rewards",
+    "critic_lr": "ppo.critic_lr",
+}
+_warned: set[str] = set()
+
+
+def _migrate(old: str, new: str, value: Any) -> Any:
+    if old == "ppo.grpo_scale" and isinstance(value, bool):
+        return "group" if value else "none"
+    return value
+
+
+def rename_old_keys(data: Any) -> Any:
+    """Move renamed keys of a raw RL config to their new place, warning once per key; a key given under
+    both names is an error."""
+    import warnings
+
+    if not isinstance(data, dict):
+        return data
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for old, new in RENAMED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        section = data
+        for part in old_path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or old_leaf not in section:
+            continue
+        value = _migrate(old, new, section.pop(old_leaf))
+        new_section, new_leaf = new.split(".")
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # the type error is reported by validation
+        if new_leaf in target:
+            from heed.errors import ConfigError
+
+            raise ConfigError(f"config key '{old}' and its new name '{new}' are both set; keep '{new}' only")
+        target[new_leaf] = value
+        if old not in _warned:
+            _warned.add(old)
+            warnings.warn(
+                f"config key '{old}' is now '{new}'; the old name still works in this release",
+                FutureWarning,
+                stacklevel=2,
+            )
+    if isinstance(data.get("ppo"), dict) and not data["ppo"]:
+        data.pop("ppo")
+    return data
 
 
 class PtxConfig(HeedConfig):
@@ -216,6 +304,11 @@ class TrainLoopConfig(HeedConfig):
 
     updates: int = Field(100, ge=1, description="Rollout + update rounds.")
     seed: int = Field(0, description="Seed for prompt order and sampling.")
+    max_none_updates: int = Field(
+        3,
+        ge=0,
+        description="Stop when the reward is None for every answer of this many updates in a row (0 = never).",
+    )
 
 
 class RLOptimConfig(OptimConfig):
@@ -257,22 +350,28 @@ class RLConfig(HeedConfig):
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty.")
-    ppo: PPOConfig = Field(
-        default_factory=PPOConfig, description="Update settings (all algorithms) and PPO's critic."
+    update: UpdateConfig = Field(
+        default_factory=UpdateConfig, description="The policy update (all algorithms)."
     )
+    advantages: AdvantageConfig = Field(
+        default_factory=AdvantageConfig, description="Advantage estimation (GAE, group baselines)."
+    )
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO's critic.")
     ptx: PtxConfig = Field(default_factory=PtxConfig, description="PPO-ptx language-modelling loss.")
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig, description="Length and seed.")
     optim: RLOptimConfig = Field(
         default_factory=RLOptimConfig, description="Optimizer of the policy (and value head)."
-    )
-    critic_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the value head / critic (default: optim.lr)."
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     log: RLLogConfig = Field(default_factory=RLLogConfig, description="Logging and checkpoints.")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Reward-hacking monitors.")
     out: str = Field("runs/rl", description="Run folder.")
     overwrite: bool = Field(False, description="Replace an existing run in `out` instead of refusing.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return rename_old_keys(data)
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
@@ -284,10 +383,10 @@ class RLConfig(HeedConfig):
             )
         if self.ptx.coef > 0 and not self.ptx.data:
             raise ValueError("ptx.data: PPO-ptx (ptx.coef > 0) needs plain-text data")
-        mb = self.ppo.minibatch_size
+        mb = self.update.minibatch_size
         if mb is not None and self.batch_size % mb:
             raise ValueError(
-                f"ppo.minibatch_size: {mb} does not divide the batch of {self.batch_size} answers"
+                f"update.minibatch_size: {mb} does not divide the batch of {self.batch_size} answers"
             )
         names = [r.display_name for r in self.rewards]
         if len(set(names)) != len(names):

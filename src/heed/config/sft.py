@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
+from heed.config.base import DataFilesConfig, HeedConfig, LogConfig, ModelConfig, OptimConfig
 
 
-class SFTDataConfig(HeedConfig):
+class SFTDataConfig(DataFilesConfig):
     """Training data for SFT / language modelling."""
 
     train: str = Field(

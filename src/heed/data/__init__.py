@@ -2,20 +2,24 @@
 
 from heed.data.io import read_records, write_jsonl
 from heed.data.records import (
+    ParseOptions,
     PreferenceGroup,
     PromptExample,
     SFTExample,
     TextExample,
+    check_ranked_group,
     load_records,
     parse_records,
     prompt_text,
 )
 
 __all__ = [
+    "ParseOptions",
     "PreferenceGroup",
     "PromptExample",
     "SFTExample",
     "TextExample",
+    "check_ranked_group",
     "load_records",
     "parse_records",
     "prompt_text",

@@ -59,7 +59,8 @@ def annotate_project(
 ) -> dict[str, int]:
     """Let every annotator label until the service hands them nothing more; returns counts per annotator.
 
-    Annotators take turns one record at a time, as people working side by side would.
+    Annotators take turns one record at a time, as people working side by side would. In a pairwise
+    project each picks the answer they rank first (never a tie).
     """
     existing = {u.name for u in fb.users()}
     for a in annotators:
@@ -76,6 +77,10 @@ def annotate_project(
                 continue
             shown = list(job.responses)  # display order of this annotator
             ranks = a.rank(shown, rngs[a.name])
-            fb.submit(a.name, project, job.record_id, ranks=ranks, key=f"{a.name}:{project}:{job.record_id}")
+            key = f"{a.name}:{project}:{job.record_id}"
+            if job.task == "pairwise":  # the better-ranked of the two shown: "A" (first) or "B"
+                fb.submit(a.name, project, job.record_id, choice="AB"[ranks.index(1)], key=key)
+            else:
+                fb.submit(a.name, project, job.record_id, ranks=ranks, key=key)
             counts[a.name] += 1
     return counts

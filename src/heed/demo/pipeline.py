@@ -24,7 +24,7 @@ from typing import Any
 from heed.data.io import write_jsonl
 from heed.demo.assets import MICRO, BuiltinSpec
 from heed.demo.builtin import FUNCTIONS
-from heed.train.common import write_json
+from heed.train.common import latest_checkpoint, write_json
 
 GOLD_POSITIVITY = FUNCTIONS["gold_positivity"]  # the hidden gold tone, as a reward function
 
@@ -138,8 +138,12 @@ class Demo:
         return True
 
     def _resume(self, run: Path) -> bool:
-        """A run folder left by an interrupted stage is resumed, not refused."""
-        return run.exists() and any(run.iterdir())
+        """A run folder left by an interrupted stage is resumed from its last checkpoint, not refused;
+        one that stopped before its first checkpoint is started again."""
+        if latest_checkpoint(run) is not None:
+            return True
+        shutil.rmtree(run, ignore_errors=True)
+        return False
 
     def _log(self, **extra: Any) -> dict[str, Any]:
         return {"progress": self.s.progress, **extra}
@@ -337,9 +341,10 @@ class Demo:
                 "ref_model": str(self.runs / "sft" / "final"),
                 "rewards": [{"name": "rm", "model": str(rm), "normalize": True}],
                 "kl": {"beta": 0.05, "adaptive": True, "target": 4.0, "horizon": 2000},
-                "ppo": {"epochs": 2, "vf_coef": 0.1, "whiten_advantages": True},
+                "update": {"epochs": 2},
+                "advantages": {"whiten": True},
+                "ppo": {"vf_coef": 0.1, "critic_lr": 3e-3},
                 "ptx": {"data": str(self.data / "text.jsonl"), "coef": 0.1, "batch_size": 8},
-                "critic_lr": 3e-3,
                 "optim": {"lr": 2e-4},
                 "train": {"updates": updates, "seed": self.s.seed},
                 "monitor": {"kl_budget": 10.0},

@@ -1,8 +1,10 @@
 """From individual judgements to one label per record, and the project's quality figures.
 
 Pure functions over :class:`Judgement` lists (no database): majority vote for pairwise records,
-mean fractional rank (equivalently Borda with half points for ties) for rankings, inter-annotator
-agreement, each annotator's agreement with the others' majority, and position bias.
+mean fractional rank (equivalently Borda with half points for ties) for rankings, Dawid-Skene
+(each annotator weighted by an estimated confusion matrix, :mod:`heed.feedback.reliability`) for
+both, inter-annotator agreement, each annotator's agreement with the others' majority and
+estimated reliability, and position bias.
 
 Pairwise labels are in terms of the record's response indices: ``"0"`` (the first stored response
 won), ``"1"``, ``"tie"`` or ``"discard"``. Rankings are per response index, lower is better.
@@ -15,11 +17,15 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from heed.errors import DataError
 from heed.feedback import agreement as ag
+from heed.feedback import reliability as rel
 
 PAIRWISE_LABELS = ("0", "1", "tie", "discard")
+PREFERENCE_CLASSES = ("0", "1", "tie")  # of a pair (i, j), i < j: i better, j better, equal
+AGGREGATIONS = ("majority", "dawid-skene", "mean-rank")
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,9 @@ class Aggregate:
 
     ``label`` is the pairwise majority (``None`` without a strict majority); ``ranks`` the
     consensus ranking per response index (dense, 1 = best; ``None`` when discarded or undecided);
-    ``weight`` in [0, 1] says how much annotators agreed.
+    ``weight`` in [0, 1] says how much annotators agreed (Dawid-Skene: the posterior probability
+    of the consensus). Dawid-Skene also fills ``posterior`` (pairwise: class -> probability) and
+    ``pairs`` (every ``(better, worse, probability)`` the consensus orders).
     """
 
     record_id: int
@@ -49,6 +57,8 @@ class Aggregate:
     weight: float
     votes: dict[str, int] = field(default_factory=dict)
     mean_ranks: list[float] | None = None
+    posterior: dict[str, float] | None = None
+    pairs: list[tuple[int, int, float]] | None = None
 
 
 def by_record(judgements: Sequence[Judgement]) -> dict[int, list[Judgement]]:
@@ -102,6 +112,117 @@ def aggregate_ranking(
     return Aggregate(record_id, len(labels), "rank", final, weight, votes, mean)
 
 
+def preference_items(judgements: Sequence[Judgement]) -> dict[tuple[int, int, int], dict[str, str]]:
+    """Every judgement as pairwise preferences: ``{(record_id, i, j): {user: "0" | "1" | "tie"}}``, ``i < j``.
+
+    ``"0"`` says response ``i`` is better, ``"1"`` that ``j`` is, ``"tie"`` that they are equal. A
+    pairwise judgement is the one pair ``(0, 1)``; a ranking of K responses gives its C(K, 2) pairs
+    (``ranks[i] < ranks[j]`` -> ``"0"``). Discards say nothing about the order and are left out.
+    """
+    out: dict[tuple[int, int, int], dict[str, str]] = defaultdict(dict)
+    for j in judgements:
+        if j.label == "discard" or j.ranks is None:
+            continue
+        for a, b in itertools.combinations(range(len(j.ranks)), 2):
+            ra, rb = j.ranks[a], j.ranks[b]
+            out[(j.record_id, a, b)][j.user] = "0" if ra < rb else "1" if ra > rb else "tie"
+    return dict(out)
+
+
+def fit_reliability(judgements: Sequence[Judgement], **kwargs: Any) -> rel.DawidSkene:
+    """Dawid-Skene over the project's pairwise preferences (:func:`preference_items`).
+
+    Classes are ``"0"``, ``"1"`` and, when any annotator ever gave a tie, ``"tie"`` (a class nobody
+    reports cannot be estimated). Every annotator sees the responses in their own random order, so
+    their errors cannot depend on which response is stored first: the confusion matrices are fitted
+    symmetric under swapping ``"0"`` and ``"1"`` (``swap``), which halves the parameters to estimate.
+    ``kwargs`` go to :func:`heed.feedback.reliability.dawid_skene`.
+    """
+    items = preference_items(judgements)
+    has_tie = any("tie" in votes.values() for votes in items.values())
+    classes = PREFERENCE_CLASSES if has_tie else PREFERENCE_CLASSES[:2]
+    kwargs.setdefault("swap", [1, 0, 2][: len(classes)])
+    return rel.dawid_skene(items, classes, **kwargs)
+
+
+def aggregate_dawid_skene(
+    task: str, judgements: Sequence[Judgement], model: rel.DawidSkene | None = None
+) -> list[Aggregate]:
+    """Each record's consensus from the Dawid-Skene posteriors of its pairs (votes weighted by reliability).
+
+    Pairwise: the most probable class of the pair; ``weight`` = its posterior probability.
+    Ranking: each response's expected fractional rank under the posteriors,
+    ``E[rank_i] = 1 + sum_{j != i} (P(j > i) + P(i = j) / 2)`` (the mean rank's counterpart), dense-ranked;
+    ``pairs`` holds every pair the consensus orders with ``P(better > worse)``, and ``weight`` is the
+    mean over pairs of the probability of the relation the consensus gives them. A strict majority
+    of discards discards the record, as with the majority vote.
+    """
+    model = model if model is not None else fit_reliability(judgements)
+    out = []
+    for rid, js in sorted(by_record(judgements).items()):
+        labels = [j.label for j in js]
+        votes = dict(Counter(labels))
+        ranked = [j for j in js if j.label != "discard" and j.ranks is not None]
+        if strict_majority(labels) == "discard" or not ranked:
+            out.append(Aggregate(rid, len(labels), "discard" if labels else None, None, 0.0, votes))
+            continue
+        k = len(ranked[0].ranks)  # type: ignore[arg-type]
+        better = [[0.0] * k for _ in range(k)]  # better[i][j] = P(i is better than j)
+        tie = [[0.0] * k for _ in range(k)]
+        for i, j in itertools.combinations(range(k), 2):
+            p = dict(zip(model.classes, model.posterior[(rid, i, j)], strict=True))
+            better[i][j], better[j][i] = p["0"], p["1"]
+            tie[i][j] = tie[j][i] = p.get("tie", 0.0)
+        if task == "pairwise":
+            label = model.label((rid, 0, 1))
+            posterior = dict(zip(model.classes, model.posterior[(rid, 0, 1)], strict=True))
+            ranks = {"0": [1, 2], "1": [2, 1], "tie": [1, 1]}[label]
+            pairs = [(int(label), 1 - int(label), posterior[label])] if label != "tie" else []
+            out.append(
+                Aggregate(rid, len(labels), label, ranks, posterior[label], votes, None, posterior, pairs)
+            )
+            continue
+        expected = [1.0 + sum(better[j][i] + 0.5 * tie[i][j] for j in range(k) if j != i) for i in range(k)]
+        final = ag.dense_ranks([round(e, 9) for e in expected])  # rounding lets exact mirror images tie
+        pairs, agree = [], []
+        for i, j in itertools.combinations(range(k), 2):
+            if final[i] == final[j]:
+                agree.append(tie[i][j])
+                continue
+            b, w = (i, j) if final[i] < final[j] else (j, i)
+            pairs.append((b, w, better[b][w]))
+            agree.append(better[b][w])
+        weight = sum(agree) / len(agree)
+        out.append(Aggregate(rid, len(labels), "rank", final, weight, votes, expected, None, pairs))
+    return out
+
+
+def default_aggregation(task: str) -> str:
+    """``majority`` for pairwise projects, ``mean-rank`` for rankings."""
+    return "majority" if task == "pairwise" else "mean-rank"
+
+
+def aggregate_records(
+    task: str,
+    judgements: Sequence[Judgement],
+    aggregate: str | None = None,
+    method: Literal["mean_rank", "borda"] = "mean_rank",
+) -> list[Aggregate]:
+    """The consensus of every record, by record id: ``majority`` (pairwise), ``mean-rank`` (rankings;
+    ``method`` picks mean rank or Borda, the same order) or ``dawid-skene`` (both); ``None`` picks
+    the task's default (:func:`default_aggregation`)."""
+    aggregate = aggregate or default_aggregation(task)
+    allowed = ("majority", "dawid-skene") if task == "pairwise" else ("mean-rank", "dawid-skene")
+    if aggregate not in allowed:
+        raise DataError(f"aggregate {aggregate!r}: a {task} project takes {' or '.join(allowed)}")
+    if aggregate == "dawid-skene":
+        return aggregate_dawid_skene(task, judgements)
+    groups = sorted(by_record(judgements).items())
+    if aggregate == "majority":
+        return [aggregate_pairwise(rid, js) for rid, js in groups]
+    return [aggregate_ranking(rid, js, method) for rid, js in groups]
+
+
 def pair_agreement(judgements: Sequence[Judgement], better: int, worse: int) -> float:
     """Share of rankings that put ``better`` above ``worse`` (a tie counts half)."""
     rankings = [j.ranks for j in judgements if j.label == "rank" and j.ranks is not None]
@@ -125,17 +246,26 @@ class AgreementReport:
     mean_kendall_tau: float = math.nan
     per_annotator: dict[str, dict[str, float]] = field(default_factory=dict)
     position_bias: dict[str, float] = field(default_factory=dict)
+    reliability: dict[str, Any] = field(default_factory=dict)  # DawidSkene.summary()
 
 
 def agreement_report(task: str, judgements: Sequence[Judgement]) -> AgreementReport:
-    """All agreement figures of a project from its judgements."""
+    """All agreement figures of a project from its judgements.
+
+    ``per_annotator[user]`` holds the leave-one-out agreement, position bias, and the Dawid-Skene
+    ``reliability`` (chance of reporting a pair's true preference) with ``reliability_labels`` (the
+    shared pairwise labels it rests on); ``reliability`` holds the whole fit without posteriors.
+    """
     groups = by_record(judgements)
     multi = {rid: js for rid, js in groups.items() if len(js) >= 2}
     users = sorted({j.user for j in judgements})
     col = {u: i for i, u in enumerate(users)}
     per_annotator = {u: with_majority(task, u, groups) for u in users}
+    model = fit_reliability(judgements)
     for u in users:
         per_annotator[u].update(position_bias([j for j in judgements if j.user == u], task))
+        per_annotator[u]["reliability"] = model.reliability.get(u, math.nan)
+        per_annotator[u]["reliability_labels"] = float(model.shared.get(u, 0))
     bias = position_bias(judgements, task)
     if task == "pairwise":
         table = ag.counts_table([[j.label for j in js] for js in multi.values()], PAIRWISE_LABELS)
@@ -156,6 +286,7 @@ def agreement_report(task: str, judgements: Sequence[Judgement]) -> AgreementRep
             alpha_nominal=ag.krippendorff_alpha(units, "nominal"),
             per_annotator=per_annotator,
             position_bias=bias,
+            reliability=model.summary(),
         )
     # ranking: units are (record, response); values are fractional ranks
     units_r: list[list[float | None]] = []
@@ -180,6 +311,7 @@ def agreement_report(task: str, judgements: Sequence[Judgement]) -> AgreementRep
         mean_kendall_tau=ag.mean_kendall_tau(rankings_per_record),
         per_annotator=per_annotator,
         position_bias=bias,
+        reliability=model.summary(),
     )
 
 

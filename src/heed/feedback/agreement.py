@@ -17,7 +17,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 Level = Literal["nominal", "ordinal", "interval", "ratio"]
 
@@ -111,6 +111,13 @@ def counts_table(items: Iterable[Sequence[Hashable]], categories: Sequence[Hasha
     return table
 
 
+def _value_order(v: Any) -> tuple[int, float, str]:
+    """Sort key: numbers by value (ints and floats mixed), any other value after them by its text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, f"{type(v).__name__}:{v}")
+
+
 def krippendorff_alpha(units: Sequence[Sequence[float | None]], level: Level = "nominal") -> float:
     """Krippendorff's alpha from a units x coders table, ``None`` where a coder gave no value.
 
@@ -133,7 +140,7 @@ def krippendorff_alpha(units: Sequence[Sequence[float | None]], level: Level = "
     # step 1: the coincidence matrix over the distinct values
     pairable = [[v for v in row if v is not None] for row in units]
     pairable = [vals for vals in pairable if len(vals) >= 2]
-    values = sorted({v for vals in pairable for v in vals}, key=lambda v: (str(type(v)), v))
+    values = sorted({v for vals in pairable for v in vals}, key=_value_order)
     if len(values) < 2:
         return math.nan
     index = {v: i for i, v in enumerate(values)}

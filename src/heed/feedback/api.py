@@ -1,41 +1,53 @@
 """The HTTP side: a FastAPI app whose JSON routes call :class:`heed.feedback.service.Feedback`, and the
-three pages (login, annotate, admin) that drive those routes from vanilla JS.
+pages (login, account, projects, annotate, admin, API docs) that drive those routes from vanilla JS.
 
-Security: every route except ``/health``, ``/login`` and ``POST /api/login`` needs a session: an
-HttpOnly, SameSite=Strict cookie (state-changing requests must then echo the session's CSRF token
-in ``X-CSRF-Token``) or ``Authorization: Bearer TOKEN`` from ``POST /api/login {"bearer": true}``.
-Annotators see only their own work; ``/admin`` and ``/api/admin/*`` need the admin role.
+Security: every route except ``/health``, ``/login``, ``/docs``, ``/openapi.json`` and
+``POST /api/login`` needs a session: an HttpOnly, SameSite=Strict cookie (state-changing requests
+must then echo the session's CSRF token in ``X-CSRF-Token``) or ``Authorization: Bearer TOKEN``
+from ``POST /api/login {"bearer": true}``. For every state-changing ``/api`` request the session,
+the CSRF token and the body size are checked on the headers, before the body is read (:class:`Gate`).
+``GET`` never changes state. A user on a one-time password may only change it. Annotators see
+only their own work in the projects they are members of; ``/admin`` and ``/api/admin/*`` need the
+admin role.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
+import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import cookie_parser
 
 from heed.errors import HeedError
 from heed.feedback import i18n
-from heed.feedback.auth import RateLimiter, same_token
+from heed.feedback.auth import LoginLimiter, same_token
 from heed.feedback.service import (
+    MIN_PASSWORD,
     NAME_RE,
     ConflictError,
     Feedback,
     ForbiddenError,
     NotFoundError,
     UserInfo,
+    one_prompt_form,
 )
 
 HERE = Path(__file__).parent
@@ -43,9 +55,15 @@ COOKIE = "heed_session"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 NAME_PATTERN = NAME_RE.pattern
 MAX_BODY = 1 << 20  # 1 MiB for ordinary requests
-MAX_IMPORT_BODY = 64 << 20  # 64 MiB for record imports
+MAX_IMPORT_BODY = 64 << 20  # 64 MiB for record imports (admins only)
+MAX_LOGIN_BODY = 4 << 10  # a name and a password
+IMPORT_PATH = re.compile(r"^/api/admin/projects/[^/]+/records$")
+PUBLIC_PATHS = {"/health", "/api/login"}  # API routes that need no session
+SESSION_FREE_PAGES = {"/login", "/docs", "/openapi.json"}
+MUST_CHANGE = "change your one-time password first (POST /api/me/password)"
 
 ProjectName = Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=64, description="Project name.")]
+UserName = Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=64, description="User name.")]
 
 
 class ApiError(Exception):
@@ -61,8 +79,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Issue(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. ['body', 'ranks', 0].")
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every error (4xx) has this body."""
+
+    detail: str = Field(description="One message for the user, naming the field when one is at fault.")
+    errors: list[Issue] | None = Field(None, description="Validation errors (422 only), at most 10.")
+
+
 class LoginIn(Strict):
-    name: str = Field(min_length=1, max_length=64, description="User name.")
+    name: str = Field(min_length=1, max_length=64, description="User name (case does not matter).")
     password: str = Field(min_length=1, max_length=256, description="Password.")
     bearer: bool = Field(
         False, description="Return a bearer token for API clients instead of setting a cookie."
@@ -72,8 +103,22 @@ class LoginIn(Strict):
 class LoginOut(BaseModel):
     user: str
     role: str
-    csrf_token: str = Field(description="Send as X-CSRF-Token on POST requests made with the cookie.")
+    csrf_token: str = Field(
+        description="Send as X-CSRF-Token on state-changing requests made with the cookie."
+    )
     token: str | None = Field(None, description="Bearer token (only when requested).")
+    must_change_password: bool = Field(
+        False, description="True on a one-time password: only POST /api/me/password is open until then."
+    )
+
+
+class PasswordIn(Strict):
+    current_password: str = Field(min_length=1, max_length=256)
+    new_password: str = Field(min_length=MIN_PASSWORD, max_length=256)
+
+
+class OkOut(BaseModel):
+    ok: bool
 
 
 class ProjectIn(Strict):
@@ -125,7 +170,16 @@ class AssignmentOut(BaseModel):
     expires_at: str | None = None
 
 
-class SubmitIn(Strict):
+class Judgement(Strict):
+    choice: Literal["A", "B", "tie", "discard"] | None = Field(None, description="Pairwise: A = first shown.")
+    ranks: list[int | float] | None = Field(
+        None, min_length=2, max_length=9, description="Ranking: a rank per display position, lower is better."
+    )
+    discard: bool = Field(False, description="Ranking: discard the record.")
+    rationale: str | None = Field(None, max_length=10_000, description="Why (free text).")
+
+
+class SubmitIn(Judgement):
     record_id: int = Field(ge=1, le=2**31 - 1, description="The assigned record.")
     idempotency_key: str = Field(
         min_length=1,
@@ -133,12 +187,6 @@ class SubmitIn(Strict):
         pattern=r"^[\x21-\x7e]+$",
         description="Unique per submission; a retry with the same key is stored once.",
     )
-    choice: Literal["A", "B", "tie", "discard"] | None = Field(None, description="Pairwise: A = first shown.")
-    ranks: list[int | float] | None = Field(
-        None, min_length=2, max_length=9, description="Ranking: a rank per display position, lower is better."
-    )
-    discard: bool = Field(False, description="Ranking: discard the record.")
-    rationale: str | None = Field(None, max_length=10_000, description="Why (free text).")
     duration_ms: int | None = Field(None, ge=0, le=2**31 - 1, description="Time spent, for the admin page.")
 
 
@@ -148,8 +196,32 @@ class SubmitOut(BaseModel):
     duplicate: bool
 
 
+class SkipIn(Strict):
+    record_id: int = Field(ge=1, le=2**31 - 1, description="The assigned record to pass over.")
+
+
+class SkipOut(BaseModel):
+    record_id: int
+    skipped: bool = Field(description="False when it had been skipped already (a retry).")
+
+
 class UndoOut(BaseModel):
     record_id: int | None
+
+
+class PastLabelOut(BaseModel):
+    annotation_id: int
+    record_id: int
+    prompt: Any
+    choice: str | None = Field(None, description="Pairwise: A / B (display positions), tie or discard.")
+    ranks: list[int | float] | None = Field(None, description="Ranking: a rank per display position.")
+    discard: bool
+    rationale: str | None
+    created_at: str
+
+
+class PastAnnotationOut(PastLabelOut):
+    responses: list[ResponseOut]
 
 
 class ProgressOut(BaseModel):
@@ -161,24 +233,35 @@ class ProgressOut(BaseModel):
     done: int | None = None
     assigned: int | None = None
     available: int | None = None
+    skipped: int | None = None
     annotators: list[dict[str, Any]] | None = None
 
 
 class UserIn(Strict):
-    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    name: str = Field(pattern=NAME_PATTERN, max_length=64, description="Unique ignoring case.")
     role: Literal["annotator", "admin"] = "annotator"
+    projects: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]] = Field(
+        [], max_length=100, description="Projects the new user may work on."
+    )
 
 
 class UserOut(BaseModel):
     name: str
     role: str
+    active: bool = True
+    must_change_password: bool = False
     password: str | None = Field(None, description="One-time password, returned only on creation.")
+
+
+class MemberIn(Strict):
+    user: str = Field(pattern=NAME_PATTERN, max_length=64)
 
 
 class MeOut(BaseModel):
     name: str
     role: str
     csrf_token: str | None
+    must_change_password: bool = False
 
 
 # ------------------------------------------------------------------- helpers
@@ -199,54 +282,76 @@ def render_markdown(text: str) -> str:
     """Markdown to HTML with raw HTML disabled (so guidelines cannot carry script) and unsafe links dropped."""
     from markdown_it import MarkdownIt
 
-    return MarkdownIt("commonmark", {"html": False}).render(text)
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over the limit (Content-Length or streamed), before any parsing."""
+def _json_response(status: int, detail: str, headers: dict[str, str] | None = None) -> tuple[dict, bytes]:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {"type": "http.response.start", "status": status, "headers": raw}, body
 
-    def __init__(self, app: Any, default: int = MAX_BODY, large: int = MAX_IMPORT_BODY) -> None:
-        self.app, self.default, self.large = app, default, large
+
+class Gate:
+    """ASGI middleware that judges a request on its line and headers before reading its body.
+
+    For a state-changing ``/api`` request (other than ``POST /api/login``): no valid session gives
+    401 and a cookie session without the right ``X-CSRF-Token`` 403, without reading a byte of the
+    body; then a ``Content-Length`` over the limit gives 413, and a streamed body is cut off at the
+    limit (413). The limit is 1 MiB, 4 KiB for logins and 64 MiB for an admin's record import. The
+    session found is handed to the routes in ``scope["state"]``.
+    """
+
+    def __init__(self, app: Any, resolve: Callable[[str, Headers], tuple]) -> None:
+        self.app, self.resolve = app, resolve
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.large if scope["path"].endswith("/records") else self.default
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        method, path = scope.get("method", "GET"), scope["path"]
+        headers = Headers(scope=scope)
+        limit = MAX_BODY
+        if method not in SAFE_METHODS and path.startswith("/api/"):
+            if path == "/api/login":
+                limit = MAX_LOGIN_BODY
+            else:
+                found = await run_in_threadpool(self.resolve, method, headers)
+                if isinstance(found[0], int):  # (status, message, headers): refused
+                    return await self._reject(send, *found)
+                scope.setdefault("state", {})["heed_session"] = found
+                if found[0].role == "admin" and IMPORT_PATH.match(path):
+                    limit = MAX_IMPORT_BODY
+        length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await self._reject(send, limit)
+            return await self._too_large(send, limit)
+        if method in SAFE_METHODS:
+            return await self.app(scope, receive, send)
         messages, total = [], 0
-        if scope.get("method") not in SAFE_METHODS:
-            while True:
-                msg = await receive()
-                messages.append(msg)
-                if msg["type"] != "http.request":
-                    break
-                total += len(msg.get("body", b""))
-                if total > limit:
-                    return await self._reject(send, limit)
-                if not msg.get("more_body"):
-                    break
+        while True:
+            msg = await receive()
+            messages.append(msg)
+            if msg["type"] != "http.request":
+                break
+            total += len(msg.get("body", b""))
+            if total > limit:
+                return await self._too_large(send, limit)
+            if not msg.get("more_body"):
+                break
 
         async def replay() -> dict:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _reject(send: Any, limit: int) -> None:
-        body = json.dumps({"detail": f"request body too large; at most {limit} bytes"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+    async def _too_large(self, send: Any, limit: int) -> None:
+        await self._reject(
+            send, 413, f"request body too large; at most {limit} bytes", {"Connection": "close"}
         )
+
+    @staticmethod
+    async def _reject(send: Any, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        start, body = _json_response(status, message, {**SECURITY_HEADERS, **(headers or {})})
+        await send(start)
         await send({"type": "http.response.body", "body": body})
 
 
@@ -259,6 +364,65 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+ERROR_TEXT = {
+    400: "Malformed JSON body.",
+    401: "No session, or an expired or forged one.",
+    403: "Wrong role, missing or wrong X-CSRF-Token, not a member, or a one-time password to change first.",
+    404: "Unknown project, record, annotation or user.",
+    409: "Conflicts with the current state (record full, lease expired, already annotated, key reused).",
+    413: "Request body over the limit (1 MiB; record imports 64 MiB).",
+    422: "Invalid input; `detail` names the field(s), `errors` lists them.",
+    429: "Too many failed logins from this address; see Retry-After.",
+    503: "Too many logins being checked at once; see Retry-After.",
+}
+
+
+def api_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, made true to the API: every 4xx body is ``ErrorOut`` (``detail`` is a string),
+    and the cookie + CSRF and bearer security schemes are declared per operation."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {})
+    schemas = comps.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for model in (ErrorOut, Issue):
+        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas["ErrorOut"].pop("$defs", None)
+    comps["securitySchemes"] = {
+        "cookie": {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": COOKIE,
+            "description": "Session cookie set by POST /api/login (HttpOnly, SameSite=Strict).",
+        },
+        "csrf": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-CSRF-Token",
+            "description": "The session's csrf_token (from POST /api/login or GET /api/me); required "
+            "with the cookie on every state-changing request.",
+        },
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "Token from POST /api/login with bearer=true; needs no CSRF token.",
+        },
+    }
+    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            for code, resp in op.get("responses", {}).items():
+                if code.startswith(("4", "5")):
+                    resp["content"] = error_ref
+                    resp["description"] = ERROR_TEXT.get(int(code), resp.get("description", "Error"))
+            if path in PUBLIC_PATHS:
+                op.pop("security", None)
+            elif method.upper() in SAFE_METHODS:
+                op["security"] = [{"cookie": []}, {"bearer": []}]
+            else:
+                op["security"] = [{"cookie": [], "csrf": []}, {"bearer": []}]
+    return schema
+
 
 # ------------------------------------------------------------------- the app
 
@@ -269,16 +433,19 @@ def create_app(
     secure_cookies: bool = False,
     login_limit: int = 10,
     login_window_s: float = 300.0,
+    login_slots: int = 2,
+    limiter: LoginLimiter | None = None,
 ) -> FastAPI:
     """Build the app over a database URL/path (or an open :class:`Feedback`).
 
-    ``secure_cookies`` adds the ``Secure`` flag (serve behind HTTPS); failed logins are limited to
-    ``login_limit`` per ``login_window_s`` per user name and ten times that per client address.
+    ``secure_cookies`` adds the ``Secure`` flag (serve behind HTTPS). Failed logins: ``login_limit``
+    per ``login_window_s`` per (user name, client address), ten times that per address, then a
+    backoff of at most 30 s (:class:`heed.feedback.auth.LoginLimiter`), all counted before any hash;
+    at most ``login_slots`` password checks run at once. ``limiter`` replaces the default limiter.
     """
     fb = db if isinstance(db, Feedback) else Feedback(db)
-    limiter = RateLimiter(login_limit, login_window_s)  # failed logins per user name
-    ip_limiter = RateLimiter(10 * login_limit, login_window_s)  # failed logins per client address
-    bearer_scheme = HTTPBearer(auto_error=False, description="Token from POST /api/login with bearer=true.")
+    limiter = limiter or LoginLimiter(login_limit, login_window_s)
+    hash_slots = asyncio.Semaphore(login_slots)
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     templates = Environment(
@@ -287,12 +454,36 @@ def create_app(
 
     app = FastAPI(
         title="Heed annotation API",
-        version="1",
-        description="Collect pairwise and ranking preferences. Every page action has a route here.",
+        version="2",
+        description="Collect pairwise and ranking preferences. Every page action has a route here. "
+        "Authenticate with the session cookie plus X-CSRF-Token on state-changing requests, or a "
+        "bearer token. Errors are {detail: string}.",
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.feedback = fb
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(BodyLimit)
+
+    def resolve(method: str, headers: Headers) -> tuple:
+        """``(user, csrf or None, token)`` for the request's session, else ``(status, message, headers)``."""
+        auth = headers.get("authorization", "")
+        scheme, _, credentials = auth.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
+            found = fb.session_user(token)
+            if found is None or found[2] != "bearer":
+                return 401, "invalid or expired bearer token", {"WWW-Authenticate": "Bearer"}
+            return found[0], None, token
+        token = cookie_parser(headers.get("cookie", "")).get(COOKIE)
+        found = fb.session_user(token) if token else None
+        if found is None or found[2] != "cookie":
+            return 401, "not logged in", None
+        user, csrf, _ = found
+        if method not in SAFE_METHODS and not same_token(headers.get("x-csrf-token"), csrf):
+            return 403, "missing or wrong X-CSRF-Token header", None
+        return user, csrf, token
+
+    app.add_middleware(Gate, resolve=resolve)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
@@ -300,6 +491,13 @@ def create_app(
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
         return response
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = api_schema(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # ----------------------------------------------------------- errors: one clear message, never a 5xx for bad input
 
@@ -337,7 +535,11 @@ def create_app(
                     json.loads(
                         json.dumps(
                             [
-                                {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                                {
+                                    "loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
+                                    "msg": str(e.get("msg")),
+                                    "type": str(e.get("type")),
+                                }
                                 for e in errors[:10]
                             ],
                             default=str,
@@ -350,28 +552,22 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     # ----------------------------------------------------------- sessions
 
-    def session(
-        request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
-    ) -> tuple:
-        if creds is not None:
-            found = fb.session_user(creds.credentials)
-            if found is None or found[2] != "bearer":
-                raise ApiError(401, "invalid or expired bearer token", {"WWW-Authenticate": "Bearer"})
-            return found[0], None
-        token = request.cookies.get(COOKIE)
-        found = fb.session_user(token) if token else None
-        if found is None or found[2] != "cookie":
-            raise ApiError(401, "not logged in")
-        user, csrf, _ = found
-        if request.method not in SAFE_METHODS and not same_token(request.headers.get("x-csrf-token"), csrf):
-            raise ApiError(403, "missing or wrong X-CSRF-Token header")
-        return user, csrf
+    def session(request: Request) -> tuple:
+        """``(user, csrf, token)``: from the gate for state-changing requests, else looked up here."""
+        found = request.scope.get("state", {}).get("heed_session")
+        if found is None:
+            found = resolve(request.method, request.headers)
+        if isinstance(found[0], int):
+            raise ApiError(*found)
+        return found
 
     def current_user(sess: tuple = Depends(session)) -> UserInfo:
+        if sess[0].must_change_password:
+            raise ApiError(403, MUST_CHANGE)
         return sess[0]
 
     def admin_user(user: UserInfo = Depends(current_user)) -> UserInfo:
@@ -379,36 +575,74 @@ def create_app(
             raise ApiError(403, "admins only")
         return user
 
+    def member(project: ProjectName, user: UserInfo = Depends(current_user)) -> UserInfo:
+        """The user, when they may open the project (admins: every project; annotators: their own).
+        Otherwise 404, as for a project that does not exist, so names are not revealed."""
+        if not fb.can_access(user, project):
+            raise NotFoundError(f"project {project!r} not found")
+        return user
+
     def project_out(name: str) -> ProjectOut:
         p = fb.project(name)
         return ProjectOut(**asdict(p), guidelines_html=render_markdown(p.guidelines))
 
+    def client_address(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    async def checked_password(
+        name: str, address: str, check: Callable[[], Any], failed: Callable[[Any], bool]
+    ) -> Any:
+        """Run a password check under the login limiter (counted before hashing) and the hash slots."""
+        wait = limiter.acquire(name, address)
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"too many failed login attempts; try again in {math.ceil(wait)} s",
+                {"Retry-After": str(math.ceil(wait))},
+            )
+        ok: bool | None = False
+        try:
+            try:
+                await asyncio.wait_for(hash_slots.acquire(), timeout=10)
+            except asyncio.TimeoutError:
+                raise ApiError(503, "too many logins at once; try again", {"Retry-After": "2"}) from None
+            try:
+                result = await run_in_threadpool(check)
+            finally:
+                hash_slots.release()
+            ok = not failed(result)
+            return result
+        except HeedError:  # refused before any password was checked (e.g. a new password too short)
+            ok = None
+            raise
+        finally:
+            limiter.release(name, address, ok=ok)
+
     # ----------------------------------------------------------- routes: health, auth
 
     @app.get("/health", tags=["meta"])
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/api/login", response_model=LoginOut, tags=["auth"], responses={401: {}, 429: {}})
-    def login(body: LoginIn, request: Request, response: Response) -> LoginOut:
-        client = request.client.host if request.client else "?"
-        keys = {f"ip:{client}": ip_limiter, f"user:{body.name}": limiter}
-        for key, lim in keys.items():
-            wait = lim.blocked(key)
-            if wait is not None:
-                raise ApiError(
-                    429,
-                    f"too many failed login attempts; try again in {math.ceil(wait)} s",
-                    {"Retry-After": str(math.ceil(wait))},
-                )
-        user = fb.authenticate(body.name, body.password)
+    @app.post(
+        "/api/login", response_model=LoginOut, tags=["auth"], responses={401: {}, 413: {}, 429: {}, 503: {}}
+    )
+    async def login(body: LoginIn, request: Request, response: Response) -> LoginOut:
+        user = await checked_password(
+            body.name,
+            client_address(request),
+            lambda: fb.authenticate(body.name, body.password),
+            lambda u: u is None,
+        )
         if user is None:
-            for key, lim in keys.items():
-                lim.hit(key)
             raise ApiError(401, "wrong name or password")
-        token, csrf = fb.open_session(user, kind="bearer" if body.bearer else "cookie")
+        token, csrf = await run_in_threadpool(fb.open_session, user, "bearer" if body.bearer else "cookie")
+        out = LoginOut(
+            user=user.name, role=user.role, csrf_token=csrf, must_change_password=user.must_change_password
+        )
         if body.bearer:
-            return LoginOut(user=user.name, role=user.role, csrf_token=csrf, token=token)
+            out.token = token
+            return out
         response.set_cookie(
             COOKIE,
             token,
@@ -418,44 +652,68 @@ def create_app(
             path="/",
             max_age=12 * 3600,
         )
-        return LoginOut(user=user.name, role=user.role, csrf_token=csrf)
+        return out
 
-    @app.post("/api/logout", tags=["auth"], responses={401: {}, 403: {}})
-    def logout(
-        request: Request,
-        response: Response,
-        creds: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-        _: tuple = Depends(session),
-    ) -> dict[str, bool]:
-        token = creds.credentials if creds is not None else request.cookies.get(COOKIE)
-        if token:
-            fb.close_session(token)
+    @app.post("/api/logout", response_model=OkOut, tags=["auth"], responses={401: {}, 403: {}})
+    def logout(response: Response, sess: tuple = Depends(session)) -> OkOut:
+        fb.close_session(sess[2])
         response.delete_cookie(COOKIE, path="/")
-        return {"ok": True}
+        return OkOut(ok=True)
 
     @app.get("/api/me", response_model=MeOut, tags=["auth"], responses={401: {}})
     def me(sess: tuple = Depends(session)) -> MeOut:
-        return MeOut(name=sess[0].name, role=sess[0].role, csrf_token=sess[1])
+        u = sess[0]
+        return MeOut(
+            name=u.name, role=u.role, csrf_token=sess[1], must_change_password=u.must_change_password
+        )
+
+    @app.post(
+        "/api/me/password",
+        response_model=OkOut,
+        tags=["auth"],
+        responses={401: {}, 403: {}, 413: {}, 429: {}, 503: {}},
+    )
+    async def change_password(body: PasswordIn, request: Request, sess: tuple = Depends(session)) -> OkOut:
+        """Replace your password (required after a one-time password). Ends your other sessions."""
+        user = sess[0]
+
+        def check() -> bool:
+            try:
+                fb.change_password(user, body.current_password, body.new_password, keep_session=sess[2])
+            except ForbiddenError:
+                return False
+            return True
+
+        if not await checked_password(user.name, client_address(request), check, lambda ok: not ok):
+            raise ApiError(403, "current_password: wrong password")
+        return OkOut(ok=True)
 
     # ----------------------------------------------------------- routes: annotating
 
-    @app.get("/api/projects", response_model=list[ProjectOut], tags=["annotate"], responses={401: {}})
+    @app.get(
+        "/api/projects", response_model=list[ProjectOut], tags=["annotate"], responses={401: {}, 403: {}}
+    )
     def list_projects(user: UserInfo = Depends(current_user)) -> list[ProjectOut]:
-        return [project_out(p.name) for p in fb.projects()]
+        """The projects you may open (an annotator: those they are a member of)."""
+        return [project_out(p.name) for p in fb.projects(user)]
 
     @app.get(
-        "/api/projects/{project}", response_model=ProjectOut, tags=["annotate"], responses={401: {}, 404: {}}
+        "/api/projects/{project}",
+        response_model=ProjectOut,
+        tags=["annotate"],
+        responses={401: {}, 403: {}, 404: {}},
     )
-    def get_project(project: ProjectName, user: UserInfo = Depends(current_user)) -> ProjectOut:
+    def get_project(project: ProjectName, user: UserInfo = Depends(member)) -> ProjectOut:
         return project_out(project)
 
-    @app.get(
+    @app.post(
         "/api/projects/{project}/next",
         response_model=AssignmentOut,
         tags=["annotate"],
-        responses={401: {}, 404: {}},
+        responses={401: {}, 403: {}, 404: {}},
     )
-    def next_assignment(project: ProjectName, user: UserInfo = Depends(current_user)) -> AssignmentOut:
+    def next_assignment(project: ProjectName, user: UserInfo = Depends(member)) -> AssignmentOut:
+        """Lease the next record to you (or return your pending one, lease renewed)."""
         a = fb.next_assignment(user, project)
         if a is None:
             return AssignmentOut(done=True)
@@ -473,7 +731,7 @@ def create_app(
         tags=["annotate"],
         responses={400: {}, 401: {}, 403: {}, 404: {}, 409: {}, 413: {}},
     )
-    def submit(project: ProjectName, body: SubmitIn, user: UserInfo = Depends(current_user)) -> SubmitOut:
+    def submit(project: ProjectName, body: SubmitIn, user: UserInfo = Depends(member)) -> SubmitOut:
         r = fb.submit(
             user,
             project,
@@ -488,22 +746,87 @@ def create_app(
         return SubmitOut(annotation_id=r.annotation_id, record_id=r.record_id, duplicate=r.duplicate)
 
     @app.post(
+        "/api/projects/{project}/skip",
+        response_model=SkipOut,
+        tags=["annotate"],
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 409: {}, 413: {}},
+    )
+    def skip(project: ProjectName, body: SkipIn, user: UserInfo = Depends(member)) -> SkipOut:
+        """Pass over your current record: no vote, its slot goes back to others, not shown to you again."""
+        return SkipOut(record_id=body.record_id, skipped=fb.skip(user, project, body.record_id))
+
+    @app.post(
         "/api/projects/{project}/undo",
         response_model=UndoOut,
         tags=["annotate"],
         responses={401: {}, 403: {}, 404: {}},
     )
-    def undo(project: ProjectName, user: UserInfo = Depends(current_user)) -> UndoOut:
+    def undo(project: ProjectName, user: UserInfo = Depends(member)) -> UndoOut:
         return UndoOut(record_id=fb.undo_last(user, project))
 
     @app.get(
         "/api/projects/{project}/progress",
         response_model=ProgressOut,
         tags=["annotate"],
-        responses={401: {}, 404: {}},
+        responses={401: {}, 403: {}, 404: {}},
     )
-    def my_progress(project: ProjectName, user: UserInfo = Depends(current_user)) -> ProgressOut:
+    def my_progress(project: ProjectName, user: UserInfo = Depends(member)) -> ProgressOut:
         return ProgressOut(**fb.progress(project, user))
+
+    @app.get(
+        "/api/projects/{project}/history",
+        response_model=list[PastLabelOut],
+        tags=["annotate"],
+        responses={401: {}, 403: {}, 404: {}},
+    )
+    def history(
+        project: ProjectName,
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0, le=10_000_000),
+        user: UserInfo = Depends(member),
+    ) -> list[PastLabelOut]:
+        """Your labels in this project, newest first, in display positions."""
+        return [PastLabelOut(**h) for h in fb.history(user, project, limit=limit, offset=offset)]
+
+    @app.get(
+        "/api/projects/{project}/annotations/{annotation_id}",
+        response_model=PastAnnotationOut,
+        tags=["annotate"],
+        responses={401: {}, 403: {}, 404: {}},
+    )
+    def past_annotation(
+        project: ProjectName,
+        annotation_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        user: UserInfo = Depends(member),
+    ) -> PastAnnotationOut:
+        """One of your past labels with its record, responses in the order you saw them."""
+        a = fb.past_annotation(user, project, annotation_id)
+        a["responses"] = [ResponseOut(position=i, text=t) for i, t in enumerate(a["responses"])]
+        return PastAnnotationOut(**a)
+
+    @app.put(
+        "/api/projects/{project}/annotations/{annotation_id}",
+        response_model=SubmitOut,
+        tags=["annotate"],
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}},
+    )
+    def edit_annotation(
+        project: ProjectName,
+        annotation_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        body: Judgement,
+        user: UserInfo = Depends(member),
+    ) -> SubmitOut:
+        """Change one of your past labels (same record, same display order)."""
+        r = fb.edit(
+            user,
+            project,
+            annotation_id,
+            choice=body.choice,
+            ranks=body.ranks,
+            discard=body.discard,
+            rationale=body.rationale,
+        )
+        return SubmitOut(annotation_id=r.annotation_id, record_id=r.record_id, duplicate=False)
 
     # ----------------------------------------------------------- routes: admin
 
@@ -512,7 +835,7 @@ def create_app(
         response_model=ProjectOut,
         status_code=201,
         tags=["admin"],
-        responses={401: {}, 403: {}, 409: {}},
+        responses={400: {}, 401: {}, 403: {}, 409: {}, 413: {}},
     )
     def create_project(body: ProjectIn, user: UserInfo = Depends(admin_user)) -> ProjectOut:
         fb.create_project(
@@ -531,7 +854,7 @@ def create_app(
         "/api/admin/projects/{project}/records",
         response_model=CountOut,
         tags=["admin"],
-        responses={401: {}, 403: {}, 404: {}, 413: {}},
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}},
     )
     def import_records(
         project: ProjectName, body: RecordsIn, user: UserInfo = Depends(admin_user)
@@ -598,24 +921,85 @@ def create_app(
         from heed.feedback.records import write_rows
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = write_rows(rows, Path(tmp) / name, "parquet") if rows else None
+            path = write_rows(one_prompt_form(rows), Path(tmp) / name, "parquet") if rows else None
             data = path.read_bytes() if path else _empty_parquet()
         return Response(data, media_type="application/vnd.apache.parquet", headers=headers)
 
+    @app.get(
+        "/api/admin/projects/{project}/members",
+        response_model=list[str],
+        tags=["admin"],
+        responses={401: {}, 403: {}, 404: {}},
+    )
+    def members(project: ProjectName, user: UserInfo = Depends(admin_user)) -> list[str]:
+        return fb.members(project)
+
+    @app.post(
+        "/api/admin/projects/{project}/members",
+        response_model=list[str],
+        tags=["admin"],
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}},
+    )
+    def add_member(project: ProjectName, body: MemberIn, user: UserInfo = Depends(admin_user)) -> list[str]:
+        """Let a user work on the project; returns the members."""
+        fb.add_member(project, body.user)
+        return fb.members(project)
+
+    @app.delete(
+        "/api/admin/projects/{project}/members/{name}",
+        response_model=list[str],
+        tags=["admin"],
+        responses={401: {}, 403: {}, 404: {}},
+    )
+    def remove_member(
+        project: ProjectName, name: UserName, user: UserInfo = Depends(admin_user)
+    ) -> list[str]:
+        """Take the project away from a user (their labels stay); returns the members."""
+        fb.remove_member(project, name)
+        return fb.members(project)
+
+    def user_out(u: UserInfo, password: str | None = None) -> UserOut:
+        return UserOut(
+            name=u.name,
+            role=u.role,
+            active=u.active,
+            must_change_password=u.must_change_password,
+            password=password,
+        )
+
     @app.get("/api/admin/users", response_model=list[UserOut], tags=["admin"], responses={401: {}, 403: {}})
     def users(user: UserInfo = Depends(admin_user)) -> list[UserOut]:
-        return [UserOut(name=u.name, role=u.role) for u in fb.users()]
+        return [user_out(u) for u in fb.users()]
 
     @app.post(
         "/api/admin/users",
         response_model=UserOut,
         status_code=201,
         tags=["admin"],
-        responses={401: {}, 403: {}, 409: {}},
+        responses={400: {}, 401: {}, 403: {}, 404: {}, 409: {}, 413: {}},
     )
     def add_user(body: UserIn, user: UserInfo = Depends(admin_user)) -> UserOut:
+        """Create a user with a one-time password (shown once; they must change it at first login)."""
+        for p in body.projects:
+            fb.project(p)  # 404 before anything is created
         info, password = fb.add_user(body.name, body.role)
-        return UserOut(name=info.name, role=info.role, password=password)
+        for p in body.projects:
+            fb.add_member(p, info)
+        return user_out(info, password)
+
+    @app.post(
+        "/api/admin/users/{name}/{action}",
+        response_model=UserOut,
+        tags=["admin"],
+        responses={401: {}, 403: {}, 404: {}, 409: {}},
+    )
+    def set_active(
+        name: UserName, action: Literal["disable", "enable"], user: UserInfo = Depends(admin_user)
+    ) -> UserOut:
+        """Disable (no login, sessions ended, pending records released; labels stay) or enable a user."""
+        if action == "disable" and name.lower() == user.name.lower():
+            raise ConflictError("you cannot disable yourself")
+        return user_out(fb.set_active(name, action == "enable"))
 
     # ----------------------------------------------------------- pages
 
@@ -633,36 +1017,46 @@ def create_app(
         return resp
 
     def page_user(request: Request) -> UserInfo | None:
-        token = request.cookies.get(COOKIE)
-        found = fb.session_user(token) if token else None
-        return found[0] if found and found[2] == "cookie" else None
+        found = resolve("GET", request.headers)
+        return None if isinstance(found[0], int) or found[1] is None else found[0]
+
+    def gated_page(request: Request, name: str, *, admin: bool = False, **ctx: Any) -> Response:
+        user = page_user(request)
+        if user is None:
+            return RedirectResponse("/login", status_code=303)
+        if user.must_change_password:
+            return RedirectResponse("/account", status_code=303)
+        if admin and user.role != "admin":
+            raise ApiError(403, "admins only")
+        return page(request, name, user=user, **ctx)
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_page(request: Request) -> HTMLResponse:
         return page(request, "login.html", user=None)
 
-    @app.get("/", include_in_schema=False)
-    def home(request: Request) -> Response:
+    @app.get("/account", include_in_schema=False)
+    def account_page(request: Request) -> Response:
         user = page_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
-        return page(request, "projects.html", user=user)
+        return page(request, "account.html", user=user, min_password=MIN_PASSWORD)
+
+    @app.get("/", include_in_schema=False)
+    def home(request: Request) -> Response:
+        return gated_page(request, "projects.html")
 
     @app.get("/annotate/{project}", include_in_schema=False)
     def annotate_page(request: Request, project: ProjectName) -> Response:
-        user = page_user(request)
-        if user is None:
-            return RedirectResponse("/login", status_code=303)
-        return page(request, "annotate.html", user=user, project=project)
+        return gated_page(request, "annotate.html", project=project)
 
     @app.get("/admin", include_in_schema=False)
     def admin_page(request: Request) -> Response:
-        user = page_user(request)
-        if user is None:
-            return RedirectResponse("/login", status_code=303)
-        if user.role != "admin":
-            raise ApiError(403, "admins only")
-        return page(request, "admin.html", user=user)
+        return gated_page(request, "admin.html", admin=True)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs_page(request: Request) -> HTMLResponse:
+        """The API reference, rendered from /openapi.json by a local script (no CDN, same CSP)."""
+        return page(request, "docs.html", user=page_user(request))
 
     return app
 

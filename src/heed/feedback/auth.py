@@ -1,4 +1,5 @@
-"""Passwords (argon2id), session tokens (only their SHA-256 is stored) and a login rate limiter."""
+"""Passwords (argon2id, a bounded number at once), session tokens (only their SHA-256 is stored) and
+the login limiter."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+# argon2 takes ~64 MiB and most of a core per hash: at most this many run at once in a process, so a
+# flood of logins queues instead of exhausting memory.
+HASH_SLOTS = threading.BoundedSemaphore(2)
 
 
 def default_hasher() -> PasswordHasher:
@@ -31,9 +37,15 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def hash_password(hasher: PasswordHasher, password: str) -> str:
+    with HASH_SLOTS:
+        return hasher.hash(password)
+
+
 def verify_password(hasher: PasswordHasher, stored: str, password: str) -> bool:
     try:
-        return hasher.verify(stored, password)
+        with HASH_SLOTS:
+            return hasher.verify(stored, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
@@ -45,7 +57,7 @@ _DUMMY_HASH: dict[int, str] = {}
 def dummy_verify(hasher: PasswordHasher, password: str) -> None:
     key = id(hasher)
     if key not in _DUMMY_HASH:
-        _DUMMY_HASH[key] = hasher.hash(new_password())
+        _DUMMY_HASH[key] = hash_password(hasher, new_password())
     verify_password(hasher, _DUMMY_HASH[key], password)
 
 
@@ -56,39 +68,83 @@ def same_token(a: str | None, b: str | None) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
-class RateLimiter:
-    """At most ``limit`` events per ``window_s`` seconds per key (sliding window, in memory).
+class LoginLimiter:
+    """Failed logins, limited per (user name, client address) and per client address, counted
+    *before* the password is hashed.
 
-    Used for failed login attempts per client address and per user name; a single server process holds it.
+    :meth:`acquire` reserves an attempt and :meth:`release` settles it, so concurrent guesses count
+    while their hashes run: with ``limit`` 10, thirty guesses sent at once get ten hashes and twenty
+    429s. A key with ``limit`` failures in the last ``window_s`` seconds backs off: one attempt at a
+    time, ``base_s * 2**(failures - limit)`` seconds after its last failure, at most ``max_backoff_s``
+    (30 s): a guesser elsewhere cannot lock anyone out, and the owner of the right password waits
+    seconds, never minutes. A success clears its (name, address) failures. Names ignore case.
+    In memory, for one server process.
     """
 
-    def __init__(self, limit: int = 10, window_s: float = 300.0) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self._events: dict[str, deque[float]] = {}
+    def __init__(
+        self,
+        limit: int = 10,
+        window_s: float = 300.0,
+        *,
+        address_limit: int | None = None,
+        base_s: float = 2.0,
+        max_backoff_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = {"pair": limit, "address": address_limit or 10 * limit}
+        self.window_s, self.base_s, self.max_backoff_s = window_s, base_s, max_backoff_s
+        self.clock = clock
+        self._fails: dict[tuple, deque[float]] = {}
+        self._inflight: dict[tuple, int] = {}
         self._lock = threading.Lock()
 
-    def _prune(self, key: str, now: float) -> deque[float]:
-        q = self._events.setdefault(key, deque())
+    @staticmethod
+    def _keys(name: str, address: str) -> dict[str, tuple]:
+        return {"pair": ("pair", name.lower(), address), "address": ("address", address)}
+
+    def _wait(self, key: tuple, limit: int, now: float) -> float | None:
+        q = self._fails.get(key)
         while q and q[0] <= now - self.window_s:
             q.popleft()
-        return q
+        fails, inflight = (len(q) if q else 0), self._inflight.get(key, 0)
+        if fails + inflight < limit:
+            return None
+        if fails < limit or inflight:  # the remaining attempts are being checked right now
+            return 1.0
+        assert q is not None
+        backoff = min(self.base_s * 2 ** (fails - limit), self.max_backoff_s)
+        wait = q[-1] + backoff - now
+        return wait if wait > 0 else None
 
-    def blocked(self, key: str) -> float | None:
-        """Seconds until ``key`` may try again, or None when it is under the limit."""
-        now = time.monotonic()
+    def acquire(self, name: str, address: str) -> float | None:
+        """Reserve one attempt: None when it may go ahead (then call :meth:`release`), else the
+        seconds to wait before trying again."""
+        now = self.clock()
+        keys = self._keys(name, address)
         with self._lock:
-            q = self._prune(key, now)
-            return q[0] + self.window_s - now if len(q) >= self.limit else None
+            waits = [w for kind, key in keys.items() if (w := self._wait(key, self.limits[kind], now))]
+            if waits:
+                return max(waits)
+            for key in keys.values():
+                self._inflight[key] = self._inflight.get(key, 0) + 1
+            return None
 
-    def hit(self, key: str) -> None:
-        """Count one event (a failed login) for ``key``."""
-        now = time.monotonic()
+    def release(self, name: str, address: str, *, ok: bool | None) -> None:
+        """Settle an attempt reserved by :meth:`acquire`: ``ok=False`` counts a failure, ``True`` clears
+        the pair's failures, ``None`` does neither (the attempt never reached a password check)."""
+        now = self.clock()
+        keys = self._keys(name, address)
         with self._lock:
-            self._prune(key, now).append(now)
-            if len(self._events) > 100_000:  # bound memory under a flood of distinct keys
-                self._events = {k: v for k, v in self._events.items() if v and v[-1] > now - self.window_s}
-
-    def reset(self, key: str) -> None:
-        with self._lock:
-            self._events.pop(key, None)
+            for key in keys.values():
+                n = self._inflight.get(key, 0) - 1
+                if n > 0:
+                    self._inflight[key] = n
+                else:
+                    self._inflight.pop(key, None)
+            if ok:
+                self._fails.pop(keys["pair"], None)
+            elif ok is False:
+                for key in keys.values():
+                    self._fails.setdefault(key, deque()).append(now)
+            if len(self._fails) > 100_000:  # bound memory under a flood of distinct keys
+                self._fails = {k: v for k, v in self._fails.items() if v and v[-1] > now - self.window_s}

@@ -152,7 +152,7 @@ def annotator(
             return
         client.headers["Authorization"] = f"Bearer {r.json()['token']}"
         for _ in range(max_steps):
-            r = _request(client, shared, "GET", f"/api/projects/{project}/next", stop)
+            r = _request(client, shared, "POST", f"/api/projects/{project}/next", stop)
             if r is None or r.status_code != 200:
                 shared.errors.append(
                     f"{name}: next: {r.status_code if r else 'no answer'} {r.text if r else ''}"
@@ -228,7 +228,12 @@ def run_load(
             for i in range(records)
         ],
     )
-    users = {f"ann{i:02d}": fb.add_user(f"ann{i:02d}")[1] for i in range(annotators)}
+    from heed.feedback.auth import new_password
+
+    # passwords of their own (not one-time ones, which must be changed before anything else)
+    users = {f"ann{i:02d}": fb.add_user(f"ann{i:02d}", password=new_password())[1] for i in range(annotators)}
+    for name in users:
+        fb.add_member("load", name)
 
     server = Server(db, free_port(), workdir / "server.log")
     server.start()

@@ -169,37 +169,21 @@ def file_format(path: Path, fmt: str | None = None) -> FileFormat:
 
 
 def read_rows(path: str | Path, fmt: str | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, row)`` from a JSONL file, a Parquet file or a ``datasets`` folder."""
+    """Yield ``(where, row)`` from a JSONL file, a Parquet file or a ``datasets`` folder, read by
+    ``heed.data.io`` (its one-line errors for bad paths, encodings, JSON and corrupt files)."""
+    from heed.data import io
+
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+    io.check_path(path)
     kind = file_format(path, fmt)
     if kind == "jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-                    ) from exc
-                yield f"{path}:{lineno}", row
+        rows = io.read_jsonl(path)
     elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i}", row
+        rows = io.read_parquet(path)
     else:
-        from datasets import load_from_disk
-
-        try:
-            ds = load_from_disk(str(path))
-        except Exception as exc:
-            raise DataError(f"{path}: not a datasets folder written by save_to_disk ({exc})") from exc
-        for i, row in enumerate(ds):
-            yield f"{path}:row {i}", row
+        rows = io.read_datasets_folder(path)
+    for row in rows:
+        yield row.where, row.data
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path, fmt: str | None = None) -> Path:

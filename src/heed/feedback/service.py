@@ -35,9 +35,22 @@ from heed.errors import DataError, HeedError
 from heed.feedback import aggregate as agg
 from heed.feedback import auth
 from heed.feedback.records import RecordIn, check_text, iter_records, parse_record, write_rows
-from heed.feedback.store import Annotation, AuthSession, Lease, Project, Record, Store, User, utcnow
+from heed.feedback.records import file_format as records_file_format
+from heed.feedback.store import (
+    Annotation,
+    AuthSession,
+    Lease,
+    Membership,
+    Project,
+    Record,
+    Skip,
+    Store,
+    User,
+    utcnow,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MIN_PASSWORD = 10  # characters in a password a user chooses
 Task = Literal["pairwise", "ranking"]
 Role = Literal["annotator", "admin"]
 PAIRWISE_CHOICES = ("A", "B", "tie", "discard")
@@ -60,6 +73,12 @@ class UserInfo:
     id: int
     name: str
     role: str
+    must_change_password: bool = False  # still on a one-time password: may only change it
+    active: bool = True
+
+    @classmethod
+    def of(cls, u: User) -> UserInfo:
+        return cls(u.id, u.name, u.role, bool(u.must_change_password), bool(u.active))
 
 
 @dataclass(frozen=True)
@@ -121,8 +140,15 @@ def _check_name(name: str, what: str) -> str:
 class Feedback:
     """The annotation service over one database (SQLite path/URL or PostgreSQL URL)."""
 
-    def __init__(self, db: str | Path, *, hasher: Any = None, seed: int | None = None) -> None:
-        self.store = Store(db)
+    def __init__(
+        self,
+        db: str | Path,
+        *,
+        hasher: Any = None,
+        seed: int | None = None,
+        allow_name_clashes: bool = False,
+    ) -> None:
+        self.store = Store(db, allow_name_clashes=allow_name_clashes)
         self.hasher = hasher or auth.default_hasher()
         self._rng = random.Random(seed)
 
@@ -134,51 +160,122 @@ class Feedback:
     def add_user(
         self, name: str, role: Role = "annotator", password: str | None = None
     ) -> tuple[UserInfo, str]:
-        """Create a user; returns it with its password (a random one-time password unless given)."""
+        """Create a user; returns it with its password.
+
+        Without ``password`` a random one-time password is made, which the user must change at
+        first login. Names ignore case: ``ANN1`` clashes with an existing ``ann1``.
+        """
         _check_name(name, "user")
         if role not in ("annotator", "admin"):
             raise DataError(f"role {role!r}: expected annotator or admin")
+        one_time = password is None
         password = password or auth.new_password()
-        digest = self.hasher.hash(password)
+        digest = auth.hash_password(self.hasher, password)
         try:
             with self.store.write() as s:
-                user = User(name=name, role=role, password_hash=digest, active=True)
+                if s.scalar(select(User.name).where(func.lower(User.name) == name.lower())):
+                    raise ConflictError(f"user {name!r} already exists (names ignore case)")
+                user = User(
+                    name=name, role=role, password_hash=digest, active=True, must_change_password=one_time
+                )
                 s.add(user)
                 s.flush()
-                info = UserInfo(user.id, user.name, user.role)
+                info = UserInfo.of(user)
         except IntegrityError as exc:
-            raise ConflictError(f"user {name!r} already exists") from exc
+            raise ConflictError(f"user {name!r} already exists (names ignore case)") from exc
         return info, password
 
-    def set_password(self, name: str, password: str | None = None) -> str:
-        """Replace a user's password (random unless given) and end their sessions."""
+    def set_password(self, name: str | int | UserInfo, password: str | None = None) -> str:
+        """Replace a user's password and end their sessions. Without ``password`` a random one-time
+        password is made, which the user must change at their next login."""
+        one_time = password is None
         password = password or auth.new_password()
-        digest = self.hasher.hash(password)
+        digest = auth.hash_password(self.hasher, password)
         with self.store.write() as s:
             user = self._user(s, name)
             user.password_hash = digest
+            user.must_change_password = one_time
             s.execute(delete(AuthSession).where(AuthSession.user_id == user.id))
         return password
 
+    def change_password(
+        self, user: str | int | UserInfo, current: str, new: str, *, keep_session: str | None = None
+    ) -> None:
+        """Self-service: replace the password after checking the current one. Ends the user's other
+        sessions (``keep_session`` is the token of the one making the change)."""
+        if not isinstance(new, str) or len(new) < MIN_PASSWORD or len(new) > 256:
+            raise DataError(f"new_password: expected {MIN_PASSWORD} to 256 characters")
+        if new == current:
+            raise DataError("new_password: must differ from the current password")
+        with self.store.read() as s:
+            u = self._user(s, user)
+            stored, name = u.password_hash, u.name
+        if new.lower() == name.lower():
+            raise DataError("new_password: must not be the user name")
+        if not auth.verify_password(self.hasher, stored, current):
+            raise ForbiddenError("current_password: wrong password")
+        digest = auth.hash_password(self.hasher, new)
+        with self.store.write() as s:
+            u = self._user(s, user)
+            u.password_hash = digest
+            u.must_change_password = False
+            q = delete(AuthSession).where(AuthSession.user_id == u.id)
+            if keep_session:
+                q = q.where(AuthSession.token_hash != auth.token_hash(keep_session))
+            s.execute(q)
+
+    def set_active(self, user: str | int | UserInfo, active: bool) -> UserInfo:
+        """Disable (``active=False``: no login, sessions ended, pending records released) or enable a
+        user. Their stored annotations stay. The last active admin cannot be disabled."""
+        with self.store.write() as s:
+            u = self._user(s, user)
+            if not active and u.role == "admin" and u.active:
+                admins = s.scalar(
+                    select(func.count()).select_from(User).where(User.role == "admin", User.active.is_(True))
+                )
+                if (admins or 0) <= 1:
+                    raise ConflictError(f"user {u.name!r} is the last active admin; add another admin first")
+            u.active = bool(active)
+            if not active:
+                s.execute(delete(AuthSession).where(AuthSession.user_id == u.id))
+                s.execute(delete(Lease).where(Lease.user_id == u.id))
+            s.flush()
+            return UserInfo.of(u)
+
+    def rename_user(self, old: str | int | UserInfo, new: str) -> UserInfo:
+        """Give a user a new name (e.g. to resolve two names that differ only in case)."""
+        _check_name(new, "user")
+        try:
+            with self.store.write() as s:
+                u = self._user(s, old, exact=True)
+                clash = s.scalar(select(User.id).where(func.lower(User.name) == new.lower(), User.id != u.id))
+                if clash is not None:
+                    raise ConflictError(f"user {new!r} already exists (names ignore case)")
+                u.name = new
+                s.flush()
+                return UserInfo.of(u)
+        except IntegrityError as exc:
+            raise ConflictError(f"user {new!r} already exists (names ignore case)") from exc
+
     def users(self) -> list[UserInfo]:
         with self.store.read() as s:
-            return [UserInfo(u.id, u.name, u.role) for u in s.scalars(select(User).order_by(User.id))]
+            return [UserInfo.of(u) for u in s.scalars(select(User).order_by(User.id))]
 
     def user(self, user: str | int | UserInfo) -> UserInfo:
         with self.store.read() as s:
-            u = self._user(s, user)
-            return UserInfo(u.id, u.name, u.role)
+            return UserInfo.of(self._user(s, user))
 
     def authenticate(self, name: str, password: str) -> UserInfo | None:
-        """The user when the password matches (argon2 verify), else None."""
+        """The (active) user when the password matches (argon2 verify), else None. The name ignores case;
+        an unknown name costs the same hash, so timing does not reveal which names exist."""
         with self.store.read() as s:
             u = (
-                s.scalar(select(User).where(User.name == name, User.active.is_(True)))
-                if NAME_RE.match(name)
+                s.scalar(select(User).where(func.lower(User.name) == name.lower(), User.active.is_(True)))
+                if isinstance(name, str) and NAME_RE.match(name)
                 else None
             )
             stored = u.password_hash if u else None
-            info = UserInfo(u.id, u.name, u.role) if u else None
+            info = UserInfo.of(u) if u else None
         if stored is None:
             auth.dummy_verify(self.hasher, password)
             return None
@@ -218,7 +315,7 @@ class Feedback:
             if row is None:
                 return None
             u, sess = row
-            return UserInfo(u.id, u.name, u.role), sess.csrf_token, sess.kind
+            return UserInfo.of(u), sess.csrf_token, sess.kind
 
     def close_session(self, token: str) -> None:
         with self.store.write() as s:
@@ -273,15 +370,65 @@ class Feedback:
             n = s.scalar(select(func.count()).select_from(Record).where(Record.project_id == p.id)) or 0
             return self._project_info(p, n)
 
-    def projects(self) -> list[ProjectInfo]:
+    def projects(self, user: str | int | UserInfo | None = None) -> list[ProjectInfo]:
+        """Every project, or those ``user`` may open (an admin: all; an annotator: their memberships)."""
         with self.store.read() as s:
             counts = dict(
                 s.execute(select(Record.project_id, func.count()).group_by(Record.project_id)).all()
             )
-            return [
-                self._project_info(p, counts.get(p.id, 0))
-                for p in s.scalars(select(Project).order_by(Project.id))
-            ]
+            q = select(Project).order_by(Project.id)
+            if user is not None:
+                u = self._user(s, user)
+                if u.role != "admin":
+                    q = q.join(Membership, Membership.project_id == Project.id).where(
+                        Membership.user_id == u.id
+                    )
+            return [self._project_info(p, counts.get(p.id, 0)) for p in s.scalars(q)]
+
+    # ---------------------------------------------------------------- membership
+
+    def add_member(self, project: str, user: str | int | UserInfo) -> bool:
+        """Let an annotator work on a project; returns False when they already could."""
+        with self.store.write() as s:
+            p, u = self._project(s, project), self._user(s, user)
+            if s.get(Membership, (p.id, u.id)) is not None:
+                return False
+            s.add(Membership(project_id=p.id, user_id=u.id))
+            return True
+
+    def remove_member(self, project: str, user: str | int | UserInfo) -> bool:
+        """Take a project away from an annotator (their stored annotations stay; pending records are
+        released). Returns False when they were not a member."""
+        with self.store.write() as s:
+            p, u = self._project(s, project), self._user(s, user)
+            s.execute(delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id))
+            return bool(
+                s.execute(
+                    delete(Membership).where(Membership.project_id == p.id, Membership.user_id == u.id)
+                ).rowcount
+            )
+
+    def members(self, project: str) -> list[str]:
+        """Names of the project's members, in the order they were added."""
+        with self.store.read() as s:
+            p = self._project(s, project)
+            return list(
+                s.scalars(
+                    select(User.name)
+                    .join(Membership, Membership.user_id == User.id)
+                    .where(Membership.project_id == p.id)
+                    .order_by(Membership.created_at, User.id)
+                )
+            )
+
+    def can_access(self, user: str | int | UserInfo, project: str) -> bool:
+        """True when the project exists and the user is an admin or one of its members."""
+        with self.store.read() as s:
+            u = self._user(s, user)
+            p = s.scalar(select(Project).where(Project.name == project)) if isinstance(project, str) else None
+            if p is None:
+                return False
+            return u.role == "admin" or s.get(Membership, (p.id, u.id)) is not None
 
     # ---------------------------------------------------------------- records
 
@@ -364,9 +511,9 @@ class Feedback:
     def next_assignment(self, user: str | int | UserInfo, project: str) -> Assignment | None:
         """The record this annotator should label next, leased to them; None when none is left.
 
-        A pending lease is returned again (same order). Otherwise: records the annotator has not
-        done whose annotations plus live leases are below ``overlap``, fewest first, then by
-        priority (e.g. reward-model uncertainty), then in import order.
+        A pending lease is returned again (same order). Otherwise: records the annotator has neither
+        done nor skipped whose annotations plus live leases are below ``overlap``, fewest first, then
+        by priority (e.g. reward-model uncertainty), then in import order.
         """
         with self.store.write() as s:
             u = self._user(s, user)
@@ -392,12 +539,17 @@ class Feedback:
                 .scalar_subquery()
             )
             mine = select(Annotation.id).where(Annotation.record_id == Record.id, Annotation.user_id == u.id)
+            skipped = select(Skip.id).where(Skip.record_id == Record.id, Skip.user_id == u.id)
             load = Record.n_done + live
             candidates = (
                 s.execute(
                     select(Record.id)
                     .where(
-                        Record.project_id == p.id, Record.n_done < p.overlap, ~mine.exists(), load < p.overlap
+                        Record.project_id == p.id,
+                        Record.n_done < p.overlap,
+                        ~mine.exists(),
+                        ~skipped.exists(),
+                        load < p.overlap,
                     )
                     .order_by(load, Record.priority, Record.id)
                     .limit(25)
@@ -440,6 +592,27 @@ class Feedback:
             return (
                 s.execute(delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id)).rowcount or 0
             )
+
+    def skip(self, user: str | int | UserInfo, project: str, record_id: int) -> bool:
+        """Pass over the record leased to this annotator: no vote is stored, the lease (and so the
+        slot) is released for others, and the record is not offered to this annotator again.
+        Returns False when it had been skipped already (a retry)."""
+        with self.store.write() as s:
+            u, p = self._user(s, user), self._project(s, project)
+            if s.scalar(select(Skip.id).where(Skip.record_id == record_id, Skip.user_id == u.id)):
+                return False
+            lease = s.scalar(
+                select(Lease).where(
+                    Lease.project_id == p.id, Lease.record_id == record_id, Lease.user_id == u.id
+                )
+            )
+            if lease is None:
+                raise ConflictError(
+                    f"record {record_id} is not assigned to you; fetch the next assignment first"
+                )
+            s.delete(lease)
+            s.add(Skip(project_id=p.id, record_id=record_id, user_id=u.id))
+            return True
 
     # ---------------------------------------------------------------- submissions
 
@@ -502,9 +675,14 @@ class Feedback:
             rec = s.get(Record, record_id, with_for_update=not self.store.is_sqlite)
             if rec is None or rec.project_id != p.id:
                 raise NotFoundError(f"record {record_id} not found in project {p.name!r}")
-            if s.scalar(
-                select(Annotation.id).where(Annotation.record_id == rec.id, Annotation.user_id == u.id)
-            ):
+            mine = s.scalar(
+                select(Annotation).where(Annotation.record_id == rec.id, Annotation.user_id == u.id)
+            )
+            if mine is not None:
+                # Under the row lock: a retry that raced its original (PostgreSQL, READ COMMITTED)
+                # finds the original here, committed while it waited; same key, same answer.
+                if mine.idempotency_key == key:
+                    return Submitted(mine.id, mine.record_id, True)
                 raise ConflictError(f"record {record_id}: you have already annotated it")
             now = utcnow()
             lease = s.scalar(select(Lease).where(Lease.record_id == rec.id, Lease.user_id == u.id))
@@ -630,6 +808,92 @@ class Feedback:
             s.delete(ann)
             return rid
 
+    # ---------------------------------------------------------------- revisiting past labels
+
+    def history(
+        self, user: str | int | UserInfo, project: str, *, limit: int = 50, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The annotator's own labels in the project, newest first, each in the terms they were given
+        in (display positions): ``{annotation_id, record_id, prompt, choice | ranks | discard,
+        rationale, created_at}``."""
+        with self.store.read() as s:
+            u, p = self._user(s, user), self._project(s, project)
+            rows = s.execute(
+                select(Annotation, Record.prompt)
+                .join(Record, Record.id == Annotation.record_id)
+                .where(Annotation.project_id == p.id, Annotation.user_id == u.id)
+                .order_by(Annotation.id.desc())
+                .limit(max(1, min(int(limit), 500)))
+                .offset(max(0, int(offset)))
+            ).all()
+            return [{**self._display_label(p.task, a), "prompt": prompt} for a, prompt in rows]
+
+    def past_annotation(self, user: str | int | UserInfo, project: str, annotation_id: int) -> dict[str, Any]:
+        """One of the annotator's own labels with its record, responses in the order they saw them."""
+        with self.store.read() as s:
+            u, p = self._user(s, user), self._project(s, project)
+            a = self._own_annotation(s, u, p, annotation_id)
+            rec = s.get(Record, a.record_id)
+            assert rec is not None
+            order = list(a.display_order)
+            return {
+                **self._display_label(p.task, a),
+                "prompt": rec.prompt,
+                "responses": [rec.responses[i] for i in order],
+            }
+
+    def edit(
+        self,
+        user: str | int | UserInfo,
+        project: str,
+        annotation_id: int,
+        *,
+        choice: str | None = None,
+        ranks: Sequence[float] | None = None,
+        discard: bool = False,
+        rationale: str | None = None,
+    ) -> Submitted:
+        """Change one of the annotator's own past labels in place (same record, same display order,
+        same slot): the new judgement replaces the old one."""
+        if rationale is not None:
+            check_text(rationale, "rationale", allow_nul=False, max_chars=10_000)
+        with self.store.write() as s:
+            u, p = self._user(s, user), self._project(s, project)
+            a = self._own_annotation(s, u, p, annotation_id)
+            label, stored = self._judgement(p, list(a.display_order), choice, ranks, discard)
+            opts = p.options or {}
+            if opts.get("rationale") == "required" and not (rationale or "").strip() and label != "discard":
+                raise DataError("rationale: required by this project")
+            a.label, a.ranks = label, stored
+            a.rationale = None if opts.get("rationale") == "off" else rationale
+            return Submitted(a.id, a.record_id, False)
+
+    def _own_annotation(self, s: Session, u: User, p: Project, annotation_id: int) -> Annotation:
+        a = s.get(Annotation, annotation_id) if isinstance(annotation_id, int) else None
+        if a is None or a.user_id != u.id or a.project_id != p.id:
+            raise NotFoundError(f"annotation {annotation_id} not found among your labels in {p.name!r}")
+        return a
+
+    @staticmethod
+    def _display_label(task: str, a: Annotation) -> dict[str, Any]:
+        """An annotation as its annotator gave it: ``choice`` A/B/tie/discard (pairwise) or ``ranks``
+        per display position / ``discard`` (ranking)."""
+        order = list(a.display_order)
+        out: dict[str, Any] = {
+            "annotation_id": a.id,
+            "record_id": a.record_id,
+            "rationale": a.rationale,
+            "created_at": a.created_at.isoformat() + "Z",
+            "choice": None,
+            "ranks": None,
+            "discard": a.label == "discard",
+        }
+        if task == "pairwise":
+            out["choice"] = "AB"[order.index(int(a.label))] if a.label in ("0", "1") else a.label
+        elif a.ranks is not None:
+            out["ranks"] = [int(r) if float(r).is_integer() else r for r in (a.ranks[i] for i in order)]
+        return out
+
     # ---------------------------------------------------------------- progress and statistics
 
     def progress(self, project: str, user: str | int | UserInfo | None = None) -> dict[str, Any]:
@@ -678,15 +942,29 @@ class Feedback:
                 mine = select(Annotation.id).where(
                     Annotation.record_id == Record.id, Annotation.user_id == u.id
                 )
+                skipped_q = select(Skip.id).where(Skip.record_id == Record.id, Skip.user_id == u.id)
                 open_ = (
                     s.scalar(
                         select(func.count())
                         .select_from(Record)
-                        .where(Record.project_id == p.id, Record.n_done < p.overlap, ~mine.exists())
+                        .where(
+                            Record.project_id == p.id,
+                            Record.n_done < p.overlap,
+                            ~mine.exists(),
+                            ~skipped_q.exists(),
+                        )
                     )
                     or 0
                 )
-                out.update({"done": done, "assigned": done + pending, "available": open_})
+                skipped = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Skip)
+                        .where(Skip.project_id == p.id, Skip.user_id == u.id)
+                    )
+                    or 0
+                )
+                out.update({"done": done, "assigned": done + pending, "available": open_, "skipped": skipped})
                 return out
             per = s.execute(
                 select(User.name, func.count(Annotation.id), func.avg(Annotation.duration_ms))
@@ -749,18 +1027,14 @@ class Feedback:
             ]
 
     def aggregate(
-        self, project: str, method: Literal["mean_rank", "borda"] = "mean_rank"
+        self,
+        project: str,
+        method: Literal["mean_rank", "borda"] = "mean_rank",
+        aggregate: str | None = None,
     ) -> list[agg.Aggregate]:
-        """The consensus of every annotated record (majority vote or mean rank / Borda)."""
-        task = self.project(project).task
-        out = []
-        for rid, js in sorted(agg.by_record(self.judgements(project)).items()):
-            out.append(
-                agg.aggregate_pairwise(rid, js)
-                if task == "pairwise"
-                else agg.aggregate_ranking(rid, js, method)
-            )
-        return out
+        """The consensus of every annotated record: ``aggregate`` = majority (pairwise), mean-rank
+        (rankings; ``method`` mean rank or Borda) or dawid-skene; ``None`` = the task's default."""
+        return agg.aggregate_records(self.project(project).task, self.judgements(project), aggregate, method)
 
     def agreement(self, project: str) -> agg.AgreementReport:
         """Inter-annotator agreement, agreement with the majority per annotator, position bias."""
@@ -779,10 +1053,10 @@ class Feedback:
                 r["prompt"] = prompts.get(r["record_id"])
         return rows
 
-    def summary(self, project: str) -> dict[str, Any]:
+    def summary(self, project: str, aggregate: str | None = None) -> dict[str, Any]:
         """Aggregation outcome counts: records with a majority per label and without one."""
         counts: dict[str, int] = {}
-        for a in self.aggregate(project):
+        for a in self.aggregate(project, aggregate=aggregate):
             key = a.label if a.label is not None else "no_majority"
             counts[key] = counts.get(key, 0) + 1
         return counts
@@ -796,8 +1070,9 @@ class Feedback:
         *,
         method: Literal["mean_rank", "borda"] = "mean_rank",
         complete_only: bool = False,
+        aggregate: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Consensus records in the DESIGN.md formats.
+        """Consensus records in the DESIGN.md formats (``aggregate``: see :meth:`aggregate`).
 
         ``pairs``: ``{"prompt", "chosen", "rejected", "weight", ...}`` (TRL-compatible; a chat prompt
         gives conversational ``chosen`` / ``rejected`` lists); a ranking yields every pair its
@@ -809,20 +1084,17 @@ class Feedback:
         if format not in ("pairs", "ranked"):
             raise DataError(f"format {format!r}: expected pairs or ranked")
         p = self.project(project)
-        judgements = agg.by_record(self.judgements(project))
+        all_judgements = self.judgements(project)
+        judgements = agg.by_record(all_judgements)
+        consensus = {a.record_id: a for a in agg.aggregate_records(p.task, all_judgements, aggregate, method)}
         with self.store.read() as s:
             pid = self._project(s, project).id
             recs = {r.id: r for r in s.scalars(select(Record).where(Record.project_id == pid))}
         rows: list[dict[str, Any]] = []
         for rid in sorted(judgements):
-            js, rec = judgements[rid], recs[rid]
+            js, rec, a = judgements[rid], recs[rid], consensus[rid]
             if complete_only and rec.n_done < p.overlap:
                 continue
-            a = (
-                agg.aggregate_pairwise(rid, js)
-                if p.task == "pairwise"
-                else agg.aggregate_ranking(rid, js, method)
-            )
             if a.ranks is None:
                 continue
             extra = {
@@ -844,7 +1116,9 @@ class Feedback:
                     }
                 )
                 continue
-            if p.task == "pairwise":
+            if a.pairs is not None:  # Dawid-Skene: each pair weighted by its posterior
+                pairs = a.pairs
+            elif p.task == "pairwise":
                 if a.label not in ("0", "1"):
                     continue
                 pairs = [(int(a.label), 1 - int(a.label), a.weight)]
@@ -874,19 +1148,27 @@ class Feedback:
         file_format: str | None = None,
         **kwargs: Any,
     ) -> tuple[Path, int]:
-        """Write :meth:`export` to JSONL, Parquet or a ``datasets`` folder; returns (path, rows)."""
+        """Write :meth:`export` to JSONL, Parquet or a ``datasets`` folder; returns (path, rows).
+
+        Parquet and ``datasets`` need one type per column: a project that mixes chat and plain-text
+        prompts is written there all in chat form (:func:`one_prompt_form`); JSONL keeps each as it is.
+        """
         rows = self.export(project, format, **kwargs)
+        if records_file_format(Path(out), file_format) != "jsonl":
+            rows = one_prompt_form(rows)
         return write_rows(rows, out, file_format), len(rows)
 
     # ---------------------------------------------------------------- helpers
 
-    def _user(self, s: Session, user: str | int | UserInfo) -> User:
+    def _user(self, s: Session, user: str | int | UserInfo, *, exact: bool = False) -> User:
         if isinstance(user, UserInfo):
             u = s.get(User, user.id)
         elif isinstance(user, int) and not isinstance(user, bool):
             u = s.get(User, user)
-        else:
+        elif exact:  # the spelling as stored (renaming one of two names that differ only in case)
             u = s.scalar(select(User).where(User.name == str(user)))
+        else:  # names ignore case
+            u = s.scalar(select(User).where(func.lower(User.name) == str(user).lower()))
         if u is None:
             raise NotFoundError(f"user {user if not isinstance(user, UserInfo) else user.name!r} not found")
         return u
@@ -928,5 +1210,29 @@ class Feedback:
             dict(rec.meta or {}),
         )
 
+    # ---------------------------------------------------------------- reliability (Dawid-Skene)
+
+    def reliability(self, project: str) -> agg.rel.DawidSkene:
+        """Each annotator's estimated reliability: a Dawid-Skene fit (:class:`heed.feedback.reliability.DawidSkene`)
+        over the project's pairwise preferences (a ranking counts as its C(K, 2) pairs)."""
+        return agg.fit_reliability(self.judgements(project))
+
 
 _EXPORT_KEYS = {"prompt", "chosen", "rejected", "responses", "ranks", "weight"}
+
+
+def one_prompt_form(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """When some prompts are chat messages and some are text, turn the text ones (and their
+    ``chosen`` / ``rejected``) into the conversational form; otherwise return ``rows`` unchanged."""
+    chat = [isinstance(r["prompt"], list) for r in rows]
+    if all(chat) or not any(chat):
+        return rows
+    out = []
+    for r, is_chat in zip(rows, chat, strict=True):
+        if not is_chat:
+            r = {**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
+            for k in ("chosen", "rejected"):
+                if k in r:
+                    r[k] = [{"role": "assistant", "content": r[k]}]
+        out.append(r)
+    return out

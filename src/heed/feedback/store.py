@@ -28,6 +28,9 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
@@ -45,13 +48,33 @@ class Base(DeclarativeBase):
     pass
 
 
+USER_NAME_INDEX = "uq_heed_users_name_lower"
+
+
 class User(Base):
+    """A login. Names are unique ignoring case (``ANN1`` and ``ann1`` are one user); ``active`` False
+    disables the user (no login, sessions ended); ``must_change_password`` is set while the password
+    is a one-time one that an admin has seen."""
+
     __tablename__ = "heed_users"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))  # annotator | admin
     password_hash: Mapped[str] = mapped_column(String(256))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (Index(USER_NAME_INDEX, func.lower(name), unique=True),)
+
+
+class Membership(Base):
+    """An annotator allowed to work on a project (admins may open every project)."""
+
+    __tablename__ = "heed_memberships"
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("heed_projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("heed_users.id", ondelete="CASCADE"), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -112,6 +135,21 @@ class Lease(Base):
     )
 
 
+class Skip(Base):
+    """A record an annotator passed over: not a vote, takes no slot, not offered to them again."""
+
+    __tablename__ = "heed_skips"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("heed_projects.id", ondelete="CASCADE"))
+    record_id: Mapped[int] = mapped_column(ForeignKey("heed_records.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("heed_users.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (
+        UniqueConstraint("record_id", "user_id", name="uq_heed_skip_record_user"),
+        Index("ix_heed_skips_user", "project_id", "user_id"),
+    )
+
+
 class Annotation(Base):
     """One annotator's judgement of one record, in terms of the record's response indices."""
 
@@ -147,7 +185,7 @@ def normalize_url(db: str | Path) -> str:
     return text
 
 
-def make_engine(db: str | Path) -> Engine:
+def make_engine(db: str | Path, *, allow_name_clashes: bool = False) -> Engine:
     """Create the engine for ``db`` (URL or SQLite path) and the tables if missing."""
     url_text = normalize_url(db)
     try:
@@ -166,10 +204,75 @@ def make_engine(db: str | Path) -> Engine:
     else:
         raise ConfigError(f"--db {url_text!r}: only sqlite and postgresql are supported")
     try:
+        existing = set(inspect(engine).get_table_names())
         Base.metadata.create_all(engine)
     except Exception as exc:  # the driver's connection error: say which URL failed
         raise ConfigError(f"--db: cannot open {url.render_as_string(hide_password=True)}: {exc}") from exc
+    _migrate(engine, existing, allow_name_clashes=allow_name_clashes)
     return engine
+
+
+def name_clashes(engine: Engine) -> list[list[str]]:
+    """Groups of user names that differ only in case (refused since names became case-insensitive)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT name FROM heed_users ORDER BY id")).scalars().all()
+    groups: dict[str, list[str]] = {}
+    for name in rows:
+        groups.setdefault(name.lower(), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _has_index(engine: Engine, name: str) -> bool:
+    # (the inspector does not report expression indexes on SQLite, so ask the catalogue itself)
+    if engine.dialect.name == "sqlite":
+        q = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :n"
+    else:
+        q = "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :n"
+    with engine.connect() as conn:
+        return conn.execute(text(q), {"n": name}).first() is not None
+
+
+def _migrate(engine: Engine, existing: set[str], *, allow_name_clashes: bool) -> None:
+    """Bring a database made by an older Heed up to date (each step is idempotent).
+
+    1. ``heed_users.must_change_password`` (older users keep their passwords as they are).
+    2. The case-insensitive unique index on user names; refused (``ConfigError``) while two names
+       differ only in case, unless ``allow_name_clashes`` (``heed annotate user rename`` uses it).
+    3. Project membership: a database that had users before memberships existed gives every
+       annotator every existing project, so upgrading locks nobody out of work they could do.
+    """
+    if "heed_users" not in existing:
+        return  # a fresh database: create_all made everything
+    cols = {c["name"] for c in inspect(engine).get_columns("heed_users")}
+    with engine.begin() as conn:
+        if "must_change_password" not in cols:
+            false = "0" if engine.dialect.name == "sqlite" else "false"
+            conn.execute(
+                text(
+                    f"ALTER TABLE heed_users ADD COLUMN must_change_password BOOLEAN NOT NULL DEFAULT {false}"
+                )
+            )
+        if "heed_memberships" not in existing:
+            conn.execute(
+                text(
+                    "INSERT INTO heed_memberships (project_id, user_id, created_at) "
+                    "SELECT p.id, u.id, CURRENT_TIMESTAMP FROM heed_projects p CROSS JOIN heed_users u "
+                    "WHERE u.role = 'annotator'"
+                )
+            )
+    if _has_index(engine, USER_NAME_INDEX):
+        return
+    clashes = name_clashes(engine)
+    if clashes:
+        if allow_name_clashes:
+            return
+        shown = "; ".join(" and ".join(g) for g in clashes)
+        raise ConfigError(
+            f"--db: user names are now case-insensitive, but {shown} differ only in case; "
+            f"rename all but one (heed annotate user rename OLD NEW --db ...) and start again"
+        )
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS {USER_NAME_INDEX} ON heed_users (lower(name))"))
 
 
 def _setup_sqlite(engine: Engine) -> None:
@@ -193,8 +296,8 @@ def _setup_sqlite(engine: Engine) -> None:
 class Store:
     """An engine plus two session factories: :meth:`read` and :meth:`write` (one transaction each)."""
 
-    def __init__(self, db: str | Path) -> None:
-        self.engine = make_engine(db)
+    def __init__(self, db: str | Path, *, allow_name_clashes: bool = False) -> None:
+        self.engine = make_engine(db, allow_name_clashes=allow_name_clashes)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(heed_write=True), expire_on_commit=False)

@@ -6,12 +6,19 @@ starts at zero, so the wrapped model is exactly the base model before the first 
 model's new score head). With the adapter disabled (``with model.disable_adapter():``) the same
 weights compute the base model, which DPO and RL use as their reference: no second copy.
 
+The default ``target_modules: all-linear`` adapts every linear layer, ``nn.Linear`` and
+``transformers``' ``Conv1D`` (GPT-2's attention and MLP) alike, except the output layer (``lm_head``)
+and a classifier's ``score`` / ``classifier`` head: peft's own rule, so it fits every architecture.
+
 A LoRA run's ``final/`` holds the adapter (``adapter_config.json``, ``adapter_model.safetensors``)
 and the tokenizer; ``heed merge`` (:func:`merge_adapter`) writes a plain Hugging Face model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -29,34 +36,95 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
 
 
-def linear_names(model: Any) -> list[str]:
-    """Last-component names of the model's linear layers (what ``target_modules`` may name)."""
+ALL_LINEAR = "all-linear"
+
+
+def _linear_types() -> tuple[type, ...]:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def _adaptable_types() -> tuple[type, ...]:
+    """Layer types peft's LoRA can wrap (besides linear ones: embeddings and convolutions)."""
     import torch
 
+    return (*_linear_types(), torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def linear_names(model: Any) -> list[str]:
+    """Last-component names of the model's linear layers, ``nn.Linear`` and ``Conv1D`` (GPT-2's
+    ``c_attn``, ``c_proj``, ``c_fc``): what ``target_modules`` may name."""
+    kinds = _linear_types()
     return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, m in model.named_modules()
-            if name and isinstance(m, torch.nn.Linear)
-        }
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kinds)}
     )
 
 
+def _has_conv1d(model: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in model.modules())
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a list entry: the module's full name, or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
 def check_targets(model: Any, targets: list[str] | str) -> None:
-    """One-line error when a target module does not exist in ``model`` (listing the ones that do)."""
-    if targets == "all-linear":
+    """One-line error, before any adapter is made, when ``target_modules`` names no layer of
+    ``model`` that LoRA can adapt (the message lists its linear and Conv1D layers).
+
+    A list names modules by (a dotted suffix of) their name, a string other than ``all-linear`` is
+    a regular expression matched against full module names: peft's rules.
+    """
+    import re
+
+    cls = type(model).__name__
+    layers = f"its linear/Conv1D layers are: {', '.join(linear_names(model)) or 'none'}"
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        if not linear_names(model):
+            raise ConfigError(
+                f"model.lora.target_modules: {ALL_LINEAR}, but {cls} has no linear or Conv1D layer"
+            )
         return
-    wanted = [targets] if isinstance(targets, str) else list(targets)
+    adaptable = _adaptable_types()
+    if isinstance(targets, str):
+        try:
+            hits = [m for name, m in modules if re.fullmatch(targets, name)]
+        except re.error as exc:
+            raise ConfigError(
+                f"model.lora.target_modules: {targets!r} is not a valid regular expression ({exc})"
+            ) from None
+        if not any(isinstance(m, adaptable) for m in hits):
+            raise ConfigError(
+                f"model.lora.target_modules: the pattern {targets!r} matches no linear layer of {cls}; "
+                f"{layers} (or use '{ALL_LINEAR}')"
+            )
+        return
+    wanted = list(targets)
     if not wanted:
         raise ConfigError(
-            "model.lora.target_modules: empty; name the linear layers to adapt (or 'all-linear')"
+            f"model.lora.target_modules: empty; name the linear layers to adapt (or '{ALL_LINEAR}')"
         )
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
-    missing = [t for t in wanted if t not in names]
+    missing, wrong = [], []
+    for t in wanted:
+        hits = [m for name, m in modules if _matches(name, t)]
+        if not hits:
+            missing.append(t)
+        elif not any(isinstance(m, adaptable) for m in hits):
+            wrong.append(f"{t} ({type(hits[0]).__name__})")
     if missing:
         raise ConfigError(
-            f"model.lora.target_modules: {', '.join(missing)} not in {type(model).__name__}; "
-            f"its linear layers are: {', '.join(linear_names(model))} (or use 'all-linear')"
+            f"model.lora.target_modules: {', '.join(missing)} not in {cls}; {layers} (or use '{ALL_LINEAR}')"
+        )
+    if wrong:
+        raise ConfigError(
+            f"model.lora.target_modules: {', '.join(wrong)} in {cls} is not a layer LoRA can adapt; "
+            f"{layers} (or use '{ALL_LINEAR}')"
         )
 
 
@@ -127,7 +195,8 @@ def apply_lora(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter is not None and (Path(adapter) / ADAPTER_CONFIG).is_file():
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     base_path = str(getattr(model.config, "_name_or_path", "") or "")
     if base_path and Path(base_path).is_dir():
         base_path = str(Path(base_path).resolve())  # heed merge finds the base through this absolute path
@@ -137,9 +206,22 @@ def apply_lora(
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
+        fan_in_fan_out=_has_conv1d(model),  # Conv1D stores W transposed (GPT-2); peft would warn and fix it
         task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM,
     )
-    return get_peft_model(model, peft_cfg)
+    with quiet_peft():
+        return get_peft_model(model, peft_cfg)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft's own calls into transformers warn about APIs Heed does not use (``is_gradient_checkpointing``
+    on transformers 5) and about its built-in per-architecture patterns that a model lacks
+    (``alpha_pattern`` / ``rank_pattern`` keys); neither is the user's to act on, so neither reaches them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*(alpha|rank)_pattern keys did not match.*")
+        yield
 
 
 def is_peft(model: Any) -> bool:
@@ -161,7 +243,11 @@ def adapter_disabled(model: Any) -> AbstractContextManager[Any]:
 def enable_gradient_checkpointing(model: Any) -> None:
     """Gradient checkpointing that also works when the embeddings are frozen (LoRA): the
     non-reentrant variant needs no input that requires grad."""
-    base_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = base_of(model)
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers' newer name (the old one warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_adapter_base(path: str | Path, dtype: str = "float32") -> Any:
@@ -182,7 +268,8 @@ def load_adapter_base(path: str | Path, dtype: str = "float32") -> Any:
             f"{p}: the adapter's base model {base_path!r} is not a local folder; "
             "re-run heed merge with --base DIR"
         )
-    return PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(p))
+    with quiet_peft():
+        return PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(p))
 
 
 def merge_adapter(
@@ -202,7 +289,8 @@ def merge_adapter(
             f"{a}: no {ADAPTER_CONFIG}; --adapter must be a LoRA run's final/ (or a checkpoint)"
         )
     if base is not None:
-        model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(a))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(a))
     else:
         model = load_adapter_base(a, dtype)
     merged = model.merge_and_unload()

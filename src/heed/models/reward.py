@@ -17,10 +17,23 @@ pooler (dense + tanh) plus the classifier for encoders, and for decoders one ext
 block on top of the trunk whose attention output projection is zero, i.e. the residual
 gated MLP ``h + W_down(silu(W_gate n(h)) * W_up n(h))`` before the final norm and score
 layer, so the saved model stays a standard ``LlamaForSequenceClassification``.
+
+An architecture whose ``transformers`` has no ``*ForSequenceClassification`` (Granite) gets
+:func:`generic_reward_class`: the architecture's own base model plus a linear ``score`` layer read
+at the last non-pad token (``transformers``' ``GenericForSequenceClassification``). Its folder holds
+``modeling_heed_reward.py`` and an ``auto_map``, so plain ``transformers`` loads it with
+``AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)``; Heed's own
+loaders use the same class without running the folder's code. Which class a folder needs is decided
+from ``config.json`` alone, before any weights load (:func:`reward_model_class`).
+
+Encoders read a text pair with the token types their tokenizer gives (BERT: 0 for ``[CLS] prompt
+[SEP]``, 1 for ``response [SEP]``), so a score equals ``model(**tokenizer(prompt, response))``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import warnings
 from collections.abc import Sequence
@@ -31,12 +44,19 @@ from typing import Any, Literal
 import torch
 
 from heed.data.records import Prompt
-from heed.data.templating import as_messages, has_chat_template, require_chat_template
+from heed.data.templating import (
+    as_messages,
+    completion_suffix,
+    has_chat_template,
+    prepare_prompt,
+    require_chat_template,
+)
 from heed.errors import ConfigError, HeedError, ModelLoadError
 
 Backbone = Literal["decoder", "encoder"]
 Head = Literal["linear", "mlp"]
 STATS_FILE = "reward_stats.json"
+GENERIC_CODE_FILE = "modeling_heed_reward.py"
 ENCODER_TYPES = frozenset(
     {
         "bert",
@@ -87,6 +107,151 @@ def read_stats(path: str | Path) -> dict[str, Any]:
         raise ModelLoadError(f"{p}: unreadable ({exc.msg})") from None
 
 
+# ---------------------------------------------------------------- which class holds a reward model
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    return (config.get("architectures") or [config.get("model_type") or "?"])[0]
+
+
+def reward_model_class(path: str | Path, config: dict[str, Any]) -> Any:
+    """The class that builds (from a causal LM or encoder) or loads (a reward model) the one-label
+    classifier for the folder ``path``, from its ``config.json`` alone: no weights are read.
+
+    The architecture's ``*ForSequenceClassification`` when ``transformers`` has one (what
+    ``AutoModelForSequenceClassification`` picks), else :func:`generic_reward_class` on its base model (decoders
+    only: an encoder's classifier reads the first token). Anything else is a one-line
+    :class:`ModelLoadError` naming the architecture and what is missing.
+    """
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+        MODEL_MAPPING,
+    )
+
+    arch, model_type = _architecture(config), config.get("model_type")
+    if not model_type:
+        raise ModelLoadError(f"{path}/config.json: no model_type; cannot tell which architecture {arch} is")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{path}: {arch} has model_type {model_type!r}, which transformers {transformers.__version__} "
+            "does not know; Heed cannot build it (a newer transformers may)"
+        )
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path}/config.json: unreadable as {model_type} ({str(exc).splitlines()[0]})"
+        ) from None
+    if type(hf_config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(hf_config)]
+    missing = f"transformers {transformers.__version__} has no sequence-classification class for {arch} ({model_type})"
+    if backbone_of(config) == "encoder":
+        raise ModelLoadError(f"{path}: {missing}; Heed cannot build an encoder reward model on it")
+    base = MODEL_MAPPING.get(type(hf_config), None)
+    if not isinstance(base, type) or _pretrained_parent(base) is None:
+        raise ModelLoadError(
+            f"{path}: {missing} and no base model class (AutoModel) to put a score head on; "
+            "Heed cannot build a reward model on it"
+        )
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{path}: {missing}, and it is an encoder-decoder model; Heed's generic score head needs a decoder-only one"
+        )
+    if getattr(hf_config.get_text_config(), "hidden_size", None) is None:
+        raise ModelLoadError(f"{path}: {missing}, and its config has no hidden_size for a score head")
+    params = inspect.signature(base.forward).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()) and not set(params) >= _GENERIC_INPUTS:
+        raise ModelLoadError(
+            f"{path}: {missing}, and {base.__name__}.forward lacks "
+            f"{', '.join(sorted(_GENERIC_INPUTS - set(params)))} that Heed's generic score head passes"
+        )
+    return generic_reward_class(type(hf_config))
+
+
+# the arguments GenericForSequenceClassification passes to the base model
+_GENERIC_INPUTS = frozenset(
+    {"input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds", "use_cache"}
+)
+
+
+def _pretrained_parent(base_model_class: type) -> type | None:
+    """The architecture's ``*PreTrainedModel`` (weight init, attention settings) above its base model."""
+    from transformers import PreTrainedModel
+
+    return next(
+        (
+            c
+            for c in base_model_class.__mro__[1:]
+            if isinstance(c, type) and issubclass(c, PreTrainedModel) and c is not PreTrainedModel
+        ),
+        None,
+    )
+
+
+_GENERIC_CODE = '''"""{name}: a one-label sequence classifier (reward model) written by Heed, because
+transformers {version} has none for this architecture: the {base} trunk and a linear `score` layer
+read at the last non-pad token (transformers' GenericForSequenceClassification, as for Llama).
+
+    AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+"""
+
+from transformers.modeling_layers import GenericForSequenceClassification
+from {module} import {pretrained}
+
+
+class {name}(GenericForSequenceClassification, {pretrained}):
+    base_model_prefix = {pretrained}.base_model_prefix
+'''
+
+
+@functools.cache
+def generic_reward_class(config_class: type) -> type:
+    """``<Arch>ForSequenceClassification`` for a decoder config class ``transformers`` has none for
+    (e.g. ``GraniteConfig``), registered with ``AutoModelForSequenceClassification`` in this process.
+
+    The base model (``AutoModel``) under the architecture's ``base_model_prefix``, so a causal LM's
+    trunk weights load into it, and ``score``: Linear(H, num_labels, bias=False) applied at the
+    rightmost non-pad token, i.e. exactly ``transformers``' ``GenericForSequenceClassification``.
+    ``save_pretrained`` also writes ``modeling_heed_reward.py`` (the same class, importing only
+    ``transformers``) and ``auto_map`` into ``config.json``, so the folder loads with plain
+    ``transformers`` (``trust_remote_code=True``).
+    """
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    base_model_class = MODEL_MAPPING[config_class]
+    pretrained = _pretrained_parent(base_model_class)
+    assert pretrained is not None, base_model_class
+    name = base_model_class.__name__.removesuffix("Model") + "ForSequenceClassification"
+    code = _GENERIC_CODE.format(
+        name=name,
+        version=transformers.__version__,
+        base=base_model_class.__name__,
+        module=pretrained.__module__,
+        pretrained=pretrained.__name__,
+    )
+
+    class Generic(GenericForSequenceClassification, pretrained):  # type: ignore[valid-type, misc]
+        base_model_prefix = pretrained.base_model_prefix
+
+        def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+            self.config.auto_map = {
+                "AutoModelForSequenceClassification": f"{Path(GENERIC_CODE_FILE).stem}.{name}"
+            }
+            super().save_pretrained(save_directory, *args, **kwargs)
+            (Path(save_directory) / GENERIC_CODE_FILE).write_text(code, encoding="utf-8")
+
+    Generic.__name__ = Generic.__qualname__ = name
+    # in this process the Auto class finds it without running the folder's copy of the code
+    AutoModelForSequenceClassification.register(config_class, Generic, exist_ok=True)
+    return Generic
+
+
 # ---------------------------------------------------------------- building a reward model
 
 
@@ -102,14 +267,14 @@ def build_reward_model(
     A causal LM's softmax layer is replaced by a new linear ``score`` layer (its trunk weights
     are kept); an encoder gets the classification head of its architecture. Returns
     ``(model, tokenizer, backbone)``; the model's config has ``num_labels=1`` and ``pad_token_id``
-    set, so ``transformers`` finds the same scoring token as Heed.
+    set, so ``transformers`` finds the same scoring token as Heed. An architecture Heed cannot
+    build on is a one-line error before any weights load (:func:`reward_model_class`).
     """
-    from transformers import AutoModelForSequenceClassification
-
     from heed.models.loading import load_tokenizer, quiet_transformers, read_model_config, torch_dtype
 
     quiet_transformers()
     config = read_model_config(path)
+    model_class = reward_model_class(path, config)
     tok = load_tokenizer(tokenizer_path or path, padding_side="right")
     backbone = backbone_of(config)
     existing = is_reward_folder(config)
@@ -120,7 +285,7 @@ def build_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new head's initial weights depend on the seed only
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = model_class.from_pretrained(
                 str(path), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True
             )
         except Exception as exc:
@@ -157,8 +322,6 @@ def _add_mlp_block(model: Any, seed: int) -> Any:
     The new block starts as the identity (``down_proj = 0``), so the model starts out scoring
     exactly like the linear head; its MLP then learns on top of the frozen trunk.
     """
-    from transformers import AutoModelForSequenceClassification
-
     body, layers = _decoder_layers(model)
     attn_out = getattr(getattr(layers[-1], "self_attn", None), "o_proj", None)
     if attn_out is None or attn_out.bias is not None:
@@ -171,7 +334,7 @@ def _add_mlp_block(model: Any, seed: int) -> Any:
         config.layer_types = [*config.layer_types, config.layer_types[-1]]
     config.heed_head = "mlp"
     torch.manual_seed(seed)
-    bigger = AutoModelForSequenceClassification.from_config(config, dtype=next(model.parameters()).dtype)
+    bigger = type(model)._from_config(config, dtype=next(model.parameters()).dtype)
     missing, _ = bigger.load_state_dict(model.state_dict(), strict=False)
     _, new_layers = _decoder_layers(bigger)
     top = new_layers[-1]
@@ -233,7 +396,12 @@ class FrozenFeatures:
             p.requires_grad_(True)
 
     @torch.no_grad()
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Head inputs at the scoring position, (B, H)."""
         captured: list[torch.Tensor] = []
 
@@ -242,7 +410,9 @@ class FrozenFeatures:
 
         handle = self._hooked.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
+            self.model(
+                input_ids=input_ids, attention_mask=attention_mask, **_type_kwargs(self.model, token_type_ids)
+            )
         finally:
             handle.remove()
         h = captured[0]
@@ -287,19 +457,31 @@ def use_chat_for(tokenizer: Any, chat: str | bool | None) -> bool:
     return chat in (True, "true")
 
 
-def encode_pair(tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone) -> list[int]:
-    """Token ids of one (prompt, response) as the reward model reads it (untruncated)."""
+def encode_pair(
+    tokenizer: Any, prompt: Prompt, response: str, chat: bool, backbone: Backbone, where: str = "prompt"
+) -> tuple[list[int], list[int] | None]:
+    """Token ids of one (prompt, response) as the reward model reads it (untruncated), and the
+    token types the tokenizer gives an encoder (BERT's text pair: 0 for ``[CLS] prompt [SEP]``,
+    1 for ``response [SEP]``); ``None`` for decoders and tokenizers without token types. The chat
+    template is applied once: HH-RLHF markup becomes messages, an already rendered prompt stays."""
     special = backbone == "encoder"  # encoders keep their own [CLS] ... [SEP] convention
-    if chat or isinstance(prompt, list):
+    prompt, form = prepare_prompt(tokenizer, prompt, chat, where)
+    response = response.strip() if form == "hh" else response
+    if form == "rendered":
+        text = str(prompt) + response + completion_suffix(tokenizer, True)
+        enc = tokenizer(text, add_special_tokens=special)
+    elif chat or isinstance(prompt, list):
         require_chat_template(tokenizer, "prompt")
         text = tokenizer.apply_chat_template(
             [*as_messages(prompt), {"role": "assistant", "content": response}], tokenize=False
         )
-        return tokenizer(text, add_special_tokens=special)["input_ids"]
-    if backbone == "encoder":
-        return tokenizer(prompt, response, add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token or ""
-    return tokenizer(prompt + response + eos, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(text, add_special_tokens=special)
+    elif backbone == "encoder":
+        enc = tokenizer(prompt, response, add_special_tokens=True)
+    else:
+        enc = tokenizer(prompt + response + (tokenizer.eos_token or ""), add_special_tokens=False)
+    types = enc.get("token_type_ids") if backbone == "encoder" else None
+    return list(enc["input_ids"]), (list(types) if types is not None else None)
 
 
 def truncate_ids(seqs: list[list[int]], max_length: int) -> tuple[list[list[int]], int]:
@@ -322,12 +504,38 @@ def pad_right(
     return ids.to(device), att.to(device)
 
 
-def forward_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def pad_types(types: Sequence[list[int]] | None, device: Any = None) -> torch.Tensor | None:
+    """Right-padded ``token_type_ids`` (B, T) (0 on padding, as BERT's tokenizer pads), or None."""
+    if types is None:
+        return None
+    out = torch.zeros((len(types), max(len(t) for t in types)), dtype=torch.long)
+    for i, t in enumerate(types):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return out.to(device)
+
+
+def _type_kwargs(model: Any, token_type_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"token_type_ids": ...}`` when given and the model's forward takes them (BERT, ELECTRA,
+    DeBERTa); DistilBERT, RoBERTa-style and decoder forwards have no such argument."""
+    from heed.models.lora import base_of
+
+    if token_type_ids is None or "token_type_ids" not in inspect.signature(base_of(model).forward).parameters:
+        return {}
+    return {"token_type_ids": token_type_ids}
+
+
+def forward_rewards(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rewards (B,) in float32 from the model's own forward (B, T) -> (B, 1)."""
     config = getattr(model, "module", model).config  # under DDP the forward goes through the wrapper
     extra = (
         {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
     )  # no KV cache to build
+    extra.update(_type_kwargs(model, token_type_ids))
     return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0].float()
 
 
@@ -353,17 +561,29 @@ class RewardModel:
         self.model.to(device)
         return self
 
-    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Token ids of each pair, truncated to ``max_length``, and the number truncated."""
+    def tokenize(
+        self, prompts: Sequence[Prompt], responses: Sequence[str]
+    ) -> tuple[list[list[int]], list[list[int]] | None, int]:
+        """Token ids of each pair and their token types (None without), truncated to ``max_length``,
+        and the number truncated."""
         if len(prompts) != len(responses):
             raise HeedError(
                 f"score: {len(prompts)} prompts but {len(responses)} responses (need one prompt per response)"
             )
-        seqs = [
+        pairs = [
             encode_pair(self.tokenizer, p, r, self.chat, self.backbone)
             for p, r in zip(prompts, responses, strict=True)
         ]
-        return truncate_ids(seqs, self.max_length)
+        seqs, cut = truncate_ids([ids for ids, _ in pairs], self.max_length)
+        types = [t for _, t in pairs]
+        if any(t is None for t in types):
+            return seqs, None, cut
+        return seqs, truncate_ids(types, self.max_length)[0], cut  # type: ignore[arg-type]
+
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Token ids of each pair, truncated to ``max_length``, and the number truncated."""
+        seqs, _, cut = self.tokenize(prompts, responses)
+        return seqs, cut
 
     def normalize(self, rewards: Sequence[float]) -> list[float]:
         """``(r − mean) / std`` with the statistics saved at the end of training."""
@@ -387,7 +607,7 @@ class RewardModel:
 
         ``progress``, if given, is called with the number of pairs done after each batch.
         """
-        seqs, cut = self.encode(prompts, responses)
+        seqs, types, cut = self.tokenize(prompts, responses)
         if cut:
             warnings.warn(
                 f"{cut} of {len(seqs)} responses were longer than max_length={self.max_length} "
@@ -402,7 +622,8 @@ class RewardModel:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, att = pad_right([seqs[i] for i in idx], pad, self.device)
-            for i, r in zip(idx, forward_rewards(self.model, ids, att).tolist(), strict=True):
+            tt = pad_types([types[i] for i in idx] if types is not None else None, self.device)
+            for i, r in zip(idx, forward_rewards(self.model, ids, att, tt).tolist(), strict=True):
                 out[i] = r
             if progress is not None:
                 progress(len(idx))
@@ -442,8 +663,6 @@ def reward_model_from(model: Any, tokenizer: Any, path: str | Path | None = None
 def load_reward_model(path: str | Path, device: str | None = None, dtype: str = "float32") -> RewardModel:
     """Load a reward model folder (``heed rm train``'s ``final/``, or any one-label
     ``AutoModelForSequenceClassification``) for scoring."""
-    from transformers import AutoModelForSequenceClassification
-
     from heed.models.loading import load_tokenizer, quiet_transformers, read_model_config, torch_dtype
 
     quiet_transformers()
@@ -458,11 +677,10 @@ def load_reward_model(path: str | Path, device: str | None = None, dtype: str = 
         raise ModelLoadError(
             f"{path}: a classifier with {_num_labels(config)} labels, not a reward model (need num_labels=1)"
         )
+    model_class = reward_model_class(path, config)
     tok = load_tokenizer(path, padding_side="right")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=torch_dtype(dtype), local_files_only=True
-        )
+        model = model_class.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load the reward model ({str(exc).splitlines()[0]})") from None
     model.eval()

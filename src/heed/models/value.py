@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heed.models.lm import hidden_states
+from heed.models.lm import feature_size, hidden_states
 
 
 class ValueHead(nn.Module):
@@ -26,16 +26,16 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (...)."""
+        """(..., H) -> (...). Features wider than H (hidden states followed by the model's own logits,
+        see :func:`heed.models.lm.hidden_states`) are read up to H."""
+        hidden = hidden[..., : self.summary.in_features]
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
 
 def hidden_size(model: Any) -> int:
-    cfg = model.config
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(getattr(cfg, key, None), int):
-            return int(getattr(cfg, key))
-    raise TypeError(f"{type(model).__name__}: cannot find the hidden size in its config")
+    """Width of the hidden states a value head reads: those the LM head reads, which differ from
+    ``config.hidden_size`` when the body projects its output (OPT's ``word_embed_proj_dim``)."""
+    return feature_size(model)
 
 
 class Critic(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -64,12 +65,8 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after ``step`` (a resumed run rewrites them)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        if self.enabled:
+            truncate_jsonl(self.path, step)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -93,6 +90,55 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def repair_jsonl(path: str | Path) -> bool:
+    """Cut a torn last line (a process killed mid-write) from a JSONL file, keeping every full line.
+
+    A last line without its newline that still parses as JSON is kept (its newline is added).
+    Returns True when the file was changed. A missing file is left alone.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return False
+    data = p.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n") + 1  # 0 when the only line is torn
+    tail = data[cut:]
+    try:
+        json.loads(tail)
+        complete = bool(tail.strip())
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        complete = False
+    with p.open("r+b") as fh:
+        if complete:
+            fh.seek(0, 2)
+            fh.write(b"\n")
+        else:
+            fh.truncate(cut)
+    return True
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Rewrite a JSONL log keeping only rows with ``step <= step`` (atomically); lines that are not
+    JSON objects (torn by a kill) are dropped."""
+    p = Path(path)
+    if not p.exists():
+        return
+    kept = []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, p)
 
 
 def series(rows: list[dict[str, Any]], key: str, split: str = "train") -> Iterator[tuple[int, float]]:

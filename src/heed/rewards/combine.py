@@ -134,6 +134,37 @@ class RewardSet:
         return RewardBatch(total, per_source)
 
 
+class NoneRewardWatch:
+    """Stops a run whose total reward is None for every answer of ``limit`` updates in a row: such a
+    run learns nothing (None answers are left out of baselines and the loss), yet would finish as if
+    it had trained. ``limit`` 0 never stops."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.streak: list[int] = []  # the steps of the current run of all-None batches
+
+    def update(
+        self, total: Sequence[float | None], per_source: dict[str, Sequence[float | None]], step: int
+    ) -> None:
+        """Record one update's rewards (``total`` and ``per_source`` over the whole batch)."""
+        if not total or any(v is not None for v in total):
+            self.streak = []
+            return
+        self.streak.append(step)
+        if self.limit and len(self.streak) >= self.limit:
+            silent = [name for name, vals in per_source.items() if all(v is None for v in vals)]
+            who = (
+                f"reward {', '.join(repr(n) for n in silent)} returned None for every answer"
+                if silent
+                else "every answer had a reward source returning None"
+            )
+            raise RewardError(
+                f"steps {self.streak[0]}-{self.streak[-1]}: {who} of {len(self.streak)} updates in a row, so "
+                "the run learns nothing; make the source score these prompts (check the columns it "
+                "reads) or remove it (train.max_none_updates sets how many such updates stop the run)"
+            )
+
+
 def build_source(spec: RewardSpec, base_dir: str | Path | None = None) -> RewardSource:
     """One configured source. Folders and functions are real paths and ``module:function`` names
     (the command line resolves ``builtin:...`` names before a config gets here)."""

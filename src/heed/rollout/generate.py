@@ -180,18 +180,19 @@ def encode_prompts(
     chat: bool,
     max_prompt_length: int | None = None,
     where: str = "prompts",
+    wheres: list[str] | None = None,
 ) -> list[list[int]]:
-    """Render (chat template with generation prompt, or raw) and tokenize prompts."""
+    """Render (chat template with generation prompt, or raw) and tokenize prompts; ``wheres`` gives
+    each prompt's ``file:line`` for errors (else ``where: record i``)."""
     out = []
     for i, p in enumerate(prompts):
-        text = render_prompt(tokenizer, p, chat, where=f"{where}: record {i}")
+        at = wheres[i] if wheres is not None else f"{where}: record {i}"
+        text = render_prompt(tokenizer, p, chat, where=at)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             from heed.errors import DataError
 
-            raise DataError(
-                f"{where}: record {i}: prompt: {len(ids)} tokens, over the limit of {max_prompt_length}"
-            )
+            raise DataError(f"{at}: prompt: {len(ids)} tokens, over the limit of {max_prompt_length}")
         out.append(ids)
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from heed.algos.ops import selective_log_softmax
-from heed.models.lm import position_ids_from_mask
+from heed.models.lm import position_ids_from_mask, unwrap
 
 
 def _buffered_cache(capacity: int) -> Any:
@@ -67,6 +67,20 @@ def _buffered_cache(capacity: int) -> Any:
     cache = DynamicCache()
     cache.layer_class_to_replicate = BufferedLayer  # one per decoder layer, made on its first update
     return cache
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward's name for the KV cache: ``cache`` where transformers has it (``past_key_values``
+    is deprecated there and warns on every call), ``past_key_values`` on older versions."""
+    import inspect
+
+    for cls in type(
+        unwrap(model)
+    ).__mro__:  # the first forward that names either (a subclass may take **kwargs)
+        params = inspect.signature(cls.forward).parameters if "forward" in vars(cls) else {}
+        if "cache" in params or "past_key_values" in params:
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
 
 
 _MASK64 = (1 << 64) - 1
@@ -182,15 +196,16 @@ def decode(
     same[1:] = (input_ids[1:] == input_ids[:-1]).all(-1) & (attn[1:] == attn[:-1]).all(-1)
     first = (~same).nonzero().squeeze(-1)  # (U,) rows that run the prefill
     owner = (~same).long().cumsum(0) - 1  # (B,) the prefill row each row copies
+    cache_arg = _cache_argument(model)
     out = model(
         input_ids=input_ids[first],
         attention_mask=attn[first],
         position_ids=positions[first],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_arg: cache},
     )
-    cache = out.past_key_values
+    cache = out[cache_arg]
     logits = out.logits[:, -1]  # (U, V)
     if len(first) < b:
         cache.batch_select_indices(owner)
@@ -222,10 +237,10 @@ def decode(
             input_ids=tok.unsqueeze(-1),
             attention_mask=attn,
             position_ids=next_pos.unsqueeze(-1),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_arg: cache},
         )
-        cache = out.past_key_values
+        cache = out[cache_arg]
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     stops = set(stop_ids)

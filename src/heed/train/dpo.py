@@ -14,394 +14,58 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from heed.algos.kl import kl_estimate
-from heed.algos.losses import dpo_loss, simpo_loss
-from heed.algos.ops import masked_mean, masked_sum
-from heed.config.dpo import DPOConfig, DPOLossConfig, PairMode
-from heed.data.collate import Encoded, length_grouped_batches, pad_batch, truncate
-from heed.data.records import PreferenceGroup, Prompt, SFTExample, load_records, prompt_text
-from heed.data.templating import encode_sft, use_chat
+from heed.config.dpo import DPOConfig, DPOLossConfig
+from heed.data.collate import length_grouped_batches
+from heed.data.pairs import EncodedPairs, PairCounts, PreferencePair, encode_pairs, expand_pairs, warn_counts
+from heed.data.records import (
+    ParseOptions,
+    Prompt,
+    load_records,
+    load_train_and_eval,
+)
+from heed.data.templating import use_chat
 from heed.errors import DataError
+from heed.models.forward import collate_pairs, pair_logps
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
-    check_finite,
+    check_batch_weight,
+    guard_run,
     peak_memory_mb,
     prepare_optimization,
-    save_checkpoint,
     start_run,
     write_json,
 )
-
-REF_CACHE = "ref_logps.pt"
-
-
-# ---------------------------------------------------------------------------------------------
-# data: groups -> pairs -> token ids
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PreferencePair:
-    """One (chosen, rejected) answer pair to a prompt; ``weight`` scales its loss."""
-
-    prompt: Prompt
-    chosen: str
-    rejected: str
-    weight: float = 1.0
-    where: str = ""
-
-
-@dataclass
-class PairCounts:
-    """What happened to the data on its way to training, reported instead of silently dropped."""
-
-    groups: int = 0
-    pairs: int = 0
-    ties_skipped: int = 0  # tied (i, j) pairs inside ranked groups
-    not_selected: int = 0  # untied pairs left out by `pairs: best_vs_rest | best_vs_worst`
-    truncated: int = 0  # answers cut at max_length
-    dropped_no_answer: int = 0  # pairs whose prompt fills max_length (no answer token left)
-    dropped_identical: int = 0  # pairs whose answers are identical after truncation
-
-    def as_dict(self, prefix: str) -> dict[str, int]:
-        return {f"{prefix}/{k}": v for k, v in self.__dict__.items()}
-
-
-def expand_pairs(
-    groups: Sequence[PreferenceGroup], mode: PairMode = "all"
-) -> tuple[list[PreferencePair], PairCounts]:
-    """Turn preference groups (pairs are groups of two) into (chosen, rejected) pairs.
-
-    ``all``: every pair of answers with different ranks (K·(K−1)/2 for a strict ranking);
-    ``best_vs_rest``: each best-ranked answer against every worse one;
-    ``best_vs_worst``: each best-ranked answer against each worst-ranked one.
-    Ties are skipped and counted. Two identical answers ranked differently are an error
-    (as ``chosen == rejected`` is for a pair): the record contradicts itself.
-    """
-    out: list[PreferencePair] = []
-    counts = PairCounts(groups=len(groups))
-    for g in groups:
-        best, worst = min(g.ranks), max(g.ranks)
-        k = len(g.responses)
-        for i in range(k):
-            for j in range(i + 1, k):
-                if g.ranks[i] == g.ranks[j]:
-                    counts.ties_skipped += 1
-                    continue
-                a, b = (i, j) if g.ranks[i] < g.ranks[j] else (j, i)  # a better than b
-                if g.responses[a] == g.responses[b]:
-                    raise DataError(
-                        f"{g.where}: responses[{a}] and responses[{b}]: the same answer is ranked "
-                        f"{g.ranks[a]:g} and {g.ranks[b]:g} (no preference to learn)"
-                    )
-                keep = (
-                    mode == "all"
-                    or (mode == "best_vs_rest" and g.ranks[a] == best)
-                    or (mode == "best_vs_worst" and g.ranks[a] == best and g.ranks[b] == worst)
-                )
-                if not keep:
-                    counts.not_selected += 1
-                    continue
-                out.append(PreferencePair(g.prompt, g.responses[a], g.responses[b], g.weight, g.where))
-    counts.pairs = len(out)
-    return out, counts
-
-
-@dataclass
-class EncodedPairs:
-    """Token ids of pairs: ``chosen[i]`` / ``rejected[i]`` are (ids, response_mask) of pair ``i``."""
-
-    pairs: list[PreferencePair]
-    chosen: list[Encoded]
-    rejected: list[Encoded]
-    weights: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def lengths(self) -> list[int]:
-        return [max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected, strict=True)]
-
-
-def encode_pairs(
-    tokenizer: Any, pairs: Sequence[PreferencePair], chat: bool, max_length: int, counts: PairCounts
-) -> EncodedPairs:
-    """Tokenize prompt + answer exactly as SFT does (so the policy sees its own format), with a
-    response mask True on the answer tokens (and its EOS / end of turn). Sequences longer than
-    ``max_length`` keep their start; pairs left without an answer token, or whose two answers
-    became identical, are dropped. Every cut and drop is counted in ``counts``."""
-    kept, chosen, rejected = [], [], []
-    for p in pairs:
-        c = encode_sft(tokenizer, SFTExample(prompt=p.prompt, completion=p.chosen, where=p.where), chat)
-        r = encode_sft(tokenizer, SFTExample(prompt=p.prompt, completion=p.rejected, where=p.where), chat)
-        (c, r), cut = truncate([c, r], max_length)
-        counts.truncated += cut
-        if not any(c[1][1:]) or not any(r[1][1:]):
-            counts.dropped_no_answer += 1
-            continue
-        if c[0] == r[0]:
-            counts.dropped_identical += 1
-            continue
-        kept.append(p)
-        chosen.append(c)
-        rejected.append(r)
-    return EncodedPairs(kept, chosen, rejected, [p.weight for p in kept])
-
-
-def warn_counts(source: str, counts: PairCounts, max_length: int) -> None:
-    """One warning per kind of loss of data, with its count."""
-    if counts.truncated:
-        warnings.warn(
-            f"{source}: {counts.truncated} answers were longer than data.max_length={max_length} "
-            "tokens (with the prompt) and were cut",
-            stacklevel=2,
-        )
-    if counts.dropped_no_answer:
-        warnings.warn(
-            f"{source}: {counts.dropped_no_answer} pairs dropped: the prompt fills data.max_length="
-            f"{max_length}, leaving no answer token",
-            stacklevel=2,
-        )
-    if counts.dropped_identical:
-        warnings.warn(
-            f"{source}: {counts.dropped_identical} pairs dropped: chosen and rejected are identical "
-            f"within the first {max_length} tokens",
-            stacklevel=2,
-        )
+from heed.train.loop import (
+    Cadence,
+    EpochPlan,
+    accumulate,
+    checkpoint,
+    micro_batches,
+    optimizer_step,
+    save_final,
+)
+from heed.train.reference import (
+    load_ref_cache,
+    model_fingerprint,
+    preference_losses,
+    ref_logps_for,
+    reference_table,
+    sample_and_kl,
+    save_ref_cache,
+    write_samples,
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# log-probs and the loss
+# the reference cache's key (the loss and the reference table live in heed.train.reference)
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class PairLogps:
-    """Sequence log-probs of a batch of B pairs, from one forward over 2B rows [chosen; rejected].
-
-    ``token_logps`` (2B, T) is zero off ``response_mask`` (2B, T); ``logps`` (2B,) its row sums.
-    """
-
-    token_logps: torch.Tensor
-    response_mask: torch.Tensor
-
-    @property
-    def logps(self) -> torch.Tensor:
-        return masked_sum(self.token_logps, self.response_mask, dim=-1)
-
-    @property
-    def avg_logps(self) -> torch.Tensor:
-        return masked_mean(self.token_logps, self.response_mask, dim=-1)
-
-    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) halves of a (2B, ...) tensor."""
-        b = x.shape[0] // 2
-        return x[:b], x[b:]
-
-
-def collate_pairs(
-    chosen: Sequence[Encoded], rejected: Sequence[Encoded], pad_id: int
-) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``response_mask`` (2B, T): chosen rows first."""
-    ids, att, mask = pad_batch([*chosen, *rejected], pad_id)
-    mask[:, 0] = False  # the first token is never predicted
-    return ids, att, mask
-
-
-def pair_logps(
-    model: Any, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, share: bool = True
-) -> PairLogps:
-    """One forward of the concatenated [chosen; rejected] batch; logits only at response tokens.
-
-    With ``share`` (and a model that takes a custom mask) each pair's prompt runs once: the batch is
-    rearranged into :func:`heed.rollout.logprobs.shared_prompt_forward`'s layout (rows ``2i`` / ``2i+1``
-    = chosen / rejected of pair ``i``, ``[left-padded prompt | right-padded answer]``) and the
-    log-probs are put back at their places in the (2B, T) batch. Pairs whose two prompts differ
-    (which Heed's encoding never produces) make the whole batch go row by row."""
-    from heed.models.lm import sequence_logprobs
-
-    if share:
-        from heed.rollout.logprobs import can_share_prompt
-
-        shared = _shared_layout(ids, att, mask) if can_share_prompt(model) else None
-        if shared is not None:
-            return PairLogps(_shared_pair_logps(model, ids, shared), mask)
-    token_logps, _ = sequence_logprobs(model, ids, att, mask)  # (2B, T)
-    return PairLogps(token_logps, mask)
-
-
-@dataclass
-class _SharedLayout:
-    ids: torch.Tensor  # (2B, P + C) interleaved pairs, [left-padded prompt | right-padded answer]
-    att: torch.Tensor
-    tgt: torch.Tensor
-    prompt_width: int  # P
-    rows: torch.Tensor  # (2B,) the batch row of each interleaved row
-    src: torch.Tensor  # (2B, C) the batch column of each answer position
-    valid: torch.Tensor  # (2B, C) answer positions that exist
-
-
-def _shared_layout(ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> _SharedLayout | None:
-    """The shared-prompt layout of a right-padded [chosen; rejected] batch, or None when a pair's
-    prompts (the tokens before its first answer token) differ or a row has no answer token."""
-    n, t = ids.shape
-    b = n // 2
-    if not bool(mask.any(-1).all()):
-        return None
-    first = mask.long().argmax(-1)  # (2B,) where each answer starts = its prompt's length
-    length = att.long().sum(-1)  # (2B,) right padding: real tokens are [0, length)
-    rows = (
-        torch.stack([torch.arange(b), torch.arange(b) + b], dim=1).flatten().to(ids.device)
-    )  # chosen_i, rejected_i
-    f, ln = first[rows], length[rows]
-    p = int(first.max())
-    c = int((length - first).max())
-    cols = torch.arange(p, device=ids.device)
-    p_src = cols - (p - f).unsqueeze(-1)  # (2B, P): batch column of each left-padded prompt column
-    p_valid = p_src >= 0
-    p_ids = ids[rows].gather(1, p_src.clamp(min=0)) * p_valid
-    if not torch.equal(f[0::2], f[1::2]) or not torch.equal(p_ids[0::2], p_ids[1::2]):
-        return None
-    a_src = f.unsqueeze(-1) + torch.arange(c, device=ids.device)  # (2B, C)
-    a_valid = a_src < ln.unsqueeze(-1)
-    a_src = a_src.clamp(max=t - 1)
-    a_ids = ids[rows].gather(1, a_src) * a_valid
-    a_tgt = mask[rows].gather(1, a_src) & a_valid
-    src = torch.where(
-        a_valid, a_src, 0
-    )  # padding goes to column 0, never an answer token (mask[:, 0] is False)
-    return _SharedLayout(
-        torch.cat([p_ids, a_ids], dim=1),
-        torch.cat([p_valid, a_valid], dim=1),
-        torch.cat([torch.zeros_like(p_valid), a_tgt], dim=1),
-        p,
-        rows,
-        src,
-        a_valid,
-    )
-
-
-def _shared_pair_logps(model: Any, ids: torch.Tensor, lay: _SharedLayout) -> torch.Tensor:
-    """Token log-probs (2B, T) at the batch's own positions, from one shared-prompt forward."""
-    from heed.rollout.logprobs import shared_prompt_forward
-
-    out = shared_prompt_forward(model, lay.ids, lay.att, lay.tgt, lay.prompt_width, 2)
-    answer = out.logprobs[:, lay.prompt_width :] * lay.valid  # (2B, C), zero off the answers
-    token_logps = torch.zeros(ids.shape, dtype=answer.dtype, device=ids.device)
-    placed = torch.zeros_like(token_logps).scatter(1, lay.src, answer)  # interleaved order
-    token_logps[lay.rows] = placed
-    return token_logps
-
-
-def preference_losses(
-    cfg: DPOLossConfig,
-    policy: PairLogps,
-    ref_logps: torch.Tensor | None,
-    ref_avg_logps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair loss (B,) of the configured type, plus detached per-pair statistics.
-
-    ``ref_logps`` (2B,) are the reference's summed log-probs in [chosen; rejected] order (unused
-    by SimPO). IPO uses length-averaged log-ratios, as TRL does (the IPO authors' choice), so β
-    does not depend on answer length. ``sft_coef`` adds RPO's NLL of the chosen answer, averaged
-    over its tokens: loss += sft_coef · (−(1/|y_c|) Σ_t log π(y_c,t)).
-    """
-    if cfg.type == "simpo":
-        avg_c, avg_r = policy.halves(policy.avg_logps)
-        losses, chosen_rewards, rejected_rewards = simpo_loss(avg_c, avg_r, cfg.beta, cfg.simpo_gamma)
-    else:
-        assert ref_logps is not None
-        if cfg.type == "ipo":
-            assert ref_avg_logps is not None
-            pol, ref = policy.avg_logps, ref_avg_logps
-        else:
-            pol, ref = policy.logps, ref_logps
-        pc, pr = policy.halves(pol)
-        rc, rr = policy.halves(ref)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            pc, pr, rc, rr, cfg.beta, cfg.type, cfg.label_smoothing
-        )
-    chosen_logps, rejected_logps = policy.halves(policy.logps.detach())
-    stats = {
-        "chosen_reward": chosen_rewards,
-        "rejected_reward": rejected_rewards,
-        "accuracy": (chosen_rewards > rejected_rewards).float(),
-        "margin": chosen_rewards - rejected_rewards,
-        "chosen_logps": chosen_logps,
-        "rejected_logps": rejected_logps,
-    }
-    if cfg.sft_coef:
-        nll_chosen = -policy.halves(policy.avg_logps)[0]
-        losses = losses + cfg.sft_coef * nll_chosen
-        stats["sft_loss"] = nll_chosen.detach()
-    return losses, stats
-
-
-def ref_logps_for(batch_idx: Sequence[int], ref_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and average reference log-probs (2B,) of pairs ``batch_idx`` from a (N, 4) table
-    of [chosen sum, rejected sum, chosen avg, rejected avg]."""
-    rows = ref_table[list(batch_idx)]
-    return torch.cat([rows[:, 0], rows[:, 1]]), torch.cat([rows[:, 2], rows[:, 3]])
-
-
-@torch.inference_mode()
-def reference_table(
-    model: Any,
-    data: EncodedPairs,
-    pad_id: int,
-    batch_size: int,
-    desc: str = "reference",
-    progress: bool = False,
-    share: bool = True,
-) -> torch.Tensor:
-    """Reference log-probs of every pair, (N, 4): [chosen sum, rejected sum, chosen avg, rejected avg]."""
-    from heed.models.lora import adapter_disabled
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    lengths = data.lengths()
-    order = sorted(range(len(data)), key=lambda i: lengths[i])  # similar lengths, less padding
-    table = torch.zeros((len(data), 4), dtype=torch.float32)
-    starts = range(0, len(order), batch_size)
-    with StepProgress(desc, len(starts), enabled=progress) as bar:
-        for start in starts:
-            idx = order[start : start + batch_size]
-            ids, att, mask = (
-                t.to(device)
-                for t in collate_pairs([data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id)
-            )
-            with adapter_disabled(model):  # a LoRA policy's reference is its base model
-                lp = pair_logps(model, ids, att, mask, share)
-            s_c, s_r = lp.halves(lp.logps.float().cpu())
-            a_c, a_r = lp.halves(lp.avg_logps.float().cpu())
-            table[idx] = torch.stack([s_c, s_r, a_c, a_r], dim=-1)
-            bar.advance(1)
-    model.train(was_training)
-    return table
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """A cheap identity of a model folder: its config and the size and first MiB of each weights file."""
-    h = hashlib.sha256()
-    folder = Path(path)
-    cfg_file = folder / "config.json"
-    if cfg_file.exists():
-        h.update(cfg_file.read_bytes())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(2**20))
-    return h.hexdigest()
-
-
 def data_fingerprint(*datasets: EncodedPairs) -> str:
     h = hashlib.sha256()
     for d in datasets:
@@ -409,20 +73,6 @@ def data_fingerprint(*datasets: EncodedPairs) -> str:
         for (ci, cm), (ri, rm) in zip(d.chosen, d.rejected, strict=True):
             h.update(repr((ci, cm, ri, rm)).encode())
     return h.hexdigest()
-
-
-def load_ref_cache(run: Path, key: str) -> dict[str, torch.Tensor] | None:
-    path = run / REF_CACHE
-    if not path.exists():
-        return None
-    cached = torch.load(path, map_location="cpu", weights_only=True)
-    return cached if cached.get("key_str") == key else None
-
-
-def save_ref_cache(run: Path, key: str, tables: dict[str, torch.Tensor]) -> None:
-    tmp = run / (REF_CACHE + ".tmp")
-    torch.save({"key_str": key, **tables}, tmp)
-    os.replace(tmp, run / REF_CACHE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,68 +142,6 @@ def _reference(
         return lp.logps.to(ids.device).clone(), lp.avg_logps.to(ids.device).clone()
 
 
-@dataclass
-class SampleResult:
-    prompts: list[Prompt]
-    texts: dict[str, list[str]]  # policy name -> answers, prompt-major
-    metrics: dict[str, float]
-
-
-@torch.no_grad()
-def sample_and_kl(
-    policy: Any,
-    ref: Any,
-    tokenizer: Any,
-    prompts: list[Prompt],
-    chat: bool,
-    num_samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int = 64,
-    ref_name: str = "sft",
-) -> SampleResult:
-    """Answers of the reference and the tuned policy to the same prompts, and KL(policy ‖ reference)
-    on the policy's answers: per answer Σ_t k(log π − log π_ref) over its tokens (k1 and k3),
-    averaged over answers (``kl/k1``, ``kl/k3``), plus length and diversity of the policy's answers."""
-    from heed.models.lm import sequence_logprobs
-    from heed.models.lora import adapter_disabled
-    from heed.report.diversity import diversity_metrics
-    from heed.rollout.generate import SamplingParams, encode_prompts, generate
-
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    prompt_ids = encode_prompts(tokenizer, prompts, chat)
-    texts = {}
-    torch.manual_seed(seed)
-    with adapter_disabled(ref):
-        gen_ref = generate(ref, tokenizer, prompt_ids, params, num_samples, batch_size)
-    texts[ref_name] = gen_ref.texts
-    torch.manual_seed(seed)
-    gen = generate(policy, tokenizer, prompt_ids, params, num_samples, batch_size)
-    texts["dpo"] = gen.texts
-    device = next(policy.parameters()).device
-    kl1, kl3 = [], []
-    for start in range(0, len(gen.texts), batch_size):
-        sl = slice(start, start + batch_size)
-        ids = torch.cat([gen.prompt_ids[sl], gen.completion_ids[sl]], dim=1).to(device)  # (b, P + C)
-        att = torch.cat([gen.prompt_mask[sl], gen.completion_mask[sl]], dim=1).to(device)
-        target = torch.cat([torch.zeros_like(gen.prompt_mask[sl]), gen.completion_mask[sl]], dim=1).to(device)
-        lp, _ = sequence_logprobs(policy, ids, att.long(), target)
-        ref_dev = next(ref.parameters()).device
-        with adapter_disabled(ref):
-            lp_ref, _ = sequence_logprobs(ref, ids.to(ref_dev), att.long().to(ref_dev), target.to(ref_dev))
-        lp_ref = lp_ref.to(device)
-        kl1.append(masked_sum(kl_estimate(lp, lp_ref, "k1"), target, dim=-1))
-        kl3.append(masked_sum(kl_estimate(lp, lp_ref, "k3"), target, dim=-1))
-    metrics = {
-        "kl/k1": torch.cat(kl1).mean().item(),
-        "kl/k3": torch.cat(kl3).mean().item(),
-        "length/mean": gen.lengths.float().mean().item(),
-        **diversity_metrics(gen.texts),
-    }
-    return SampleResult(list(prompts), texts, metrics)
-
-
 def sample_prompts(cfg: DPOConfig, eval_data: EncodedPairs, train_data: EncodedPairs) -> list[Prompt]:
     """The prompts answered at the end: ``sample.prompts`` or the (distinct) prompts of the eval pairs."""
     n = cfg.sample.num_prompts
@@ -577,10 +165,11 @@ def load_preference_data(
     cfg: DPOConfig,
 ) -> tuple[list[PreferencePair], list[PreferencePair], PairCounts, PairCounts]:
     """Read and validate every record, split held-out groups, expand groups into pairs."""
-    from heed.train.sft import split_eval
+    from heed.data.split import split_eval
 
-    train_groups = load_records(cfg.data.train, "preferences")
-    eval_groups = load_records(cfg.data.eval, "preferences") if cfg.data.eval else []
+    d = cfg.data
+    opts = ParseOptions(allow_negative_weights=d.allow_negative_weights)
+    train_groups, eval_groups = load_train_and_eval(d, "preferences", opts, d.max_length)
     if not cfg.data.eval:
         # split by group, so answers to one prompt never sit on both sides
         train_groups, eval_groups = split_eval(train_groups, cfg.data.eval_split, cfg.train.seed)
@@ -589,8 +178,10 @@ def load_preference_data(
     return train_pairs, eval_pairs, train_counts, eval_counts
 
 
+@guard_run
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
+    from heed.models.lm import disable_dropout
     from heed.models.loading import load_causal_lm, load_tokenizer
     from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
@@ -623,7 +214,10 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         model = apply_lora(model, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    # no dropout in policy or reference passes: the first loss is log 2 while policy == reference;
+    # a model still random in training mode is trained in eval mode
     model = place(model, device)
+    train_mode = disable_dropout(model)
     pad_id = tokenizer.pad_token_id
     chat = use_chat(tokenizer, cfg.data.chat)
 
@@ -718,98 +312,81 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         return ev
 
     # step 7. the loop: one concatenated forward per micro-batch, loss averaged over the global batch
-    model.train()
+    model.train(train_mode)
     pairs_seen, tokens_seen, t0 = 0, 0, time.time()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
+    batches = EpochPlan(
+        lambda epoch: plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch), steps_per_epoch
+    )
+    cadence = Cadence.of(cfg.log, total_steps)
+    sums: dict[str, torch.Tensor] = {}
+
+    def loss_of(idx: Sequence[int]) -> torch.Tensor:
+        nonlocal tokens_seen
+        ids, att, mask = (
+            t.to(device)
+            for t in collate_pairs(
+                [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id
+            )
+        )
+        policy = pair_logps(model, ids, att, mask, cfg.train.share_prompt)
+        ref_sum, ref_avg = _reference(
+            idx, ref_tables.get("train"), ref_model, ids, att, mask, cfg.loss, cfg.train.share_prompt
+        )
+        losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)
+        weights = torch.tensor([train_data.weights[i] for i in idx], device=device, dtype=losses.dtype)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.sum() / len(batch)
+        tokens_seen += int(mask.sum().item())
+        # every pair of the optimizer step counts equally, whatever the micro-batching or process count
+        return (weights * losses).sum() / len(batch) * world
+
     with StepProgress("dpo", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
         for step in range(start_step, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: plan_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)}
-            batch = epoch_batches[epoch][pos]
-            mine = batch[rank::world]
-            sums = {"loss": torch.zeros((), device=device)}
-            for start in range(0, len(mine), micro):
-                idx = mine[start : start + micro]
-                ids, att, mask = (
-                    t.to(device)
-                    for t in collate_pairs(
-                        [train_data.chosen[i] for i in idx], [train_data.rejected[i] for i in idx], pad_id
-                    )
-                )
-                sync = start + micro >= len(mine)
-                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx, accelerator.autocast():
-                    policy = pair_logps(model, ids, att, mask, cfg.train.share_prompt)
-                    ref_sum, ref_avg = _reference(
-                        idx,
-                        ref_tables.get("train"),
-                        ref_model,
-                        ids,
-                        att,
-                        mask,
-                        cfg.loss,
-                        cfg.train.share_prompt,
-                    )
-                    losses, stats = preference_losses(cfg.loss, policy, ref_sum, ref_avg)
-                    weights = torch.tensor(
-                        [train_data.weights[i] for i in idx], device=device, dtype=losses.dtype
-                    )
-                    # every pair of the optimizer step counts equally, whatever the micro-batching or process count
-                    loss = (weights * losses).sum() / len(batch) * world
-                    accelerator.backward(loss)
-                sums["loss"] += loss.detach() / world
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v.sum() / len(batch)
-                tokens_seen += int(mask.sum().item())
+            batch = batches.batch(step)
+            check_batch_weight(
+                [train_data.weights[i] for i in batch], [train_data.pairs[i].where for i in batch], step + 1
+            )
+            sums.clear()
+            sums["loss"] = (
+                accumulate(accelerator, model, micro_batches(batch[rank::world], micro), loss_of) / world
+            )
             reduced = {k: accelerator.reduce(v, reduction="sum").item() for k, v in sums.items()}
-            check_finite(reduced["loss"], step + 1, "DPO loss")
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            figures = optimizer_step(
+                accelerator,
+                model.parameters(),
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                reduced["loss"],
+                step + 1,
+                "DPO loss",
+            )
             pairs_seen += len(batch)
             done = step + 1
-            last = {
-                "loss": reduced.pop("loss"),
-                **{f"dpo/{k}": v for k, v in reduced.items()},
-                "lr": scheduler.get_last_lr()[0],
-            }
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if done % cfg.log.log_every == 0 or done == total_steps:
+            last = {"loss": reduced.pop("loss"), **{f"dpo/{k}": v for k, v in reduced.items()}, **figures}
+            if cadence.log(done):
                 elapsed = time.time() - t0
                 logger.log(
                     done,
                     {
                         **last,
-                        "epoch": done / steps_per_epoch,
+                        "epoch": batches.epoch(done),
                         "pairs_per_s": pairs_seen / max(elapsed, 1e-9),
                         "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                     },
                 )
-            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
+            if cadence.eval(done) and main:
                 ev = eval_now(done)
                 if "eval/reward_accuracy" in ev:
                     bar.log(
                         f"step {done}: eval/reward_accuracy={ev['eval/reward_accuracy']:.3f} "
                         f"eval/margin={ev['eval/margin']:.3f}"
                     )
-            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        run,
-                        done,
-                        accelerator.unwrap_model(model),
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        keep=cfg.log.keep_checkpoints,
-                    )
+            if cadence.save(done):
+                checkpoint(
+                    accelerator, run, done, model, tokenizer, optimizer, scheduler, cfg.log.keep_checkpoints
+                )
             bar.advance(1, {"loss": last["loss"], "acc": last["dpo/accuracy"]})
     train_seconds = time.time() - t0
 
@@ -839,11 +416,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
             alarms.extend(monitor.update(total_steps, result.metrics, result.texts["dpo"]))
             summary.update(result.metrics)
             write_samples(run / "samples.jsonl", result, cfg.sample.num_samples, total_steps)
-        from heed.models.loading import save_pretrained
-
-        unwrapped.generation_config.pad_token_id = pad_id
-        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-        save_pretrained(unwrapped, tokenizer, run / "final")
+        save_final(unwrapped, tokenizer, run / "final")
         append_alarms(run, alarms)
         summary.update(
             {
@@ -862,30 +435,3 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
-
-
-def write_samples(path: Path, result: SampleResult, num_samples: int, step: int) -> None:
-    """``samples.jsonl``: the same prompts answered by the reference (step 0) and the tuned policy."""
-    from heed.data.io import write_jsonl
-
-    rows = []
-    for name, texts in result.texts.items():
-        for i, text in enumerate(texts):
-            prompt = result.prompts[i // num_samples]
-            rows.append(
-                {
-                    "step": step if name == "dpo" else 0,
-                    "policy": name,
-                    "prompt": prompt_text(prompt),
-                    "completion": text,
-                }
-            )
-    write_jsonl(path, rows)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -12,12 +12,10 @@ the head learns on the cached features (the cheap variant of GPT-2-feature rewar
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,75 +25,65 @@ from heed.algos.losses import ranking_loss
 from heed.algos.ops import kendall_tau, top1_accuracy
 from heed.config.reward import RMConfig
 from heed.data.collate import length_grouped_batches
-from heed.data.records import PreferenceGroup, load_records
+from heed.data.records import ParseOptions, PreferenceGroup, load_train_and_eval
+from heed.data.split import split_by_prompt
 from heed.errors import DataError
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.train.common import (
-    check_finite,
+    check_batch_weight,
+    guard_run,
     peak_memory_mb,
     prepare_optimization,
-    save_checkpoint,
     start_run,
     write_json,
 )
+from heed.train.loop import Cadence, EpochPlan, accumulate, checkpoint, micro_batches, optimizer_step
 
 
 @dataclass(frozen=True)
 class EncodedGroup:
     """One ranked group as token ids. ``offset`` is the index of its first response in the
-    split's flat list of responses (where the frozen-backbone features are cached)."""
+    split's flat list of responses (where the frozen-backbone features are cached); ``types`` the
+    token types of each response (encoders whose tokenizer gives them, else None)."""
 
     seqs: list[list[int]]
     ranks: list[float]
     margin: float
     weight: float
     offset: int
+    types: list[list[int]] | None = None
+    where: str = ""  # file:line of the record
 
     @property
     def num_pairs(self) -> int:
         return sum(a < b for a in self.ranks for b in self.ranks)
 
 
-def prompt_key(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
-def split_by_prompt(
-    groups: list[PreferenceGroup], frac: float, seed: int
-) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
-    """Hold out ``frac`` of the distinct prompts (seeded): no prompt is in both splits."""
-    if frac <= 0:
-        return groups, []
-    prompts = sorted({prompt_key(g.prompt) for g in groups})
-    if len(prompts) < 2:
-        raise DataError(
-            f"data.eval_split={frac}: the training data has only {len(prompts)} distinct prompt; "
-            "set data.eval to an evaluation file or data.eval_split: 0"
-        )
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, round(len(prompts) * frac))])
-    return [g for g in groups if prompt_key(g.prompt) not in held], [
-        g for g in groups if prompt_key(g.prompt) in held
-    ]
-
-
 def encode_groups(
     groups: list[PreferenceGroup], tokenizer: Any, cfg: RMConfig, chat: bool, backbone: str
-) -> tuple[list[EncodedGroup], int, int]:
-    """Tokenize every response; returns the groups, the number of responses and how many were truncated."""
+) -> tuple[list[EncodedGroup], int, int, int]:
+    """Tokenize every response; returns the groups, the number of responses, how many were truncated,
+    and how many groups were dropped: two differently ranked responses identical within
+    ``max_length`` tokens (a prompt that fills it leaves every response the same: loss ln 2, nothing
+    learned), as DPO drops such pairs."""
     from heed.models.reward import encode_pair, truncate_ids
 
-    out, offset, cut = [], 0, 0
+    out, offset, cut, dropped = [], 0, 0, 0
     for g in groups:
-        seqs = [encode_pair(tokenizer, g.prompt, r, chat, backbone) for r in g.responses]  # type: ignore[arg-type]
-        seqs, n_cut = truncate_ids(seqs, cfg.data.max_length)
+        pairs = [encode_pair(tokenizer, g.prompt, r, chat, backbone, g.where) for r in g.responses]  # type: ignore[arg-type]
+        seqs, n_cut = truncate_ids([ids for ids, _ in pairs], cfg.data.max_length)
+        types = None if pairs[0][1] is None else truncate_ids([t for _, t in pairs], cfg.data.max_length)[0]  # type: ignore[misc]
         cut += n_cut
+        rank_of: dict[tuple[int, ...], float] = {}
+        if any(rank_of.setdefault(tuple(s), r) != r for s, r in zip(seqs, g.ranks, strict=True)):
+            dropped += 1
+            continue
         margin = g.margin if (cfg.data.use_margin and g.margin is not None) else 0.0
         weight = g.weight if cfg.data.use_weight else 1.0
-        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset))
+        out.append(EncodedGroup(seqs, list(g.ranks), margin, weight, offset, types=types, where=g.where))
         offset += len(seqs)
-    return out, offset, cut
+    return out, sum(len(g.responses) for g in groups), cut, dropped
 
 
 def stack_groups(groups: list[EncodedGroup], flat_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,11 +109,15 @@ def stack_groups(groups: list[EncodedGroup], flat_rewards: torch.Tensor) -> dict
 RewardFn = Callable[[list[EncodedGroup]], torch.Tensor]
 
 
+def _flat_types(groups: list[EncodedGroup]) -> list[list[int]] | None:
+    return None if not groups or groups[0].types is None else [t for g in groups for t in g.types or []]
+
+
 def make_reward_fn(
     model: Any, pad_id: int, device: Any, features: torch.Tensor | None, frozen: Any
 ) -> RewardFn:
     """Flat rewards (N,) of the responses of some groups: one padded forward, or the head on cached features."""
-    from heed.models.reward import forward_rewards, pad_right
+    from heed.models.reward import forward_rewards, pad_right, pad_types
 
     def reward_fn(groups: list[EncodedGroup]) -> torch.Tensor:
         if features is not None:
@@ -134,7 +126,7 @@ def make_reward_fn(
             )
             return frozen.head(features[idx]).float()
         ids, att = pad_right([s for g in groups for s in g.seqs], pad_id, device)
-        return forward_rewards(model, ids, att)
+        return forward_rewards(model, ids, att, pad_types(_flat_types(groups), device))
 
     return reward_fn
 
@@ -144,16 +136,18 @@ def cache_features(
     frozen: Any, groups: list[EncodedGroup], pad_id: int, device: Any, batch_size: int
 ) -> torch.Tensor:
     """Frozen-backbone features of every response of a split, (N, H), computed once."""
-    from heed.models.reward import pad_right
+    from heed.models.reward import pad_right, pad_types
 
     seqs = [s for g in groups for s in g.seqs]
+    types = _flat_types(groups)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     was_training = frozen.model.training
     frozen.model.eval()  # features without dropout, as at scoring time
     feats: torch.Tensor | None = None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        f = frozen.features(*pad_right([seqs[i] for i in idx], pad_id, device))
+        tt = pad_types([types[i] for i in idx] if types is not None else None, device)
+        f = frozen.features(*pad_right([seqs[i] for i in idx], pad_id, device), tt)
         if feats is None:
             feats = torch.zeros(len(seqs), f.shape[-1], dtype=f.dtype, device=f.device)
         feats[torch.tensor(idx, device=f.device)] = f
@@ -246,6 +240,7 @@ def build_model_and_tokenizer(cfg: RMConfig, path: str | None = None) -> tuple[A
     return model, tok, backbone or backbone_of(model.config)
 
 
+@guard_run
 def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     """Train a reward model; returns the final summary (also written to ``summary.json``)."""
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
@@ -256,8 +251,8 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     main = accelerator.is_main_process
 
     # step 2. data: read and validate every record up front; hold out prompts for eval
-    train_groups = load_records(cfg.data.train, "preferences")
-    eval_groups = load_records(cfg.data.eval, "preferences") if cfg.data.eval else []
+    d, opts = cfg.data, ParseOptions(allow_negative_weights=cfg.data.allow_negative_weights)
+    train_groups, eval_groups = load_train_and_eval(d, "preferences", opts, d.max_length)
     if not cfg.data.eval:
         train_groups, eval_groups = split_by_prompt(train_groups, cfg.data.eval_split, cfg.train.seed)
 
@@ -281,13 +276,23 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     # step 4. tokenize every response; truncate with one warning that counts
-    train_enc, n_train, cut = encode_groups(train_groups, tokenizer, cfg, chat, backbone)
-    eval_enc, n_eval, eval_cut = encode_groups(eval_groups, tokenizer, cfg, chat, backbone)
+    train_enc, n_train, cut, dropped = encode_groups(train_groups, tokenizer, cfg, chat, backbone)
+    eval_enc, n_eval, eval_cut, eval_dropped = encode_groups(eval_groups, tokenizer, cfg, chat, backbone)
     if (cut or eval_cut) and main:
         warnings.warn(
             f"{cfg.data.train}: {cut + eval_cut} of {n_train + n_eval} responses were longer than "
             f"data.max_length={cfg.data.max_length} tokens and were truncated",
             stacklevel=1,
+        )
+    if (dropped or eval_dropped) and main:
+        warnings.warn(
+            f"{cfg.data.train}: {dropped + eval_dropped} groups dropped: differently ranked responses are "
+            f"identical within data.max_length={cfg.data.max_length} tokens (the prompt fills it?)",
+            stacklevel=1,
+        )
+    if not train_enc:
+        raise DataError(
+            f"{cfg.data.train}: every group was dropped (see the warnings above); raise data.max_length"
         )
 
     # step 5. optimizer, schedule, step plan
@@ -331,48 +336,41 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     pairs_seen, responses_seen, t0, cpu0 = 0, 0, time.time(), time.process_time()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
+    batches = EpochPlan(plan, steps_per_epoch)
+    cadence = Cadence.of(cfg.log, total_steps)
+    correct = torch.zeros((), device=accelerator.device)
+    rewards_seen: list[torch.Tensor] = []
+
+    def loss_of(chunk: Sequence[EncodedGroup]) -> torch.Tensor:
+        nonlocal correct
+        b = stack_groups(list(chunk), train_fn(list(chunk)))  # (G, K) from one forward of all K·G responses
+        group_loss, stats = ranking_loss(
+            b["rewards"], b["ranks"], b["mask"], b["margins"], b["weights"], cfg.train.centering_coef
+        )  # (G,)
+        correct = correct + stats.accuracy * stats.num_pairs
+        rewards_seen.append(b["rewards"][b["mask"]].detach().float())
+        # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
+        return group_loss.sum() / max(total_weight, 1e-12) * world
+
     with StepProgress("rm", total_steps, enabled=cfg.log.progress and main, start=start_step) as bar:
         for step in range(start_step, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: plan(epoch)}
-            batch = [train_enc[i] for i in epoch_batches[epoch][pos]]
+            batch = [train_enc[i] for i in batches.batch(step)]
             # every group of the optimizer step counts by its weight, whatever the micro-batching or process count
-            total_weight = sum(g.weight for g in batch)
-            mine = batch[rank::world]
-            loss_sum = torch.zeros((), device=accelerator.device)
+            total_weight = check_batch_weight([g.weight for g in batch], [g.where for g in batch], step + 1)
             correct = torch.zeros((), device=accelerator.device)
-            rewards_seen = []
-            chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
-            for ci, chunk in enumerate(chunks):
-                sync = ci == len(chunks) - 1
-                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx, accelerator.autocast():
-                    b = stack_groups(chunk, train_fn(chunk))  # (G, K) from one forward of all K·G responses
-                    group_loss, stats = ranking_loss(
-                        b["rewards"],
-                        b["ranks"],
-                        b["mask"],
-                        b["margins"],
-                        b["weights"],
-                        cfg.train.centering_coef,
-                    )  # (G,)
-                    loss = group_loss.sum() / max(total_weight, 1e-12) * world
-                    accelerator.backward(loss)
-                loss_sum += loss.detach() / world
-                correct += stats.accuracy * stats.num_pairs
-                rewards_seen.append(b["rewards"][b["mask"]].detach().float())
-            loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
-            check_finite(loss_value, step + 1, "ranking loss")
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(
-                    params if frozen is not None else model.parameters(), cfg.optim.max_grad_norm
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            rewards_seen.clear()
+            loss_sum = accumulate(accelerator, model, micro_batches(batch[rank::world], micro), loss_of)
+            loss_value = accelerator.reduce(loss_sum / world, reduction="sum").item()
+            figures = optimizer_step(
+                accelerator,
+                params if frozen is not None else model.parameters(),
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                loss_value,
+                step + 1,
+                "ranking loss",
+            )
             batch_pairs = sum(g.num_pairs for g in batch)
             pairs_seen += batch_pairs
             responses_seen += sum(len(g.seqs) for g in batch)
@@ -383,35 +381,25 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                 "rm/accuracy": accelerator.reduce(correct, reduction="sum").item() / max(batch_pairs, 1),
                 "rm/reward_mean": r.mean().item(),
                 "rm/reward_std": r.std(unbiased=False).item(),
-                "lr": scheduler.get_last_lr()[0],
+                **figures,
             }
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if done % cfg.log.log_every == 0 or done == total_steps:
+            if cadence.log(done):
                 elapsed = max(time.time() - t0, 1e-9)
                 logger.log(
                     done,
                     {
                         **last,
-                        "epoch": done / steps_per_epoch,
+                        "epoch": batches.epoch(done),
                         "pairs_per_s": pairs_seen / elapsed,
                         "responses_per_s": responses_seen / elapsed,
                     },
                 )
-            if (
-                cfg.log.eval_every
-                and done % cfg.log.eval_every == 0
-                and done != total_steps
-                and main
-                and eval_enc
-            ):
+            if cadence.eval(done) and main and eval_enc:
                 logger.log(done, run_eval()[0], split="eval")
-            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        run, done, unwrapped, tokenizer, optimizer, scheduler, keep=cfg.log.keep_checkpoints
-                    )
+            if cadence.save(done):
+                checkpoint(
+                    accelerator, run, done, model, tokenizer, optimizer, scheduler, cfg.log.keep_checkpoints
+                )
             bar.advance(1, {"loss": loss_value, "acc": last["rm/accuracy"]})
 
     # step 8. final evaluation, reward statistics beside the model, summary
@@ -464,6 +452,7 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
                 "eval_groups": len(eval_enc),
                 "train_pairs": sum(g.num_pairs for g in train_enc),
                 "truncated_responses": cut + eval_cut,
+                "dropped_groups": dropped + eval_dropped,
                 "backbone": backbone,
                 "frozen_backbone": frozen is not None,
             }
@@ -471,11 +460,3 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

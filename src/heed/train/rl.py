@@ -3,7 +3,7 @@
 Every update reads as the numbered steps of the issue, each calling the library:
 (1) sample K completions per prompt (:mod:`heed.rollout.engine`), (2) score them with the reward
 sources (:mod:`heed.rewards`), (3) log-probs of policy and reference, and values for PPO
-(:func:`heed.rollout.logprobs.policy_forward`), (4) KL-penalised token rewards
+(:func:`heed.models.forward.policy_forward`), (4) KL-penalised token rewards
 (:func:`heed.algos.kl_penalized_rewards`), (5) advantages (GAE / leave-one-out / group-normalised /
 moving-average baseline, :mod:`heed.algos.advantages`), (6) epochs of clipped-surrogate updates
 over minibatches (:func:`heed.algos.policy_loss`, :func:`heed.algos.value_loss`), (7) log, watch,
@@ -18,12 +18,11 @@ gradient of the same global minibatch (:func:`_update`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,13 @@ from heed import algos
 from heed.config.rl import RLConfig
 from heed.data.records import PromptExample, load_records, prompt_text
 from heed.errors import ConfigError
+from heed.models.forward import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
+from heed.models.value import Critic, ValueHead
 from heed.report.diversity import diversity_metrics
-from heed.report.metrics import MetricsLogger, read_metrics
+from heed.report.metrics import MetricsLogger, read_metrics, truncate_jsonl
 from heed.report.monitors import Monitor, append_alarms, resume_monitor
 from heed.report.progress import StepProgress
-from heed.rewards.combine import RewardBatch, RewardSet, build_rewards
+from heed.rewards.combine import NoneRewardWatch, RewardBatch, RewardSet, build_rewards
 from heed.rollout.batch import (
     Rollout,
     group_chunks,
@@ -47,20 +48,19 @@ from heed.rollout.batch import (
 )
 from heed.rollout.engine import Engine, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
-from heed.rollout.logprobs import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
 from heed.rollout.sampler import row_keys
 from heed.rollout.vllm_engine import check_vllm
 from heed.train.collective import Collective, global_mean, global_whiten
 from heed.train.common import (
-    check_finite,
+    guard_run,
     make_accelerator,
     peak_memory_mb,
     prepare_optimization,
-    save_checkpoint,
     set_seed,
     start_run,
     write_json,
 )
+from heed.train.loop import Cadence, checkpoint, optimizer_step, save_final, sync_context
 
 VALUE_HEAD_FILE = "value_head.pt"
 
@@ -112,7 +112,11 @@ def load_prompts(path: str, tokenizer: Any, cfg: RLConfig) -> Prompts:
     examples = load_records(path, "prompts")
     chat = use_chat(tokenizer, cfg.data.chat)
     ids = encode_prompts(
-        tokenizer, [e.prompt for e in examples], chat, cfg.data.max_prompt_length, where=str(path)
+        tokenizer,
+        [e.prompt for e in examples],
+        chat,
+        cfg.data.max_prompt_length,
+        wheres=[e.where for e in examples],
     )
     return Prompts(examples, ids)
 
@@ -139,10 +143,10 @@ def check_processes(cfg: RLConfig, world: int) -> None:
             f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts per update do not "
             f"split evenly over {world} processes; use a multiple of {world}"
         )
-    mb = cfg.ppo.minibatch_size
+    mb = cfg.update.minibatch_size
     if mb is not None and mb % world:
         raise ConfigError(
-            f"ppo.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
+            f"update.minibatch_size: {mb} answers per minibatch do not split evenly over {world} "
             f"processes; use a multiple of {world}"
         )
 
@@ -180,7 +184,151 @@ def _sampling(cfg: RLConfig, eval_mode: bool = False) -> SamplingParams:
 
 
 # --------------------------------------------------------------------------------------------
-# the pieces of one update
+# what travels through the loop
+
+
+@dataclass
+class Learner:
+    """The models and optimisation state an RL run carries from update to update."""
+
+    policy: Any  # the plain policy: generation, rollout passes, evaluation, saving
+    model: Any  # the same weights as the update sees them (DDP-wrapped on several processes)
+    ref: Any  # the frozen reference (under LoRA the policy itself, its adapter disabled)
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    kl_ctl: Any  # algos.FixedKLController | algos.AdaptiveKLController
+    accelerator: Any
+    coll: Collective
+    value_head: ValueHead | None = None  # PPO, critic: shared
+    critic: Critic | None = None  # PPO, critic: separate
+    train_mode: bool = True  # False: a model still random in training mode is updated in eval mode
+
+    @property
+    def value_params(self) -> list[torch.nn.Parameter]:
+        """The value head's or critic's parameters (outside DDP: averaged by hand)."""
+        return [
+            p for module in (self.value_head, self.critic) if module is not None for p in module.parameters()
+        ]
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad] + self.value_params
+
+
+@dataclass(frozen=True)
+class MinibatchPlan:
+    """How one process splits its share of a rollout for the update."""
+
+    epochs: int
+    size: int  # answers per minibatch on this process
+    micro: int  # answers per forward pass
+    group: int | None  # K: micro-batches of whole groups, each prompt run once for its K answers
+
+    def chunks(self, ro: Rollout, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Row indices of the micro-batches over ``rows``: whole groups for the shared-prompt forward
+        (``rows`` then holds whole groups), else rows of similar length."""
+        if self.group:
+            return group_chunks(ro, rows[:: self.group] // self.group, self.group, self.micro)
+        return length_sorted_chunks(ro, rows, self.micro)
+
+    def forward(self, model: Any, part: Rollout, temperature: float, **kw: Any) -> TokenOutputs:
+        """The policy forward over a micro-batch: each prompt once per group
+        (:func:`shared_prompt_forward`), else row by row."""
+        if self.group:
+            return shared_prompt_forward(
+                model,
+                part.input_ids,
+                part.attention_mask,
+                part.target_mask,
+                part.prompt_width,
+                self.group,
+                temperature,
+                **kw,
+            )
+        return policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, temperature, **kw)
+
+
+ROW_BY_ROW = MinibatchPlan(epochs=1, size=1, micro=1, group=None)  # forwards of evaluation passes
+
+
+def minibatch_plan(cfg: RLConfig, world: int, model: Any, ref: Any) -> MinibatchPlan:
+    """Each of ``world`` processes holds ``prompts_per_step / world`` prompts and
+    ``minibatch_size / world`` answers of every minibatch; groups are shared when the prompt can
+    run once for its K answers (both models take the block mask, minibatches hold whole groups)."""
+    size = (cfg.update.minibatch_size or cfg.batch_size) // world
+    k = cfg.rollout.k
+    share = cfg.rollout.share_prompt and k > 1 and size % k == 0 and can_share_prompt(model)
+    share = share and can_share_prompt(ref)
+    return MinibatchPlan(
+        cfg.update.epochs, size, min(cfg.update.micro_batch_size, size), k if share else None
+    )
+
+
+@dataclass
+class RolloutPasses:
+    """Step 3's results, aligned with the rollout's answer tokens (N, C)."""
+
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor | None
+    stats: dict[str, float]
+
+
+@dataclass
+class Advantages:
+    """Steps 4-5's results: one advantage per token (PPO, (N, C)) or per answer ((N, 1))."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None  # PPO's value targets (N, C)
+    baseline: float | None  # REINFORCE's moving average after this update
+    stats: dict[str, float]
+
+
+@dataclass
+class RewardSets:
+    """The reward sources a run trains on, and the metrics and gold figures its evaluations report."""
+
+    train: RewardSet
+    metrics: RewardSet | None = None
+    gold: RewardSet | None = None
+
+    @classmethod
+    def build(cls, cfg: RLConfig, config_dir: str | Path | None) -> RewardSets:
+        return cls(
+            build_rewards(cfg.rewards, config_dir),
+            build_rewards(cfg.eval.metrics, config_dir) if cfg.eval.metrics else None,
+            build_rewards(cfg.eval.gold, config_dir) if cfg.eval.gold else None,
+        )
+
+
+@dataclass
+class Totals:
+    """Counters that cover the whole run, carried over a resume so ``summary.json`` does too."""
+
+    samples: int = 0
+    train_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# the steps of one update
+
+
+def sample(
+    cfg: RLConfig, learner: Learner, engine: Engine, prompts: Prompts, update: int
+) -> tuple[list[int], Any]:
+    """Step 1: K completions for this process's consecutive share of the update's prompts. Each answer's
+    random draws depend on (seed, update, prompt, sample) only, not on batching nor on the process."""
+    k = cfg.rollout.k
+    order = prompt_order(len(prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed)
+    idx = process_share(order, learner.coll)
+    keys = row_keys(cfg.train.seed, [(update << 32) + i * k + j for i in idx for j in range(k)])
+    gen = engine(
+        learner.policy, learner.tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg), k, keys=keys
+    )
+    return idx, gen
 
 
 def score_batch(
@@ -193,82 +341,49 @@ def score_batch(
     return total, scored
 
 
-def micro_batches(ro: Rollout, rows: torch.Tensor, micro: int, group: int) -> list[torch.Tensor]:
-    """Row indices of the micro-batches over ``rows``: whole groups of ``group`` answers for the
-    shared-prompt forward (``group`` > 0; ``rows`` then holds whole groups), else rows of similar length."""
-    if group:
-        return group_chunks(ro, rows[::group] // group, group, micro)
-    return length_sorted_chunks(ro, rows, micro)
-
-
-def forward_part(model: Any, part: Rollout, temperature: float, group: int, **kw: Any) -> TokenOutputs:
-    """The policy forward over a micro-batch: each prompt once per group of ``group`` answers
-    (:func:`shared_prompt_forward`) when ``group`` > 0, else row by row."""
-    if group:
-        return shared_prompt_forward(
-            model,
-            part.input_ids,
-            part.attention_mask,
-            part.target_mask,
-            part.prompt_width,
-            group,
-            temperature,
-            **kw,
-        )
-    return policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, temperature, **kw)
-
-
 @torch.no_grad()
 def rollout_logprobs(
-    model: Any,
-    ref_model: Any,
-    value_head: Any,
-    critic: Any,
-    ro: Rollout,
-    temperature: float,
-    micro: int,
-    recompute: bool,
-    group: int = 0,
-) -> dict[str, float]:
+    learner: Learner, ro: Rollout, plan: MinibatchPlan, temperature: float, recompute: bool
+) -> RolloutPasses:
     """Step 3: reference log-probs on every answer token; the policy's (and values) too when
     ``recompute`` or when the engine reported none (otherwise the engine's log-probs of the sampled
-    tokens are the behaviour policy's). Micro-batches of whole groups with the prompt shared
-    (``group`` > 0) or of rows of similar length, their common padding cut off. Returns the mean
-    |engine − recomputed| log-prob when both exist."""
+    tokens are the behaviour policy's). Micro-batches of whole groups with the prompt shared, or of
+    rows of similar length, their common padding cut off. Logs the mean |engine − recomputed| log-prob
+    when both exist."""
+    value_head, critic = learner.value_head, learner.critic
     sampled = ro.old_logprobs
     recompute = recompute or sampled is None or value_head is not None or critic is not None
     old, ref, vals = [], [], []
-    all_rows = torch.arange(len(ro), device=ro.input_ids.device)
-    for rows in micro_batches(ro, all_rows, micro, group):
+    for rows in plan.chunks(ro, torch.arange(len(ro), device=ro.input_ids.device)):
         part = ro.select(rows).trimmed()
-        ids, att, tgt = part.input_ids, part.attention_mask, part.target_mask
         if recompute:
-            out = forward_part(model, part, temperature, group, value_head=value_head)
+            out = plan.forward(learner.policy, part, temperature, value_head=value_head)
             old.append((rows, part.response(out.logprobs)))
             if out.values is not None:
                 vals.append((rows, part.response(out.values)))
             elif critic is not None:
-                vals.append((rows, part.response(critic(ids, att, tgt))))
+                vals.append(
+                    (rows, part.response(critic(part.input_ids, part.attention_mask, part.target_mask)))
+                )
         with torch.inference_mode():
-            ref_lp = part.response(reference_logprobs(ref_model, part, temperature, group))
+            ref_lp = part.response(reference_logprobs(learner.ref, part, plan, temperature))
         ref.append((rows, ref_lp.clone()))  # leave inference mode
     n, width = ro.response_mask.shape
-    ro.ref_logprobs = scatter_response(ref, n, width)
-    ro.old_values = scatter_response(vals, n, width) if vals else None
     stats: dict[str, float] = {}
     if recompute:
-        ro.old_logprobs = scatter_response(old, n, width)
+        old_logprobs = scatter_response(old, n, width)
         if sampled is not None:
-            diff = (sampled.to(ro.old_logprobs.device) - ro.old_logprobs).abs()
+            diff = (sampled.to(old_logprobs.device) - old_logprobs).abs()
             stats["rollout/logprob_diff"] = float(algos.masked_mean(diff, ro.response_mask))
     else:
         assert sampled is not None
-        ro.old_logprobs = sampled.to(ro.response_mask.device) * ro.response_mask
-    return stats
+        old_logprobs = sampled.to(ro.response_mask.device) * ro.response_mask
+    values = scatter_response(vals, n, width) if vals else None
+    return RolloutPasses(old_logprobs, scatter_response(ref, n, width), values, stats)
 
 
 def reference_logprobs(
-    ref_model: Any, part: Rollout, temperature: float = 1.0, group: int = 0
+    ref_model: Any, part: Rollout, plan: MinibatchPlan, temperature: float = 1.0
 ) -> torch.Tensor:
     """Reference log-probs (B, T) on the rows' device: a LoRA policy with its adapter disabled (the base
     weights, no second copy), or a separate reference model wherever it lives (the CPU with offload_ref)."""
@@ -276,18 +391,20 @@ def reference_logprobs(
 
     ref_dev = next(ref_model.parameters()).device
     with adapter_disabled(ref_model):
-        out = forward_part(ref_model, part.to(ref_dev), temperature, group)
+        out = plan.forward(ref_model, part.to(ref_dev), temperature)
     return out.logprobs.to(part.input_ids.device)
 
 
 def compute_advantages(
-    cfg: RLConfig, ro: Rollout, beta_reward: float, state: dict[str, Any], coll: Collective | None = None
-) -> dict[str, float]:
+    cfg: RLConfig, ro: Rollout, beta_reward: float, baseline: float | None, coll: Collective | None = None
+) -> Advantages:
     """Steps 4-5: KL-penalised token rewards, then the algorithm's advantages (and PPO's returns).
 
-    On several processes ``ro`` is this process's share (whole RLOO/GRPO groups, so their advantages
-    are exact locally); whitening, the REINFORCE baseline and the logged means use the statistics of
-    the global batch (:mod:`heed.train.collective`)."""
+    ``ro`` carries the rollout's scores and step 3's log-probs (and values for PPO); ``baseline`` is
+    REINFORCE's moving average before this update (None at the start). On several processes ``ro`` is
+    this process's share (whole RLOO/GRPO groups, so their advantages are exact locally); whitening,
+    the REINFORCE baseline and the logged means use the statistics of the global batch
+    (:mod:`heed.train.collective`)."""
     coll = coll or Collective()
     mask = ro.response_mask
     valid = ~torch.isnan(ro.scores)
@@ -298,36 +415,36 @@ def compute_advantages(
         scores, ro.old_logprobs, ro.ref_logprobs, mask, beta_reward, kind=cfg.kl_estimator
     )
     # step 5. advantages
-    stats: dict[str, float] = {}
+    a = cfg.advantages
     if cfg.algorithm == "ppo":
         assert ro.old_values is not None
-        if cfg.ppo.whiten_rewards:
+        if a.whiten_rewards:
             token_rewards = global_whiten(token_rewards, mask, coll, shift_mean=False)
-        adv, returns = algos.token_gae(token_rewards, ro.old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        if cfg.ppo.whiten_advantages:
+        adv, returns = algos.token_gae(token_rewards, ro.old_values, mask, a.gamma, a.lam)
+        if a.whiten:
             adv = global_whiten(adv, mask, coll)
-        ro.advantages, ro.returns = adv, returns
-        stats["returns/mean"] = global_mean(returns, mask, coll)
-        stats["values/mean"] = global_mean(ro.old_values, mask, coll)
-        return stats
+        stats = {
+            "returns/mean": global_mean(returns, mask, coll),
+            "values/mean": global_mean(ro.old_values, mask, coll),
+        }
+        return Advantages(adv, returns, baseline, stats)
     seq_return = token_rewards.sum(-1)  # (N,) score − β·Σ_t kl_t
     seq_return = torch.where(valid, seq_return, torch.full_like(seq_return, math.nan))
     k = cfg.rollout.k
     if cfg.algorithm == "rloo":
-        adv = algos.rloo_advantages(seq_return, k)
-    elif cfg.algorithm == "grpo":
-        adv = algos.grpo_advantages(seq_return, k, scale=cfg.ppo.grpo_scale)
-    else:  # reinforce: moving-average baseline (of the global mean return), updated after use
-        n_valid = coll.sum(valid.sum().to(seq_return.dtype))
-        batch_mean = coll.sum(torch.nansum(seq_return)) / n_valid.clamp(min=1)  # NaN answers left out
-        if state.get("baseline") is None:
-            state["baseline"] = float(batch_mean) if n_valid > 0 else 0.0
-        adv = algos.reinforce_advantages(seq_return, state["baseline"])
-        mean_or_nan = torch.where(n_valid > 0, batch_mean, torch.full_like(batch_mean, math.nan)).reshape(1)
-        state["baseline"] = float(algos.ema_update(state["baseline"], mean_or_nan, cfg.ppo.reinforce_decay))
-        stats["baseline"] = state["baseline"]
-    ro.advantages = adv.unsqueeze(-1)  # (N, 1): one advantage for every token of an answer
-    return stats
+        return Advantages(algos.rloo_advantages(seq_return, k).unsqueeze(-1), None, baseline, {})
+    if cfg.algorithm == "grpo":
+        adv = algos.grpo_advantages(seq_return, k, scale=a.scale_rewards)
+        return Advantages(adv.unsqueeze(-1), None, baseline, {})
+    # reinforce: moving-average baseline (of the global mean return), updated after use
+    n_valid = coll.sum(valid.sum().to(seq_return.dtype))
+    batch_mean = coll.sum(torch.nansum(seq_return)) / n_valid.clamp(min=1)  # NaN answers left out
+    if baseline is None:
+        baseline = float(batch_mean) if n_valid > 0 else 0.0
+    adv = algos.reinforce_advantages(seq_return, baseline)
+    mean_or_nan = torch.where(n_valid > 0, batch_mean, torch.full_like(batch_mean, math.nan)).reshape(1)
+    new_baseline = float(algos.ema_update(baseline, mean_or_nan, a.reinforce_decay))
+    return Advantages(adv.unsqueeze(-1), None, new_baseline, {"baseline": new_baseline})
 
 
 def _count(mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -341,11 +458,136 @@ def _count(mask: torch.Tensor, mode: str) -> torch.Tensor:
 def ptx_loss(model: Any, texts: list[Any], pad_id: int, device: Any) -> torch.Tensor:
     """PPO-ptx: token-mean language-modelling loss on a batch of pretraining text."""
     from heed.data.collate import pad_batch
-    from heed.train.sft import lm_token_losses
+    from heed.models.lm import lm_token_losses
 
     ids, att, mask = (t.to(device) for t in pad_batch(texts, pad_id))
     mask[:, 0] = False
     return algos.masked_mean(lm_token_losses(model, ids, att, mask), mask)
+
+
+def micro_batch_loss(
+    cfg: RLConfig, learner: Learner, part: Rollout, plan: MinibatchPlan, beta_loss: float, add: Any
+) -> torch.Tensor:
+    """The loss of one micro-batch, reduced by ``update.loss_aggregation``: clipped surrogate, entropy
+    bonus, β·KL when the KL is in the loss, and PPO's clipped value loss. ``add(key, value)`` collects
+    the figures to log."""
+    u, mode, mask = cfg.update, cfg.update.loss_aggregation, part.response_mask
+    out = plan.forward(
+        learner.model,
+        part,
+        cfg.rollout.temperature,
+        value_head=learner.value_head,
+        with_entropy=True,
+        entropy_grad=u.entropy_coef > 0,
+    )
+    logprobs = part.response(out.logprobs)
+    pg_tok, pstats = algos.policy_loss(
+        logprobs, part.old_logprobs, part.advantages, mask, u.clip_eps, u.clip_eps_high, dual_clip=u.dual_clip
+    )
+    pg = algos.aggregate(pg_tok, mask, mode)
+    loss = pg
+    assert out.entropy is not None
+    entropy = part.response(out.entropy)
+    if u.entropy_coef > 0:
+        loss = loss - u.entropy_coef * algos.aggregate(entropy, mask, mode)
+    if beta_loss > 0:
+        kl_tok = algos.kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator)
+        loss = loss + beta_loss * algos.aggregate(kl_tok, mask, mode)
+    if cfg.algorithm == "ppo":
+        critic = learner.critic
+        values = part.response(
+            out.values
+            if out.values is not None
+            else critic(part.input_ids, part.attention_mask, part.target_mask)  # type: ignore[misc]
+        )
+        vl_tok, vstats = algos.value_loss(values, part.old_values, part.returns, mask, cfg.ppo.value_clip)
+        vl = algos.aggregate(vl_tok, mask, mode)
+        loss = loss + cfg.ppo.vf_coef * vl
+        add("value_loss", vl.detach())
+        add("value_clipfrac", vstats.clipfrac)
+        add("explained_variance", algos.explained_variance(part.old_values, part.returns, mask))
+    add("policy_loss", pg.detach())
+    add("clipfrac", pstats.clipfrac)
+    add("approx_kl/k1", pstats.approx_kl_k1)
+    add("approx_kl/k3", pstats.approx_kl_k3)
+    add("ratio", pstats.ratio_mean)
+    add("entropy", algos.masked_mean(entropy.detach(), mask))
+    return loss
+
+
+def update_policy(
+    cfg: RLConfig,
+    ro: Rollout,
+    learner: Learner,
+    plan: MinibatchPlan,
+    beta_loss: float,
+    ptx_texts: list[Any],
+    step: int,
+) -> dict[str, float]:
+    """Step 6: ``update.epochs`` passes over the rollout in shuffled minibatches (of whole groups when
+    the prompt is shared); one optimizer step each.
+
+    On several processes ``ro`` and ``plan.size`` are this process's share. Each micro-batch's loss is
+    weighted by its share of the *global* minibatch's tokens (token_mean) or answers (sequence means),
+    times the process count, so the gradient DDP averages is the one-process gradient of the same
+    minibatch; gradients are synchronised on the minibatch's last backward only."""
+    coll, accelerator = learner.coll, learner.accelerator
+    use_ptx = cfg.ptx.coef > 0 and bool(ptx_texts)
+    mode, n, dev = cfg.update.loss_aggregation, len(ro), ro.input_ids.device
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+    ptx_rng = random.Random(cfg.train.seed * 31 + step)
+    sums: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        sums.setdefault(key, []).append(float(value))
+
+    g = plan.group or 1  # minibatches of whole groups when the prompt is shared
+    for _epoch in range(plan.epochs):
+        perm = torch.randperm(n // g, generator=gen).to(dev)
+        perm = (perm.unsqueeze(-1) * g + torch.arange(g, device=dev)).flatten()
+        for ms in range(0, n, plan.size):
+            mb_idx = perm[ms : ms + plan.size]
+            full_count = float(coll.sum(_count(ro.response_mask[mb_idx], mode)))  # of the global minibatch
+            chunks = plan.chunks(ro, mb_idx)
+            loss_total = 0.0
+            for ci, rows in enumerate(chunks):
+                part = ro.select(rows).trimmed()
+                w = float(_count(part.response_mask, mode)) / max(full_count, 1.0)
+                if w == 0 and coll.world == 1:  # (every process runs as many backwards as the others)
+                    continue
+                last = ci == len(chunks) - 1 and not use_ptx  # PPO-ptx's backward is the last one then
+                with sync_context(accelerator, learner.model, last):
+                    loss = micro_batch_loss(cfg, learner, part, plan, beta_loss, add)
+                    (
+                        loss * (w * coll.world)
+                    ).backward()  # DDP divides the summed gradients by the process count
+                loss_total += float(loss.detach()) * w
+            loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
+            if use_ptx:  # the same text batch on every process (same seed): its averaged gradient is its own
+                batch = ptx_rng.sample(ptx_texts, min(cfg.ptx.batch_size, len(ptx_texts)))
+                lm = ptx_loss(learner.model, batch, learner.tokenizer.pad_token_id, dev)
+                (cfg.ptx.coef * lm).backward()
+                loss_total += cfg.ptx.coef * float(lm.detach())
+                add("ptx_loss", lm.detach())
+            coll.average_gradients(learner.value_params)  # outside DDP
+            figures = optimizer_step(
+                accelerator,
+                learner.trainable,
+                learner.optimizer,
+                learner.scheduler,
+                cfg.optim.max_grad_norm,
+                loss_total,
+                step,
+                f"{cfg.algorithm} loss",
+            )
+            if "grad_norm" in figures:
+                add("grad_norm", figures["grad_norm"])
+            add("loss", loss_total)
+    # means over every micro-batch of every process (explained variance is NaN on constant returns: left out)
+    keys = sorted(sums)
+    finite = [[v for v in sums[key] if not math.isnan(v)] for key in keys]
+    totals = coll.sum(torch.tensor([[sum(f), len(f)] for f in finite], dtype=torch.float64).reshape(-1, 2))
+    return {key: float(t / c) for key, (t, c) in zip(keys, totals.tolist(), strict=True) if c > 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +603,7 @@ def evaluate_policy(
     ref_model: Any,
     tokenizer: Any,
     prompts: Prompts,
-    rewards: RewardSet,
-    metrics: RewardSet | None,
-    gold: RewardSet | None,
+    rewards: RewardSets,
     cfg: RLConfig,
     engine: Engine,
     step: int,
@@ -380,23 +620,23 @@ def evaluate_policy(
     texts = gen.texts
     batch_prompts = [prompts.examples[i].prompt for i in idx]
     columns = prompts.columns(idx, 1)
-    scored = rewards(batch_prompts, texts, columns, step=step)
+    scored = rewards.train(batch_prompts, texts, columns, step=step)
     out: dict[str, float] = {}
     totals = [v for v in scored.total if v is not None]
     out["eval/reward"] = sum(totals) / len(totals) if totals else math.nan
     out.update(scored.means(prefix="eval/reward/"))
-    for group, prefix in ((metrics, "eval/"), (gold, "gold/")):
+    for group, prefix in ((rewards.metrics, "eval/"), (rewards.gold, "gold/")):
         if group is not None:
             out.update(group(batch_prompts, texts, columns, step=step).means(prefix=prefix))
     ro = rollout_from_generation(gen, torch.zeros(len(texts)))
     dev = next(model.parameters()).device
     ro = ro.to(dev)
-    micro = cfg.ppo.micro_batch_size
+    micro = cfg.update.micro_batch_size
     kl1, kl3, ent = [], [], []
     for rows in length_sorted_chunks(ro, torch.arange(len(ro), device=dev), micro):
         part = ro.select(rows).trimmed()
         pol = policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, with_entropy=True)
-        ref = reference_logprobs(ref_model, part)
+        ref = reference_logprobs(ref_model, part, ROW_BY_ROW)
         lp, rlp = part.response(pol.logprobs), part.response(ref)
         m = part.response_mask
         kl1.append(algos.masked_sum(algos.kl_estimate(lp, rlp, "k1"), m, dim=-1))
@@ -419,8 +659,8 @@ def evaluate_policy(
             "completion": texts[j],
             "reward": scored.total[j],
         }
-        if gold is not None:
-            g = gold(
+        if rewards.gold is not None:
+            g = rewards.gold(
                 batch_prompts[j : j + 1], texts[j : j + 1], {k: v[j : j + 1] for k, v in columns.items()}
             )
             row["gold"] = next(iter(g.per_source.values()))[0]
@@ -436,18 +676,6 @@ def _append_samples(run: Path, rows: list[dict[str, Any]]) -> None:
     with (run / "samples.jsonl").open("a", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (a resumed run writes them again)."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]:
@@ -500,18 +728,15 @@ def batch_statistics(fig: dict[str, Any], entropy: float | None) -> dict[str, fl
     return out
 
 
-def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run PPO / RLOO / GRPO / REINFORCE; returns the final summary (also written to ``summary.json``).
+# --------------------------------------------------------------------------------------------
+# setting up a run
 
-    ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
-    """
-    from heed.models.loading import load_causal_lm, load_tokenizer, save_pretrained
-    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
-    from heed.models.value import Critic, ValueHead, hidden_size
 
-    # step 0. run folder, seed, resume point, mixed precision
+def check_rl_config(cfg: RLConfig, world: int) -> None:
+    """What must hold before anything is loaded: paths only, an engine that takes the policy, a precision
+    the update loop supports, and shares that divide evenly over the processes."""
     check_paths(cfg)
-    if cfg.rollout.engine == "vllm":  # before any model is loaded
+    if cfg.rollout.engine == "vllm":
         check_vllm()
         if cfg.model.lora is not None and cfg.model.lora.quantize != "none":
             raise ConfigError(
@@ -523,483 +748,328 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             "model.mixed_precision: heed rl supports no or bf16 (fp16 would need a gradient scaler "
             "in its update loop); use bf16"
         )
-    accelerator = make_accelerator(cfg.model.mixed_precision)
-    coll = Collective.of(accelerator)
-    check_processes(cfg, coll.world)
-    t_start = time.time()
-    accelerator, run, ckpt = start_run(
-        cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator
-    )
-    dev = accelerator.device
-    algo = cfg.algorithm
-    main = coll.main
+    check_processes(cfg, world)
 
-    # step 0b. models: policy (from the checkpoint when resuming), frozen reference, critic
+
+def load_models(cfg: RLConfig, ckpt: Path | None, device: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """The policy (from the checkpoint when resuming; under LoRA the base plus a new adapter or the
+    checkpoint's), the frozen reference, PPO's value head or critic, and the tokenizer. Returns
+    ``(policy, ref, value_head, critic, tokenizer)``."""
+    from heed.models.loading import load_causal_lm, load_tokenizer
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
+    from heed.models.value import hidden_size
+
     policy_path = cfg.model.path or ""
-    ref_path = cfg.ref_model or policy_path
-    tokenizer = load_tokenizer(policy_path, padding_side="left")
     lora = cfg.model.lora
-    model = load_causal_lm(
+    tokenizer = load_tokenizer(policy_path, padding_side="left")
+    policy = load_causal_lm(
         policy_path if lora else (ckpt or policy_path), dtype=cfg.model.dtype, **quantization_kwargs(lora)
     )
-    _no_dropout(model)
-    if lora is not None:  # a new adapter, or the checkpoint's when resuming
-        model = apply_lora(model, lora, adapter=ckpt)
+    if lora is not None:
+        policy = apply_lora(policy, lora, adapter=ckpt)
     if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(policy)
     if lora is not None and cfg.ref_model is None:
-        ref_model = model  # the base under the adapter (disabled for reference passes): no second copy
+        ref = policy  # the base under the adapter (disabled for reference passes): no second copy
     else:
-        ref_model = (
-            load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else dev).eval()
-        )
-        ref_model.requires_grad_(False)
+        ref = load_causal_lm(cfg.ref_model or policy_path, dtype=cfg.model.dtype)
+        ref.to("cpu" if cfg.offload_ref else device).eval().requires_grad_(False)
     value_head: ValueHead | None = None
     critic: Critic | None = None
-    if algo == "ppo":
-        if cfg.ppo.critic == "shared":
-            value_head = ValueHead(hidden_size(model))
-            saved_head = Path(policy_path) / VALUE_HEAD_FILE
-            if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
-                value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
-        else:
-            critic = Critic(load_causal_lm(cfg.ppo.critic_path or policy_path, dtype=cfg.model.dtype))
+    if cfg.algorithm == "ppo" and cfg.ppo.critic == "shared":
+        value_head = ValueHead(hidden_size(policy))
+        saved_head = Path(policy_path) / VALUE_HEAD_FILE
+        if saved_head.is_file():  # a second round from an earlier PPO policy keeps its critic
+            value_head.load_state_dict(torch.load(saved_head, map_location="cpu"))
+        value_head.to(device)
+    elif cfg.algorithm == "ppo":
+        critic = Critic(load_causal_lm(cfg.ppo.critic_path or policy_path, dtype=cfg.model.dtype)).to(device)
+    return place(policy, device), ref, value_head, critic, tokenizer
 
-    # step 0c. reward sources, prompts, PPO-ptx text
-    rewards = build_rewards(cfg.rewards, config_dir)
-    metrics_set = build_rewards(cfg.eval.metrics, config_dir) if cfg.eval.metrics else None
-    gold_set = build_rewards(cfg.eval.gold, config_dir) if cfg.eval.gold else None
-    train_prompts = load_prompts(cfg.data.prompts, tokenizer, cfg)
-    eval_prompts = load_prompts(cfg.data.eval_prompts, tokenizer, cfg) if cfg.data.eval_prompts else None
-    ptx_texts: list[Any] = []
-    if cfg.ptx.coef > 0 and cfg.ptx.data:
-        from heed.data.collate import truncate
-        from heed.data.templating import encode_text
 
-        ptx_texts, _ = truncate(
-            [encode_text(tokenizer, r.text) for r in load_records(cfg.ptx.data, "text")],
-            cfg.ptx.max_length,
-        )
-    engine = make_engine(
-        cfg.rollout.engine,
-        cfg.rollout.batch_size,
-        model_path=policy_path,
-        seed=cfg.train.seed,
-        vllm_options=_vllm_options(cfg),
-    )
+def make_learner(
+    cfg: RLConfig, accelerator: Any, coll: Collective, ckpt: Path | None
+) -> tuple[Learner, MinibatchPlan, dict[str, Any]]:
+    """Models, the minibatch plan, the optimizer over the policy (+ value head / critic at
+    ``ppo.critic_lr``) with its schedule and restored state, and the KL controller. DDP wraps the
+    policy for the update; generation, rollout passes, evaluation and saving use the plain model; the
+    value head / critic stay outside DDP (their gradients are averaged by hand). Returns the learner,
+    the plan and the checkpoint's extra state (``{}`` when starting fresh)."""
+    from heed.models.lm import disable_dropout
 
-    # step 0d. optimizer over policy (+ value head / critic), schedule, restored state; on several
-    # processes each one holds prompts_per_step / world prompts and minibatch_size / world answers of
-    # every minibatch
-    n = cfg.batch_size
-    mb_size = cfg.ppo.minibatch_size or n
-    steps_per_update = cfg.ppo.epochs * (n // mb_size)
-    mb_size //= coll.world
-    micro = min(cfg.ppo.micro_batch_size, mb_size)
-    k = cfg.rollout.k
-    share = (
-        cfg.rollout.share_prompt
-        and k > 1
-        and mb_size % k == 0
-        and can_share_prompt(model)
-        and can_share_prompt(ref_model)
-    )
-    group = k if share else 0  # micro-batches of whole groups, each prompt run once for its k answers
-    total_steps = cfg.train.updates * steps_per_update
-    model = place(model, dev)
-    value_params = (
-        list(value_head.parameters())
-        if value_head is not None
-        else (list(critic.parameters()) if critic is not None else [])
-    )
-    if value_head is not None:
-        value_head.to(dev)
-    if critic is not None:
-        critic.to(dev)
-    value_group = (
-        [{"params": value_params, "weight_decay": 0.0, "lr": cfg.critic_lr or cfg.optim.lr}]
-        if value_params
-        else []
-    )
-    # DDP around the policy (the update's forwards go through it); generation, the reference and
-    # rollout passes, evaluation and saving use the plain model. The value head / critic stay outside
-    # DDP: their gradients are averaged by hand (Collective.average_gradients)
-    policy = model
+    policy, ref, value_head, critic, tokenizer = load_models(cfg, ckpt, accelerator.device)
+    # dropout would make the rollout's and the update's log-probs differ (ratio ≠ 1 before any step);
+    # a model still random in training mode is updated in eval mode
+    train_mode = disable_dropout(policy)
+    if critic is not None and not disable_dropout(critic.model):  # its values must not be random either
+        critic.eval()
+    plan = minibatch_plan(cfg, coll.world, policy, ref)
+    steps_per_update = cfg.update.epochs * (cfg.batch_size // (plan.size * coll.world))
+    value_params = [p for m in (value_head, critic) if m is not None for p in m.parameters()]
+    value_group = [{"params": value_params, "weight_decay": 0.0, "lr": cfg.ppo.critic_lr or cfg.optim.lr}]
     model, optimizer, scheduler, saved = prepare_optimization(
-        accelerator, model, model.parameters(), cfg.optim, total_steps, ckpt, value_group
+        accelerator,
+        policy,
+        policy.parameters(),
+        cfg.optim,
+        cfg.train.updates * steps_per_update,
+        ckpt,
+        value_group if value_params else [],
     )
-    start_update = saved["step"]
-    state: dict[str, Any] = {"baseline": None}
     kl_ctl: Any = (
         algos.AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
         if cfg.kl.adaptive
         else algos.FixedKLController(cfg.kl.beta)
     )
-    if ckpt is not None:
-        extra = saved.get("extra", {})
-        kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
-        state["baseline"] = extra.get("baseline")
-        if value_head is not None and extra.get("value_head") is not None:
-            value_head.load_state_dict(extra["value_head"])
-        if critic is not None and extra.get("critic") is not None:
-            critic.load_state_dict(extra["critic"])
+    extra = saved.get("extra", {}) if ckpt is not None else {}
+    kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
+    for module, key in ((value_head, "value_head"), (critic, "critic")):
+        if module is not None and extra.get(key) is not None:
+            module.load_state_dict(extra[key])
     coll.broadcast(value_params)  # every process starts from the main process's value head / critic
-    # only the main process writes files and watches the monitors
-    logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
-    if ckpt is not None and main:
-        logger.truncate_after(start_update)
-        _truncate_jsonl(run / "samples.jsonl", start_update)
-        _truncate_jsonl(run / "alarms.jsonl", start_update)
-        monitor = resume_monitor(read_metrics(run / "metrics.jsonl"), cfg.monitor)
-    else:
-        monitor = Monitor(cfg.monitor)
-    if main:
-        append_alarms(run, [])
-    trainable = [p for p in model.parameters() if p.requires_grad] + value_params
-    sampling = _sampling(cfg)
+    learner = Learner(
+        policy,
+        model,
+        ref,
+        tokenizer,
+        optimizer,
+        scheduler,
+        kl_ctl,
+        accelerator,
+        coll,
+        value_head,
+        critic,
+        train_mode,
+    )
+    return learner, plan, {"step": saved["step"], **extra}
+
+
+def load_ptx(cfg: RLConfig, tokenizer: Any) -> list[Any]:
+    """PPO-ptx's plain-text sequences, truncated to ``ptx.max_length`` (none without ``ptx.coef``)."""
+    if not (cfg.ptx.coef > 0 and cfg.ptx.data):
+        return []
+    from heed.data.collate import truncate
+    from heed.data.templating import encode_text
+
+    texts = [encode_text(tokenizer, r.text) for r in load_records(cfg.ptx.data, "text")]
+    return truncate(texts, cfg.ptx.max_length)[0]
+
+
+def make_rl_engine(cfg: RLConfig, model_path: str | Path) -> Engine:
+    return make_engine(
+        cfg.rollout.engine,
+        cfg.rollout.batch_size,
+        model_path=str(model_path),
+        seed=cfg.train.seed,
+        vllm_options={
+            "gpu_memory_utilization": cfg.rollout.vllm_gpu_memory,
+            "sleep": cfg.rollout.vllm_sleep,
+            "dtype": cfg.model.dtype,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+@guard_run
+def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run PPO / RLOO / GRPO / REINFORCE; returns the final summary (also written to ``summary.json``).
+
+    ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
+    """
+    # step 0. checks, run folder, seed, resume point; models, optimizer, rewards, prompts, engine
+    accelerator = make_accelerator(cfg.model.mixed_precision)
+    coll = Collective.of(accelerator)
+    check_rl_config(cfg, coll.world)
+    t_start = time.time()
+    accelerator, run, ckpt = start_run(
+        cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator
+    )
+    learner, plan, saved = make_learner(cfg, accelerator, coll, ckpt)
+    rewards = RewardSets.build(cfg, config_dir)
+    train_prompts = load_prompts(cfg.data.prompts, learner.tokenizer, cfg)
+    eval_prompts = (
+        load_prompts(cfg.data.eval_prompts, learner.tokenizer, cfg) if cfg.data.eval_prompts else None
+    )
+    ptx_texts = load_ptx(cfg, learner.tokenizer)
+    engine = make_rl_engine(cfg, cfg.model.path or "")
+    start_update, baseline = saved["step"], saved.get("baseline")
+    totals = Totals(**(saved.get("totals") or {}))  # what a resumed run had done before it stopped
+    log = RunLog.open(cfg, run, coll.main, resumed_at=start_update if ckpt is not None else None)
 
     def run_eval(step: int, policy_name: str) -> dict[str, float]:
         """Evaluation on the main process only (the held-out prompts are few); the others wait."""
-        if eval_prompts is None:
-            return {}
         ev: dict[str, float] = {}
-        if main:
+        if eval_prompts is not None and coll.main:
             ev, rows = evaluate_policy(
-                policy, ref_model, tokenizer, eval_prompts, rewards, metrics_set, gold_set, cfg, engine, step
+                learner.policy, learner.ref, learner.tokenizer, eval_prompts, rewards, cfg, engine, step
             )
-            logger.log(step, ev, split="eval")
+            log.logger.log(step, ev, split="eval")
             _append_samples(run, [{**r, "policy": policy_name} for r in rows])
         accelerator.wait_for_everyone()
         return ev
 
-    summary: dict[str, Any] = {"algo": algo}
+    summary: dict[str, Any] = {"algo": cfg.algorithm}
     if cfg.eval.at_start and start_update == 0:
-        start_eval = run_eval(0, cfg.eval.initial_policy_name)
-        summary.update({f"start/{k}": v for k, v in start_eval.items()})
-    elif start_update > 0 and main:  # resumed: the evaluation before training is in the log already
-        for row in read_metrics(run / "metrics.jsonl"):
-            if row.get("split") == "eval" and row.get("step") == 0:
-                summary.update({f"start/{k}": v for k, v in row.items() if k.startswith(("eval/", "gold/"))})
+        summary.update({f"start/{k}": v for k, v in run_eval(0, cfg.eval.initial_policy_name).items()})
+    elif start_update > 0 and coll.main:  # resumed: the evaluation before training is in the log already
+        summary.update(log.start_eval())
 
-    # the loop
-    samples_done, gen_seconds, t0 = 0, 0.0, time.time()
+    t0, t_start = time.time() - totals.train_seconds, t_start - totals.total_seconds
+    none_watch = NoneRewardWatch(cfg.train.max_none_updates)
+    cadence = Cadence.of(cfg.log, cfg.train.updates)
     last: dict[str, float] = {}
     with StepProgress(
-        f"rl {algo}", cfg.train.updates, enabled=cfg.log.progress and main, start=start_update
+        f"rl {cfg.algorithm}", cfg.train.updates, enabled=cfg.log.progress and coll.main, start=start_update
     ) as bar:
         for update in range(start_update, cfg.train.updates):
             step = update + 1
-            model.eval()
+            learner.model.eval()
             # step 1. sample K completions per prompt (this process's consecutive share of whole prompts)
-            idx = process_share(
-                prompt_order(len(train_prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed),
-                coll,
-            )
             tg = time.time()
-            # each answer's random draws depend on (seed, update, prompt, sample) only, not on batching
-            # (nor on the process that draws them)
-            keys = row_keys(
-                cfg.train.seed,
-                [(update << 32) + i * cfg.rollout.k + j for i in idx for j in range(cfg.rollout.k)],
-            )
-            gen = engine(
-                policy, tokenizer, [train_prompts.ids[i] for i in idx], sampling, cfg.rollout.k, keys=keys
-            )
-            gen_seconds += time.time() - tg
+            idx, gen = sample(cfg, learner, engine, train_prompts, update)
+            totals.generation_seconds += time.time() - tg
 
             # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
-            scores, scored = score_batch(rewards, train_prompts, idx, gen.texts, cfg.rollout.k, step)
-            ro = rollout_from_generation(gen, scores).to(dev)
+            scores, scored = score_batch(rewards.train, train_prompts, idx, gen.texts, cfg.rollout.k, step)
+            ro = rollout_from_generation(gen, scores).to(accelerator.device)
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
+            recompute = not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm"
             with accelerator.autocast():
-                lp_stats = rollout_logprobs(
-                    policy,
-                    ref_model,
-                    value_head,
-                    critic,
-                    ro,
-                    cfg.rollout.temperature,
-                    micro,
-                    recompute=not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm",
-                    group=group,
-                )
+                passes = rollout_logprobs(learner, ro, plan, cfg.rollout.temperature, recompute)
+            ro.old_logprobs, ro.ref_logprobs, ro.old_values = (
+                passes.old_logprobs,
+                passes.ref_logprobs,
+                passes.old_values,
+            )
 
             # steps 4-5. KL-penalised rewards and advantages
-            beta = kl_ctl.value
-            adv_stats = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, state, coll)
+            beta = learner.kl_ctl.value
+            adv = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, baseline, coll)
+            ro.advantages, ro.returns, baseline = adv.advantages, adv.returns, adv.baseline
 
             # step 6. epochs of clipped-surrogate updates over minibatches
-            model.train()
+            learner.model.train(learner.train_mode)
             with accelerator.autocast():
-                upd = _update(
-                    cfg,
-                    ro,
-                    model,
-                    value_head,
-                    critic,
-                    optimizer,
-                    scheduler,
-                    trainable,
-                    micro,
-                    mb_size,
-                    beta if not cfg.kl_in_reward else 0.0,
-                    ptx_texts,
-                    tokenizer.pad_token_id,
-                    step,
-                    group,
-                    accelerator,
-                    coll,
+                upd = update_policy(
+                    cfg, ro, learner, plan, 0.0 if cfg.kl_in_reward else beta, ptx_texts, step
                 )
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
             fig = merge_figures(coll.gather(answer_figures(ro, gen.texts, scored)))
-            samples_done += len(fig["score"])
+            none_watch.update(fig["total"], fig["per_source"], step)  # global figures: every process stops
+            totals.samples += len(fig["score"])
             metrics = batch_statistics(fig, upd.pop("entropy", None))
-            kl_ctl.update(metrics["kl/k1"], len(fig["score"]))
-            metrics.update(upd)
-            metrics.update(adv_stats)
-            metrics.update(_mean_over_processes(lp_stats, coll))
-            metrics["kl/beta"] = beta
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            elapsed = time.time() - t0
-            metrics["samples_per_s"] = samples_done / max(elapsed, 1e-9)
+            learner.kl_ctl.update(metrics["kl/k1"], len(fig["score"]))
+            metrics |= upd | adv.stats | _mean_over_processes(passes.stats, coll)
+            metrics |= {"kl/beta": beta, "lr": learner.scheduler.get_last_lr()[0]}
+            metrics["samples_per_s"] = totals.samples / max(time.time() - t0, 1e-9)
             last = metrics
-            if step % cfg.log.log_every == 0 or step == cfg.train.updates:
-                logger.log(step, metrics)
-            if main:
-                valid_rewards = [v for v in fig["total"] if v is not None]
-                texts_scored = [t for t, v in zip(fig["text"], fig["total"], strict=True) if v is not None]
-                alarms = monitor.update(step, metrics, texts_scored, valid_rewards)
-                for alarm in alarms:
-                    bar.log(f"alarm: {alarm}")
-                append_alarms(run, alarms)
-            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.train.updates:
-                run_eval(step, algo)
-            if cfg.log.save_every and step % cfg.log.save_every == 0 and step != cfg.train.updates:
-                if main:
-                    _save(
-                        run,
-                        step,
-                        policy,
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        cfg,
-                        kl_ctl,
-                        state,
-                        value_head,
-                        critic,
-                    )
-                accelerator.wait_for_everyone()
+            if cadence.log(step):
+                log.logger.log(step, metrics)
+            for alarm in log.watch(step, metrics, fig):
+                bar.log(f"alarm: {alarm}")
+            if cadence.eval(step):
+                run_eval(step, cfg.algorithm)
+            if cadence.save(step):
+                totals.train_seconds, totals.total_seconds = time.time() - t0, time.time() - t_start
+                save_rl_checkpoint(run, step, learner, cfg, baseline, totals)
             bar.advance(1, {"reward": metrics["reward/mean"], "kl": metrics["kl/k1"]})
 
-    # final evaluation, model and summary
-    elapsed = time.time() - t0
-    final_eval = run_eval(cfg.train.updates, algo)
-    if not main:
+    # step 8. final evaluation, model and summary
+    totals.train_seconds = time.time() - t0
+    final_eval = run_eval(cfg.train.updates, cfg.algorithm)
+    if not coll.main:
         return summary
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy.generation_config.eos_token_id = tokenizer.eos_token_id
-    save_pretrained(policy, tokenizer, run / "final")
-    if value_head is not None:
-        torch.save(value_head.state_dict(), run / "final" / VALUE_HEAD_FILE)
-    summary.update(final_eval)
-    summary.update({k: v for k, v in last.items() if isinstance(v, int | float)})
-    summary.update(
-        {
-            "updates": cfg.train.updates,
-            "processes": coll.world,
-            "samples": samples_done,
-            "samples_per_s": samples_done / max(elapsed, 1e-9),
-            "generation_seconds": gen_seconds,
-            "train_seconds": elapsed,
-            "total_seconds": time.time() - t_start,
-            "peak_memory_mb": peak_memory_mb(),
-            "alarms": len(monitor.alarms),
-        }
-    )
+    save_final(learner.policy, learner.tokenizer, run / "final")
+    if learner.value_head is not None:
+        torch.save(learner.value_head.state_dict(), run / "final" / VALUE_HEAD_FILE)
+    summary |= final_eval | {k: v for k, v in last.items() if isinstance(v, int | float)}
+    summary |= {
+        "updates": cfg.train.updates,
+        "processes": coll.world,
+        "samples": totals.samples,
+        "samples_per_s": totals.samples / max(totals.train_seconds, 1e-9),
+        "generation_seconds": totals.generation_seconds,
+        "train_seconds": totals.train_seconds,
+        "total_seconds": time.time() - t_start,
+        "peak_memory_mb": peak_memory_mb(),
+        "alarms": len(log.monitor.alarms),
+    }
     write_json(run / "summary.json", summary)
-    logger.close()
+    log.logger.close()
     return summary
 
 
-def _vllm_options(cfg: RLConfig) -> dict[str, Any]:
-    """The vllm engine's settings from the config (ignored by the other engines)."""
-    return {
-        "gpu_memory_utilization": cfg.rollout.vllm_gpu_memory,
-        "sleep": cfg.rollout.vllm_sleep,
-        "dtype": cfg.model.dtype,
-    }
+@dataclass
+class RunLog:
+    """The run's metrics log and reward-hacking monitor (written by the main process only)."""
+
+    logger: MetricsLogger
+    monitor: Monitor
+    run: Path
+    main: bool
+
+    @classmethod
+    def open(cls, cfg: RLConfig, run: Path, main: bool, resumed_at: int | None) -> RunLog:
+        """A fresh log, or a resumed run's: rows logged after its checkpoint are dropped (the run
+        writes them again) and the monitor replays the kept history."""
+        logger = MetricsLogger(run, tensorboard=cfg.log.tensorboard, enabled=main)
+        monitor = Monitor(cfg.monitor)
+        if resumed_at is not None and main:
+            logger.truncate_after(resumed_at)
+            truncate_jsonl(run / "samples.jsonl", resumed_at)
+            truncate_jsonl(run / "alarms.jsonl", resumed_at)
+            monitor = resume_monitor(read_metrics(run / "metrics.jsonl"), cfg.monitor)
+        if main:
+            append_alarms(run, [])
+        return cls(logger, monitor, run, main)
+
+    def start_eval(self) -> dict[str, float]:
+        """The evaluation before training, from the log of a resumed run (``start/`` keys)."""
+        out: dict[str, float] = {}
+        for row in read_metrics(self.run / "metrics.jsonl"):
+            if row.get("split") == "eval" and row.get("step") == 0:
+                out.update({f"start/{k}": v for k, v in row.items() if k.startswith(("eval/", "gold/"))})
+        return out
+
+    def watch(self, step: int, metrics: dict[str, float], fig: dict[str, Any]) -> list[Any]:
+        """The monitors' new alarms on this update's scored answers (appended to ``alarms.jsonl``)."""
+        if not self.main:
+            return []
+        valid_rewards = [v for v in fig["total"] if v is not None]
+        texts = [t for t, v in zip(fig["text"], fig["total"], strict=True) if v is not None]
+        alarms = self.monitor.update(step, metrics, texts, valid_rewards)
+        append_alarms(self.run, alarms)
+        return alarms
 
 
-def _no_dropout(model: Any) -> None:
-    """Dropout would make the rollout's and the update's log-probs differ (ratio ≠ 1 before any step)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout"):
-        if isinstance(getattr(model.config, key, None), float):
-            setattr(model.config, key, 0.0)
-
-
-def _save(
-    run: Path,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    optimizer: Any,
-    scheduler: Any,
-    cfg: RLConfig,
-    kl_ctl: Any,
-    state: dict[str, Any],
-    value_head: Any,
-    critic: Any,
+def save_rl_checkpoint(
+    run: Path, step: int, learner: Learner, cfg: RLConfig, baseline: float | None, totals: Totals
 ) -> None:
+    """``checkpoints/step-N/``: the policy and optimizer, plus what the loop carries (β, REINFORCE's
+    baseline, the run's totals, the value head or critic)."""
     extra = {
-        "kl_beta": kl_ctl.value,
-        "baseline": state.get("baseline"),
-        "value_head": value_head.state_dict() if value_head is not None else None,
-        "critic": critic.state_dict() if critic is not None else None,
+        "kl_beta": learner.kl_ctl.value,
+        "baseline": baseline,
+        "totals": asdict(totals),
+        "value_head": learner.value_head.state_dict() if learner.value_head is not None else None,
+        "critic": learner.critic.state_dict() if learner.critic is not None else None,
     }
-    save_checkpoint(
-        run, step, model, tokenizer, optimizer, scheduler, extra=extra, keep=cfg.log.keep_checkpoints
+    checkpoint(
+        learner.accelerator,
+        run,
+        step,
+        learner.policy,
+        learner.tokenizer,
+        learner.optimizer,
+        learner.scheduler,
+        cfg.log.keep_checkpoints,
+        extra,
     )
-
-
-def _update(
-    cfg: RLConfig,
-    ro: Rollout,
-    model: Any,
-    value_head: Any,
-    critic: Any,
-    optimizer: Any,
-    scheduler: Any,
-    trainable: list[torch.nn.Parameter],
-    micro: int,
-    mb_size: int,
-    beta_loss: float,
-    ptx_texts: list[Any],
-    pad_id: int,
-    step: int,
-    group: int = 0,
-    accelerator: Any = None,
-    coll: Collective | None = None,
-) -> dict[str, float]:
-    """Step 6: ``ppo.epochs`` passes over the rollout in shuffled minibatches (of whole groups when
-    ``group`` > 0: the shared-prompt forward); one optimizer step each.
-
-    On several processes ``ro`` and ``mb_size`` are this process's share. Each micro-batch's loss is
-    weighted by its share of the *global* minibatch's tokens (token_mean) or answers (sequence means),
-    times the process count, so the gradient DDP averages is the one-process gradient of the same
-    minibatch; gradients are synchronised on the minibatch's last backward only."""
-    coll = coll or Collective()
-    value_params = [q for module in (value_head, critic) if module is not None for q in module.parameters()]
-    use_ptx = cfg.ptx.coef > 0 and bool(ptx_texts)
-    p = cfg.ppo
-    mode = p.loss_aggregation
-    n = len(ro)
-    dev = ro.input_ids.device
-    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-    sums: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        sums.setdefault(key, []).append(float(value))
-
-    ptx_rng = random.Random(cfg.train.seed * 31 + step)
-    g = group or 1  # minibatches of whole groups when the prompt is shared
-    for _epoch in range(p.epochs):
-        perm = torch.randperm(n // g, generator=gen).to(dev)
-        perm = (perm.unsqueeze(-1) * g + torch.arange(g, device=dev)).flatten()
-        for ms in range(0, n, mb_size):
-            mb_idx = perm[ms : ms + mb_size]
-            full_count = float(coll.sum(_count(ro.response_mask[mb_idx], mode)))  # of the global minibatch
-            loss_total = 0.0
-            chunks = micro_batches(ro, mb_idx, micro, group)
-            no_sync = contextlib.ExitStack()  # DDP: accumulate locally until the minibatch's last backward
-            if coll.world > 1:
-                no_sync.enter_context(accelerator.no_sync(model))
-            for ci, rows in enumerate(chunks):
-                if ci == len(chunks) - 1 and not use_ptx:
-                    no_sync.close()
-                part = ro.select(rows).trimmed()
-                mask = part.response_mask
-                w = float(_count(mask, mode)) / max(full_count, 1.0)
-                if w == 0 and coll.world == 1:  # (every process runs as many backwards as the others)
-                    continue
-                out = forward_part(
-                    model,
-                    part,
-                    cfg.rollout.temperature,
-                    group,
-                    value_head=value_head,
-                    with_entropy=True,
-                    entropy_grad=p.entropy_coef > 0,
-                )
-                logprobs = part.response(out.logprobs)
-                pg_tok, pstats = algos.policy_loss(
-                    logprobs, part.old_logprobs, part.advantages, mask, p.clip_eps, p.clip_eps_high
-                )
-                pg = algos.aggregate(pg_tok, mask, mode)
-                loss = pg
-                assert out.entropy is not None
-                entropy = part.response(out.entropy)
-                if p.entropy_coef > 0:
-                    loss = loss - p.entropy_coef * algos.aggregate(entropy, mask, mode)
-                if beta_loss > 0:
-                    kl_tok = algos.kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator)
-                    loss = loss + beta_loss * algos.aggregate(kl_tok, mask, mode)
-                if cfg.algorithm == "ppo":
-                    values = part.response(
-                        out.values
-                        if out.values is not None
-                        else critic(part.input_ids, part.attention_mask, part.target_mask)
-                    )
-                    vl_tok, vstats = algos.value_loss(
-                        values, part.old_values, part.returns, mask, p.value_clip
-                    )
-                    vl = algos.aggregate(vl_tok, mask, mode)
-                    loss = loss + p.vf_coef * vl
-                    add("value_loss", vl.detach())
-                    add("value_clipfrac", vstats.clipfrac)
-                    add("explained_variance", algos.explained_variance(part.old_values, part.returns, mask))
-                (loss * (w * coll.world)).backward()  # DDP divides the summed gradients by the process count
-                loss_total += float(loss.detach()) * w
-                add("policy_loss", pg.detach())
-                add("clipfrac", pstats.clipfrac)
-                add("approx_kl/k1", pstats.approx_kl_k1)
-                add("approx_kl/k3", pstats.approx_kl_k3)
-                add("ratio", pstats.ratio_mean)
-                add("entropy", algos.masked_mean(entropy.detach(), mask))
-            no_sync.close()
-            loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
-            if use_ptx:  # the same text batch on every process (same seed): its averaged gradient is its own
-                batch = ptx_rng.sample(ptx_texts, min(cfg.ptx.batch_size, len(ptx_texts)))
-                lm = ptx_loss(model, batch, pad_id, dev)
-                (cfg.ptx.coef * lm).backward()
-                loss_total += cfg.ptx.coef * float(lm.detach())
-                add("ptx_loss", lm.detach())
-            check_finite(loss_total, step, f"{cfg.algorithm} loss")
-            coll.average_gradients(value_params)  # outside DDP
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:  # of the averaged (global) gradient
-                grad_norm = (
-                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-                    if accelerator is not None
-                    else torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-                )
-                check_finite(float(grad_norm), step, "gradient norm")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            add("loss", loss_total)
-            if grad_norm is not None:
-                add("grad_norm", grad_norm)
-    # means over every micro-batch of every process (explained variance is NaN on constant returns: left out)
-    keys = sorted(sums)
-    finite = [[v for v in sums[key] if not math.isnan(v)] for key in keys]
-    totals = coll.sum(torch.tensor([[sum(f), len(f)] for f in finite], dtype=torch.float64).reshape(-1, 2))
-    return {key: float(t / c) for key, (t, c) in zip(keys, totals.tolist(), strict=True) if c > 0}
 
 
 def evaluate_model(
@@ -1017,20 +1087,10 @@ def evaluate_model(
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir, dtype=cfg.model.dtype).eval()
     ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).eval()
-    rewards = build_rewards(cfg.rewards, config_dir)
-    metrics_set = build_rewards(cfg.eval.metrics, config_dir) if cfg.eval.metrics else None
-    gold_set = build_rewards(cfg.eval.gold, config_dir) if cfg.eval.gold else None
+    rewards = RewardSets.build(cfg, config_dir)
     prompts = load_prompts(cfg.data.eval_prompts, tokenizer, cfg)
-    engine = make_engine(
-        cfg.rollout.engine,
-        cfg.rollout.batch_size,
-        model_path=str(model_dir),
-        seed=cfg.train.seed,
-        vllm_options=_vllm_options(cfg),
-    )
-    result, rows = evaluate_policy(
-        model, ref_model, tokenizer, prompts, rewards, metrics_set, gold_set, cfg, engine, 0
-    )
+    engine = make_rl_engine(cfg, model_dir)
+    result, rows = evaluate_policy(model, ref_model, tokenizer, prompts, rewards, cfg, engine, 0)
     result = {"model": str(model_dir), "reference": str(ref_path), **result}
     if out is not None:
         out = Path(out)

@@ -10,6 +10,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,18 +26,22 @@ from heed.data.collate import (
     pad_positions,
     truncate,
 )
-from heed.data.records import load_records
+from heed.data.records import load_train_and_eval
+from heed.data.split import split_eval
 from heed.data.templating import encode_sft, encode_text, use_chat
 from heed.errors import DataError
+from heed.models.lm import lm_token_losses
 from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
-from heed.train.common import (
-    check_finite,
-    peak_memory_mb,
-    prepare_optimization,
-    save_checkpoint,
-    start_run,
-    write_json,
+from heed.train.common import guard_run, peak_memory_mb, prepare_optimization, start_run, write_json
+from heed.train.loop import (
+    Cadence,
+    EpochPlan,
+    accumulate,
+    checkpoint,
+    micro_batches,
+    optimizer_step,
+    save_final,
 )
 
 
@@ -79,18 +84,6 @@ def encode_examples(examples: list[Any], tokenizer: Any, cfg: SFTConfig) -> list
     return [encode_sft(tokenizer, ex, chat) for ex in examples]
 
 
-def split_eval(examples: list[Any], frac: float, seed: int) -> tuple[list[Any], list[Any]]:
-    if frac <= 0 or len(examples) < 2:
-        return examples, []
-    idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
-    n_eval = max(1, int(len(examples) * frac))
-    held = set(idx[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [
-        e for i, e in enumerate(examples) if i in held
-    ]
-
-
 def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[int]]:
     """The batches of one epoch, deterministic in (seed, epoch), so a resumed run sees the same order."""
     seed = cfg.train.seed * 1000 + epoch
@@ -100,23 +93,6 @@ def plan_batches(seqs: list[Encoded], cfg: SFTConfig, epoch: int) -> list[list[i
     order = list(range(len(seqs)))
     random.Random(seed).shuffle(order)
     return [order[i : i + bs] for i in range(0, len(order), bs)]
-
-
-def lm_token_losses(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention: torch.Tensor,
-    loss_mask: torch.Tensor,
-    positions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token negative log-likelihood (B, T), zero off the loss mask; logits only on trained tokens.
-    ``positions`` (B, T): packed documents' positions, attention kept inside each document."""
-    from heed.models.lm import sequence_logprobs
-
-    target = loss_mask.clone()
-    target[:, 0] = False  # the first token has no context to be predicted from
-    logprobs, _ = sequence_logprobs(model, input_ids, attention, target, position_ids=positions)
-    return -logprobs * target
 
 
 @torch.no_grad()
@@ -143,6 +119,7 @@ def evaluate(
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
+@guard_run
 def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT / language modelling; returns the final summary (also written to ``summary.json``)."""
     from heed.models.lora import apply_lora, enable_gradient_checkpointing
@@ -153,8 +130,9 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
 
     # step 2. data: read and validate every record up front
     kind = cfg.data.kind
-    train_ex = load_records(cfg.data.train, kind)
-    eval_ex = load_records(cfg.data.eval, kind) if cfg.data.eval else []
+    # (texts past what max_length tokens can reach are cut before tokenizing; packing keeps them whole)
+    cut_at = None if cfg.data.packing else cfg.data.max_length
+    train_ex, eval_ex = load_train_and_eval(cfg.data, kind, max_length=cut_at)
     if not cfg.data.eval:
         train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_split, cfg.train.seed)
 
@@ -219,7 +197,17 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     tokens_seen, t0 = 0, time.time()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
+    plan = EpochPlan(lambda epoch: plan_batches(train_seqs, cfg, epoch), steps_per_epoch)
+    cadence = Cadence.of(cfg.log, total_steps)
+
+    def loss_of(chunk: Sequence[int]) -> torch.Tensor:
+        ids, att, mask = (t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id))
+        positions = pad_positions([train_pos[i] for i in chunk]).to(accelerator.device) if train_pos else None
+        mask[:, 0] = False
+        nll = lm_token_losses(model, ids, att, mask, positions)
+        # every token of the optimizer step counts equally, whatever the micro-batching or process count
+        return masked_sum(nll, mask) / global_tokens * world
+
     with StepProgress(
         "pretrain" if kind == "text" else "sft",
         total_steps,
@@ -227,82 +215,37 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         start=start_step,
     ) as bar:
         for step in range(start_step, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: plan_batches(train_seqs, cfg, epoch)}
-            batch_idx = epoch_batches[epoch][pos]
-            batch = [train_seqs[i] for i in batch_idx]
-            # every token of the optimizer step counts equally, whatever the micro-batching or process count
-            global_tokens = sum(sum(m[1:]) for _, m in batch)
-            mine_idx = batch_idx[rank::world]
-            loss_sum = torch.zeros((), device=accelerator.device)
-            chunks = [mine_idx[i : i + micro] for i in range(0, len(mine_idx), micro)] or [[]]
-            for ci, chunk in enumerate(chunks):
-                if not chunk:
-                    continue
-                ids, att, mask = (
-                    t.to(accelerator.device) for t in pad_batch([train_seqs[i] for i in chunk], pad_id)
-                )
-                positions = (
-                    pad_positions([train_pos[i] for i in chunk]).to(accelerator.device)
-                    if train_pos is not None
-                    else None
-                )
-                mask[:, 0] = False
-                sync = ci == len(chunks) - 1
-                ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _nullcontext()
-                with ctx, accelerator.autocast():
-                    nll = lm_token_losses(model, ids, att, mask, positions)
-                    loss = masked_sum(nll, mask) / global_tokens * world
-                    accelerator.backward(loss)
-                loss_sum += loss.detach() / world
-            loss_value = accelerator.reduce(loss_sum, reduction="sum").item()
-            check_finite(loss_value, step + 1, "training loss")
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            batch_idx = plan.batch(step)
+            global_tokens = sum(sum(train_seqs[i][1][1:]) for i in batch_idx)
+            loss_sum = accumulate(accelerator, model, micro_batches(batch_idx[rank::world], micro), loss_of)
+            loss_value = accelerator.reduce(loss_sum / world, reduction="sum").item()
+            last = {"loss": loss_value}
+            last |= optimizer_step(
+                accelerator,
+                model.parameters(),
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                loss_value,
+                step + 1,
+                "training loss",
+            )
             tokens_seen += global_tokens
             done = step + 1
-            last = {"loss": loss_value, "lr": scheduler.get_last_lr()[0]}
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if done % cfg.log.log_every == 0 or done == total_steps:
+            if cadence.log(done):
                 elapsed = time.time() - t0
                 logger.log(
                     done,
-                    {
-                        **last,
-                        "epoch": done / steps_per_epoch,
-                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                    },
+                    {**last, "epoch": plan.epoch(done), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)},
                 )
-            if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != total_steps and main:
-                logger.log(
-                    done,
-                    evaluate(
-                        accelerator.unwrap_model(model),
-                        eval_seqs,
-                        pad_id,
-                        cfg.train.eval_batch_size,
-                        eval_pos,
-                    ),
-                    split="eval",
+            if cadence.eval(done) and main:
+                unwrapped = accelerator.unwrap_model(model)
+                ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size, eval_pos)
+                logger.log(done, ev, split="eval")
+            if cadence.save(done):
+                checkpoint(
+                    accelerator, run, done, model, tokenizer, optimizer, scheduler, cfg.log.keep_checkpoints
                 )
-            if cfg.log.save_every and done % cfg.log.save_every == 0 and done != total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        run,
-                        done,
-                        accelerator.unwrap_model(model),
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        keep=cfg.log.keep_checkpoints,
-                    )
             bar.advance(1, {"loss": loss_value})
 
     loop_seconds = time.time() - t0
@@ -315,11 +258,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         ev = evaluate(unwrapped, eval_seqs, pad_id, cfg.train.eval_batch_size, eval_pos)
         if ev:
             logger.log(total_steps, ev, split="eval")
-        from heed.models.loading import save_pretrained
-
-        unwrapped.generation_config.pad_token_id = pad_id
-        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-        save_pretrained(unwrapped, tokenizer, run / "final")
+        save_final(unwrapped, tokenizer, run / "final")
         summary.update(ev)
         summary.update(
             {
@@ -333,11 +272,3 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         write_json(run / "summary.json", summary)
         logger.close()
     return summary
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

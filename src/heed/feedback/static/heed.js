@@ -1,11 +1,13 @@
 // Heed annotation pages: vanilla JS over the JSON API. Model output is untrusted: it is only ever
-// put into the page with textContent (never innerHTML), and the Content-Security-Policy forbids
-// inline script. The guidelines' HTML is rendered server-side from Markdown with raw HTML disabled.
+// put into the page as DOM nodes built here with textContent (never innerHTML; the Markdown below
+// makes elements, never parses HTML), and the Content-Security-Policy forbids inline script. The
+// guidelines' HTML is rendered server-side from Markdown with raw HTML disabled.
 "use strict";
 
 const T = JSON.parse(document.getElementById("heed-strings").textContent);
 const PAGE = document.body.dataset.page;
 const PROJECT = document.body.dataset.project;
+const MUST_CHANGE = "change your one-time password first";
 let CSRF = null;
 
 function $(id) { return document.getElementById(id); }
@@ -24,7 +26,13 @@ function toast(msg, isError) {
   t.textContent = msg;
   t.className = isError ? "show error" : "show";
   clearTimeout(toast.timer);
-  toast.timer = setTimeout(() => { t.className = ""; }, 2500);
+  toast.timer = setTimeout(() => { t.className = ""; }, 3500);
+}
+
+// An expired or missing session sends the browser to the login page (and back here afterwards);
+// a one-time password sends it to the account page first.
+function toLogin() {
+  location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
 }
 
 async function api(method, url, body) {
@@ -38,6 +46,8 @@ async function api(method, url, body) {
   if (!resp.ok) {
     const err = new Error((data && data.detail) || resp.statusText);
     err.status = resp.status;
+    if (resp.status === 401 && PAGE !== "login") { err.redirected = true; toLogin(); }
+    if (resp.status === 403 && err.message.startsWith(MUST_CHANGE)) { err.redirected = true; location.href = "/account"; }
     throw err;
   }
   return data;
@@ -48,60 +58,233 @@ function newKey() {
   return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2) + Math.random().toString(36).slice(2);
 }
 
-// Text with ``` fences: fenced parts become <pre><code>, the rest keeps its line breaks (CSS pre-wrap).
-function renderText(container, text) {
-  container.replaceChildren();
-  const fence = /```([^\n`]*)\n([\s\S]*?)```/g;
-  let last = 0, m;
-  while ((m = fence.exec(text)) !== null) {
-    if (m.index > last) container.append(el("div", { class: "text", text: text.slice(last, m.index) }));
-    const code = el("code", { text: m[2] });
-    if (m[1].trim()) code.dataset.lang = m[1].trim();
-    container.append(el("pre", {}, code));
-    last = fence.lastIndex;
+// ---------------------------------------------------------------- Markdown (untrusted text -> elements)
+// Fenced code, headings, lists (nested), tables, block quotes, rules, paragraphs with their line
+// breaks; inline code, bold, italics, strike-through and http(s) links. Everything else is text.
+
+const FENCE = /^\s{0,3}(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/;
+const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$/;
+const RULE = /^\s{0,3}([-*_])(?:\s*\1){2,}\s*$/;
+const QUOTE = /^\s{0,3}>\s?/;
+const LIST = /^(\s*)([-*+]|\d{1,9}[.)])(?:\s+|$)/;
+const TABLE_SEP = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+
+function indentOf(line) { return line.length - line.trimStart().length; }
+function isBlank(line) { return line.trim() === ""; }
+function isTableStart(lines, i) {
+  return i + 1 < lines.length && lines[i].includes("|") && lines[i + 1].includes("-") && TABLE_SEP.test(lines[i + 1]);
+}
+function startsBlock(lines, i) {
+  const l = lines[i];
+  return FENCE.test(l) || HEADING.test(l) || RULE.test(l) || QUOTE.test(l) || LIST.test(l) || isTableStart(lines, i);
+}
+
+function renderMarkdown(container, text) {
+  container.replaceChildren(...mdBlocks(String(text).replace(/\r\n?/g, "\n").split("\n")));
+}
+
+function mdBlocks(lines) {
+  const out = [];
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    let m;
+    if (isBlank(line)) { i++; continue; }
+    if ((m = FENCE.exec(line))) {
+      const body = [];
+      i++;
+      while (i < lines.length && !lines[i].trim().startsWith(m[1])) body.push(lines[i++]);
+      i++;
+      const code = el("code", { text: body.join("\n") });
+      if (m[2]) code.dataset.lang = m[2];
+      out.push(el("pre", {}, code));
+    } else if ((m = HEADING.exec(line))) {
+      out.push(mdInline(el("div", { class: "md-h md-h" + m[1].length }), m[2]));
+      i++;
+    } else if (RULE.test(line)) {
+      out.push(el("hr"));
+      i++;
+    } else if (QUOTE.test(line)) {
+      const body = [];
+      while (i < lines.length && !isBlank(lines[i]) && (QUOTE.test(lines[i]) || !startsBlock(lines, i))) {
+        body.push(lines[i].replace(QUOTE, ""));
+        i++;
+      }
+      out.push(el("blockquote", {}, ...mdBlocks(body)));
+    } else if (isTableStart(lines, i)) {
+      const [table, next] = mdTable(lines, i);
+      out.push(table);
+      i = next;
+    } else if (LIST.test(line)) {
+      const [list, next] = mdList(lines, i);
+      out.push(list);
+      i = next;
+    } else {
+      const para = [line];
+      i++;
+      while (i < lines.length && !isBlank(lines[i]) && !startsBlock(lines, i)) para.push(lines[i++]);
+      out.push(mdInline(el("p"), para.map((l) => l.trim()).join("\n")));
+    }
   }
-  if (last < text.length) container.append(el("div", { class: "text", text: text.slice(last) }));
+  return out;
+}
+
+function mdList(lines, i) {
+  const first = LIST.exec(lines[i]);
+  const indent = first[1].length;
+  const ordered = /\d/.test(first[2]);
+  const list = el(ordered ? "ol" : "ul");
+  if (ordered && parseInt(first[2], 10) !== 1) list.setAttribute("start", String(parseInt(first[2], 10)));
+  while (i < lines.length) {
+    const m = LIST.exec(lines[i]);
+    if (!m || m[1].length !== indent || /\d/.test(m[2]) !== ordered) break;
+    const content = [lines[i].slice(m[0].length)];
+    i++;
+    while (i < lines.length) {
+      const l = lines[i];
+      if (isBlank(l)) {  // a blank line continues the item only when indented text follows
+        if (i + 1 < lines.length && !isBlank(lines[i + 1]) && indentOf(lines[i + 1]) > indent) { content.push(""); i++; continue; }
+        break;
+      }
+      const lm = LIST.exec(l);
+      if (lm && lm[1].length <= indent) break;
+      if (!lm && indentOf(l) <= indent && startsBlock(lines, i)) break;
+      content.push(l.slice(Math.min(indentOf(l), indent + 2)));
+      i++;
+    }
+    const blocks = mdBlocks(content);
+    const li = el("li");
+    if (blocks.length && blocks[0].tagName === "P") li.append(...blocks.shift().childNodes);  // tight item
+    li.append(...blocks);
+    list.append(li);
+  }
+  return [list, i];
+}
+
+function mdCells(line) {
+  let s = line.trim();
+  if (s.startsWith("|")) s = s.slice(1);
+  if (s.endsWith("|") && !s.endsWith("\\|")) s = s.slice(0, -1);
+  return s.split(/(?<!\\)\|/).map((c) => c.trim().replace(/\\\|/g, "|"));
+}
+
+function mdTable(lines, i) {
+  const head = mdCells(lines[i]);
+  const aligns = mdCells(lines[i + 1]).map((c) => (c.endsWith(":") ? (c.startsWith(":") ? "center" : "right") : (c.startsWith(":") ? "left" : "")));
+  const cell = (tag, text, k) => {
+    const node = mdInline(el(tag), text || "");
+    if (aligns[k]) node.style.textAlign = aligns[k];
+    return node;
+  };
+  const table = el("table", { class: "md-table" }, el("thead", {}, el("tr", {}, ...head.map((h, k) => cell("th", h, k)))));
+  const body = el("tbody");
+  i += 2;
+  while (i < lines.length && !isBlank(lines[i]) && lines[i].includes("|")) {
+    const cells = mdCells(lines[i]);
+    body.append(el("tr", {}, ...head.map((_, k) => cell("td", cells[k], k))));
+    i++;
+  }
+  table.append(body);
+  return [el("div", { class: "table-wrap" }, table), i];
+}
+
+const INLINE = new RegExp([
+  /(`+)([^`]|[\s\S]*?[^`])\1(?!`)/.source,                       // 1, 2: code span
+  /\*\*(?=\S)([\s\S]*?\S)\*\*/.source,                              // 3: bold
+  /(?<![A-Za-z0-9])__(?=\S)([\s\S]*?\S)__(?![A-Za-z0-9])/.source,  // 4: bold
+  /~~(?=\S)([\s\S]*?\S)~~/.source,                                  // 5: strike
+  /\*(?=[^\s*])([\s\S]*?[^\s*])\*/.source,                          // 6: italics
+  /(?<![A-Za-z0-9_])_(?=[^\s_])([\s\S]*?[^\s_])_(?![A-Za-z0-9_])/.source,  // 7: italics
+  /\[([^\]\n]+)\]\(\s*<?([^\s)>]+)>?(?:\s+"[^"\n]*")?\s*\)/.source, // 8, 9: link
+  /(https?:\/\/[^\s<>()]*[^\s<>().,;:!?'"])/.source,               // 10: bare link
+].join("|"), "g");
+
+function mdText(node, text) {
+  const parts = text.replace(/\\([\\`*_{}[\]()#+\-.!|~>])/g, "$1").split("\n");
+  parts.forEach((p, k) => { if (k) node.append(el("br")); if (p) node.append(p); });
+}
+
+function mdLink(label, url) {
+  if (!/^(https?:|mailto:)/i.test(url)) return null;
+  return el("a", { href: url, rel: "noopener noreferrer nofollow", target: "_blank" });
+}
+
+function mdInline(node, text) {
+  const re = new RegExp(INLINE.source, "g");
+  let last = 0, m;
+  while ((m = re.exec(text)) !== null) {
+    if (m.index > last) mdText(node, text.slice(last, m.index));
+    if (m[1]) node.append(el("code", { text: m[2].replace(/^ (.+) $/, "$1") }));
+    else if (m[3] !== undefined || m[4] !== undefined) node.append(mdInline(el("strong"), m[3] ?? m[4]));
+    else if (m[5] !== undefined) node.append(mdInline(el("del"), m[5]));
+    else if (m[6] !== undefined || m[7] !== undefined) node.append(mdInline(el("em"), m[6] ?? m[7]));
+    else if (m[8] !== undefined) {
+      const a = mdLink(m[8], m[9]);
+      if (a) node.append(mdInline(a, m[8])); else mdText(node, m[0]);
+    } else if (m[10] !== undefined) node.append(el("a", { href: m[10], rel: "noopener noreferrer nofollow", target: "_blank", text: m[10] }));
+    last = re.lastIndex;
+  }
+  if (last < text.length) mdText(node, text.slice(last));
+  return node;
 }
 
 function renderPrompt(container, prompt) {
   container.replaceChildren();
-  if (typeof prompt === "string") { renderText(container, prompt); return; }
+  if (typeof prompt === "string") { renderMarkdown(container, prompt); return; }
   for (const msg of prompt) {
     const body = el("div", { class: "msg-body" });
-    renderText(body, msg.content);
+    renderMarkdown(body, msg.content);
     container.append(el("div", { class: "msg role-" + msg.role }, el("div", { class: "role", text: msg.role }), body));
   }
 }
 
 async function loadMe() {
-  try {
-    const me = await api("GET", "/api/me");
-    CSRF = me.csrf_token;
-    return me;
-  } catch (e) {
-    if (e.status === 401) location.href = "/login";
-    throw e;
-  }
+  const me = await api("GET", "/api/me");
+  CSRF = me.csrf_token;
+  if (me.must_change_password && PAGE !== "account") { location.href = "/account"; throw Object.assign(new Error("redirect"), { redirected: true }); }
+  return me;
 }
 
 function wireLogout() {
   const b = $("logout");
   if (b) b.addEventListener("click", async () => {
-    try { await api("POST", "/api/logout"); } finally { location.href = "/login"; }
+    try { await api("POST", "/api/logout"); } catch (e) { /* already logged out */ } finally { location.href = "/login"; }
   });
 }
 
-// ---------------------------------------------------------------- login
+// ---------------------------------------------------------------- login and account
+
+function safeNext() {
+  const next = new URLSearchParams(location.search).get("next") || "/";
+  return next.startsWith("/") && !next.startsWith("//") && !next.startsWith("/\\") ? next : "/";
+}
 
 function loginPage() {
   $("login-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     $("login-error").textContent = "";
     try {
-      await api("POST", "/api/login", { name: $("login-name").value, password: $("login-password").value });
-      location.href = "/";
+      const r = await api("POST", "/api/login", { name: $("login-name").value, password: $("login-password").value });
+      location.href = r.must_change_password ? "/account" : safeNext();
     } catch (e) {
       $("login-error").textContent = e.status === 401 ? T.login_failed : e.message;
+    }
+  });
+}
+
+async function accountPage() {
+  const me = await loadMe();
+  $("password-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    $("password-error").textContent = "";
+    if ($("new-password").value !== $("new-password-2").value) { $("password-error").textContent = T.passwords_differ; return; }
+    try {
+      await api("POST", "/api/me/password", { current_password: $("current-password").value, new_password: $("new-password").value });
+      toast(T.password_changed);
+      if (me.must_change_password) location.href = "/";
+      else ev.target.reset();
+    } catch (e) {
+      if (!e.redirected) $("password-error").textContent = e.message;
     }
   });
 }
@@ -121,27 +304,31 @@ async function projectsPage() {
 
 // ---------------------------------------------------------------- annotator page
 
-const state = { project: null, item: null, choice: null, ranked: [], tiePending: false, discard: false,
-                key: null, shownAt: 0, busy: false };
+const BASE = "/api/projects/" + encodeURIComponent(PROJECT || "");
+const state = { project: null, item: null, editing: null, choice: null, ranked: [], tiePending: false,
+                discard: false, key: null, shownAt: 0, busy: false };
+
+function pairwise() { return state.project.task === "pairwise"; }
 
 async function annotatePage() {
   await loadMe();
-  const base = "/api/projects/" + encodeURIComponent(PROJECT);
-  state.project = await api("GET", base);
+  state.project = await api("GET", BASE);
   $("guidelines-body").innerHTML = state.project.guidelines_html;  // sanitised Markdown (raw HTML off)
-  const pairwise = state.project.task === "pairwise";
-  $("keys-help").textContent = pairwise ? T.keys_pairwise : T.keys_ranking;
-  $("pairwise-buttons").hidden = !pairwise;
-  $("ranking-buttons").hidden = pairwise;
-  $("ranking-box").hidden = pairwise;
+  $("keys-help").textContent = pairwise() ? T.keys_pairwise : T.keys_ranking;
+  $("pairwise-buttons").hidden = !pairwise();
+  $("ranking-buttons").hidden = pairwise();
+  $("ranking-box").hidden = pairwise();
   if (!state.project.allow_tie) $("btn-tie").hidden = true;
   if (!state.project.allow_discard) { $("btn-discard").hidden = true; $("btn-rank-discard").hidden = true; }
   if (state.project.rationale === "off") $("rationale-label").hidden = true;
-  if (state.project.rationale === "required") $("rationale-label").firstChild.textContent = T.rationale_required;
+  if (state.project.rationale === "required") $("rationale-text").textContent = T.rationale_required;
   for (const b of document.querySelectorAll("[data-choice]")) b.addEventListener("click", () => choose(b.dataset.choice));
   $("btn-rank-discard").addEventListener("click", () => { state.discard = !state.discard; renderSelection(); });
   $("submit").addEventListener("click", submit);
+  $("skip").addEventListener("click", skip);
   $("undo").addEventListener("click", undo);
+  $("back-to-queue").addEventListener("click", () => run(next));
+  $("history-box").addEventListener("toggle", () => { if ($("history-box").open) loadHistory(); });
   const ol = $("ranking");
   ol.addEventListener("dragover", (ev) => ev.preventDefault());
   ol.addEventListener("drop", (ev) => {
@@ -151,42 +338,70 @@ async function annotatePage() {
     moveRanked(pos, target ? parseInt(target.dataset.pos, 10) : null);
   });
   document.addEventListener("keydown", onKey);
-  await next();
-  setBusy(false);
+  await run(next);
 }
 
+// Runs one action with the page marked busy (tests and styles watch data-busy on <body>).
+async function run(action) {
+  if (state.busy) return;
+  setBusy(true);
+  try { await action(); } catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); } finally { setBusy(false); }
+}
+
+function setBusy(b) { state.busy = b; document.body.dataset.busy = b ? "1" : "0"; }
+
 async function next() {
-  const base = "/api/projects/" + encodeURIComponent(PROJECT);
-  const [item] = await Promise.all([api("GET", base + "/next"), refreshProgress()]);
-  state.item = item.done ? null : item;
+  const [item] = await Promise.all([api("POST", BASE + "/next"), refreshProgress()]);
+  state.editing = null;
+  $("edit-banner").hidden = true;
+  show(item.done ? null : item, null);
+  if ($("history-box").open) loadHistory();
+}
+
+// Shows a record (or "all done" when item is null); `past` preselects a past label being changed.
+function show(item, past) {
+  state.item = item;
   state.choice = null; state.ranked = []; state.tiePending = false; state.discard = false;
   state.key = newKey(); state.shownAt = performance.now();
-  $("rationale").value = "";
-  $("all-done").hidden = !item.done;
-  $("item").hidden = item.done;
-  if (item.done) return;
+  $("rationale").value = past && past.rationale ? past.rationale : "";
+  // a new record starts with the keys working (not typing into the last record's rationale)
+  if (document.activeElement === $("rationale")) $("rationale").blur();
+  $("all-done").hidden = item !== null;
+  $("item").hidden = item === null;
+  for (const id of ["pairwise-buttons", "ranking-buttons", "submit", "skip"]) $(id).classList.toggle("gone", item === null);
+  $("skip").classList.toggle("gone", item === null || past !== null);
+  if (item === null) return;
   renderPrompt($("prompt"), item.prompt);
+  $("prompt").scrollTop = 0;
   const box = $("responses");
   box.replaceChildren();
-  const pairwise = state.project.task === "pairwise";
   for (const r of item.responses) {
-    const label = pairwise ? "AB"[r.position] : String(r.position + 1);
-    const body = el("div", { class: "body" });
-    renderText(body, r.text);
+    const label = pairwise() ? "AB"[r.position] : String(r.position + 1);
+    const body = el("div", { class: "body md scroll" });
+    renderMarkdown(body, r.text);
     const card = el("div", { class: "card response", id: "response-" + r.position, "data-pos": String(r.position) },
                     el("div", { class: "label", text: T.response + " " + label }), body);
-    if (!pairwise) {
+    if (!pairwise()) {
       card.draggable = true;
       card.addEventListener("dragstart", (ev) => ev.dataTransfer.setData("text/plain", String(r.position)));
     }
     box.append(card);
   }
+  if (past) {
+    if (pairwise()) state.choice = past.choice;
+    else if (past.discard) state.discard = true;
+    else if (past.ranks) {
+      const order = past.ranks.map((rank, pos) => ({ pos, rank })).sort((a, b) => a.rank - b.rank || a.pos - b.pos);
+      state.ranked = order.map((o, k) => ({ pos: o.pos, tie: k > 0 && o.rank === order[k - 1].rank }));
+    }
+  }
   renderSelection();
 }
 
 async function refreshProgress() {
-  const p = await api("GET", "/api/projects/" + encodeURIComponent(PROJECT) + "/progress");
+  const p = await api("GET", BASE + "/progress");
   $("p-done").textContent = p.done; $("p-assigned").textContent = p.assigned; $("p-total").textContent = p.total;
+  $("p-skipped").textContent = p.skipped;
   const denom = Math.max(1, p.done + p.available);
   $("p-bar").style.width = Math.round(100 * p.done / denom) + "%";
 }
@@ -202,7 +417,7 @@ function ranksFromList() {
 }
 
 function moveRanked(pos, beforePos) {
-  if (Number.isNaN(pos)) return;
+  if (Number.isNaN(pos) || !state.item) return;
   const existing = state.ranked.findIndex((row) => row.pos === pos);
   const row = existing >= 0 ? state.ranked.splice(existing, 1)[0] : { pos, tie: false };
   const at = beforePos === null ? -1 : state.ranked.findIndex((x) => x.pos === beforePos);
@@ -213,14 +428,13 @@ function moveRanked(pos, beforePos) {
 
 function renderSelection() {
   if (!state.item) return;
-  const pairwise = state.project.task === "pairwise";
   for (const b of document.querySelectorAll("[data-choice]")) b.classList.toggle("selected", b.dataset.choice === state.choice);
   for (const card of document.querySelectorAll(".response")) {
     const pos = parseInt(card.dataset.pos, 10);
-    card.classList.toggle("selected", pairwise ? (state.choice === "AB"[pos]) : state.ranked.some((r) => r.pos === pos));
+    card.classList.toggle("selected", pairwise() ? (state.choice === "AB"[pos]) : state.ranked.some((r) => r.pos === pos));
   }
   $("btn-rank-discard").classList.toggle("selected", state.discard);
-  if (pairwise) return;
+  if (pairwise()) return;
   const ol = $("ranking");
   ol.replaceChildren();
   const ranks = ranksFromList();
@@ -241,7 +455,7 @@ function renderSelection() {
 }
 
 function onKey(ev) {
-  if (!state.item || state.busy) return;
+  if (state.busy) return;
   const typing = ev.target && (ev.target.tagName === "TEXTAREA" || ev.target.tagName === "INPUT");
   if (typing) {
     if (ev.key === "Escape") ev.target.blur();
@@ -249,12 +463,15 @@ function onKey(ev) {
     return;
   }
   if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
-  const pairwise = state.project.task === "pairwise";
   const k = ev.key;
-  if (k === "Enter") { ev.preventDefault(); submit(); return; }
   if (k === "u") { undo(); return; }
+  if (k === "h") { $("history-box").open = !$("history-box").open; return; }
+  if (k === "Escape" && state.editing !== null) { run(next); return; }
+  if (!state.item) return;
+  if (k === "Enter") { ev.preventDefault(); submit(); return; }
+  if (k === "s" && state.editing === null) { skip(); return; }
   if (k === "r" && !$("rationale-label").hidden) { ev.preventDefault(); $("rationale").focus(); return; }
-  if (pairwise) {
+  if (pairwise()) {
     const map = { "1": "A", "2": "B", "a": "A", "b": "B", "t": "tie", "d": "discard" };
     if (map[k]) {
       if ((map[k] === "tie" && !state.project.allow_tie) || (map[k] === "discard" && !state.project.allow_discard)) return;
@@ -279,59 +496,116 @@ function onKey(ev) {
   }
 }
 
-async function submit() {
-  if (!state.item || state.busy) return;
-  const body = { record_id: state.item.record_id, idempotency_key: state.key,
-                 duration_ms: Math.round(performance.now() - state.shownAt) };
+// The judgement on screen as API fields, or null (with a message) when it is incomplete.
+function judgement() {
+  const body = {};
   const rationale = $("rationale").value;
   if (rationale.trim()) body.rationale = rationale;
-  if (state.project.task === "pairwise") {
-    if (!state.choice) { toast(T.pick_first, true); return; }
+  if (pairwise()) {
+    if (!state.choice) { toast(T.pick_first, true); return null; }
     body.choice = state.choice;
   } else if (state.discard) {
     body.discard = true;
   } else {
-    if (state.ranked.length !== state.item.responses.length) { toast(T.incomplete, true); return; }
+    if (state.ranked.length !== state.item.responses.length) { toast(T.incomplete, true); return null; }
     body.ranks = ranksFromList();
   }
-  setBusy(true);
-  try {
+  return body;
+}
+
+function submit() {
+  if (!state.item || state.busy) return;
+  const body = judgement();
+  if (body === null) return;
+  if (state.editing !== null) {
+    run(async () => {
+      await api("PUT", BASE + "/annotations/" + state.editing, body);
+      toast(T.edited);
+      await next();
+    });
+    return;
+  }
+  Object.assign(body, { record_id: state.item.record_id, idempotency_key: state.key,
+                        duration_ms: Math.round(performance.now() - state.shownAt) });
+  run(async () => {
     // A retry after a network error resends the same idempotency key: stored once.
     let lastErr = null;
     for (let attempt = 0; attempt < 3; attempt++) {
-      try { await api("POST", "/api/projects/" + encodeURIComponent(PROJECT) + "/annotations", body); lastErr = null; break; }
+      try { await api("POST", BASE + "/annotations", body); lastErr = null; break; }
       catch (e) { lastErr = e; if (e.status) break; await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
     }
-    if (lastErr) throw lastErr;
-    toast(T.saved);
+    if (lastErr && lastErr.status === 409) {
+      // the lease ran out, or another tab labelled it: never repeat the same refusal, move on
+      toast(T.moved_on, true);
+    } else if (lastErr) {
+      throw lastErr;
+    } else {
+      toast(T.saved);
+    }
     await next();
-  } catch (e) {
-    toast(T.error + ": " + e.message, true);
-  } finally {
-    setBusy(false);
+  });
+}
+
+function skip() {
+  if (!state.item || state.busy || state.editing !== null) return;
+  const recordId = state.item.record_id;
+  run(async () => {
+    try {
+      await api("POST", BASE + "/skip", { record_id: recordId });
+      toast(T.skipped);
+    } catch (e) {
+      if (e.status !== 409) throw e;
+      toast(T.moved_on, true);
+    }
+    await next();
+  });
+}
+
+function undo() {
+  run(async () => {
+    const r = await api("POST", BASE + "/undo");
+    toast(r.record_id === null ? T.nothing_to_undo : T.undone);
+    await next();
+  });
+}
+
+function describeLabel(h) {
+  if (h.discard) return T.discard;
+  if (h.choice) return h.choice === "tie" ? T.tie : h.choice;
+  return (h.ranks || []).join(", ");
+}
+
+async function loadHistory() {
+  const items = await api("GET", BASE + "/history?limit=100");
+  const list = $("history-list");
+  list.replaceChildren();
+  if (!items.length) { list.append(el("li", { class: "muted", text: T.no_history })); return; }
+  for (const h of items) {
+    const prompt = typeof h.prompt === "string" ? h.prompt : h.prompt.map((m) => m.content).join(" / ");
+    const b = el("button", { type: "button", class: "link", id: "history-" + h.annotation_id },
+                 el("b", { text: describeLabel(h) }), " · " + (prompt.length > 60 ? prompt.slice(0, 60) + "…" : prompt));
+    b.addEventListener("click", () => run(() => openPast(h.annotation_id)));
+    list.append(el("li", { class: state.editing === h.annotation_id ? "current" : "" }, b));
   }
 }
 
-// data-busy on <body> lets tests (and styles) wait until a submission or undo has fully settled.
-function setBusy(b) { state.busy = b; document.body.dataset.busy = b ? "1" : "0"; }
-
-async function undo() {
-  if (state.busy) return;
-  setBusy(true);
-  try {
-    const r = await api("POST", "/api/projects/" + encodeURIComponent(PROJECT) + "/undo");
-    toast(r.record_id === null ? T.nothing_to_undo : T.undone);
-    await next();
-  } catch (e) {
-    toast(T.error + ": " + e.message, true);
-  } finally {
-    setBusy(false);
-  }
+async function openPast(annotationId) {
+  const past = await api("GET", BASE + "/annotations/" + annotationId);
+  state.editing = annotationId;
+  $("edit-banner").hidden = false;
+  show({ record_id: past.record_id, prompt: past.prompt, responses: past.responses }, past);
+  window.scrollTo(0, 0);
 }
 
 // ---------------------------------------------------------------- admin page
 
 function fmt(x) { return x === null || x === undefined ? "–" : (typeof x === "number" ? (Number.isInteger(x) ? String(x) : x.toFixed(3)) : String(x)); }
+function seconds(ms) { return ms === null || ms === undefined ? "–" : (ms / 1000).toFixed(1) + " s"; }
+function outcomeName(key) { return T["outcome_" + key] || key; }
+function labelName(label) {
+  if (Array.isArray(label)) return label.map((r) => fmt(r)).join(", ");
+  return label === "0" || label === "1" ? outcomeName(label) : outcomeName(String(label));
+}
 
 function table(node, header, rows) {
   node.replaceChildren(el("tr", {}, ...header.map((h) => el("th", { text: h }))));
@@ -341,6 +615,7 @@ function table(node, header, rows) {
 async function adminPage() {
   await loadMe();
   const select = $("admin-project");
+  let users = [];
   async function loadProjects(selected) {
     const projects = await api("GET", "/api/projects");
     select.replaceChildren(...projects.map((p) => el("option", { value: p.name, text: p.name + " (" + p.task + ")" })));
@@ -349,7 +624,8 @@ async function adminPage() {
   }
   async function loadProject(name) {
     const base = "/api/admin/projects/" + encodeURIComponent(name);
-    const [stats, dis] = await Promise.all([api("GET", base + "/stats"), api("GET", base + "/disagreements?limit=50")]);
+    const [stats, dis, anns] = await Promise.all([api("GET", base + "/stats"), api("GET", base + "/disagreements?limit=50"),
+                                                  api("GET", base + "/annotations")]);
     const p = stats.progress, a = stats.agreement;
     $("admin-progress").textContent = T.complete_records + ": " + p.complete_records + " / " + p.total + " · " +
       T.annotations + ": " + p.annotations + " / " + p.target;
@@ -359,24 +635,51 @@ async function adminPage() {
     const bias = a.position_bias;
     rows.push([T.position_bias, a.task === "pairwise" ? bias.first_shown_wins : bias.first_shown_top]);
     if (a.task !== "pairwise") rows.push(["(unbiased)", bias.expected_if_unbiased]);
-    rows.push([T.outcome, JSON.stringify(stats.outcomes)]);
+    const outcomes = Object.entries(stats.outcomes).map(([k, n]) => outcomeName(k) + ": " + n).join(" · ");
+    rows.push([T.outcome, outcomes || "–"]);
     table($("admin-agreement"), ["", ""], rows);
     const per = p.annotators.map((u) => {
       const s = a.per_annotator[u.user] || {};
       return [u.user, u.done, a.task === "pairwise" ? s.agree_with_majority : s.tau_with_others,
-              a.task === "pairwise" ? s.first_shown_wins : s.first_shown_top, u.mean_ms];
+              a.task === "pairwise" ? s.first_shown_wins : s.first_shown_top, seconds(u.mean_ms)];
     });
-    table($("admin-annotators"), [T.annotator, T.done, T.with_majority, T.position_bias, "ms"], per);
+    table($("admin-annotators"), [T.annotator, T.done, T.with_majority, T.position_bias, T.mean_time], per);
+    const withWhy = anns.filter((x) => x.rationale).reverse().slice(0, 200);
+    table($("admin-rationales"), [T.record, T.user, T.label, T.rationale, T.time],
+          withWhy.map((x) => [x.record_id, x.user, labelName(x.label === "rank" ? x.ranks : x.label), x.rationale, x.created_at.slice(0, 16).replace("T", " ")]));
     table($("admin-disagreements"), [T.record, T.agreement, T.prompt, T.labels],
-          dis.map((d) => [d.record_id, d.agreement, typeof d.prompt === "string" ? d.prompt.slice(0, 80) : JSON.stringify(d.prompt).slice(0, 80), JSON.stringify(d.labels)]));
+          dis.map((d) => [d.record_id, d.agreement, typeof d.prompt === "string" ? d.prompt.slice(0, 80) : d.prompt.map((m) => m.content).join(" / ").slice(0, 80),
+                          Object.entries(d.labels).map(([u, l]) => u + ": " + labelName(l)).join(" · ")]));
     $("export-pairs").href = base + "/export?format=pairs&file=jsonl";
     $("export-ranked").href = base + "/export?format=ranked&file=jsonl";
     $("export-pairs-parquet").href = base + "/export?format=pairs&file=parquet";
     $("export-ranked-parquet").href = base + "/export?format=ranked&file=parquet";
+    await loadMembers(name);
+  }
+  async function loadMembers(name) {
+    const members = await api("GET", "/api/admin/projects/" + encodeURIComponent(name) + "/members");
+    $("member-list").replaceChildren(...members.map((m) => {
+      const b = el("button", { type: "button", id: "member-remove-" + m, text: T.remove });
+      b.addEventListener("click", async () => {
+        try { await api("DELETE", "/api/admin/projects/" + encodeURIComponent(name) + "/members/" + encodeURIComponent(m)); await loadMembers(name); }
+        catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); }
+      });
+      return el("li", {}, m + " ", b);
+    }));
+    const candidates = users.filter((u) => u.role === "annotator" && !members.includes(u.name));
+    $("member-user").replaceChildren(...candidates.map((u) => el("option", { value: u.name, text: u.name })));
   }
   async function loadUsers() {
-    const users = await api("GET", "/api/admin/users");
-    $("user-list").replaceChildren(...users.map((u) => el("li", { text: u.name + " (" + u.role + ")" })));
+    users = await api("GET", "/api/admin/users");
+    $("user-list").replaceChildren(...users.map((u) => {
+      const flags = [u.role].concat(u.active ? [] : [T.disabled]).concat(u.must_change_password ? [T.one_time] : []);
+      const b = el("button", { type: "button", id: "user-" + (u.active ? "disable" : "enable") + "-" + u.name, text: u.active ? T.disable : T.enable });
+      b.addEventListener("click", async () => {
+        try { await api("POST", "/api/admin/users/" + encodeURIComponent(u.name) + "/" + (u.active ? "disable" : "enable")); await loadUsers(); }
+        catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); }
+      });
+      return el("li", { class: u.active ? "" : "muted" }, u.name + " (" + flags.join(", ") + ") ", b);
+    }));
   }
   select.addEventListener("change", () => loadProject(select.value));
   $("project-form").addEventListener("submit", async (ev) => {
@@ -386,16 +689,26 @@ async function adminPage() {
       await api("POST", "/api/admin/projects", { name: f.get("name"), task: f.get("task"),
         overlap: parseInt(f.get("overlap"), 10), guidelines: f.get("guidelines") });
       await loadProjects(f.get("name"));
-    } catch (e) { toast(T.error + ": " + e.message, true); }
+    } catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); }
+  });
+  $("member-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!select.value || !$("member-user").value) return;
+    try {
+      await api("POST", "/api/admin/projects/" + encodeURIComponent(select.value) + "/members", { user: $("member-user").value });
+      await loadMembers(select.value);
+    } catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); }
   });
   $("user-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(ev.target);
     try {
-      const u = await api("POST", "/api/admin/users", { name: f.get("name"), role: f.get("role") });
+      const projects = f.get("member") && select.value ? [select.value] : [];
+      const u = await api("POST", "/api/admin/users", { name: f.get("name"), role: f.get("role"), projects });
       $("user-result").textContent = T.new_password + " " + u.name + ": " + u.password;
       await loadUsers();
-    } catch (e) { toast(T.error + ": " + e.message, true); }
+      if (select.value) await loadMembers(select.value);
+    } catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); }
   });
   $("import-file").addEventListener("change", async (ev) => {
     const file = ev.target.files[0];
@@ -406,13 +719,16 @@ async function adminPage() {
       const r = await api("POST", "/api/admin/projects/" + encodeURIComponent(select.value) + "/records", { records });
       $("import-result").textContent = T.imported + " " + r.count;
       await loadProject(select.value);
-    } catch (e) { toast(T.error + ": " + e.message, true); }
+    } catch (e) { if (!e.redirected) toast(T.error + ": " + e.message, true); }
   });
-  await Promise.all([loadProjects(), loadUsers()]);
+  await loadUsers();
+  await loadProjects();
 }
 
 // ---------------------------------------------------------------- start
 
 wireLogout();
-const pages = { login: loginPage, projects: projectsPage, annotate: annotatePage, admin: adminPage };
-if (pages[PAGE]) pages[PAGE]().catch((e) => { if (e.status !== 401) toast(T.error + ": " + e.message, true); });
+const pages = { login: loginPage, account: accountPage, projects: projectsPage, annotate: annotatePage, admin: adminPage };
+if (pages[PAGE]) {
+  Promise.resolve().then(pages[PAGE]).catch((e) => { if (!e.redirected) toast(T.error + ": " + e.message, true); });
+}
