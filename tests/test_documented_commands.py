@@ -15,8 +15,8 @@ What the test changes, all listed here:
 - ``MICRO``: the built-in model names (``builtin``, ``builtin:base``, ``builtin:reward_model``) and
   corpus names, in the commands and in the copied configs, become their ``builtin:micro`` builds
   (same recipe, a much smaller model and corpus, seconds to build instead of minutes).
-- ``USER_FILES``: files a page says the reader brings (their chats, prompts, labelled records),
-  written into the folder from the built-in data; ``STAND_INS``: absolute paths on the reader's
+- ``USER_FILES``: files a page says the reader brings (their chats, prompts, labelled records, a
+  ``DatasetDict`` folder named ``ultrafeedback``), written into the folder from the built-in data; ``STAND_INS``: absolute paths on the reader's
   machine, replaced by a built-in equivalent.
 - ``SKIP``: commands that cannot run here, each with its reason.
 
@@ -148,6 +148,7 @@ USER_FILES = {
 GUIDELINES = "# Guidelines\n\nPrefer the kinder answer; between two equally kind ones, the shorter.\n"
 SKIP = {
     "heed annotate serve": "serves the annotation app until stopped (tests/feedback drive the app itself)",
+    "heed annotate watch": "watches a project until stopped (tests/feedback cover it)",
 }
 
 
@@ -194,8 +195,11 @@ def page_commands(page: Path) -> list[Command]:
             if m := re.fullmatch(r"export (\w+)=(\S+)(\s+#.*)?", text):
                 env[m.group(1)] = m.group(2)
             elif text.startswith("heed "):
-                for part in text.split("&&"):
-                    out.append(Command(page, start, part.strip(), dict(env)))
+                words = shlex.split(text, comments=True)
+                while words:  # `a && b` is two commands (an `&&` inside quotes is not)
+                    part = words[: words.index("&&")] if "&&" in words else words
+                    words = words[len(part) + 1 :]
+                    out.append(Command(page, start, shlex.join(part) if "&&" in text else text, dict(env)))
         i += 1
     return out
 
@@ -248,6 +252,15 @@ def write_user_files(folder: Path) -> None:
         rows = [convert(r) for r in rows] if convert else rows
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "guide.md").write_text(GUIDELINES)
+    # a DatasetDict folder with UltraFeedback's split names, as `DatasetDict.save_to_disk` writes it
+    import datasets
+
+    pairs = [json.loads(x) for x in Path(resolve_name("builtin:pairs")).read_text().splitlines()[:24]]
+    columns = ("prompt", "chosen", "rejected")
+    splits = {"train_prefs": pairs[:16], "test_prefs": pairs[16:]}
+    datasets.DatasetDict(
+        {k: datasets.Dataset.from_dict({c: [r[c] for r in v] for c in columns}) for k, v in splits.items()}
+    ).save_to_disk(str(folder / "ultrafeedback"))
 
 
 class CommandFailed(Exception):
