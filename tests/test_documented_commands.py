@@ -89,7 +89,7 @@ SMALL: dict[str, list[str]] = {
         "rollout.prompts_per_step=2",
         "rollout.k=2",
         "rollout.max_new_tokens=8",
-        "ppo.minibatch_size=null",
+        "update.minibatch_size=null",
         "eval.num_prompts=2",
         "log.save_every=1",
         "log.progress=false",
@@ -362,8 +362,8 @@ def test_extraction_finds_the_commands() -> None:
     banana = [c for c in cmds if c.page.name == "banana.yaml"]
     assert [c.text for c in banana] == [
         "heed rl --config configs/banana.yaml --out runs/rloo-banana",
-        "heed rl --config configs/banana.yaml --set algorithm=ppo --set ppo.epochs=2 "
-        "--set ppo.minibatch_size=32 --out runs/ppo-banana",
+        "heed rl --config configs/banana.yaml --set algorithm=ppo --set update.epochs=2 "
+        "--set update.minibatch_size=32 --out runs/ppo-banana",
     ]
     annotate = [c for c in cmds if c.page.name == "annotate.md"]
     assert annotate and all(c.env == {"HEED_ANNOTATE_DB": "labels.db"} for c in annotate)
