@@ -55,9 +55,18 @@ def eval_(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Folder for eval.json and samples.jsonl.")
     ] = None,
+    best_of: Annotated[
+        int,
+        typer.Option(
+            "--best-of",
+            min=1,
+            help="Evaluate the best-of-N baseline: N answers per prompt, the highest-rewarded kept; "
+            "its KL to the model is log N - (N-1)/N.",
+        ),
+    ] = 1,
 ) -> None:
     """Evaluate any model on a config's held-out prompts: rewards per source, task and gold metrics,
-    KL to the reference, entropy, length, distinct-1/2.
+    KL to the reference, entropy, length, distinct-1/2; or the model's best-of-N baseline.
 
     Example: heed eval --model runs/rloo-banana/final --config configs/banana.yaml
     """
@@ -71,5 +80,7 @@ def eval_(
     if config is None:
         raise ConfigError("heed eval: give --config FILE (its rewards, eval prompts and reference are used)")
     cfg = load_resolved(RLConfig, config, list(set_ or []))
-    result = evaluate_model(cfg, str(resolve_path(model, "--model")), out, config_dir=config.parent)
+    result = evaluate_model(
+        cfg, str(resolve_path(model, "--model")), out, config_dir=config.parent, best_of=best_of
+    )
     typer.echo(json.dumps(result, indent=2))

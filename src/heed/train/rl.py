@@ -668,6 +668,53 @@ def evaluate_policy(
     return out, rows
 
 
+@torch.no_grad()
+def evaluate_best_of_n(
+    model: Any, tokenizer: Any, prompts: Prompts, rewards: RewardSets, cfg: RLConfig, engine: Engine, n: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The best-of-``n`` baseline: ``n`` answers to each held-out prompt from ``model``, the one the
+    training reward scores highest kept (an answer scored None never wins), and the evaluation's
+    rewards, metrics, gold figures, length and diversity on the kept answers.
+
+    Its KL to ``model`` has a closed form, KL = log n − (n − 1)/n nats (:func:`heed.algos.best_of_n_kl`;
+    Stiennon et al. 2020, https://arxiv.org/abs/2009.01325), reported as ``eval/kl``: with ``model`` the
+    reference (the SFT policy) it places best-of-n on the same reward-vs-KL axes as every tuned policy.
+    """
+    from heed.rewards.select import best_of_n
+
+    idx = list(range(min(cfg.eval.num_prompts, len(prompts.ids))))
+    keys = row_keys(cfg.train.seed + EVAL_KEY_SALT, [i * n + j for i in idx for j in range(n)])
+    gen = engine(
+        model, tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg, eval_mode=True), n, keys=keys
+    )
+    all_prompts = [prompts.examples[i].prompt for i in idx for _ in range(n)]
+    scored = rewards.train(all_prompts, gen.texts, prompts.columns(idx, n), step=0)
+    best, counts = best_of_n(scored.total, n)
+    kept = [(i, row) for i, row in zip(idx, best, strict=True) if row is not None]
+    if not kept:
+        raise ConfigError(
+            f"heed eval --best-of {n}: the reward scored none of the answers (every source returned None)"
+        )
+    texts = [gen.texts[row] for _, row in kept]
+    batch_prompts = [prompts.examples[i].prompt for i, _ in kept]
+    columns = prompts.columns([i for i, _ in kept], 1)
+    totals = [scored.total[row] for _, row in kept]
+    out: dict[str, float] = {"eval/best_of": float(n), "eval/reward": sum(totals) / len(totals)}  # type: ignore[arg-type]
+    for group, prefix in ((rewards.metrics, "eval/"), (rewards.gold, "gold/")):
+        if group is not None:
+            out.update(group(batch_prompts, texts, columns).means(prefix=prefix))
+    out["eval/kl"] = algos.best_of_n_kl(n)
+    out["eval/length"] = float(torch.stack([gen.lengths[row] for _, row in kept]).float().mean())
+    div = diversity_metrics(texts)
+    out |= {"eval/distinct_1": div["diversity/distinct_1"], "eval/distinct_2": div["diversity/distinct_2"]}
+    out["eval/unscored_prompts"] = float(counts.unscored)
+    rows = [
+        {"step": 0, "prompt": prompt_text(p), "completion": t, "reward": r}
+        for p, t, r in list(zip(batch_prompts, texts, totals, strict=True))[: cfg.eval.samples]
+    ]
+    return out, rows
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 
@@ -1073,25 +1120,36 @@ def save_rl_checkpoint(
 
 
 def evaluate_model(
-    cfg: RLConfig, model_dir: str | Path, out: str | Path | None = None, config_dir: str | Path | None = None
+    cfg: RLConfig,
+    model_dir: str | Path,
+    out: str | Path | None = None,
+    config_dir: str | Path | None = None,
+    best_of: int = 1,
 ) -> dict[str, Any]:
     """``heed eval``: the evaluation of :func:`train_rl` for any model folder, against the config's
-    reference (``ref_model``, else ``model.path``). Writes ``eval.json`` and ``samples.jsonl`` to ``out``."""
+    reference (``ref_model``, else ``model.path``); with ``best_of`` n > 1, the best-of-n baseline of
+    that model instead (:func:`evaluate_best_of_n`). Writes ``eval.json`` and ``samples.jsonl`` to ``out``."""
     from heed.models.loading import load_causal_lm, load_tokenizer
 
     if not cfg.data.eval_prompts:
         raise ConfigError("data.eval_prompts: heed eval needs held-out prompts (e.g. builtin:prompts_eval)")
+    if best_of < 1:
+        raise ConfigError(f"--best-of: expected a number of answers >= 1, got {best_of}")
     set_seed(cfg.train.seed)
     check_paths(cfg)
     ref_path = cfg.ref_model or cfg.model.path or ""
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir, dtype=cfg.model.dtype).eval()
-    ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).eval()
     rewards = RewardSets.build(cfg, config_dir)
     prompts = load_prompts(cfg.data.eval_prompts, tokenizer, cfg)
     engine = make_rl_engine(cfg, model_dir)
-    result, rows = evaluate_policy(model, ref_model, tokenizer, prompts, rewards, cfg, engine, 0)
-    result = {"model": str(model_dir), "reference": str(ref_path), **result}
+    if best_of > 1:
+        result, rows = evaluate_best_of_n(model, tokenizer, prompts, rewards, cfg, engine, best_of)
+        result = {"model": str(model_dir), "kl_to": str(model_dir), **result}
+    else:
+        ref_model = load_causal_lm(ref_path, dtype=cfg.model.dtype).eval()
+        result, rows = evaluate_policy(model, ref_model, tokenizer, prompts, rewards, cfg, engine, 0)
+        result = {"model": str(model_dir), "reference": str(ref_path), **result}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
