@@ -16,6 +16,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +53,9 @@ from heed.train.loop import (
     save_final,
 )
 from heed.train.reference import (
+    load_policy,
     load_ref_cache,
+    load_reference,
     model_fingerprint,
     preference_losses,
     ref_logps_for,
@@ -178,12 +181,50 @@ def load_preference_data(
     return train_pairs, eval_pairs, train_counts, eval_counts
 
 
+def reference_logps(
+    cfg: DPOConfig,
+    run: Path,
+    ckpt: Path | None,
+    model: Any,
+    data: tuple[EncodedPairs, EncodedPairs],
+    pad_id: int,
+    main: bool,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Step 5: the reference's log-probs of every train and eval pair, once (``train.precompute_ref``,
+    cached in the run folder keyed by the reference and the data), or the reference model itself for a
+    forward per batch. Returns ``(tables, ref_model)``: tables empty, or ref_model None. SimPO needs neither."""
+    if cfg.loss.type == "simpo":
+        return {}, None
+    device = next(model.parameters()).device
+    if not cfg.train.precompute_ref:
+        return {}, load_reference(cfg, model, device)
+    ref_path = cfg.ref_model or cfg.model.path
+    key = f"{model_fingerprint(ref_path)}:{data_fingerprint(*data)}"
+    cached = load_ref_cache(run, key)
+    if cached is not None:
+        return {"train": cached["train"], "eval": cached["eval"]}, None
+    # before the first step the policy *is* the reference: no second copy is needed
+    ref = model if ckpt is None and cfg.ref_model is None else load_reference(cfg, model, device)
+    tables = {
+        name: reference_table(
+            ref,
+            part,
+            pad_id,
+            cfg.train.eval_batch_size,
+            f"reference ({name})",
+            progress=cfg.log.progress and main,
+            share=cfg.train.share_prompt,
+        )
+        for name, part in zip(("train", "eval"), data, strict=True)
+    }
+    if main:
+        save_ref_cache(run, key, tables)
+    return tables, None
+
+
 @guard_run
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Run DPO (or IPO / hinge / SimPO); returns the final summary (also written to ``summary.json``)."""
-    from heed.models.lm import disable_dropout
-    from heed.models.loading import load_causal_lm, load_tokenizer
-    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
 
     # step 1. run folder, seed, processes, mixed precision
@@ -200,24 +241,8 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         )
 
     # step 3. policy (a checkpoint's weights when resuming; with LoRA, the base model plus a new
-    # adapter or the checkpoint's adapter) and tokenizer
-    ref_path = cfg.ref_model or cfg.model.path
-    assert cfg.model.path is not None and ref_path is not None
-    lora = cfg.model.lora
-    tokenizer = load_tokenizer(ckpt or cfg.model.tokenizer or cfg.model.path)
-    model = load_causal_lm(
-        cfg.model.path if lora else (ckpt or cfg.model.path),
-        dtype=cfg.model.dtype,
-        **quantization_kwargs(lora),
-    )
-    if lora is not None:
-        model = apply_lora(model, lora, adapter=ckpt)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    # no dropout in policy or reference passes: the first loss is log 2 while policy == reference;
-    # a model still random in training mode is trained in eval mode
-    model = place(model, device)
-    train_mode = disable_dropout(model)
+    # adapter or the checkpoint's adapter), dropout off, and tokenizer
+    model, tokenizer, train_mode = load_policy(cfg, ckpt, device)
     pad_id = tokenizer.pad_token_id
     chat = use_chat(tokenizer, cfg.data.chat)
 
@@ -233,46 +258,8 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         )
 
     # step 5. reference log-probs: once for the whole dataset (cached), or a reference model per batch
-    ref_model = None
-    ref_tables: dict[str, torch.Tensor] = {}
     t_ref = time.time()
-    needs_ref = cfg.loss.type != "simpo"
-
-    def load_ref() -> Any:
-        if lora is not None and cfg.ref_model is None:
-            return accelerator.unwrap_model(
-                model
-            )  # the base under the adapter: no second copy of the weights
-        ref = load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else device)
-        ref.eval().requires_grad_(False)
-        return ref
-
-    if needs_ref and cfg.train.precompute_ref:
-        key = f"{model_fingerprint(ref_path)}:{data_fingerprint(train_data, eval_data)}"
-        cached = load_ref_cache(run, key)
-        if cached is not None:
-            ref_tables = {"train": cached["train"], "eval": cached["eval"]}
-        else:
-            # before the first step the policy *is* the reference: no second copy is needed
-            same = ckpt is None and cfg.ref_model is None
-            ref = model if same else load_ref()
-            ref_tables = {
-                name: reference_table(
-                    ref,
-                    data,
-                    pad_id,
-                    cfg.train.eval_batch_size,
-                    f"reference ({name})",
-                    progress=cfg.log.progress and main,
-                    share=cfg.train.share_prompt,
-                )
-                for name, data in (("train", train_data), ("eval", eval_data))
-            }
-            if main:
-                save_ref_cache(run, key, ref_tables)
-            del ref
-    elif needs_ref:
-        ref_model = load_ref()
+    ref_tables, ref_model = reference_logps(cfg, run, ckpt, model, (train_data, eval_data), pad_id, main)
     ref_seconds = time.time() - t_ref
 
     # step 6. optimizer, schedule, step plan
@@ -398,7 +385,7 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         summary.update(eval_now(total_steps))
         if cfg.sample.num_prompts:
             prompts = sample_prompts(cfg, eval_data, train_data)
-            ref = ref_model if ref_model is not None else load_ref()
+            ref = ref_model if ref_model is not None else load_reference(cfg, model, device)
             result = sample_and_kl(
                 unwrapped,
                 ref,

@@ -259,3 +259,38 @@ def score_samples(
         if gold is not None:
             out.update(gold(prompts, texts).means(prefix=f"{prefix}gold/"))
     return out
+
+
+def load_policy(cfg: Any, ckpt: Path | None, device: Any) -> tuple[Any, Any, bool]:
+    """The policy a preference trainer tunes, placed on ``device``: a checkpoint's weights when resuming,
+    or under LoRA the base model plus a new adapter (or the checkpoint's); its tokenizer; and whether
+    its training mode computes what eval mode does once every dropout is off (the first loss is log 2
+    while policy == reference; a model still random in training mode is trained in eval mode).
+    ``cfg`` is a trainer config with a ``model:`` section (``ModelConfig``)."""
+    from heed.models.lm import disable_dropout
+    from heed.models.loading import load_causal_lm, load_tokenizer
+    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
+
+    m = cfg.model
+    tokenizer = load_tokenizer(ckpt or m.tokenizer or m.path)
+    model = load_causal_lm(
+        m.path if m.lora else (ckpt or m.path), dtype=m.dtype, **quantization_kwargs(m.lora)
+    )
+    if m.lora is not None:
+        model = apply_lora(model, m.lora, adapter=ckpt)
+    if m.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = place(model, device)
+    return model, tokenizer, disable_dropout(model)
+
+
+def load_reference(cfg: Any, policy: Any, device: Any) -> Any:
+    """The frozen reference: under LoRA without ``ref_model`` the policy itself (its adapter is disabled
+    for reference passes: no second copy of the weights), else ``ref_model`` (default ``model.path``)
+    loaded apart, on the CPU with ``offload_ref``."""
+    from heed.models.loading import load_causal_lm
+
+    if cfg.model.lora is not None and cfg.ref_model is None:
+        return getattr(policy, "module", policy)
+    ref = load_causal_lm(cfg.ref_model or cfg.model.path, dtype=cfg.model.dtype)
+    return ref.to("cpu" if cfg.offload_ref else device).eval().requires_grad_(False)
