@@ -36,14 +36,13 @@ def evaluate(
     from heed.data.templating import use_chat
     from heed.demo.corpus import tone_of
     from heed.models.loading import load_causal_lm, load_tokenizer
-    from heed.train.reference import sample_and_kl
+    from heed.train.reference import SampleSpec, sample_and_kl
 
     tok = load_tokenizer(model_dir, padding_side="left")
     policy, ref = load_causal_lm(model_dir).eval(), load_causal_lm(sft).eval()
     with torch.no_grad():
-        res = sample_and_kl(
-            policy, ref, tok, prompts, use_chat(tok, "auto"), 1, temperature, 64, 0, 100, "sft", "policy"
-        )
+        spec = SampleSpec(1, temperature, 64, 0, 100)
+        res = sample_and_kl(policy, ref, tok, prompts, use_chat(tok, "auto"), spec, "sft", "policy")
     out = {}
     for name in ("sft", "policy"):
         tones = [tone_of(t) for t in res.texts[name]]

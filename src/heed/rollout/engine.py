@@ -9,7 +9,8 @@ copy of the weights must refresh them there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from heed.errors import ConfigError
@@ -60,3 +61,25 @@ def make_engine(
         )
 
     return run
+
+
+@dataclass(frozen=True)
+class PolicySampler:
+    """A policy and how its answers are drawn: the engine, the sampling settings, and the seed that,
+    with a stream number (an update, a round) and each prompt's index, keys every answer's random draws,
+    so the answers do not depend on batching or on which process draws them."""
+
+    policy: Any
+    tokenizer: Any
+    engine: Engine
+    sampling: SamplingParams
+    seed: int
+
+    def answers(self, prompt_ids: Sequence[list[int]], idx: Sequence[int], k: int, stream: int) -> Generation:
+        """``k`` answers to each prompt ``prompt_ids[i]`` for ``i`` in ``idx``, prompt-major."""
+        from heed.rollout.sampler import row_keys
+
+        keys = row_keys(self.seed, [(stream << 32) + i * k + j for i in idx for j in range(k)])
+        return self.engine(
+            self.policy, self.tokenizer, [prompt_ids[i] for i in idx], self.sampling, k, keys=keys
+        )

@@ -53,6 +53,7 @@ from heed.train.loop import (
     save_final,
 )
 from heed.train.reference import (
+    SampleSpec,
     load_policy,
     load_ref_cache,
     load_reference,
@@ -386,18 +387,14 @@ def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         if cfg.sample.num_prompts:
             prompts = sample_prompts(cfg, eval_data, train_data)
             ref = ref_model if ref_model is not None else load_reference(cfg, model, device)
-            result = sample_and_kl(
-                unwrapped,
-                ref,
-                tokenizer,
-                prompts,
-                chat,
+            spec = SampleSpec(
                 cfg.sample.num_samples,
                 cfg.sample.temperature,
                 cfg.sample.max_new_tokens,
                 cfg.train.seed,
                 cfg.train.eval_batch_size,
             )
+            result = sample_and_kl(unwrapped, ref, tokenizer, prompts, chat, spec)
             del ref
             logger.log(total_steps, result.metrics, split="eval")
             alarms.extend(monitor.update(total_steps, result.metrics, result.texts["dpo"]))

@@ -39,12 +39,12 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.rewards.combine import NoneRewardWatch, RewardError, RewardSet, build_rewards
 from heed.rewards.select import LabelledPairs, SelectCounts, label_pairs
-from heed.rollout.engine import Engine, make_engine
+from heed.rollout.engine import Engine, PolicySampler, make_engine
 from heed.rollout.generate import Generation, SamplingParams, encode_prompts
-from heed.rollout.sampler import row_keys
 from heed.train.common import guard_run, peak_memory_mb, prepare_optimization, start_run, write_json
 from heed.train.loop import Cadence, accumulate, checkpoint, micro_batches, optimizer_step, save_final
 from heed.train.reference import (
+    SampleSpec,
     preference_losses,
     ref_logps_for,
     reference_table,
@@ -111,21 +111,11 @@ class Judged:
 
 
 def sample_and_label(
-    policy: Any,
-    tokenizer: Any,
-    prompts: PromptSet,
-    idx: list[int],
-    engine: Engine,
-    sampling: SamplingParams,
-    judge: RewardSet,
-    seed: int,
-    stream: int,
-    step: int,
+    sampler: PolicySampler, prompts: PromptSet, idx: list[int], judge: RewardSet, stream: int, step: int
 ) -> Judged:
-    """Two answers per prompt of ``idx`` from ``policy``, scored by ``judge``; the higher-scored one is
-    chosen. ``stream`` (the update or round) and the prompt index key each answer's draws."""
-    keys = row_keys(seed, [(stream << 32) + i * 2 + j for i in idx for j in range(2)])
-    gen = engine(policy, tokenizer, [prompts.ids[i] for i in idx], sampling, 2, keys=keys)
+    """Two answers per prompt of ``idx`` from the sampler's policy, scored by ``judge``; the higher-scored
+    one is chosen. ``stream`` (the update or round) and the prompt index key each answer's draws."""
+    gen = sampler.answers(prompts.ids, idx, 2, stream)
     scored = judge(prompts.prompts(idx, 2), gen.texts, prompts.columns(idx, 2), step=step)
     labels = label_pairs(scored.total)
     pairs, chosen, rejected = [], [], []
@@ -215,6 +205,10 @@ class Setup:
     engine: Engine
     sampling: SamplingParams
     logger: MetricsLogger
+
+    def sampler(self) -> PolicySampler:
+        """The current policy with the run's engine, sampling settings and seed."""
+        return PolicySampler(self.model, self.tokenizer, self.engine, self.sampling, self.cfg.train.seed)
 
 
 def _step(
@@ -366,18 +360,7 @@ def _online(s: Setup) -> dict[str, Any]:
             done = step + 1
             # step 1. two answers per prompt from the current policy; step 2. the judge labels them
             idx = step_prompts(len(s.prompts.ids), step, cfg.train.prompts_per_step, cfg.train.seed)
-            judged = sample_and_label(
-                s.model,
-                s.tokenizer,
-                s.prompts,
-                idx,
-                s.engine,
-                s.sampling,
-                s.judge,
-                cfg.train.seed,
-                step,
-                done,
-            )
+            judged = sample_and_label(s.sampler(), s.prompts, idx, s.judge, step, done)
             counts.add(judged.labels.counts)
             none_watch.update(judged.total, judged.per_source, done)  # a judge silent on every answer
             figures = judge_figures(judged)
@@ -432,18 +415,7 @@ def _iterative(s: Setup) -> dict[str, Any]:
     for rnd in range(1, it.rounds + 1):
         # step 1. two answers per prompt from the round's policy; step 2. the judge labels them
         idx = step_prompts(len(s.prompts.ids), rnd - 1, n_round, cfg.train.seed)
-        judged = sample_and_label(
-            s.model,
-            s.tokenizer,
-            s.prompts,
-            idx,
-            s.engine,
-            s.sampling,
-            s.judge,
-            cfg.train.seed,
-            1 << 20 | rnd,
-            step,
-        )
+        judged = sample_and_label(s.sampler(), s.prompts, idx, s.judge, 1 << 20 | rnd, step)
         none_watch.update(judged.total, judged.per_source, rnd)
         counts.add(judged.labels.counts)
         figures = {"round": float(rnd), **judge_figures(judged, "round")}
@@ -514,20 +486,14 @@ def evaluate(s: Setup, step: int, write: bool = False) -> dict[str, float]:
     n = min(cfg.eval.num_prompts, len(s.eval_prompts.examples))
     prompts = [e.prompt for e in s.eval_prompts.examples[:n]]
     policy = s.accelerator.unwrap_model(s.model)
-    result = sample_and_kl(
-        policy,
-        s.ref_model,
-        s.tokenizer,
-        prompts,
-        s.chat,
+    spec = SampleSpec(
         1,
         cfg.eval.temperature,
         cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         cfg.train.seed,
         cfg.eval.batch_size,
-        ref_name="initial",
-        policy_name="online_dpo",
     )
+    result = sample_and_kl(policy, s.ref_model, s.tokenizer, prompts, s.chat, spec, "initial", "online_dpo")
     if write:
         write_samples(s.run / "samples.jsonl", result, 1, step)
     return {**result.metrics, **score_samples(result, s.judge, s.gold, ref_name="initial")}

@@ -161,6 +161,18 @@ class SampleResult:
     policy_name: str = "dpo"  # the tuned policy's key in ``texts``
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """How the end-of-run answers are drawn: ``num_samples`` per prompt at ``temperature``, at most
+    ``max_new_tokens`` each, seeded; forwards of ``batch_size`` rows."""
+
+    num_samples: int
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    batch_size: int = 64
+
+
 @torch.no_grad()
 def sample_and_kl(
     policy: Any,
@@ -168,11 +180,7 @@ def sample_and_kl(
     tokenizer: Any,
     prompts: list[Prompt],
     chat: bool,
-    num_samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int = 64,
+    spec: SampleSpec,
     ref_name: str = "sft",
     policy_name: str = "dpo",
 ) -> SampleResult:
@@ -184,20 +192,20 @@ def sample_and_kl(
     from heed.report.diversity import diversity_metrics
     from heed.rollout.generate import SamplingParams, encode_prompts, generate
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature)
     prompt_ids = encode_prompts(tokenizer, prompts, chat)
     texts = {}
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
     with adapter_disabled(ref):
-        gen_ref = generate(ref, tokenizer, prompt_ids, params, num_samples, batch_size)
+        gen_ref = generate(ref, tokenizer, prompt_ids, params, spec.num_samples, spec.batch_size)
     texts[ref_name] = gen_ref.texts
-    torch.manual_seed(seed)
-    gen = generate(policy, tokenizer, prompt_ids, params, num_samples, batch_size)
+    torch.manual_seed(spec.seed)
+    gen = generate(policy, tokenizer, prompt_ids, params, spec.num_samples, spec.batch_size)
     texts[policy_name] = gen.texts
     device = next(policy.parameters()).device
     kl1, kl3 = [], []
-    for start in range(0, len(gen.texts), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, len(gen.texts), spec.batch_size):
+        sl = slice(start, start + spec.batch_size)
         ids = torch.cat([gen.prompt_ids[sl], gen.completion_ids[sl]], dim=1).to(device)  # (b, P + C)
         att = torch.cat([gen.prompt_mask[sl], gen.completion_mask[sl]], dim=1).to(device)
         target = torch.cat([torch.zeros_like(gen.prompt_mask[sl]), gen.completion_mask[sl]], dim=1).to(device)

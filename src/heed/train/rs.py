@@ -33,12 +33,11 @@ from heed.report.metrics import MetricsLogger
 from heed.report.progress import StepProgress
 from heed.rewards.combine import RewardError, RewardSet, build_rewards
 from heed.rewards.select import SelectCounts, best_of_n
-from heed.rollout.engine import Engine, make_engine
+from heed.rollout.engine import PolicySampler, make_engine
 from heed.rollout.generate import SamplingParams, encode_prompts
-from heed.rollout.sampler import row_keys
 from heed.train.common import guard_run, peak_memory_mb, prepare_optimization, start_run, write_json
 from heed.train.loop import accumulate, micro_batches, optimizer_step, save_final
-from heed.train.reference import sample_and_kl, score_samples, write_samples
+from heed.train.reference import SampleSpec, sample_and_kl, score_samples, write_samples
 
 RS_DATA = "rs_data.jsonl"
 
@@ -50,23 +49,18 @@ def round_prompts(n_prompts: int, per_round: int, rnd: int) -> list[int]:
 
 @torch.no_grad()
 def best_of_n_records(
-    policy: Any,
-    tokenizer: Any,
+    sampler: PolicySampler,
     examples: list[PromptExample],
     ids: list[list[int]],
     idx: list[int],
-    engine: Engine,
-    sampling: SamplingParams,
     n: int,
     judge: RewardSet,
-    seed: int,
     rnd: int,
     min_reward: float | None,
 ) -> tuple[list[dict[str, Any]], SelectCounts, list[float | None]]:
-    """Steps 1-3 of a round: N answers per prompt of ``idx``, scored, the best kept as an SFT record.
-    Returns the records, what was skipped, and every answer's score (prompt-major)."""
-    keys = row_keys(seed, [(rnd << 32) + i * n + k for i in idx for k in range(n)])
-    gen = engine(policy, tokenizer, [ids[i] for i in idx], sampling, n, keys=keys)
+    """Steps 1-3 of a round: N answers per prompt of ``idx`` from the sampler's policy, scored, the best
+    kept as an SFT record. Returns the records, what was skipped, and every answer's score (prompt-major)."""
+    gen = sampler.answers(ids, idx, n, rnd)
     columns = {
         key: [examples[i].extra.get(key) for i in idx for _ in range(n)]
         for key in sorted({key for i in idx for key in examples[i].extra})
@@ -200,19 +194,9 @@ def train_rs(cfg: RSConfig, resume: bool = False, config_dir: str | Path | None 
     for rnd in range(1, t.rounds + 1):
         # steps 1-3. N answers per prompt from the current policy, scored; the best one is an SFT record
         idx = round_prompts(len(examples), per_round, rnd)
+        sampler = PolicySampler(accelerator.unwrap_model(model), tokenizer, engine, sampling, t.seed)
         records, got, scores = best_of_n_records(
-            accelerator.unwrap_model(model),
-            tokenizer,
-            examples,
-            ids,
-            idx,
-            engine,
-            sampling,
-            r.num_samples,
-            judge,
-            t.seed,
-            rnd,
-            t.min_reward,
+            sampler, examples, ids, idx, r.num_samples, judge, rnd, t.min_reward
         )
         counts.add(got)
         if not records:
@@ -286,20 +270,11 @@ def train_rs(cfg: RSConfig, resume: bool = False, config_dir: str | Path | None 
             if lora is not None
             else load_causal_lm(path, dtype=cfg.model.dtype).to(accelerator.device)
         )
-        result = sample_and_kl(
-            unwrapped,
-            ref,
-            tokenizer,
-            [e.prompt for e in eval_examples],
-            chat,
-            1,
-            cfg.eval.temperature,
-            cfg.eval.max_new_tokens or r.max_new_tokens,
-            t.seed,
-            cfg.eval.batch_size,
-            ref_name="initial",
-            policy_name="rs",
+        spec = SampleSpec(
+            1, cfg.eval.temperature, cfg.eval.max_new_tokens or r.max_new_tokens, t.seed, cfg.eval.batch_size
         )
+        prompts = [e.prompt for e in eval_examples]
+        result = sample_and_kl(unwrapped, ref, tokenizer, prompts, chat, spec, "initial", "rs")
         write_samples(run / "samples.jsonl", result, 1, step)
         ev = {**result.metrics, **score_samples(result, judge, gold, ref_name="initial")}
         logger.log(step, ev, split="eval")
