@@ -107,12 +107,8 @@ def generate(
                 model,
                 ids.to(device),
                 mask.to(device),
-                params.max_new_tokens,
+                params,
                 stop,
-                params.temperature,
-                params.top_k,
-                params.top_p,
-                params.do_sample,
                 keys=keys[idx] if keys is not None else None,
             )
             for j, i in enumerate(idx):

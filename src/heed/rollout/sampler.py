@@ -16,9 +16,12 @@ the policy at that temperature, which the RL trainer uses as the behaviour polic
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from heed.rollout.generate import SamplingParams
 
 from heed.algos.ops import selective_log_softmax
 from heed.models.lm import position_ids_from_mask, unwrap
@@ -169,22 +172,21 @@ def decode(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    max_new_tokens: int,
+    params: SamplingParams,
     stop_ids: list[int],
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
     compact_at: float = 0.0,
     keys: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample up to ``max_new_tokens`` tokens after each left-padded prompt row.
+    """Sample up to ``params.max_new_tokens`` tokens after each left-padded prompt row (temperature,
+    top-k, top-p and greedy as :func:`sample_next`).
 
     Shapes: ``input_ids``, ``attention_mask`` (B, P); ``keys`` (B,) int64 makes each row's draws a
     function of its key (:func:`keyed_uniforms`). Returns one token list per row, ending with the
     stop token when the row stopped (no padding), and the log-prob of each token (see
     :func:`sample_next`).
     """
+    max_new_tokens, temperature, do_sample = params.max_new_tokens, params.temperature, params.do_sample
+    top_k, top_p = params.top_k, params.top_p
     device = input_ids.device
     b = input_ids.shape[0]
     attn = attention_mask.long()
