@@ -920,72 +920,111 @@ def make_rl_engine(cfg: RLConfig, model_path: str | Path) -> Engine:
 # the loop
 
 
+@dataclass
+class RLRun:
+    """Everything one ``heed rl`` run works with, made once by :func:`setup_rl`."""
+
+    cfg: RLConfig
+    run: Path
+    learner: Learner
+    plan: MinibatchPlan
+    rewards: RewardSets
+    prompts: Prompts
+    eval_prompts: Prompts | None
+    ptx_texts: list[Any]
+    engine: Engine
+    log: RunLog
+    start_update: int  # updates a resumed run had done
+    baseline: float | None  # REINFORCE's moving average, carried from update to update
+    totals: Totals
+
+    def evaluate(self, step: int, policy_name: str) -> dict[str, float]:
+        """Evaluation on held-out prompts, on the main process only (they are few); the others wait."""
+        ev: dict[str, float] = {}
+        learner = self.learner
+        if self.eval_prompts is not None and learner.coll.main:
+            ev, rows = evaluate_policy(
+                learner.policy,
+                learner.ref,
+                learner.tokenizer,
+                self.eval_prompts,
+                self.rewards,
+                self.cfg,
+                self.engine,
+                step,
+            )
+            self.log.logger.log(step, ev, split="eval")
+            _append_samples(self.run, [{**r, "policy": policy_name} for r in rows])
+        learner.accelerator.wait_for_everyone()
+        return ev
+
+
+def setup_rl(cfg: RLConfig, resume: bool, config_dir: str | Path | None) -> RLRun:
+    """Step 0: checks, run folder, seed and resume point; models, optimizer and KL controller; reward
+    sources, prompts, PPO-ptx text and the rollout engine; the metrics log and monitors."""
+    accelerator = make_accelerator(cfg.model.mixed_precision)
+    coll = Collective.of(accelerator)
+    check_rl_config(cfg, coll.world)
+    accelerator, run, ckpt = start_run(
+        cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator
+    )
+    learner, plan, saved = make_learner(cfg, accelerator, coll, ckpt)
+    tok = learner.tokenizer
+    start = saved["step"]
+    return RLRun(
+        cfg,
+        run,
+        learner,
+        plan,
+        RewardSets.build(cfg, config_dir),
+        load_prompts(cfg.data.prompts, tok, cfg),
+        load_prompts(cfg.data.eval_prompts, tok, cfg) if cfg.data.eval_prompts else None,
+        load_ptx(cfg, tok),
+        make_rl_engine(cfg, cfg.model.path or ""),
+        RunLog.open(cfg, run, coll.main, resumed_at=start if ckpt is not None else None),
+        start,
+        saved.get("baseline"),
+        Totals(**(saved.get("totals") or {})),  # what a resumed run had done before it stopped
+    )
+
+
 @guard_run
 def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None = None) -> dict[str, Any]:
     """Run PPO / RLOO / GRPO / REINFORCE; returns the final summary (also written to ``summary.json``).
 
     ``config_dir`` is where relative ``file.py:function`` reward paths are looked up (the config's folder).
     """
-    # step 0. checks, run folder, seed, resume point; models, optimizer, rewards, prompts, engine
-    accelerator = make_accelerator(cfg.model.mixed_precision)
-    coll = Collective.of(accelerator)
-    check_rl_config(cfg, coll.world)
+    # step 0. checks, run folder, resume point; models, optimizer, rewards, prompts, engine, log
     t_start = time.time()
-    accelerator, run, ckpt = start_run(
-        cfg, cfg.out, cfg.train.seed, cfg.model.mixed_precision, resume, accelerator
-    )
-    learner, plan, saved = make_learner(cfg, accelerator, coll, ckpt)
-    rewards = RewardSets.build(cfg, config_dir)
-    train_prompts = load_prompts(cfg.data.prompts, learner.tokenizer, cfg)
-    eval_prompts = (
-        load_prompts(cfg.data.eval_prompts, learner.tokenizer, cfg) if cfg.data.eval_prompts else None
-    )
-    ptx_texts = load_ptx(cfg, learner.tokenizer)
-    engine = make_rl_engine(cfg, cfg.model.path or "")
-    start_update, baseline = saved["step"], saved.get("baseline")
-    totals = Totals(**(saved.get("totals") or {}))  # what a resumed run had done before it stopped
-    log = RunLog.open(cfg, run, coll.main, resumed_at=start_update if ckpt is not None else None)
-
-    def run_eval(step: int, policy_name: str) -> dict[str, float]:
-        """Evaluation on the main process only (the held-out prompts are few); the others wait."""
-        ev: dict[str, float] = {}
-        if eval_prompts is not None and coll.main:
-            ev, rows = evaluate_policy(
-                learner.policy, learner.ref, learner.tokenizer, eval_prompts, rewards, cfg, engine, step
-            )
-            log.logger.log(step, ev, split="eval")
-            _append_samples(run, [{**r, "policy": policy_name} for r in rows])
-        accelerator.wait_for_everyone()
-        return ev
-
+    r = setup_rl(cfg, resume, config_dir)
+    learner, plan, totals, dev = r.learner, r.plan, r.totals, r.learner.accelerator.device
     summary: dict[str, Any] = {"algo": cfg.algorithm}
-    if cfg.eval.at_start and start_update == 0:
-        summary.update({f"start/{k}": v for k, v in run_eval(0, cfg.eval.initial_policy_name).items()})
-    elif start_update > 0 and coll.main:  # resumed: the evaluation before training is in the log already
-        summary.update(log.start_eval())
+    if cfg.eval.at_start and r.start_update == 0:
+        summary |= {f"start/{k}": v for k, v in r.evaluate(0, cfg.eval.initial_policy_name).items()}
+    elif r.start_update > 0 and learner.coll.main:  # resumed: the evaluation before training is logged
+        summary |= r.log.start_eval()
 
     t0, t_start = time.time() - totals.train_seconds, t_start - totals.total_seconds
     none_watch = NoneRewardWatch(cfg.train.max_none_updates)
     cadence = Cadence.of(cfg.log, cfg.train.updates)
-    last: dict[str, float] = {}
-    with StepProgress(
-        f"rl {cfg.algorithm}", cfg.train.updates, enabled=cfg.log.progress and coll.main, start=start_update
-    ) as bar:
-        for update in range(start_update, cfg.train.updates):
+    metrics: dict[str, float] = {}
+    show = cfg.log.progress and learner.coll.main
+    with StepProgress(f"rl {cfg.algorithm}", cfg.train.updates, enabled=show, start=r.start_update) as bar:
+        for update in range(r.start_update, cfg.train.updates):
             step = update + 1
             learner.model.eval()
             # step 1. sample K completions per prompt (this process's consecutive share of whole prompts)
             tg = time.time()
-            idx, gen = sample(cfg, learner, engine, train_prompts, update)
+            idx, gen = sample(cfg, learner, r.engine, r.prompts, update)
             totals.generation_seconds += time.time() - tg
 
             # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
-            scores, scored = score_batch(rewards.train, train_prompts, idx, gen.texts, cfg.rollout.k, step)
-            ro = rollout_from_generation(gen, scores).to(accelerator.device)
+            scores, scored = score_batch(r.rewards.train, r.prompts, idx, gen.texts, cfg.rollout.k, step)
+            ro = rollout_from_generation(gen, scores).to(dev)
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             recompute = not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm"
-            with accelerator.autocast():
+            with learner.accelerator.autocast():
                 passes = rollout_logprobs(learner, ro, plan, cfg.rollout.temperature, recompute)
             ro.old_logprobs, ro.ref_logprobs, ro.old_values = (
                 passes.old_logprobs,
@@ -995,59 +1034,63 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # steps 4-5. KL-penalised rewards and advantages
             beta = learner.kl_ctl.value
-            adv = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, baseline, coll)
-            ro.advantages, ro.returns, baseline = adv.advantages, adv.returns, adv.baseline
+            adv = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, r.baseline, learner.coll)
+            ro.advantages, ro.returns, r.baseline = adv.advantages, adv.returns, adv.baseline
 
             # step 6. epochs of clipped-surrogate updates over minibatches
             learner.model.train(learner.train_mode)
-            with accelerator.autocast():
+            with learner.accelerator.autocast():
                 upd = update_policy(
-                    cfg, ro, learner, plan, 0.0 if cfg.kl_in_reward else beta, ptx_texts, step
+                    cfg, ro, learner, plan, 0.0 if cfg.kl_in_reward else beta, r.ptx_texts, step
                 )
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
-            fig = merge_figures(coll.gather(answer_figures(ro, gen.texts, scored)))
+            fig = merge_figures(learner.coll.gather(answer_figures(ro, gen.texts, scored)))
             none_watch.update(fig["total"], fig["per_source"], step)  # global figures: every process stops
             totals.samples += len(fig["score"])
             metrics = batch_statistics(fig, upd.pop("entropy", None))
             learner.kl_ctl.update(metrics["kl/k1"], len(fig["score"]))
-            metrics |= upd | adv.stats | _mean_over_processes(passes.stats, coll)
+            metrics |= upd | adv.stats | _mean_over_processes(passes.stats, learner.coll)
             metrics |= {"kl/beta": beta, "lr": learner.scheduler.get_last_lr()[0]}
             metrics["samples_per_s"] = totals.samples / max(time.time() - t0, 1e-9)
-            last = metrics
             if cadence.log(step):
-                log.logger.log(step, metrics)
-            for alarm in log.watch(step, metrics, fig):
+                r.log.logger.log(step, metrics)
+            for alarm in r.log.watch(step, metrics, fig):
                 bar.log(f"alarm: {alarm}")
             if cadence.eval(step):
-                run_eval(step, cfg.algorithm)
+                r.evaluate(step, cfg.algorithm)
             if cadence.save(step):
                 totals.train_seconds, totals.total_seconds = time.time() - t0, time.time() - t_start
-                save_rl_checkpoint(run, step, learner, cfg, baseline, totals)
+                save_rl_checkpoint(r.run, step, learner, cfg, r.baseline, totals)
             bar.advance(1, {"reward": metrics["reward/mean"], "kl": metrics["kl/k1"]})
 
     # step 8. final evaluation, model and summary
-    totals.train_seconds = time.time() - t0
-    final_eval = run_eval(cfg.train.updates, cfg.algorithm)
-    if not coll.main:
-        return summary
-    save_final(learner.policy, learner.tokenizer, run / "final")
+    totals.train_seconds, totals.total_seconds = time.time() - t0, time.time() - t_start
+    summary |= r.evaluate(cfg.train.updates, cfg.algorithm)
+    if learner.coll.main:
+        summary = finish_rl(r, summary | {k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    return summary
+
+
+def finish_rl(r: RLRun, summary: dict[str, Any]) -> dict[str, Any]:
+    """``final/`` (with PPO's value head beside it) and ``summary.json``, on the main process."""
+    learner, totals = r.learner, r.totals
+    save_final(learner.policy, learner.tokenizer, r.run / "final")
     if learner.value_head is not None:
-        torch.save(learner.value_head.state_dict(), run / "final" / VALUE_HEAD_FILE)
-    summary |= final_eval | {k: v for k, v in last.items() if isinstance(v, int | float)}
+        torch.save(learner.value_head.state_dict(), r.run / "final" / VALUE_HEAD_FILE)
     summary |= {
-        "updates": cfg.train.updates,
-        "processes": coll.world,
+        "updates": r.cfg.train.updates,
+        "processes": learner.coll.world,
         "samples": totals.samples,
         "samples_per_s": totals.samples / max(totals.train_seconds, 1e-9),
         "generation_seconds": totals.generation_seconds,
         "train_seconds": totals.train_seconds,
-        "total_seconds": time.time() - t_start,
+        "total_seconds": totals.total_seconds,
         "peak_memory_mb": peak_memory_mb(),
-        "alarms": len(log.monitor.alarms),
+        "alarms": len(r.log.monitor.alarms),
     }
-    write_json(run / "summary.json", summary)
-    log.logger.close()
+    write_json(r.run / "summary.json", summary)
+    r.log.logger.close()
     return summary
 
 
