@@ -22,6 +22,7 @@ from heed.cli import scale_cmds  # noqa: F401  isort: skip
 from heed.cli import annotate_cmds  # noqa: F401  isort: skip
 from heed.cli import rm_cmds  # noqa: F401  isort: skip
 from heed.cli import dpo_cmds  # noqa: F401  isort: skip
+from heed.cli import kto_cmds  # noqa: F401  isort: skip
 from heed.cli import rl_cmds  # noqa: F401  isort: skip
 from heed.cli import report_cmds  # noqa: F401  isort: skip
 from heed.cli import control_cmds  # noqa: F401  isort: skip
