@@ -15,6 +15,7 @@ from heed.config.kto import KTOConfig, KTOLossConfig
 from heed.data.io import write_jsonl
 from heed.train.kto import (
     class_means,
+    eval_batches,
     fixed_batches,
     kto_terms,
     plan_batches,
@@ -83,6 +84,10 @@ def test_fixed_batches_cover_every_example_once() -> None:
     # 9 examples in batches of 4: 4, 4, 1 -> the single one joins the batch before it
     assert sorted(len(b) for b in batches) == [4, 5]
     assert sorted(i for b in batches for i in b) == list(range(9))
+    assert eval_batches(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]] and eval_batches(6, 4) == [
+        [0, 1, 2, 3],
+        [4, 5],
+    ]
     one, again = plan_batches(batches, 0, epoch=3), plan_batches(batches, 0, epoch=3)
     assert one == again and sorted(map(sorted, one)) == sorted(map(sorted, batches))
 
@@ -236,3 +241,16 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: P
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert f"{bad}:1: label: expected true (thumbs up) or false (thumbs down), got 'up'" in err
+
+
+def test_shipped_config_runs_on_the_built_in_world() -> None:
+    from heed.config import load_config
+
+    cfg = load_config(KTOConfig, Path(__file__).parents[2] / "configs" / "kto.yaml")
+    assert (cfg.model.path, cfg.data.train, cfg.data.eval) == (
+        "builtin",
+        "builtin:thumbs",
+        "builtin:thumbs_eval",
+    )
+    # its weights sit in the paper's range for the built-in thumbs (620 up, 1427 down)
+    assert weight_advice(620, 1427, cfg.loss.desirable_weight, cfg.loss.undesirable_weight) is None

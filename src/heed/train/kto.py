@@ -71,7 +71,7 @@ from heed.train.reference import (
     write_samples,
 )
 
-RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # λ_D·n_D / (λ_U·n_U), KTO paper §4.3
+RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # λ_D·n_D / (λ_U·n_U), recommended by the KTO paper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def weight_advice(
     n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
 ) -> str | None:
     """One line when λ_D·n_D / (λ_U·n_U) lies outside the KTO paper's recommended [1, 4/3]
-    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306 §4.3), with the ranges of either weight
+    (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306), with the ranges of either weight
     that would bring it back (change one, not both); None when it is inside, or one side is empty."""
     if not n_desirable or not n_undesirable:
         return None
@@ -154,8 +154,13 @@ def plan_batches(batches: list[list[int]], seed: int, epoch: int) -> list[list[i
 
 
 def eval_batches(n: int, batch_size: int) -> list[list[int]]:
-    """Held-out examples in file order, cut into batches of the training batch size (TRL's pairing)."""
-    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    """Held-out examples in file order, cut into batches of the training batch size (TRL's pairing);
+    a last batch of one joins the one before it."""
+    out = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        last = out.pop()
+        out[-1] = out[-1] + last
+    return out
 
 
 def data_fingerprint(*sets: tuple[EncodedUnpaired, list[int]]) -> str:
