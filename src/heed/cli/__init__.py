@@ -25,6 +25,7 @@ from heed.cli import rm_cmds  # noqa: F401  isort: skip
 from heed.cli import dpo_cmds  # noqa: F401  isort: skip
 from heed.cli import online_cmds  # noqa: F401  isort: skip
 from heed.cli import rs_cmds  # noqa: F401  isort: skip
+from heed.cli import kto_cmds  # noqa: F401  isort: skip
 from heed.cli import rl_cmds  # noqa: F401  isort: skip
 from heed.cli import report_cmds  # noqa: F401  isort: skip
 from heed.cli import control_cmds  # noqa: F401  isort: skip

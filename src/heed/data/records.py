@@ -7,6 +7,9 @@ Kinds and their JSONL forms (extra columns are kept in ``extra`` and passed on t
 - ``prompts``: ``{"prompt": ...}`` (a string, or a list of chat messages)
 - ``pairs``: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (TRL-compatible; conversational allowed)
 - ``ranked``: ``{"prompt": ..., "responses": [...], "ranks": [...]}`` (lower is better, equal ranks are ties)
+- ``unpaired``: ``{"prompt": ..., "completion": ..., "label": true | false}`` (TRL's unpaired feedback, KTO: a
+  thumbs up or down on one answer; conversational allowed); a preference record in the same file is read
+  as its group, which :func:`heed.data.unpaired.unpair` turns into thumbs
 
 ``preferences`` accepts pairs and ranked groups in one file, and the public shapes that carry the
 same information: Anthropic HH-RLHF transcripts (``chosen``/``rejected`` only, the prompt implicit),
@@ -30,7 +33,7 @@ from heed.errors import DataError
 
 Message = dict[str, str]
 Prompt = str | list[Message]
-Kind = Literal["text", "sft", "prompts", "pairs", "ranked", "preferences"]
+Kind = Literal["text", "sft", "prompts", "pairs", "ranked", "preferences", "unpaired"]
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_KEYS = ("prompt", "input", "instruction", "question")  # what public datasets call the prompt
 EVAL_SPLIT = "data.eval_split_name"  # the config key that picks the eval folder's split
@@ -83,6 +86,18 @@ class PreferenceGroup:
         """All (better, worse) index pairs with different ranks."""
         k = len(self.responses)
         return [(i, j) for i in range(k) for j in range(k) if self.ranks[i] < self.ranks[j]]
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One answer to a prompt with a thumbs up (``label`` True: desirable) or down (False)."""
+
+    prompt: Prompt
+    completion: str
+    label: bool
+    weight: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -612,6 +627,45 @@ def parse_preference(rec: dict[str, Any], where: str, opts: ParseOptions) -> Pre
     )
 
 
+PREFERENCE_COLUMNS = ("chosen", "rejected", "responses", "ranks", "generations")
+
+
+def parse_unpaired(
+    rec: dict[str, Any], where: str, opts: ParseOptions
+) -> UnpairedExample | PreferenceGroup | None:
+    """A thumbs up / down on one answer: ``{"prompt", "completion", "label": true | false}``.
+
+    ``label`` must be a JSON boolean (``1`` or ``"yes"`` are refused, so a rating column is never read as
+    a thumb by accident). A record holding preference data instead (a pair, a ranked group, any shape
+    of :func:`parse_preference`) is returned as its :class:`PreferenceGroup`, for
+    :func:`heed.data.unpaired.unpair` to turn into thumbs.
+    """
+    if "label" not in rec:
+        if is_argilla(rec) or any(k in rec for k in PREFERENCE_COLUMNS):
+            return parse_preference(rec, where, opts)
+        raise DataError(
+            f"{where}: label: missing; accepted: prompt + completion + label (true for a thumbs up, false "
+            f"for a thumbs down), or preference data ({PREFERENCE_SHAPES}); columns: {_columns(rec)}"
+        )
+    label = rec["label"]
+    if not isinstance(label, bool):
+        raise _err(where, "label", f"expected true (thumbs up) or false (thumbs down), got {label!r}")
+    key = _prompt_key(rec) or "prompt"
+    prompt = _prompt(rec, where, key)
+    if "completion" not in rec:
+        raise _err(where, "completion", "missing")
+    context, completion = _answer(rec["completion"], where, "completion")
+    prompt = _with_system(rec, _with_context(prompt, [context], where, "completion"), where)
+    return UnpairedExample(
+        prompt=prompt,
+        completion=completion,
+        label=label,
+        weight=_weight(rec, where, opts),
+        extra=_extra(rec, {key, "completion", "label", "weight", "system"}),
+        where=where,
+    )
+
+
 Parser = Callable[[dict[str, Any], str, ParseOptions], Any]
 PARSERS: dict[str, Parser] = {
     "text": parse_text,
@@ -620,6 +674,7 @@ PARSERS: dict[str, Parser] = {
     "pairs": parse_pair,
     "ranked": parse_ranked,
     "preferences": parse_preference,
+    "unpaired": parse_unpaired,
 }
 
 
@@ -687,8 +742,13 @@ def clip_record(ex: Any, max_chars: int) -> Any:
     changes: dict[str, Any] = {}
     if isinstance(ex, TextExample):
         changes["text"] = ex.text[:max_chars]
-    if isinstance(ex, SFTExample | PromptExample | PreferenceGroup) and ex.prompt is not None:
+    if (
+        isinstance(ex, SFTExample | PromptExample | PreferenceGroup | UnpairedExample)
+        and ex.prompt is not None
+    ):
         changes["prompt"] = _clip_prompt(ex.prompt, max_chars)
+    if isinstance(ex, UnpairedExample):
+        changes["completion"] = ex.completion[:max_chars]
     if isinstance(ex, SFTExample):
         if ex.messages is not None:
             changes["messages"] = _clip_prompt(ex.messages, max_chars)

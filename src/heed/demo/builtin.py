@@ -15,6 +15,7 @@ for tests and quick runs), NAME one of
 ``rankings`` ``pairs``                    preference data of the built-in world: ranked groups (K=4)
                                           and pairs, ranked by its hidden preference with noise
 ``reward_model``                          a reward model trained on ``rankings`` from the SFT model
+``thumbs`` ``thumbs_eval``                simulated thumbs up / down on the SFT model's own answers (KTO)
 ``tone_classifier``                       the optimism task's POSITIVE/NEGATIVE classifier
 ``gold_positivity``                       the hidden gold tone of an answer, as a reward function
 ========================================  ===============================================================
@@ -50,7 +51,7 @@ C = TypeVar("C", bound=BaseModel)
 
 SIZES = {"tiny": BuiltinSpec(), "micro": MICRO}
 MODELS = ("base",)
-ASSETS = ("reward_model", "tone_classifier")
+ASSETS = ("reward_model", "tone_classifier", "thumbs", "thumbs_eval")
 FUNCTIONS = {"gold_positivity": "heed.demo.builtin:gold_positivity"}
 NAMES = (*MODELS, *CORPUS_FILES, *PREFERENCE_FILES, *ASSETS, *FUNCTIONS)
 GRAMMAR = f"builtin[:tiny|:micro][:{'|:'.join(NAMES)}]"
@@ -104,6 +105,10 @@ def resolve_name(value: str, say: Say | None = None, where: str = "") -> str:
         building("the tone classifier", is_cached(f"tone-classifier-{ClassifierSpec().key()}", "config.json"))
         return str(builtin_tone_classifier())
     building(f"the built-in {spec.size} model", is_cached(sft_model_name(spec), "sft/final/config.json"))
+    if name in ("thumbs", "thumbs_eval"):
+        from heed.demo.thumbs import builtin_thumbs
+
+        return str(builtin_thumbs(model=spec)[name])
     sft = builtin_sft_model(spec)
     if name == "base":
         return str(sft.parent.parent / "base" / "final")
