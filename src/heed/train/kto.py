@@ -65,7 +65,9 @@ from heed.train.loop import (
 )
 from heed.train.reference import (
     SampleSpec,
+    load_policy,
     load_ref_cache,
+    load_reference,
     model_fingerprint,
     sample_and_kl,
     save_ref_cache,
@@ -365,9 +367,6 @@ def sample_prompts(cfg: KTOConfig, eval_data: EncodedUnpaired, train_data: Encod
 @guard_run
 def train_kto(cfg: KTOConfig, resume: bool = False) -> dict[str, Any]:
     """Run KTO; returns the final summary (also written to ``summary.json``)."""
-    from heed.models.lm import disable_dropout
-    from heed.models.loading import load_causal_lm, load_tokenizer
-    from heed.models.lora import apply_lora, enable_gradient_checkpointing, place, quantization_kwargs
     from heed.report.monitors import Monitor, append_alarms, resume_monitor
 
     # step 1. run folder, seed, processes, mixed precision
@@ -386,20 +385,7 @@ def train_kto(cfg: KTOConfig, resume: bool = False) -> dict[str, Any]:
     # step 3. policy (a checkpoint's weights when resuming; with LoRA, the base model plus a new
     # adapter or the checkpoint's adapter) and tokenizer; no dropout in policy or reference passes
     ref_path = cfg.ref_model or cfg.model.path
-    assert cfg.model.path is not None and ref_path is not None
-    lora = cfg.model.lora
-    tokenizer = load_tokenizer(ckpt or cfg.model.tokenizer or cfg.model.path)
-    model = load_causal_lm(
-        cfg.model.path if lora else (ckpt or cfg.model.path),
-        dtype=cfg.model.dtype,
-        **quantization_kwargs(lora),
-    )
-    if lora is not None:
-        model = apply_lora(model, lora, adapter=ckpt)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model = place(model, device)
-    train_mode = disable_dropout(model)
+    model, tokenizer, train_mode = load_policy(cfg, ckpt, device)
     pad_id = tokenizer.pad_token_id
     chat = use_chat(tokenizer, cfg.data.chat)
 
@@ -427,12 +413,7 @@ def train_kto(cfg: KTOConfig, resume: bool = False) -> dict[str, Any]:
     t_ref = time.time()
 
     def load_ref() -> Any:
-        if lora is not None and cfg.ref_model is None:
-            return accelerator.unwrap_model(model)  # the base under the adapter: no second copy
-        ref = load_causal_lm(ref_path, dtype=cfg.model.dtype).to("cpu" if cfg.offload_ref else device)
-        disable_dropout(ref)
-        ref.eval().requires_grad_(False)
-        return ref
+        return load_reference(cfg, model, device)
 
     if cfg.train.precompute_ref:
         key = (
