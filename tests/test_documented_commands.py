@@ -84,6 +84,16 @@ SMALL: dict[str, list[str]] = {
         "log.save_every=1",  # a checkpoint for the page's --resume line to continue from
         "log.progress=false",
     ],
+    "kto": [
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.precompute_ref=false",
+        "data.max_length=64",
+        "sample.num_prompts=2",
+        "sample.max_new_tokens=8",
+        "log.save_every=1",
+        "log.progress=false",
+    ],
     "rl": [
         "train.updates=2",  # with save_every=1: a checkpoint (at 1) for the page's --resume line
         "rollout.prompts_per_step=2",
@@ -139,6 +149,7 @@ USER_FILES = {
     "prompts.jsonl": ("builtin:prompts_eval", 4, None),
     "prefs.jsonl": ("builtin:pairs", 64, None),
     "rankings.jsonl": ("builtin:rankings", 64, None),
+    "feedback.jsonl": ("builtin:micro:thumbs", 64, None),
     "records.jsonl": (
         "builtin:rankings",
         6,

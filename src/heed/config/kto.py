@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
+from heed.config.base import DataFilesConfig, HeedConfig, LogConfig, ModelConfig, OptimConfig
 from heed.config.monitor import MonitorConfig
 
 
-class KTODataConfig(HeedConfig):
+class KTODataConfig(DataFilesConfig):
     """Unpaired feedback; preference pairs and ranked groups in the same files become thumbs."""
 
     train: str = Field(
@@ -23,12 +23,6 @@ class KTODataConfig(HeedConfig):
     )
     eval_split: float = Field(
         0.1, ge=0, lt=1, description="Fraction of train prompts held out for eval when `eval` is unset."
-    )
-    split: str | None = Field(
-        None, description="Split of a DatasetDict folder in `train`; unset: its only split, or 'train'."
-    )
-    eval_split_name: str | None = Field(
-        None, description="Split of a DatasetDict folder in `eval`; unset: its only split."
     )
     allow_negative_weights: bool = Field(
         False, description="Accept records with a negative `weight`; refused otherwise."

@@ -32,7 +32,13 @@ from heed.algos.losses import kto_loss
 from heed.algos.ops import masked_sum
 from heed.config.kto import KTOConfig, KTOLossConfig
 from heed.data.collate import Encoded, length_grouped_batches, pad_batch
-from heed.data.records import EVAL_SPLIT, ParseOptions, Prompt, UnpairedExample, load_records
+from heed.data.records import (
+    ParseOptions,
+    Prompt,
+    UnpairedExample,
+    load_records,
+    load_train_and_eval,
+)
 from heed.data.templating import use_chat
 from heed.data.unpaired import (
     EncodedUnpaired,
@@ -88,19 +94,8 @@ def load_feedback(
 
     d = cfg.data
     opts = ParseOptions(allow_negative_weights=d.allow_negative_weights)
-    train = load_records(d.train, "unpaired", split=d.split, options=opts, max_length=d.max_length)
-    held: list[Any] = []
-    if d.eval:
-        held = load_records(
-            d.eval,
-            "unpaired",
-            split=d.eval_split_name,
-            split_key=EVAL_SPLIT,
-            default_split=None,
-            options=opts,
-            max_length=d.max_length,
-        )
-    else:  # by prompt, so answers to one prompt never sit on both sides
+    train, held = load_train_and_eval(d, "unpaired", opts, d.max_length)
+    if not d.eval:  # by prompt, so answers to one prompt never sit on both sides
         train, held = split_by_prompt(train, d.eval_split, cfg.train.seed)
     train_examples, train_counts = unpair(train)
     eval_examples, eval_counts = unpair(held)
