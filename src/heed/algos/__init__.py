@@ -11,12 +11,15 @@ from heed.algos.advantages import (
     ema_update,
     gae,
     grpo_advantages,
+    informative_groups,
     overlong_penalty,
     reinforce_advantages,
     rloo_advantages,
+    step_token_rewards,
     token_gae,
 )
 from heed.algos.correction import engine_importance_weights
+from heed.algos.entropy import EntropyController
 from heed.algos.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -50,6 +53,7 @@ from heed.algos.ops import (
 
 __all__ = [
     "AdaptiveKLController",
+    "EntropyController",
     "FixedKLController",
     "PolicyStats",
     "RankingStats",
@@ -64,6 +68,7 @@ __all__ = [
     "explained_variance",
     "gae",
     "grpo_advantages",
+    "informative_groups",
     "kl_estimate",
     "kl_penalized_rewards",
     "kto_loss",
@@ -78,6 +83,7 @@ __all__ = [
     "rloo_advantages",
     "selective_log_softmax",
     "simpo_loss",
+    "step_token_rewards",
     "token_gae",
     "value_loss",
     "whiten",

@@ -195,6 +195,47 @@ def overlong_penalty(lengths: Tensor, max_length: int, cache: int) -> Tensor:
     return torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
 
 
+def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Groups whose rewards differ: DAPO's dynamic-sampling filter (https://arxiv.org/abs/2503.14476, eq. 11).
+
+        keep_g = max_{i valid} r_gi > min_{i valid} r_gi
+
+    A group whose valid rewards are all equal (all right, all wrong; or fewer than two valid ones)
+    has zero group-relative advantage for every answer (GRPO, RLOO), so it adds nothing to the
+    policy gradient but still dilutes the batch. NaN rewards (a source returned None) are invalid.
+    Shapes: ``rewards`` (N,) with N = G·K, samples of one prompt adjacent. Returns (G,) bool.
+    """
+    r, ok = _grouped(rewards, group_size, None)
+    high = torch.where(ok, r, torch.full_like(r, -torch.inf)).amax(dim=-1)  # (G,)
+    low = torch.where(ok, r, torch.full_like(r, torch.inf)).amin(dim=-1)  # (G,)
+    return (ok.sum(dim=-1) > 1) & (high > low)
+
+
+def step_token_rewards(ends: Tensor, scores: Tensor, width: int) -> Tensor:
+    """Process rewards as token rewards: each step's score at the token that ends the step.
+
+        r_{b,t} = Σ_s scores_{b,s} · 1[ends_{b,s} = t]
+
+    (Lightman et al. 2023, https://arxiv.org/abs/2305.20050; Math-Shepherd,
+    https://arxiv.org/abs/2312.08935, feeds them to PPO's GAE this way.) Steps that end on the same
+    token add up; an end of −1 marks a padding step (no reward placed).
+    Shapes: ``ends`` (B, S) int positions in [−1, width); ``scores`` (B, S). Returns (B, width).
+    """
+    if ends.shape != scores.shape:
+        raise ValueError(
+            f"step_token_rewards: ends {tuple(ends.shape)} and scores {tuple(scores.shape)} differ"
+        )
+    if ends.numel() and int(ends.max()) >= width:
+        raise ValueError(
+            f"step_token_rewards: a step ends at token {int(ends.max())}, past the width {width}"
+        )
+    real = ends >= 0
+    out = torch.zeros((ends.shape[0], width + 1), dtype=scores.dtype, device=scores.device)
+    slot = torch.where(real, ends, torch.full_like(ends, width))  # padding steps land in a spare column
+    out.scatter_add_(1, slot, torch.where(real, scores, torch.zeros_like(scores)))
+    return out[:, :width]
+
+
 def reinforce_advantages(rewards: Tensor, baseline: float | Tensor) -> Tensor:
     """REINFORCE with a baseline (Williams 1992): A_i = r_i − b.
 

@@ -10,6 +10,7 @@ from heed.config.base import HeedConfig, LogConfig, ModelConfig, OptimConfig
 from heed.config.monitor import MonitorConfig
 
 ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce")
+OVERLONG_SOURCE = "overlong"  # the soft overlong punishment's name among the reward sources (reward/overlong)
 
 
 class RewardSpec(HeedConfig):
@@ -42,6 +43,13 @@ class RewardSpec(HeedConfig):
         True, description="Pipeline: multiply by the label's probability (false: the multiplier alone)."
     )
     batch_size: int = Field(64, ge=1, description="Completions per reward-model / pipeline call.")
+    step_delimiter: str | None = Field(
+        None,
+        min_length=1,
+        description="Process rewards: `function` returns a list of scores per answer, one per step, the steps "
+        "being the answer split on this delimiter (e.g. '\\n'; a trailing one ends the last step). PPO puts "
+        "each step's score on the token that ends the step; the other algorithms use their sum.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> RewardSpec:
@@ -51,6 +59,8 @@ class RewardSpec(HeedConfig):
                 "a reward source needs exactly one of function, model, pipeline"
                 + (f" (got {', '.join(set_)})" if set_ else "")
             )
+        if self.step_delimiter is not None and not self.function:
+            raise ValueError("step_delimiter: process (per-step) rewards come from a `function` source only")
         return self
 
     @property
@@ -120,6 +130,47 @@ class RolloutConfig(HeedConfig):
     vllm_sleep: bool = Field(
         True, description="vllm engine: free vLLM's weights and KV cache between rollouts."
     )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling (rloo, grpo): drop groups whose k rewards are all equal and sample "
+        "more prompts until prompts_per_step informative groups are collected.",
+    )
+    dynamic_sampling_rounds: int = Field(
+        3,
+        ge=1,
+        description="Dynamic sampling: extra sampling rounds per update at most; a batch still short after "
+        "them trains on the groups it has (with a warning).",
+    )
+    correction: Literal["none", "tis", "mis"] = Field(
+        "none",
+        description="Off-policy correction when the engine's log-probs differ from the trainer's: weight each "
+        "token's policy loss by π_old/π_engine, truncated at correction_cap (tis) or dropped past it (mis). "
+        "Needs both log-probs: reuse_logprobs false, the vllm engine, or PPO.",
+    )
+    correction_cap: float = Field(
+        2.0, gt=0, description="Off-policy correction: the cap C of the importance weight π_old/π_engine."
+    )
+
+
+class OverlongConfig(HeedConfig):
+    """Answers cut at ``rollout.max_new_tokens`` (DAPO, https://arxiv.org/abs/2503.14476)."""
+
+    filter: bool = Field(
+        False,
+        description="Leave answers that were cut at max_new_tokens (no EOS) out of the loss; they still count "
+        "in the baselines of their group.",
+    )
+    penalty_cache: int | None = Field(
+        None,
+        ge=1,
+        description="Soft overlong punishment: a reward ramping from 0 to -penalty_weight over the last N "
+        "tokens before max_new_tokens, added to the score (null: off).",
+    )
+    penalty_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Soft overlong punishment: the penalty at max_new_tokens (logged as reward/overlong).",
+    )
 
 
 class KLConfig(HeedConfig):
@@ -165,7 +216,26 @@ class UpdateConfig(HeedConfig):
     loss_aggregation: Literal[
         "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
     ] = Field("token_mean", description="How per-token losses are reduced (heed.algos.aggregate).")
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    entropy_coef: float = Field(
+        0.0, ge=0, description="Entropy bonus coefficient (the initial one with entropy_target)."
+    )
+    entropy_target: float | None = Field(
+        None,
+        ge=0,
+        description="Adaptive entropy bonus: move the coefficient to keep the mean token entropy (nats) near "
+        "this target, coef <- clip(coef + entropy_coef_lr*(target - entropy), 0, entropy_coef_max); null: fixed.",
+    )
+    entropy_coef_lr: float = Field(
+        0.01,
+        ge=0,
+        description="Adaptive entropy bonus: coefficient change per nat of entropy gap per update.",
+    )
+    entropy_coef_max: float = Field(0.1, ge=0, description="Adaptive entropy bonus: largest coefficient.")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="Importance ratio per token (PPO) or per answer, the geometric mean of its token ratios "
+        "(GSPO, https://arxiv.org/abs/2507.18071; rloo, grpo, reinforce).",
+    )
 
 
 class AdvantageConfig(HeedConfig):
@@ -357,6 +427,9 @@ class RLConfig(HeedConfig):
         default_factory=AdvantageConfig, description="Advantage estimation (GAE, group baselines)."
     )
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO's critic.")
+    overlong: OverlongConfig = Field(
+        default_factory=OverlongConfig, description="Answers cut at max_new_tokens: filter, soft penalty."
+    )
     ptx: PtxConfig = Field(default_factory=PtxConfig, description="PPO-ptx language-modelling loss.")
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig, description="Length and seed.")
     optim: RLOptimConfig = Field(
@@ -391,7 +464,33 @@ class RLConfig(HeedConfig):
         names = [r.display_name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: two sources share a name ({', '.join(names)}); set `name:` on each")
+        self._check_stabilizers(names)
         return self
+
+    def _check_stabilizers(self, names: list[str]) -> None:
+        r, o = self.rollout, self.overlong
+        if o.penalty_cache is not None and o.penalty_cache > r.max_new_tokens:
+            raise ValueError(
+                f"overlong.penalty_cache: {o.penalty_cache} tokens exceed rollout.max_new_tokens "
+                f"({r.max_new_tokens}); the ramp must fit inside the answer"
+            )
+        if o.penalty_cache is not None and OVERLONG_SOURCE in names:
+            raise ValueError(f"rewards: the name '{OVERLONG_SOURCE}' is taken by overlong.penalty_cache")
+        if r.dynamic_sampling and self.algorithm not in ("rloo", "grpo"):
+            raise ValueError(
+                f"rollout.dynamic_sampling: drops groups without reward variance, which only group "
+                f"baselines ignore (rloo, grpo); got algorithm {self.algorithm}"
+            )
+        if self.update.ratio_level == "sequence" and self.algorithm == "ppo":
+            raise ValueError(
+                "update.ratio_level: sequence (GSPO) needs one advantage per answer (rloo, grpo, reinforce); "
+                "PPO's GAE gives one per token"
+            )
+        if r.correction != "none" and r.reuse_logprobs and r.engine != "vllm" and self.algorithm != "ppo":
+            raise ValueError(
+                f"rollout.correction: {r.correction} weighs the engine's log-probs against the trainer's, so "
+                "both are needed; set rollout.reuse_logprobs: false (the vllm engine and PPO always recompute)"
+            )
 
     # derived values
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ class RewardSource:
     name: str
     fn: RewardFn
     weight: float = 1.0
+    step_delimiter: str | None = None  # process rewards: one score per step (a list) per answer
 
     def __call__(
         self,
@@ -37,8 +38,9 @@ class RewardSource:
         completions: Sequence[str],
         columns: dict[str, list[Any]],
         step: int | None = None,
-    ) -> list[float | None]:
-        """Call the source and validate what it returns (length, numbers, finiteness)."""
+    ) -> list[Any]:
+        """Call the source and validate what it returns (length, numbers, finiteness): one float or None
+        per completion, or with ``step_delimiter`` one list of floats (one per step) or None."""
         where = f"step {step}: " if step is not None else ""
         try:
             values = self.fn(list(prompts), list(completions), **columns)
@@ -60,23 +62,41 @@ class RewardSource:
                 f"{where}reward '{self.name}' returned {got} for {len(completions)} completions "
                 "(expected a list of one float or None per completion)"
             )
-        out: list[float | None] = []
-        for i, v in enumerate(values):
-            if v is None:
-                out.append(None)
-                continue
-            if isinstance(v, bool) or not isinstance(v, Real):
-                raise RewardError(
-                    f"{where}reward '{self.name}' returned {v!r} ({type(v).__name__}) for completion "
-                    f"#{i}: {_short(completions[i])!r}; expected a float or None"
-                )
-            if not math.isfinite(float(v)):
-                raise TrainingDivergedError(
-                    f"{where}reward '{self.name}' is {float(v)} for completion #{i}: {_short(completions[i])!r}; "
-                    "stopping (the last checkpoint is intact)"
-                )
-            out.append(float(v))
-        return out
+        if self.step_delimiter is not None:
+            return [self._steps(v, i, completions[i], where) for i, v in enumerate(values)]
+        return [
+            None if v is None else self._number(v, i, completions[i], where) for i, v in enumerate(values)
+        ]
+
+    def _number(self, v: Any, i: int, completion: str, where: str, what: str = "") -> float:
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise RewardError(
+                f"{where}reward '{self.name}' returned {v!r} ({type(v).__name__}) {what}for completion "
+                f"#{i}: {_short(completion)!r}; expected a float or None"
+            )
+        if not math.isfinite(float(v)):
+            raise TrainingDivergedError(
+                f"{where}reward '{self.name}' is {float(v)} {what}for completion #{i}: {_short(completion)!r}; "
+                "stopping (the last checkpoint is intact)"
+            )
+        return float(v)
+
+    def _steps(self, v: Any, i: int, completion: str, where: str) -> list[float] | None:
+        """One score per step of the completion (split on ``step_delimiter``), or None."""
+        from heed.rewards.steps import split_steps
+
+        if v is None:
+            return None
+        n = len(split_steps(completion, self.step_delimiter or ""))
+        if hasattr(v, "tolist"):
+            v = v.tolist()
+        if not isinstance(v, list | tuple) or len(v) != n:
+            got = f"{len(v)} step scores" if isinstance(v, list | tuple) else repr(v)
+            raise RewardError(
+                f"{where}reward '{self.name}' returned {got} for completion #{i}, which has {n} steps "
+                f"split on {self.step_delimiter!r}: {_short(completion)!r}; expected a list of {n} floats or None"
+            )
+        return [self._number(x, i, completion, where, f"at step {s} ") for s, x in enumerate(v)]
 
     def _find_culprit(
         self, prompts: Sequence[Any], completions: Sequence[str], columns: dict[str, list[Any]]
@@ -95,7 +115,8 @@ class RewardBatch:
     """Scores of one batch: the weighted total (None where any source gave None) and each source's values."""
 
     total: list[float | None]
-    per_source: dict[str, list[float | None]]
+    per_source: dict[str, list[float | None]]  # a process-reward source's value is the sum of its steps
+    steps: dict[str, list[list[float] | None]] = field(default_factory=dict)  # process rewards, per step
 
     def means(self, prefix: str = "reward/") -> dict[str, float]:
         """Mean of each source over the answers it scored, keyed ``reward/<source>``."""
@@ -122,7 +143,12 @@ class RewardSet:
         step: int | None = None,
     ) -> RewardBatch:
         columns = columns or {}
-        per_source = {s.name: s(prompts, completions, columns, step) for s in self.sources}
+        raw = {s.name: s(prompts, completions, columns, step) for s in self.sources}
+        steps = {s.name: raw[s.name] for s in self.sources if s.step_delimiter is not None}
+        per_source: dict[str, list[float | None]] = {
+            name: [None if v is None else float(sum(v)) if isinstance(v, list) else v for v in vals]
+            for name, vals in raw.items()
+        }
         total: list[float | None] = []
         for i in range(len(completions)):
             vals = [per_source[s.name][i] for s in self.sources]
@@ -131,7 +157,7 @@ class RewardSet:
                 if any(v is None for v in vals)
                 else sum(s.weight * v for s, v in zip(self.sources, vals, strict=True))
             )  # type: ignore[operator]
-        return RewardBatch(total, per_source)
+        return RewardBatch(total, per_source, steps)
 
 
 class NoneRewardWatch:
@@ -176,7 +202,7 @@ def build_source(spec: RewardSpec, base_dir: str | Path | None = None) -> Reward
         fn = sources.reward_model_source(str(spec.model), spec.normalize, spec.batch_size)
     else:
         fn = sources.pipeline_source(str(spec.pipeline), spec.labels, spec.use_score, spec.batch_size)
-    return RewardSource(spec.display_name, fn, spec.weight)
+    return RewardSource(spec.display_name, fn, spec.weight, spec.step_delimiter)
 
 
 def build_rewards(specs: Sequence[RewardSpec], base_dir: str | Path | None = None) -> RewardSet:

@@ -29,6 +29,9 @@ class Rollout:
     old_values: torch.Tensor | None = None  # (N, C)
     advantages: torch.Tensor | None = None  # (N, C) or (N, 1)
     returns: torch.Tensor | None = None  # (N, C) value targets (PPO)
+    loss_weights: torch.Tensor | None = (
+        None  # (N, C) per-token weights of the policy loss (off-policy correction)
+    )
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

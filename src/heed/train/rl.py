@@ -22,14 +22,15 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from heed import algos
-from heed.config.rl import RLConfig
+from heed.config.rl import OVERLONG_SOURCE, RLConfig
 from heed.data.records import PromptExample, load_records, prompt_text
 from heed.errors import ConfigError
 from heed.models.forward import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
@@ -47,7 +48,7 @@ from heed.rollout.batch import (
     scatter_response,
 )
 from heed.rollout.engine import Engine, make_engine
-from heed.rollout.generate import SamplingParams, encode_prompts
+from heed.rollout.generate import Generation, SamplingParams, encode_prompts
 from heed.rollout.sampler import row_keys
 from heed.rollout.vllm_engine import check_vllm
 from heed.train.collective import Collective, global_mean, global_whiten
@@ -203,6 +204,7 @@ class Learner:
     value_head: ValueHead | None = None  # PPO, critic: shared
     critic: Critic | None = None  # PPO, critic: separate
     train_mode: bool = True  # False: a model still random in training mode is updated in eval mode
+    entropy_ctl: algos.EntropyController | None = None  # None: the fixed update.entropy_coef
 
     @property
     def value_params(self) -> list[torch.nn.Parameter]:
@@ -273,6 +275,7 @@ class RolloutPasses:
     ref_logprobs: torch.Tensor
     old_values: torch.Tensor | None
     stats: dict[str, float]
+    engine_logprobs: torch.Tensor | None = None  # the engine's, when the trainer's were recomputed
 
 
 @dataclass
@@ -316,15 +319,27 @@ class Totals:
 # the steps of one update
 
 
+REFILL_KEY_SALT = 0x0D15_CA7D  # dynamic sampling's extra rounds draw from their own streams
+
+
 def sample(
-    cfg: RLConfig, learner: Learner, engine: Engine, prompts: Prompts, update: int
+    cfg: RLConfig,
+    learner: Learner,
+    engine: Engine,
+    prompts: Prompts,
+    update: int,
+    idx: list[int] | None = None,
+    round_: int = 0,
 ) -> tuple[list[int], Any]:
-    """Step 1: K completions for this process's consecutive share of the update's prompts. Each answer's
-    random draws depend on (seed, update, prompt, sample) only, not on batching nor on the process."""
+    """Step 1: K completions for this process's consecutive share of the update's prompts (or for the
+    prompts ``idx`` of dynamic sampling's extra round ``round_``). Each answer's random draws depend
+    on (seed, round, update, prompt, sample) only, not on batching nor on the process."""
     k = cfg.rollout.k
-    order = prompt_order(len(prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed)
-    idx = process_share(order, learner.coll)
-    keys = row_keys(cfg.train.seed, [(update << 32) + i * k + j for i in idx for j in range(k)])
+    if idx is None:
+        order = prompt_order(len(prompts.ids), update, cfg.rollout.prompts_per_step, cfg.train.seed)
+        idx = process_share(order, learner.coll)
+    seed = cfg.train.seed + round_ * REFILL_KEY_SALT
+    keys = row_keys(seed, [(update << 32) + i * k + j for i in idx for j in range(k)])
     gen = engine(
         learner.policy, learner.tokenizer, [prompts.ids[i] for i in idx], _sampling(cfg), k, keys=keys
     )
@@ -339,6 +354,242 @@ def score_batch(
     scored = rewards(batch_prompts, texts, prompts.columns(idx, k), step=step)
     total = torch.tensor([math.nan if v is None else v for v in scored.total], dtype=torch.float32)
     return total, scored
+
+
+def add_overlong_penalty(
+    cfg: RLConfig, scores: torch.Tensor, scored: RewardBatch, lengths: torch.Tensor
+) -> tuple[torch.Tensor, RewardBatch]:
+    """Step 2b: DAPO's soft overlong punishment (:func:`heed.algos.overlong_penalty`, times
+    ``overlong.penalty_weight``) added to every score, logged as the source ``overlong``."""
+    o = cfg.overlong
+    if o.penalty_cache is None:
+        return scores, scored
+    penalty = o.penalty_weight * algos.overlong_penalty(lengths, cfg.rollout.max_new_tokens, o.penalty_cache)
+    total = [None if t is None else t + float(p) for t, p in zip(scored.total, penalty, strict=True)]
+    per_source = {**scored.per_source, OVERLONG_SOURCE: penalty.tolist()}
+    return scores + penalty.to(scores.dtype), RewardBatch(total, per_source, scored.steps)
+
+
+@dataclass
+class Sampled:
+    """Steps 1-2's results on this process: whole groups of K answers, their scores and figures."""
+
+    idx: list[int]  # the prompt of each group
+    gen: Generation
+    scores: torch.Tensor  # (N,) NaN where a source gave None
+    scored: RewardBatch
+    stats: dict[str, float]  # dynamic sampling's counts (empty without it)
+
+    def select(self, groups: list[int], k: int) -> Sampled:
+        """Groups ``groups`` (indices into ``idx``), in that order."""
+        rows = [g * k + j for g in groups for j in range(k)]
+        return Sampled(
+            [self.idx[g] for g in groups],
+            select_generation(self.gen, rows),
+            self.scores[rows],
+            RewardBatch(
+                [self.scored.total[r] for r in rows],
+                {n: [v[r] for r in rows] for n, v in self.scored.per_source.items()},
+                {n: [v[r] for r in rows] for n, v in self.scored.steps.items()},
+            ),
+            self.stats,
+        )
+
+
+def select_generation(gen: Generation, rows: list[int]) -> Generation:
+    """Rows ``rows`` of a generation (its padding kept)."""
+    r = torch.tensor(rows, dtype=torch.long)
+    return Generation(
+        gen.prompt_ids[r],
+        gen.prompt_mask[r],
+        gen.completion_ids[r],
+        gen.completion_mask[r],
+        [gen.texts[i] for i in rows],
+        gen.finished[r],
+        None if gen.logprobs is None else gen.logprobs[r],
+    )
+
+
+def concat_sampled(parts: list[Sampled], pad_id: int) -> Sampled:
+    """One batch from several rounds' groups: prompts re-padded on the left, answers on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    gens = [p.gen for p in parts]
+    p_width = max(g.prompt_ids.shape[1] for g in gens)
+    c_width = max(g.completion_ids.shape[1] for g in gens)
+
+    def pad(t: torch.Tensor, width: int, value: Any, left: bool) -> torch.Tensor:
+        extra = width - t.shape[1]
+        fill = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+    with_lp = all(g.logprobs is not None for g in gens)
+    gen = Generation(
+        torch.cat([pad(g.prompt_ids, p_width, pad_id, True) for g in gens]),
+        torch.cat([pad(g.prompt_mask, p_width, False, True) for g in gens]),
+        torch.cat([pad(g.completion_ids, c_width, pad_id, False) for g in gens]),
+        torch.cat([pad(g.completion_mask, c_width, False, False) for g in gens]),
+        [t for g in gens for t in g.texts],
+        torch.cat([g.finished for g in gens]),
+        torch.cat([pad(g.logprobs, c_width, 0.0, False) for g in gens]) if with_lp else None,  # type: ignore[arg-type]
+    )
+    scored = RewardBatch(
+        [v for p in parts for v in p.scored.total],
+        {n: [v for p in parts for v in p.scored.per_source[n]] for n in parts[0].scored.per_source},
+        {n: [v for p in parts for v in p.scored.steps[n]] for n in parts[0].scored.steps},
+    )
+    return Sampled(
+        [i for p in parts for i in p.idx], gen, torch.cat([p.scores for p in parts]), scored, parts[0].stats
+    )
+
+
+def refill_prompts(
+    n_prompts: int, update: int, round_: int, rank: int, count: int, seed: int, used: set[int]
+) -> list[int]:
+    """Dynamic sampling's extra prompts: ``count`` prompts of a shuffle keyed by (seed, update, round,
+    process), those already sampled in this update first left out (deterministic: a resumed run draws
+    the same ones)."""
+    order = list(range(n_prompts))
+    random.Random(f"heed-refill/{seed}/{update}/{round_}/{rank}").shuffle(order)
+    fresh = [i for i in order if i not in used]
+    return (fresh + [i for i in order if i in used])[:count]
+
+
+def sample_and_score(
+    cfg: RLConfig,
+    learner: Learner,
+    engine: Engine,
+    prompts: Prompts,
+    rewards: RewardSet,
+    update: int,
+) -> Sampled:
+    """Steps 1-2: sample and score this process's share of the update's prompts.
+
+    With ``rollout.dynamic_sampling`` (DAPO, https://arxiv.org/abs/2503.14476 §3.2) groups whose K
+    scores are all equal (:func:`heed.algos.informative_groups`: no group-relative advantage) are
+    dropped and up to ``rollout.dynamic_sampling_rounds`` extra rounds sample more prompts (own keys,
+    so draws stay deterministic), each as many as the rounds so far suggest are needed, until the
+    process holds its share of informative groups. Every process fills its own share; the processes
+    then keep the smallest count among them (the update splits equally), and when not one is found
+    the first round's groups are kept (their advantages are 0: only the KL moves the policy)."""
+    k, step, coll = cfg.rollout.k, update + 1, learner.coll
+    share = cfg.rollout.prompts_per_step // coll.world
+
+    def round_of(idx: list[int] | None, round_: int) -> Sampled:
+        idx, gen = sample(cfg, learner, engine, prompts, update, idx, round_)
+        scores, scored = score_batch(rewards, prompts, idx, gen.texts, k, step)
+        scores, scored = add_overlong_penalty(cfg, scores, scored, gen.lengths)
+        return Sampled(idx, gen, scores, scored, {})
+
+    first = round_of(None, 0)
+    if not cfg.rollout.dynamic_sampling:
+        return first
+    parts, used, drawn, dropped = [], set(first.idx), len(first.idx), 0
+    current = first
+    kept = 0
+    for round_ in range(cfg.rollout.dynamic_sampling_rounds + 1):
+        if round_ > 0:
+            rate = kept / drawn  # informative groups per prompt so far
+            count = share if kept == 0 else min(share, math.ceil((share - kept) / rate))
+            idx = refill_prompts(len(prompts.ids), update, round_, coll.rank, count, cfg.train.seed, used)
+            used.update(idx)
+            drawn += len(idx)
+            current = round_of(idx, round_)
+        good = algos.informative_groups(current.scores, k).tolist()
+        dropped += good.count(False)
+        take = [g for g, ok in enumerate(good) if ok][: share - kept]
+        parts.append(current.select(take, k))
+        kept += len(take)
+        if kept >= share:
+            break
+    counts = [int(c) for c in coll.gather(kept)]
+    keep = min(counts)
+    extra = drawn - len(first.idx)
+    if keep == 0:
+        out = first
+    else:
+        out = concat_sampled(parts, learner.tokenizer.pad_token_id)
+        out = out.select(list(range(keep)), k) if keep < kept else out
+    total_kept = keep * coll.world
+    if total_kept < cfg.rollout.prompts_per_step and coll.main:
+        warnings.warn(
+            f"update {step}: dynamic sampling found {sum(counts)} of {cfg.rollout.prompts_per_step} informative "
+            f"groups after {cfg.rollout.dynamic_sampling_rounds} extra rounds; training on "
+            + (
+                f"{total_kept}"
+                if keep
+                else f"the first round's {cfg.rollout.prompts_per_step} (advantages 0)"
+            ),
+            stacklevel=2,
+        )
+    valid = first.scores[~torch.isnan(first.scores)]
+    sums = coll.sum(
+        torch.tensor([len(out.idx), dropped, extra, float(valid.sum()), len(valid)], dtype=torch.float64)
+    )
+    out.stats = {
+        "dynamic/kept_groups": float(sums[0]),  # of the whole update (every process)
+        "dynamic/dropped_groups": float(sums[1]),
+        "dynamic/extra_prompts": float(sums[2]),
+        "dynamic/unfiltered_reward": float(sums[3] / sums[4]) if sums[4] > 0 else math.nan,  # first round's
+    }
+    return out
+
+
+def correction_weights(
+    cfg: RLConfig, ro: Rollout, engine_logprobs: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Step 3b: off-policy correction (:func:`heed.algos.engine_importance_weights`): the weight
+    π_old/π_engine of each answer token, truncated (tis) or masked (mis) at ``rollout.correction_cap``,
+    by which step 6 multiplies the token's policy loss. Returns the weights (N, C) and their figures."""
+    if engine_logprobs is None:
+        raise ConfigError(
+            f"rollout.correction: {cfg.rollout.correction} needs the engine's log-probs of the sampled tokens, "
+            f"which the {cfg.rollout.engine} engine did not report; use rollout.correction: none"
+        )
+    assert ro.old_logprobs is not None
+    w, stats = algos.engine_importance_weights(
+        ro.old_logprobs, engine_logprobs, ro.response_mask, cfg.rollout.correction_cap, cfg.rollout.correction
+    )
+    return w, {f"correction/{k}": float(v) for k, v in stats.items()}
+
+
+def process_token_rewards(
+    rewards: RewardSet, scored: RewardBatch, gen: Generation, tokenizer: Any, valid: torch.Tensor
+) -> torch.Tensor | None:
+    """Step 4a: the process-reward sources' step scores (times their weights) on the token that ends
+    each step (:func:`heed.rewards.steps.step_end_tokens`, :func:`heed.algos.step_token_rewards`),
+    (N, C); None without such a source. Answers whose total is None (``valid`` False) get none."""
+    from heed.rewards.steps import step_end_tokens
+
+    sources = [s for s in rewards.sources if s.step_delimiter is not None]
+    if not sources:
+        return None
+    n, width = gen.completion_mask.shape
+    out = torch.zeros((n, width), dtype=torch.float32)
+    for src in sources:
+        delim = src.step_delimiter or ""
+        for i in range(n):
+            steps = scored.steps[src.name][i]
+            if steps is None or not bool(valid[i]):
+                continue
+            ids = gen.completion_ids[i, : int(gen.completion_mask[i].sum())].tolist()
+            decoded = ids[:-1] if bool(gen.finished[i]) else ids  # the text was decoded without the EOS
+            ends = step_end_tokens(tokenizer, decoded, gen.texts[i], delim)
+            if bool(gen.finished[i]):  # the last step ends on the EOS
+                ends[-1] = len(ids) - 1
+            out[i] += (
+                src.weight
+                * algos.step_token_rewards(
+                    torch.tensor([ends]), torch.tensor([steps], dtype=torch.float32), width
+                )[0]
+            )
+    return out
+
+
+def without_truncated(ro: Rollout, finished: torch.Tensor) -> Rollout:
+    """Step 5b: DAPO's overlong filtering: answers cut at max_new_tokens (no EOS) leave the loss (their
+    response mask is cleared); their scores already served the group baselines."""
+    return replace(ro, response_mask=ro.response_mask & finished.to(ro.response_mask.device).unsqueeze(-1))
 
 
 @torch.no_grad()
@@ -379,7 +630,8 @@ def rollout_logprobs(
         assert sampled is not None
         old_logprobs = sampled.to(ro.response_mask.device) * ro.response_mask
     values = scatter_response(vals, n, width) if vals else None
-    return RolloutPasses(old_logprobs, scatter_response(ref, n, width), values, stats)
+    engine = sampled.to(old_logprobs.device) * ro.response_mask if recompute and sampled is not None else None
+    return RolloutPasses(old_logprobs, scatter_response(ref, n, width), values, stats, engine)
 
 
 def reference_logprobs(
@@ -396,12 +648,20 @@ def reference_logprobs(
 
 
 def compute_advantages(
-    cfg: RLConfig, ro: Rollout, beta_reward: float, baseline: float | None, coll: Collective | None = None
+    cfg: RLConfig,
+    ro: Rollout,
+    beta_reward: float,
+    baseline: float | None,
+    coll: Collective | None = None,
+    step_rewards: torch.Tensor | None = None,
 ) -> Advantages:
     """Steps 4-5: KL-penalised token rewards, then the algorithm's advantages (and PPO's returns).
 
     ``ro`` carries the rollout's scores and step 3's log-probs (and values for PPO); ``baseline`` is
-    REINFORCE's moving average before this update (None at the start). On several processes ``ro`` is
+    REINFORCE's moving average before this update (None at the start). ``step_rewards`` (N, C) is the
+    part of each score that process rewards give at step ends (:func:`process_token_rewards`): PPO
+    keeps it there and puts only the rest of the score on the last token; the other algorithms use
+    the whole score (the steps' sum included) per answer. On several processes ``ro`` is
     this process's share (whole RLOO/GRPO groups, so their advantages are exact locally); whitening,
     the REINFORCE baseline and the logged means use the statistics of the global batch
     (:mod:`heed.train.collective`)."""
@@ -411,9 +671,15 @@ def compute_advantages(
     scores = torch.nan_to_num(ro.scores, nan=0.0)
     assert ro.old_logprobs is not None and ro.ref_logprobs is not None
     # step 4. r_t = −β·kl_t on every answer token, + score on the last one
-    token_rewards, _ = algos.kl_penalized_rewards(
-        scores, ro.old_logprobs, ro.ref_logprobs, mask, beta_reward, kind=cfg.kl_estimator
+    per_step = (
+        None if step_rewards is None or cfg.algorithm != "ppo" else step_rewards.to(scores.device) * mask
     )
+    outcome = scores if per_step is None else scores - per_step.sum(-1)
+    token_rewards, _ = algos.kl_penalized_rewards(
+        outcome, ro.old_logprobs, ro.ref_logprobs, mask, beta_reward, kind=cfg.kl_estimator
+    )
+    if per_step is not None:
+        token_rewards = token_rewards + per_step  # each step's score on the token that ends it
     # step 5. advantages
     a = cfg.advantages
     if cfg.algorithm == "ppo":
@@ -472,24 +738,34 @@ def micro_batch_loss(
     bonus, β·KL when the KL is in the loss, and PPO's clipped value loss. ``add(key, value)`` collects
     the figures to log."""
     u, mode, mask = cfg.update, cfg.update.loss_aggregation, part.response_mask
+    entropy_coef = learner.entropy_ctl.value if learner.entropy_ctl is not None else u.entropy_coef
     out = plan.forward(
         learner.model,
         part,
         cfg.rollout.temperature,
         value_head=learner.value_head,
         with_entropy=True,
-        entropy_grad=u.entropy_coef > 0,
+        entropy_grad=entropy_coef > 0,
     )
     logprobs = part.response(out.logprobs)
     pg_tok, pstats = algos.policy_loss(
-        logprobs, part.old_logprobs, part.advantages, mask, u.clip_eps, u.clip_eps_high, dual_clip=u.dual_clip
+        logprobs,
+        part.old_logprobs,
+        part.advantages,
+        mask,
+        u.clip_eps,
+        u.clip_eps_high,
+        dual_clip=u.dual_clip,
+        ratio_level=u.ratio_level,
     )
+    if part.loss_weights is not None:  # off-policy correction: π_old/π_engine per token (step 3b)
+        pg_tok = pg_tok * part.loss_weights
     pg = algos.aggregate(pg_tok, mask, mode)
     loss = pg
     assert out.entropy is not None
     entropy = part.response(out.entropy)
-    if u.entropy_coef > 0:
-        loss = loss - u.entropy_coef * algos.aggregate(entropy, mask, mode)
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * algos.aggregate(entropy, mask, mode)
     if beta_loss > 0:
         kl_tok = algos.kl_estimate(logprobs, part.ref_logprobs, cfg.kl_estimator)
         loss = loss + beta_loss * algos.aggregate(kl_tok, mask, mode)
@@ -725,9 +1001,10 @@ def _append_samples(run: Path, rows: list[dict[str, Any]]) -> None:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]:
+def answer_figures(ro: Rollout, texts: list[str], scored: Any, finished: torch.Tensor) -> dict[str, Any]:
     """Per-answer figures that step 7 averages, as plain lists (so they gather cheaply across processes):
-    score (NaN where a source gave None), per-sequence KL to the reference (k1, k3), length, text."""
+    score (NaN where a source gave None), per-sequence KL to the reference (k1, k3), length, whether
+    the answer ended (EOS), text."""
     mask = ro.response_mask
     assert ro.old_logprobs is not None and ro.ref_logprobs is not None
     return {
@@ -739,6 +1016,7 @@ def answer_figures(ro: Rollout, texts: list[str], scored: Any) -> dict[str, Any]
             algos.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3"), mask, dim=-1
         ).tolist(),
         "length": mask.sum(-1).tolist(),
+        "finished": [bool(f) for f in finished],
         "text": list(texts),
         "total": list(scored.total),
         "per_source": {name: list(vals) for name, vals in scored.per_source.items()},
@@ -868,8 +1146,14 @@ def make_learner(
         if cfg.kl.adaptive
         else algos.FixedKLController(cfg.kl.beta)
     )
+    u = cfg.update
+    entropy_ctl = algos.EntropyController(
+        u.entropy_coef, u.entropy_target, u.entropy_coef_lr, u.entropy_coef_max
+    )
     extra = saved.get("extra", {}) if ckpt is not None else {}
     kl_ctl.value = extra.get("kl_beta", kl_ctl.value)
+    if extra.get("entropy_coef") is not None:  # the adaptive coefficient where the run stopped
+        entropy_ctl.value = extra["entropy_coef"]
     for module, key in ((value_head, "value_head"), (critic, "critic")):
         if module is not None and extra.get(key) is not None:
             module.load_state_dict(extra[key])
@@ -887,6 +1171,7 @@ def make_learner(
         value_head,
         critic,
         train_mode,
+        entropy_ctl,
     )
     return learner, plan, {"step": saved["step"], **extra}
 
@@ -1013,14 +1298,14 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
         for update in range(r.start_update, cfg.train.updates):
             step = update + 1
             learner.model.eval()
-            # step 1. sample K completions per prompt (this process's consecutive share of whole prompts)
+            # steps 1-2. sample K completions per prompt (this process's consecutive share of whole
+            # prompts) and score them (None -> NaN: left out of baselines and the loss); the soft
+            # overlong penalty; dynamic sampling drops groups without reward variance and refills
             tg = time.time()
-            idx, gen = sample(cfg, learner, r.engine, r.prompts, update)
+            batch = sample_and_score(cfg, learner, r.engine, r.prompts, r.rewards.train, update)
+            gen, scored = batch.gen, batch.scored
             totals.generation_seconds += time.time() - tg
-
-            # step 2. score with the reward sources (None -> NaN: left out of baselines and the loss)
-            scores, scored = score_batch(r.rewards.train, r.prompts, idx, gen.texts, cfg.rollout.k, step)
-            ro = rollout_from_generation(gen, scores).to(dev)
+            ro = rollout_from_generation(gen, batch.scores).to(dev)
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             recompute = not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm"
@@ -1031,27 +1316,44 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
                 passes.ref_logprobs,
                 passes.old_values,
             )
+            # step 3b. off-policy correction: weight each token's loss by π_old/π_engine
+            stats = dict(passes.stats)
+            if cfg.rollout.correction != "none":
+                ro.loss_weights, correction_stats = correction_weights(cfg, ro, passes.engine_logprobs)
+                stats |= correction_stats
 
-            # steps 4-5. KL-penalised rewards and advantages
+            # steps 4-5. KL-penalised rewards (process rewards at their steps' ends) and advantages
             beta = learner.kl_ctl.value
-            adv = compute_advantages(cfg, ro, beta if cfg.kl_in_reward else 0.0, r.baseline, learner.coll)
+            step_rewards = process_token_rewards(
+                r.rewards.train, scored, gen, learner.tokenizer, ro.scores.isfinite().cpu()
+            )
+            adv = compute_advantages(
+                cfg, ro, beta if cfg.kl_in_reward else 0.0, r.baseline, learner.coll, step_rewards
+            )
             ro.advantages, ro.returns, r.baseline = adv.advantages, adv.returns, adv.baseline
 
-            # step 6. epochs of clipped-surrogate updates over minibatches
+            # step 6. epochs of clipped-surrogate updates over minibatches (overlong filtering: answers
+            # cut at max_new_tokens leave the loss)
             learner.model.train(learner.train_mode)
+            train_ro = without_truncated(ro, gen.finished) if cfg.overlong.filter else ro
             with learner.accelerator.autocast():
                 upd = update_policy(
-                    cfg, ro, learner, plan, 0.0 if cfg.kl_in_reward else beta, r.ptx_texts, step
+                    cfg, train_ro, learner, plan, 0.0 if cfg.kl_in_reward else beta, r.ptx_texts, step
                 )
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
-            fig = merge_figures(learner.coll.gather(answer_figures(ro, gen.texts, scored)))
+            fig = merge_figures(learner.coll.gather(answer_figures(ro, gen.texts, scored, gen.finished)))
             none_watch.update(fig["total"], fig["per_source"], step)  # global figures: every process stops
             totals.samples += len(fig["score"])
             metrics = batch_statistics(fig, upd.pop("entropy", None))
             learner.kl_ctl.update(metrics["kl/k1"], len(fig["score"]))
-            metrics |= upd | adv.stats | _mean_over_processes(passes.stats, learner.coll)
+            metrics |= upd | adv.stats | _mean_over_processes(stats, learner.coll) | batch.stats
             metrics |= {"kl/beta": beta, "lr": learner.scheduler.get_last_lr()[0]}
+            if cfg.overlong.filter or cfg.overlong.penalty_cache is not None:
+                metrics["overlong/truncated_frac"] = 1.0 - sum(fig["finished"]) / max(len(fig["finished"]), 1)
+            if learner.entropy_ctl is not None and learner.entropy_ctl.adaptive:
+                metrics["entropy/coef"] = learner.entropy_ctl.value  # the coefficient this update used
+                learner.entropy_ctl.update(metrics.get("entropy", math.nan))
             metrics["samples_per_s"] = totals.samples / max(time.time() - t0, 1e-9)
             if cadence.log(step):
                 r.log.logger.log(step, metrics)
@@ -1144,6 +1446,7 @@ def save_rl_checkpoint(
     baseline, the run's totals, the value head or critic)."""
     extra = {
         "kl_beta": learner.kl_ctl.value,
+        "entropy_coef": learner.entropy_ctl.value if learner.entropy_ctl is not None else None,
         "baseline": baseline,
         "totals": asdict(totals),
         "value_head": learner.value_head.state_dict() if learner.value_head is not None else None,
