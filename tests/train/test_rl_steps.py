@@ -154,3 +154,19 @@ def test_any_micro_batching_gives_the_one_batch_update(mode: str) -> None:
         for a, b in zip(one, build_causal("llama", tok, seed=3).parameters(), strict=True)
     )
     assert moved > 1e-3  # the step did change the weights
+
+
+def test_ppo_process_rewards_sit_on_their_step_ends() -> None:
+    cfg = cfg_for("ppo", advantages={"gamma": 1.0, "lam": 1.0, "whiten": False})
+    values = [[0.5, 0.2], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    # row 0's score 1 holds two steps scored 0.25 (ending on token 0) and 0.5 (token 1); the other 0.25
+    # of the score is an outcome reward on the last token. Token rewards: [−0.25 + 0.25, 0.5 + 0.25]
+    # = [0, 0.75]; returns-to-go [0.75, 0.75]; A = G − V = [0.25, 0.55] (without steps: [0.25, 0.8])
+    steps = torch.tensor([[0.25, 0.5], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    adv = compute_advantages(cfg, rollout(SCORES, OLD, REF, values), 0.5, None, step_rewards=steps)
+    assert torch.allclose(adv.advantages[0], torch.tensor([0.25, 0.55]))
+    assert torch.allclose(adv.returns[0], torch.tensor([0.75, 0.75]))
+    assert torch.allclose(adv.advantages[2], torch.tensor([1.0, 1.0]))  # rows without steps: unchanged
+    # RLOO uses the whole score per answer: step rewards change nothing
+    rloo = compute_advantages(cfg_for("rloo"), rollout(SCORES, OLD, REF), 0.5, None, step_rewards=steps)
+    assert torch.allclose(rloo.advantages, torch.tensor([[0.75], [-0.75], [0.0], [0.0]]))
