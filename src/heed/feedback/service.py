@@ -426,6 +426,11 @@ class Feedback:
         except IntegrityError as exc:
             raise ConflictError(f"project {name!r} already exists") from exc
 
+    def suggest_options(self, project: str) -> dict[str, Any] | None:
+        """The project's ``suggest`` settings (``{"model", "show", "rate"}``), or None."""
+        with self.store.read() as s:
+            return (self._project(s, project).options or {}).get("suggest") or None
+
     def kinds(self, project: str) -> Kinds:
         """The feedback kinds the project asks (:mod:`heed.feedback.kinds`)."""
         return _kinds_of_info(self.project(project))
