@@ -309,7 +309,7 @@ def test_suggestions_shown_to_a_share_and_agreement_by_hand(fb) -> None:  # type
     assert rep["shown"] == {"labels": shown, "agreement": 1.0}
     assert rep["hidden"] == {"labels": hidden, "agreement": 0.0}
     assert {a["suggestion_shown"] for a in fb.annotations("sg")} == {True, False}
-    with pytest.raises(DataError, match="suggest.show 'ranking'"):
+    with pytest.raises(DataError, match=r"suggest\.show 'ranking'"):
         fb.create_project("sg2", "binary", suggest={"show": "ranking"})
 
 
@@ -370,3 +370,168 @@ def test_older_database_gains_the_new_columns(tmp_path, hasher) -> None:  # type
     assert fb.annotations("p")[0]["rating"] is None and fb.project("p").kinds == ("pairwise",)
     assert len(fb.export("p", "pairs")) == 1
     fb.close()
+
+
+@pytest.fixture
+def client(db_url: str, hasher):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from heed.feedback.api import create_app
+
+    fb = Feedback(db_url, hasher=hasher, seed=0)
+    fb.add_user("boss", "admin", password="boss-password-1")
+    fb.add_user("ann", password="ann-password-1")
+    fb.create_project("likert", "rating", scale="1-7")
+    fb.create_project("fix", "edit")
+    fb.create_project("rank", "ranking")
+    fb.import_records("likert", [{"prompt": "q", "response": "a"}])
+    fb.import_records("fix", [{"prompt": "q", "response": "a"}])
+    fb.import_records("rank", [{"prompt": "q", "responses": ["a", "b", "c"]}])
+    for p in ("likert", "fix", "rank"):
+        fb.add_member(p, "ann")
+    with TestClient(create_app(fb), base_url="http://127.0.0.1") as c:
+        yield c, fb
+    fb.close()
+
+
+def _login(c, name: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    r = c.post("/api/login", json={"name": name, "password": f"{name}-password-1"})
+    assert r.status_code == 200, r.text
+    return {"X-CSRF-Token": r.json()["csrf_token"]}
+
+
+def test_http_refuses_bad_labels_with_422_naming_the_field(client) -> None:  # type: ignore[no-untyped-def]
+    c, fb = client
+    h = _login(c, "ann")
+
+    def post(project: str, **body):  # type: ignore[no-untyped-def]
+        item = c.post(f"/api/projects/{project}/next", headers=h).json()
+        body = {"record_id": item["record_id"], "idempotency_key": f"k-{project}-{len(body)}", **body}
+        return c.post(f"/api/projects/{project}/annotations", json=body, headers=h)
+
+    project = c.get("/api/projects/likert", headers=h).json()
+    assert (
+        project["kinds"] == ["rating"]
+        and project["scale"] == [1, 7]
+        and project["formats"] == ["ranked", "pairs"]
+    )
+    for project_name, body, status, start in (
+        ("likert", {"rating": 9}, 422, "rating: 9 is outside this project's scale 1-7"),
+        ("likert", {"rating": "high"}, 422, "rating:"),
+        ("fix", {"edit": ""}, 422, "edit: empty"),
+        ("fix", {"edit": "   "}, 422, "edit: empty"),
+        ("rank", {"thumb": "up"}, 422, "thumb: this is a ranking project"),
+        ("rank", {"thumb": "sideways"}, 422, "thumb:"),
+        ("rank", {"rating": 3}, 422, "rating: this is a ranking project"),
+        ("likert", {"edit": "x", "rating": 3}, 422, "edit: this is a rating project"),
+    ):
+        r = post(project_name, **body)
+        assert r.status_code == status and r.json()["detail"].startswith(start), (body, r.text)
+    assert fb.progress("likert")["annotations"] == fb.progress("fix")["annotations"] == 0
+    r = post("likert", rating=7, critique=None)
+    assert r.status_code == 200
+    assert fb.annotations("likert")[0]["rating"] == 7.0
+    # a body over the limit is refused before it is read
+    big = b'{"edit": "' + b"x" * (2 << 20) + b'"}'
+    r = c.post(
+        "/api/projects/fix/annotations", content=big, headers={**h, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+
+
+def test_http_admin_kinds_import_and_export(client) -> None:  # type: ignore[no-untyped-def]
+    c, fb = client
+    h = _login(c, "boss")
+    r = c.post("/api/admin/projects", json={"name": "t", "task": "binary,critique", "diff": True}, headers=h)
+    assert r.status_code == 201 and r.json()["kinds"] == ["binary", "critique"] and r.json()["diff"] is True
+    r = c.post("/api/admin/projects", json={"name": "t2", "task": "ranking", "scale": "1-7"}, headers=h)
+    assert r.status_code == 422 and r.json()["detail"].startswith("scale: only a rating project")
+    r = c.post("/api/admin/projects", json={"name": "t3", "task": "thumbs"}, headers=h)
+    assert r.status_code == 422 and r.json()["detail"].startswith("task:")
+    records = [{"prompt": "q", "response": "ok"}, {"prompt": "q", "responses": ["a", "b"]}]
+    r = c.post("/api/admin/projects/t/records", json={"records": records}, headers=h)
+    assert r.status_code == 422 and r.json()["detail"].startswith("record 1: responses: 2 given")
+    assert fb.project("t").num_records == 0  # nothing imported
+    assert c.post("/api/admin/projects/t/records", json={"records": records[:1]}, headers=h).json() == {
+        "count": 1
+    }
+    item = c.post("/api/projects/t/next", headers=h).json()
+    body = {"record_id": item["record_id"], "idempotency_key": "k", "thumb": "up", "critique": "fine"}
+    assert c.post("/api/projects/t/annotations", json=body, headers=h).status_code == 200
+    r = c.get("/api/admin/projects/t/export?format=kto", headers=h)
+    (row,) = [json.loads(x) for x in r.text.splitlines()]
+    assert row["label"] is True and row["completion"] == "ok" and row["critiques"] == ["fine"]
+    past = c.get(f"/api/projects/t/annotations/{fb.annotations('t')[0]['annotation_id']}", headers=h).json()
+    assert (past["thumb"], past["critique"]) == ("up", "fine")
+
+
+def test_cli_kinds_suggestions_and_exports(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The command line end to end: a rating project whose records a real (micro, built-in) reward
+    model scores at import; annotate stats reports agreement with it; exports in every format."""
+    from heed.cli import main
+
+    def run(*args: str) -> str:
+        main(list(args))
+        return capsys.readouterr().out
+
+    db = str(tmp_path / "k.db")
+    out = run(
+        "annotate", "project", "create", "likert", "--task", "rating", "--scale", "1-7",
+        "--scale-labels", "harmful,excellent", "--suggest", "reward-model", "builtin:micro:reward_model",
+        "--db", db,
+    )  # fmt: skip
+    assert "created project likert (rating, overlap 1)" in out
+    data = tmp_path / "d.jsonl"
+    write_jsonl(
+        data, [{"prompt": "How are you?", "response": r} for r in ("Great, thanks!", "Awful.", "Fine.")]
+    )
+    out = run("annotate", "import", "--project", "likert", "--data", str(data), "--db", db)
+    assert "imported 3 records" in out and "scored 3 records with" in out
+    fb = Feedback(db)
+    fb.add_user("a1", password="a1-password-1")
+    ratings = {"Great, thanks!": 7, "Awful.": 1, "Fine.": 4}
+    while (a := fb.next_assignment("a1", "likert")) is not None:
+        assert a.suggestion is not None and math.isfinite(a.suggestion["scores"][0])  # rate 1: always shown
+        fb.submit("a1", "likert", a.record_id, rating=ratings[a.responses[0]])
+    assert fb.progress("likert")["complete_records"] == 3
+    fb.close()
+    stats = json.loads(run("annotate", "stats", "--project", "likert", "--db", db))
+    shown = stats["suggestions"]["shown"]
+    assert shown["labels"] == 3 and -1.0 <= shown["agreement"] <= 1.0
+    assert stats["suggestions"]["hidden"]["labels"] == 0
+    out = run(
+        "annotate",
+        "export",
+        "--project",
+        "likert",
+        "--format",
+        "rankings",
+        "--out",
+        str(tmp_path / "r.jsonl"),
+        "--db",
+        db,
+    )
+    assert "wrote 1 rankings rows" in out
+    (group,) = load_records(tmp_path / "r.jsonl", "preferences")
+    assert dict(zip(group.responses, group.ranks, strict=True)) == {
+        "Great, thanks!": 1,
+        "Fine.": 2,
+        "Awful.": 3,
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "annotate",
+                "export",
+                "--project",
+                "likert",
+                "--format",
+                "kto",
+                "--out",
+                str(tmp_path / "k.jsonl"),
+                "--db",
+                db,
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "format 'kto': a rating project exports ranked, pairs" in capsys.readouterr().err

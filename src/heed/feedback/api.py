@@ -210,7 +210,7 @@ class Judgement(Strict):
         None, min_length=2, max_length=9, description="Ranking: a rank per display position, lower is better."
     )
     thumb: Literal["up", "down"] | None = Field(None, description="Binary: thumbs up or down.")
-    rating: int | float | None = Field(None, description="Rating: a point of the project's scale.")
+    rating: float | None = Field(None, description="Rating: a point of the project's scale.")
     critique: str | None = Field(None, max_length=10_000, description="Critique: what is right or wrong.")
     edit: str | None = Field(None, max_length=200_000, description="Edit: the corrected answer.")
     discard: bool = Field(
