@@ -948,6 +948,7 @@ class Feedback:
                     record_id=ann.record_id,
                     user_id=u.id,
                     display_order=list(ann.display_order),
+                    suggestion_shown=ann.suggestion_shown,  # the record comes back as it was shown
                     leased_at=now,
                     expires_at=now + dt.timedelta(seconds=p.lease_seconds),
                 )
