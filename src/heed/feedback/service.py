@@ -903,7 +903,9 @@ class Feedback:
             if given.rating is None:
                 raise DataError(f"rating: missing; send a point of the scale {lo}-{hi} (or discard)")
             if not lo <= given.rating <= hi or float(given.rating) != int(given.rating):
-                raise DataError(f"rating: {_number(given.rating)!r} is outside this project's scale {lo}-{hi}")
+                raise DataError(
+                    f"rating: {_number(given.rating)!r} is outside this project's scale {lo}-{hi}"
+                )
             out["label"], out["rating"] = "rating", float(given.rating)
         else:
             out["label"] = kinds.kinds[0]  # critique or edit alone
