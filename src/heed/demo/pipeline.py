@@ -585,6 +585,8 @@ class Demo:
         from heed.train.rl import evaluate_model
 
         marker = self.out / "eval_done.json"
+        if marker.exists() and json.loads(marker.read_text()).get("policies") != list(policies):
+            marker.unlink()  # a demo folder from before a policy was added: evaluate them all again
 
         def go() -> None:
             cfg = config_from_dict(

@@ -3,7 +3,9 @@
 
 An imported record is ``{"prompt": str | [messages], "responses": [str, ...], "id"?: ..., "metadata"?: {...}}``;
 the DESIGN.md pair form ``{"prompt", "chosen", "rejected"}`` and ranked form ``{"prompt", "responses", "ranks"}``
-are accepted too (the earlier labels are kept in the metadata as ``source_ranks``). Any other
+are accepted too (the earlier labels are kept in the metadata as ``source_ranks``). Projects that
+label one answer (binary, rating, critique, edit) take ``{"prompt", "response"}``,
+``{"prompt", "completion"[, "label"]}`` or a chat ``{"messages"}`` ending with the answer. Any other
 column is kept in the metadata and written back on export.
 """
 
