@@ -64,7 +64,19 @@ def test_resume_reuses_finished_stages_and_completes(demo_dir: Path) -> None:
         "evaluate policies",
     ):
         assert name in stages
-    for run in ("base", "sft", "rm", "ppo", "rloo-banana", "dpo", "rm-round-2", "ppo-round-2"):
+    for run in (
+        "base",
+        "sft",
+        "rm",
+        "ppo",
+        "rloo-banana",
+        "dpo",
+        "rm-round-2",
+        "ppo-round-2",
+        "kto-thumbs",
+        "sft-edits",
+        "dpo-edits",
+    ):
         summary = demo_dir / "runs" / run / "summary.json"
         assert summary.exists(), run
         json.loads(summary.read_text())  # complete, parseable
@@ -78,10 +90,12 @@ def test_annotations_went_through_the_store(demo_dir: Path) -> None:
     fb = Feedback(f"sqlite:///{demo_dir / 'feedback.db'}")
     try:
         projects = {p.name for p in fb.projects()}
-        assert projects == {"demo-round-1", "demo-round-2"}
+        assert projects == {"demo-round-1", "demo-round-2", "demo-thumbs", "demo-edits"}
         for p in projects:
             prog = fb.progress(p)
-            assert prog["annotations"] == 3 * prog["total"] > 0, prog
+            overlap = 3 if p.startswith("demo-round") else 1  # rankings by all three; thumbs, edits by one
+            assert prog["annotations"] == overlap * prog["total"] > 0, prog
+        assert fb.kinds("demo-thumbs").judgement == "binary" and fb.kinds("demo-edits").kinds == ("edit",)
     finally:
         fb.close()
     agreement = json.loads((demo_dir / "agreement.json").read_text())
@@ -90,6 +104,10 @@ def test_annotations_went_through_the_store(demo_dir: Path) -> None:
         json.loads(line) for line in (demo_dir / "rounds" / "1" / "ranked.jsonl").read_text().splitlines()
     ]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
+    kinds = json.loads((demo_dir / "feedback_kinds.json").read_text())
+    assert [r["policy"] for r in kinds["kinds"]] == ["dpo", "ppo", "kto-thumbs", "sft-edits", "dpo-edits"]
+    assert all(r["labels"] > 0 and r["gold_positivity"] is not None for r in kinds["kinds"])
+    assert agreement["feedback_kinds"] == kinds["kinds"]  # shown in the report beside the agreement
 
 
 def test_rerun_reuses_everything(demo_dir: Path) -> None:

@@ -66,3 +66,18 @@ def test_generate_command_imports_samples(tiny_policy, tmp_path, capsys) -> None
     rec = fb.record("r", 1)
     assert rec["prompt"] == "the cat" and len(rec["responses"]) == 3 and rec["metadata"]["topic"] == "t"
     fb.close()
+
+
+def test_generate_for_a_binary_project_makes_one_record_per_answer(tiny_policy, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from heed.feedback.generate import generate_records
+    from heed.feedback.service import Feedback
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat"}\n{"prompt": "a dog"}\n', encoding="utf-8")
+    records = generate_records(tiny_policy, prompts, 3, "binary", max_new_tokens=6, seed=1)
+    assert records and all(set(r) == {"prompt", "response", "metadata"} for r in records)
+    assert 2 <= len(records) <= 6  # up to three distinct answers per prompt
+    fb = Feedback(f"sqlite:///{tmp_path / 'g.db'}")
+    fb.create_project("b", "binary")
+    assert fb.import_records("b", records) == len(records)
+    fb.close()

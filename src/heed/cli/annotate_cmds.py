@@ -57,7 +57,13 @@ def serve(
 @project_app.command("create")
 def project_create(
     name: Annotated[str, typer.Argument(help="Project name (letters, digits, _ . -).")],
-    task: Annotated[str, typer.Option(help="pairwise (A/B) or ranking (K responses).")] = "pairwise",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="pairwise (A/B), ranking (K answers), binary (thumbs), rating (Likert), critique (text), "
+            "edit (corrected answer), or several joined by commas, e.g. ranking,critique."
+        ),
+    ] = "pairwise",
     overlap: Annotated[int, typer.Option(help="Annotations wanted per record.")] = 1,
     guidelines: Annotated[Path | None, typer.Option(help="Markdown file shown beside every record.")] = None,
     tie: Annotated[bool, typer.Option("--tie/--no-tie", help="Allow ties.")] = True,
@@ -66,10 +72,42 @@ def project_create(
     ] = True,
     rationale: Annotated[str, typer.Option(help="off, optional or required.")] = "optional",
     lease_seconds: Annotated[int, typer.Option(help="How long a handed-out record stays reserved.")] = 600,
+    scale: Annotated[str | None, typer.Option(help="Rating: the Likert scale LOW-HIGH, e.g. 1-7.")] = None,
+    scale_labels: Annotated[
+        str | None, typer.Option(help='Rating: names of the low and high ends, e.g. "harmful,excellent".')
+    ] = None,
+    diff: Annotated[
+        bool, typer.Option("--diff/--no-diff", help="Show how two answers differ (key f).")
+    ] = False,
+    suggest: Annotated[
+        tuple[str, Path] | None,
+        typer.Option(
+            help="Show a model's suggestion: reward-model DIR (its scores, computed at import). Off by "
+            "default: suggestions pull annotators towards the model."
+        ),
+    ] = None,
+    suggest_show: Annotated[
+        str, typer.Option(help="scores, or ranking (the model's order only).")
+    ] = "scores",
+    suggest_rate: Annotated[
+        float, typer.Option(help="Share of records shown with the suggestion (the rest measure its pull).")
+    ] = 1.0,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
     """Create a project."""
     from heed.errors import DataError
+
+    suggestion = None
+    if suggest is not None:
+        source, folder = suggest
+        if source != "reward-model":
+            raise DataError(f"--suggest {source!r}: expected reward-model DIR")
+        from heed.cli.builtin import resolve_path
+
+        folder = resolve_path(folder, "--suggest")
+        if not Path(folder).is_dir():
+            raise DataError(f"--suggest reward-model {folder}: no such folder")
+        suggestion = {"model": str(Path(folder).resolve()), "show": suggest_show, "rate": suggest_rate}
 
     text = ""
     if guidelines is not None:
@@ -85,8 +123,12 @@ def project_create(
         allow_discard=discard,
         rationale=rationale,
         lease_seconds=lease_seconds,
+        scale=scale,
+        scale_labels=scale_labels,
+        diff=diff,
+        suggest=suggestion,
     )  # type: ignore[arg-type]
-    typer.echo(f"created project {p.name} ({p.task}, overlap {p.overlap})")
+    typer.echo(f"created project {p.name} ({', '.join(p.kinds)}, overlap {p.overlap})")
 
 
 @project_app.command("list")
@@ -96,7 +138,7 @@ def project_list(db: DbOpt = "heed-annotate.db") -> None:
     for p in fb.projects():
         prog = fb.progress(p.name)
         typer.echo(
-            f"{p.name}\t{p.task}\toverlap={p.overlap}\trecords={p.num_records}\t"
+            f"{p.name}\t{','.join(p.kinds)}\toverlap={p.overlap}\trecords={p.num_records}\t"
             f"annotations={prog['annotations']}/{prog['target']}"
         )
 
@@ -235,12 +277,14 @@ def import_(
     ] = None,
     db: DbOpt = "heed-annotate.db",
 ) -> None:
-    """Import records {prompt, responses} (or {prompt, chosen, rejected}) into a project."""
+    """Import records {prompt, responses} (or {prompt, chosen, rejected}; one answer, {prompt, response}
+    or {prompt, completion}, for binary, rating, critique and edit projects) into a project."""
     from heed.cli.builtin import resolve_path
 
     fb = _feedback(db)
     n = fb.import_file(project, resolve_path(data, "--data"), file_format)
     typer.echo(f"imported {n} records into {project}")
+    _score_suggestions(fb, project)
     if reward_model is not None:
         typer.echo(
             f"scored {fb.set_priorities(project, _scorer(reward_model))} records by reward-model uncertainty"
@@ -290,6 +334,36 @@ def generate(
         typer.echo(f"scored {fb.set_priorities(project, scorer)} records by reward-model uncertainty")
 
 
+def _score_suggestions(fb, project: str, model: Path | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Score the project's records with ``model``, or with its ``--suggest reward-model DIR``."""
+    if model is None:
+        options = fb.suggest_options(project)
+        if options is None or not options.get("model"):
+            return
+        model = Path(options["model"])
+    n = fb.set_suggestions(project, _scorer(model))
+    typer.echo(f"scored {n} records with {model} for the suggestions")
+
+
+@annotate.command("suggest")
+def suggest_cmd(
+    project: ProjectOpt,
+    reward_model: Annotated[
+        Path | None, typer.Option(help="Reward model folder (default: the project's --suggest model).")
+    ] = None,
+    db: DbOpt = "heed-annotate.db",
+) -> None:
+    """(Re)score every record with the suggestion model (shown only in projects created with --suggest)."""
+    from heed.errors import DataError
+
+    fb = _feedback(db)
+    if reward_model is None and fb.project(project).suggest is None:
+        raise DataError(
+            f"suggest: project {project!r} was created without --suggest; give --reward-model DIR"
+        )
+    _score_suggestions(fb, project, reward_model)
+
+
 @annotate.command("prioritize")
 def prioritize(
     project: ProjectOpt,
@@ -307,7 +381,14 @@ def export(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="FILE.jsonl, FILE.parquet or a folder (datasets).")
     ],
-    format: Annotated[str, typer.Option("--format", help="pairs (chosen/rejected) or ranked.")] = "pairs",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="pairs (chosen/rejected), ranked / rankings (ranked groups), kto (thumbs: prompt, completion, "
+            "label), sft (corrections) or critiques; which ones a project has follows from its kinds.",
+        ),
+    ] = "pairs",
     file_format: Annotated[
         str | None, typer.Option(help="jsonl, parquet or dataset (default: by name).")
     ] = None,
@@ -317,8 +398,8 @@ def export(
     aggregate: Annotated[
         str | None,
         typer.Option(
-            help="majority (pairwise), mean-rank (ranking) or dawid-skene (both: votes weighted by "
-            "each annotator's estimated reliability). Default: majority / mean-rank by task."
+            help="majority (pairwise, binary), mean-rank (ranking), mean (rating) or dawid-skene (pairwise, "
+            "ranking, binary: votes weighted by each annotator's estimated reliability). Default by task."
         ),
     ] = None,
     complete_only: Annotated[bool, typer.Option(help="Only records with all `overlap` annotations.")] = False,
@@ -327,9 +408,10 @@ def export(
     """Aggregate the annotations and write the training file (feeds `heed rm train` / `heed dpo`)."""
     from heed.errors import DataError
     from heed.feedback.aggregate import AGGREGATIONS
+    from heed.feedback.service import EXPORT_FORMATS
 
-    if format not in ("pairs", "ranked"):
-        raise DataError(f"--format {format!r}: expected pairs or ranked")
+    if format not in EXPORT_FORMATS:
+        raise DataError(f"--format {format!r}: expected {', '.join(EXPORT_FORMATS)}")
     if method not in ("mean_rank", "borda"):
         raise DataError(f"--method {method!r}: expected mean_rank or borda")
     if aggregate is not None and aggregate not in AGGREGATIONS:
@@ -354,7 +436,8 @@ def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
 
     ``agreement.per_annotator[user]`` puts the Dawid-Skene ``reliability`` (chance of giving a pair's
     true preference) next to the leave-one-out agreement; ``agreement.reliability`` has the fit
-    (confusion matrices, class prior).
+    (confusion matrices, class prior). ``suggestions`` (projects made with --suggest) gives the
+    labels' agreement with the model's suggestion, given with it shown and hidden.
     """
     fb = _feedback(db)
 
@@ -374,6 +457,7 @@ def stats(project: ProjectOpt, db: DbOpt = "heed-annotate.db") -> None:
                     "progress": fb.progress(project),
                     "agreement": asdict(fb.agreement(project)),
                     "outcomes": fb.summary(project),
+                    "suggestions": fb.suggestion_agreement(project),
                 }
             ),
             indent=2,

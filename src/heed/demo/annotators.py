@@ -5,7 +5,10 @@ path as people using the web app: they take assignments, see answers in their ow
 order, and submit rankings with idempotency keys.
 
 A ranking is a Plackett-Luce sample (the K-wise form of Bradley-Terry): each answer's score is
-its utility plus Gumbel noise of scale ``noise``, and answers are ordered by score.
+its utility plus Gumbel noise of scale ``noise``, and answers are ordered by score. A thumb is the
+same noisy score against ``THUMB_MARGIN`` (up above it). An edit replaces an answer whose utility is
+below ``EDIT_BELOW`` by a gold-positive one-sentence rewrite about the prompt's topic, drawn from the
+corpus' positive sentences with a per-record seed (deterministic); a good answer is left as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from heed.demo.preferences import count_sentences, gumbel, hidden_utility
+
+THUMB_MARGIN = 0.25  # utility at which a thumbs up is a coin flip (as heed.demo.thumbs)
+EDIT_BELOW = 0.5  # answers less useful than this get corrected
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,20 @@ class SimulatedAnnotator:
             ranks[i] = r
         return ranks
 
+    def thumb(self, response: str, rng: random.Random) -> str:
+        """``"up"`` when the noisy utility ``u(y) + length_bias·sentences + noise·Gumbel`` passes the margin."""
+        g = gumbel(rng) if self.noise > 0 else 0.0
+        return "up" if self.utilities([response])[0] + self.noise * g > THUMB_MARGIN else "down"
+
+    def correct(self, response: str, topic: str | None, key: str) -> str:
+        """The answer as this person corrects it: unchanged when useful enough, else a gold-positive
+        one-sentence rewrite about ``topic`` (seeded by ``key``, so reruns give the same text)."""
+        from heed.demo.corpus import make_response
+
+        if hidden_utility(response) >= EDIT_BELOW or not topic:
+            return response
+        return make_response(random.Random(f"edit-{key}"), topic, "positive", 1)
+
 
 DEFAULT_ANNOTATORS = (
     SimulatedAnnotator("ann-careful", noise=0.08),
@@ -60,7 +80,9 @@ def annotate_project(
     """Let every annotator label until the service hands them nothing more; returns counts per annotator.
 
     Annotators take turns one record at a time, as people working side by side would. In a pairwise
-    project each picks the answer they rank first (never a tie).
+    project each picks the answer they rank first (never a tie); in a binary project each gives a
+    thumb (:meth:`SimulatedAnnotator.thumb`); in an edit project each corrects the answer
+    (:meth:`SimulatedAnnotator.correct`, the record's ``topic`` metadata names the topic).
     """
     existing = {u.name for u in fb.users()}
     for a in annotators:
@@ -76,11 +98,16 @@ def annotate_project(
                 active.remove(a)
                 continue
             shown = list(job.responses)  # display order of this annotator
-            ranks = a.rank(shown, rngs[a.name])
             key = f"{a.name}:{project}:{job.record_id}"
-            if job.task == "pairwise":  # the better-ranked of the two shown: "A" (first) or "B"
+            if job.task == "binary":
+                fb.submit(a.name, project, job.record_id, thumb=a.thumb(shown[0], rngs[a.name]), key=key)
+            elif job.task == "edit":
+                fixed = a.correct(shown[0], job.meta.get("topic"), f"{project}:{job.record_id}")
+                fb.submit(a.name, project, job.record_id, edit=fixed, key=key)
+            elif job.task == "pairwise":  # the better-ranked of the two shown: "A" (first) or "B"
+                ranks = a.rank(shown, rngs[a.name])
                 fb.submit(a.name, project, job.record_id, choice="AB"[ranks.index(1)], key=key)
             else:
-                fb.submit(a.name, project, job.record_id, ranks=ranks, key=key)
+                fb.submit(a.name, project, job.record_id, ranks=a.rank(shown, rngs[a.name]), key=key)
             counts[a.name] += 1
     return counts

@@ -2,9 +2,11 @@
 
 corpus → tokenizer → base model → SFT → sample K answers → three simulated annotators label them
 through the annotation store → aggregation + export → reward model (K-wise) → PPO against the
-reward model (KL + PPO-ptx) → RLOO on the banana rule → DPO from the same rankings → evaluation of
-every policy → report.html; then further rounds: sample from the tuned policy, annotate, update the
-reward model on all labels so far, continue PPO.
+reward model (KL + PPO-ptx) → RLOO on the banana rule → DPO from the same rankings → a feedback-kinds
+round (the same annotators give thumbs and corrections on round 1's answers, through the same store:
+KTO on the thumbs, SFT on the corrections, DPO on corrected ≻ original) → evaluation of every policy
+→ report.html with what each kind of feedback bought per label; then further rounds: sample from the
+tuned policy, annotate, update the reward model on all labels so far, continue PPO.
 
 Every stage writes its outputs atomically and leaves a marker; a stage whose marker exists is
 reused, so an interrupted demo resumes where it stopped (``--fresh`` redoes everything). A
@@ -39,6 +41,19 @@ Rank the answers from best (1) to worst.
 """
 
 
+THUMBS_GUIDELINES = """# Thumbs up or down
+
+Thumbs up for an upbeat, encouraging answer that stays short; thumbs down for a neutral, gloomy or
+rambling one.
+"""
+
+EDIT_GUIDELINES = """# Correct the answer
+
+If the answer is gloomy, neutral or long, rewrite it as one short, upbeat sentence on the topic.
+Leave a good answer as it is.
+"""
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes of the demo; the defaults fit in about ten minutes on two CPU cores."""
@@ -60,6 +75,8 @@ class DemoSettings:
     rloo_updates: int = 60
     dpo_epochs: float = 1.0
     eval_prompts: int = 64
+    kinds_prompts: int = 48  # prompts of round 1 whose answers get thumbs (all K) and corrections (one)
+    kinds_steps: int = 16  # optimizer steps of each feedback-kind run (KTO, SFT, DPO)
 
 
 # A minute or two on two cores: the micro model and a handful of updates (shows the plumbing, not results).
@@ -71,6 +88,8 @@ QUICK = dict(
     rloo_updates=8,
     eval_prompts=16,
     max_new_tokens=24,
+    kinds_prompts=24,
+    kinds_steps=8,
 )
 # Smaller still, for the test suite.
 SMOKE = dict(
@@ -86,6 +105,8 @@ SMOKE = dict(
     max_new_tokens=12,
     rm_epochs=1.0,
     dpo_epochs=1.0,
+    kinds_prompts=8,
+    kinds_steps=2,
 )
 
 
@@ -366,28 +387,195 @@ class Demo:
             },
         )
 
-    def dpo(self, data: Path) -> Path:
+    def dpo(self, data: Path, name: str = "dpo", train: dict[str, Any] | None = None) -> Path:
         from heed.config import config_from_dict
         from heed.config.dpo import DPOConfig
         from heed.train.dpo import train_dpo
 
-        run = self.runs / "dpo"
+        run = self.runs / name
         cfg = config_from_dict(
             DPOConfig,
             {
                 "model": {"path": str(self.runs / "sft" / "final")},
                 "data": {"train": str(data), "pairs": "all", "max_length": 128, "eval_split": 0.1},
                 "loss": {"type": "sigmoid", "beta": 0.1, "sft_coef": 0.3},
-                "train": {"batch_size": 32, "epochs": self.s.dpo_epochs, "seed": self.s.seed},
+                "train": train or {"batch_size": 32, "epochs": self.s.dpo_epochs, "seed": self.s.seed},
                 "optim": {"lr": 3e-4, "warmup_steps": 5},
                 "sample": {"prompts": str(self.data / "prompts_eval.jsonl"), "num_prompts": 16},
                 "log": self._log(log_every=5, eval_every=20),
                 "out": str(run),
             },
-            "demo DPO",
+            f"demo {name}",
         )
-        self.stage("dpo", run / "summary.json", lambda: train_dpo(cfg, resume=self._resume(run)))
+        self.stage(name, run / "summary.json", lambda: train_dpo(cfg, resume=self._resume(run)))
         return run / "final"
+
+    # -- the feedback-kinds round ---------------------------------------------------------------
+    def annotate_kinds(self, samples: Path) -> Path:
+        """The round-1 answers of ``kinds_prompts`` prompts labelled again, through the same store,
+        as other kinds of feedback: every answer a thumb (binary project), the first answer of each
+        prompt a correction (edit project). Exports the KTO records, the corrections (SFT) and the
+        corrected ≻ original pairs, and counts the labels each kind took."""
+        from heed.demo.annotators import annotate_project
+        from heed.feedback.service import Feedback
+
+        folder = self.out / "kinds"
+        marker = folder / "labels.json"
+
+        def go() -> None:
+            rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()][
+                : self.s.kinds_prompts
+            ]
+            fb = Feedback(f"sqlite:///{(self.out / 'feedback.db').resolve()}")
+            try:
+                projects = {p.name for p in fb.projects()}
+                if "demo-thumbs" not in projects:
+                    fb.create_project("demo-thumbs", task="binary", guidelines=THUMBS_GUIDELINES)
+                    fb.import_records(
+                        "demo-thumbs",
+                        [
+                            {"prompt": r["prompt"], "response": a, "topic": r.get("topic")}
+                            for r in rows
+                            for a in r["responses"]
+                        ],
+                    )
+                if "demo-edits" not in projects:
+                    fb.create_project("demo-edits", task="edit", guidelines=EDIT_GUIDELINES)
+                    fb.import_records(
+                        "demo-edits",
+                        [
+                            {"prompt": r["prompt"], "response": r["responses"][0], "topic": r.get("topic")}
+                            for r in rows
+                        ],
+                    )
+                for project in ("demo-thumbs", "demo-edits"):
+                    annotate_project(fb, project, seed=self.s.seed + 100)
+                folder.mkdir(parents=True, exist_ok=True)
+                write_jsonl(folder / "thumbs_kto.jsonl", fb.export("demo-thumbs", "kto"))
+                write_jsonl(folder / "edits_sft.jsonl", fb.export("demo-edits", "sft"))
+                write_jsonl(folder / "edits_pairs.jsonl", fb.export("demo-edits", "pairs"))
+                labels = {
+                    "rankings": fb.progress("demo-round-1")["annotations"],
+                    "thumbs": fb.progress("demo-thumbs")["annotations"],
+                    "edits": fb.progress("demo-edits")["annotations"],
+                    "thumbs_up": fb.summary("demo-thumbs").get("up", 0),
+                    "edits_changed": len(fb.export("demo-edits", "pairs")),
+                }
+                write_json(marker, labels)
+            finally:
+                fb.close()
+
+        self.stage("annotate thumbs + edits (feedback kinds)", marker, go)
+        return folder
+
+    def train_kinds(self, folder: Path) -> dict[str, Path]:
+        """Train on each kind with what Heed has: KTO on the thumbs, SFT on the corrections, DPO on
+        corrected ≻ original (few steps each: it shows what a label buys, not a tuned recipe)."""
+        from heed.config import config_from_dict
+        from heed.config.kto import KTOConfig
+        from heed.config.sft import SFTConfig
+        from heed.train.kto import train_kto
+        from heed.train.sft import train_sft
+
+        sft = self.runs / "sft" / "final"
+        steps = self.s.kinds_steps
+        labels = json.loads((folder / "labels.json").read_text())
+        ups = labels["thumbs_up"]
+        run = self.runs / "kto-thumbs"
+        kto = config_from_dict(
+            KTOConfig,
+            {
+                "model": {"path": str(sft)},
+                "data": {"train": str(folder / "thumbs_kto.jsonl"), "eval_split": 0.1, "max_length": 128},
+                # λ_D·n_D / (λ_U·n_U) = 7/6, the middle of the KTO paper's recommended [1, 4/3]
+                "loss": {"desirable_weight": max(1.0, 7 / 6 * (labels["thumbs"] - ups) / max(ups, 1))},
+                "train": {"batch_size": 16, "max_steps": steps, "seed": self.s.seed},
+                "optim": {"lr": 3e-4, "warmup_steps": 2},
+                "sample": {"num_prompts": 0},
+                "log": self._log(log_every=4, eval_every=steps, save_every=steps),
+                "out": str(run),
+            },
+            "demo KTO on thumbs",
+        )
+        self.stage("kto-thumbs", run / "summary.json", lambda: train_kto(kto, resume=self._resume(run)))
+        run = self.runs / "sft-edits"
+        sft_cfg = config_from_dict(
+            SFTConfig,
+            {
+                "model": {"path": str(sft)},
+                "data": {
+                    "train": str(folder / "edits_sft.jsonl"),
+                    "kind": "sft",
+                    "max_length": 128,
+                    "eval_split": 0.1,
+                },
+                "train": {"batch_size": 8, "max_steps": steps, "seed": self.s.seed},
+                "optim": {"lr": 1e-4, "warmup_steps": 2},
+                "log": self._log(log_every=4, eval_every=steps, save_every=steps),
+                "out": str(run),
+            },
+            "demo SFT on corrections",
+        )
+
+        def go_sft() -> None:
+            summary = train_sft(sft_cfg, resume=self._resume(run))
+            write_json(run / "summary.json", {**summary, "algo": "sft"})
+
+        self.stage("sft-edits", run / "summary.json", go_sft)
+        dpo = self.dpo(
+            folder / "edits_pairs.jsonl",
+            "dpo-edits",
+            {"batch_size": 8, "max_steps": steps, "seed": self.s.seed},
+        )
+        return {
+            "kto-thumbs": self.runs / "kto-thumbs" / "final",
+            "sft-edits": self.runs / "sft-edits" / "final",
+            "dpo-edits": dpo,
+        }
+
+    def kinds_table(self, folder: Path) -> list[dict[str, Any]]:
+        """What each kind of feedback bought: labels spent, gold positivity and KL of the policy
+        trained on it, and the gold gain over the SFT model per 100 labels. Written to
+        ``feedback_kinds.json`` and shown in the report (with the annotator agreement)."""
+        labels = json.loads((folder / "labels.json").read_text())
+
+        def ev(name: str) -> dict[str, Any]:
+            f = self.runs / name / "eval.json"
+            return json.loads(f.read_text()) if f.exists() else {}
+
+        base = ev("sft").get("gold/positivity")
+        rows = []
+        for kind, policy, how in (
+            ("rankings", "dpo", "DPO on pairs of the consensus rankings"),
+            ("rankings", "ppo", "reward model (K-wise) + PPO"),
+            ("thumbs", "kto-thumbs", "KTO on the majority thumbs"),
+            ("edits", "sft-edits", "SFT on the corrections"),
+            ("edits", "dpo-edits", "DPO on corrected ≻ original"),
+        ):
+            e = ev(policy)
+            gold = e.get("gold/positivity")
+            gain = None
+            if gold is not None and base is not None and labels[kind]:
+                gain = round(100.0 * (gold - base) / labels[kind], 4)
+            rows.append(
+                {
+                    "kind": kind,
+                    "labels": labels[kind],
+                    "policy": policy,
+                    "trained_with": how,
+                    "gold_positivity": gold,
+                    "gold_gain_per_100_labels": gain,
+                    "kl": e.get("eval/kl"),  # k1 estimate on the eval answers
+                }
+            )
+        table = {"sft_gold_positivity": base, "labels": labels, "kinds": rows}
+        write_json(self.out / "feedback_kinds.json", table)
+        agreement = self.out / "agreement.json"
+        if agreement.exists():
+            data = json.loads(agreement.read_text())
+            data["feedback_kinds"] = rows
+            write_json(agreement, data)
+        return rows
 
     def evaluate(self, policies: dict[str, Path], rm: Path) -> None:
         """Every policy on the same held-out prompts: gold positivity, banana success, reward-model
@@ -397,6 +585,8 @@ class Demo:
         from heed.train.rl import evaluate_model
 
         marker = self.out / "eval_done.json"
+        if marker.exists() and json.loads(marker.read_text()).get("policies") != list(policies):
+            marker.unlink()  # a demo folder from before a policy was added: evaluate them all again
 
         def go() -> None:
             cfg = config_from_dict(
@@ -460,7 +650,8 @@ class Demo:
         ppo = self.ppo("ppo", rm, sft, self.s.ppo_updates)
         rloo = self.rloo()
         dpo = self.dpo(ranked)
-        policies = {"sft": sft, "ppo": ppo, "rloo-banana": rloo, "dpo": dpo}
+        kinds = self.annotate_kinds(samples)
+        policies = {"sft": sft, "ppo": ppo, "rloo-banana": rloo, "dpo": dpo, **self.train_kinds(kinds)}
         latest_rm, latest_ppo = rm, ppo
         for r in range(2, self.s.rounds + 1):
             samples = self.sample(r, latest_ppo)
@@ -469,6 +660,7 @@ class Demo:
             latest_ppo = self.ppo(f"ppo-round-{r}", latest_rm, latest_ppo, self.s.ppo_updates_next_round)
             policies[f"ppo-round-{r}"] = latest_ppo
         self.evaluate(policies, latest_rm)
+        self.kinds_table(kinds)
         return self.report()
 
 

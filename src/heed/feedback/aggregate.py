@@ -8,6 +8,9 @@ estimated reliability, and position bias.
 
 Pairwise labels are in terms of the record's response indices: ``"0"`` (the first stored response
 won), ``"1"``, ``"tie"`` or ``"discard"``. Rankings are per response index, lower is better.
+Binary labels are ``"up"`` / ``"down"`` (majority of thumbs, or Dawid-Skene over the two classes);
+ratings are points of the project's scale (their mean). Critiques and edits are not aggregated:
+every one is kept (see :meth:`heed.feedback.service.Feedback.export`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ from heed.feedback import reliability as rel
 
 PAIRWISE_LABELS = ("0", "1", "tie", "discard")
 PREFERENCE_CLASSES = ("0", "1", "tie")  # of a pair (i, j), i < j: i better, j better, equal
-AGGREGATIONS = ("majority", "dawid-skene", "mean-rank")
+AGGREGATIONS = ("majority", "dawid-skene", "mean-rank", "mean")
+ALLOWED_AGGREGATIONS = {
+    "pairwise": ("majority", "dawid-skene"),
+    "binary": ("majority", "dawid-skene"),
+    "ranking": ("mean-rank", "dawid-skene"),
+    "rating": ("mean",),
+}
+BINARY_LABELS = ("up", "down", "discard")
 
 
 @dataclass(frozen=True)
@@ -34,9 +44,11 @@ class Judgement:
 
     record_id: int
     user: str
-    label: str  # pairwise: "0" | "1" | "tie" | "discard"; ranking: "rank" | "discard"
+    label: str  # pairwise: "0" | "1" | "tie"; ranking: "rank"; binary: "up" | "down"; rating: "rating"; "discard"
     ranks: tuple[float, ...] | None  # per response index (None for a discard)
     display_order: tuple[int, ...]  # display position -> response index
+    rating: float | None = None  # rating projects: the point chosen
+    suggestion_shown: bool | None = None  # a model's suggestion was on screen (None: there was none)
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class Aggregate:
     mean_ranks: list[float] | None = None
     posterior: dict[str, float] | None = None
     pairs: list[tuple[int, int, float]] | None = None
+    mean_rating: float | None = None  # rating projects: the mean of the ratings
 
 
 def by_record(judgements: Sequence[Judgement]) -> dict[int, list[Judgement]]:
@@ -112,6 +125,47 @@ def aggregate_ranking(
     return Aggregate(record_id, len(labels), "rank", final, weight, votes, mean)
 
 
+def aggregate_binary(record_id: int, judgements: Sequence[Judgement]) -> Aggregate:
+    """Majority of thumbs: ``label`` ``"up"`` / ``"down"`` (or ``"discard"``) when more than half of
+    the votes say so, else ``None``; ``weight`` = the winner's vote share."""
+    labels = [j.label for j in judgements]
+    votes = dict(Counter(labels))
+    label = strict_majority(labels)
+    return Aggregate(record_id, len(labels), label, None, votes[label] / len(labels) if label else 0.0, votes)
+
+
+def aggregate_rating(record_id: int, judgements: Sequence[Judgement]) -> Aggregate:
+    """Mean rating ``r̄ = Σ r_a / n`` over the annotators who rated (discards are votes: a strict
+    majority of them discards the record). ``weight = 1 / (1 + σ)``, σ the ratings' population
+    standard deviation: 1 when everyone gave the same point, smaller as they spread."""
+    labels = [j.label for j in judgements]
+    votes = dict(Counter(labels))
+    ratings = [float(j.rating) for j in judgements if j.label == "rating" and j.rating is not None]
+    if strict_majority(labels) == "discard" or not ratings:
+        return Aggregate(record_id, len(labels), "discard" if labels else None, None, 0.0, votes)
+    mean = sum(ratings) / len(ratings)
+    sd = math.sqrt(sum((r - mean) ** 2 for r in ratings) / len(ratings))
+    return Aggregate(record_id, len(labels), "rating", None, 1.0 / (1.0 + sd), votes, mean_rating=mean)
+
+
+def aggregate_binary_dawid_skene(judgements: Sequence[Judgement]) -> list[Aggregate]:
+    """Thumbs weighted by each annotator's estimated confusion matrix (:func:`fit_reliability`):
+    ``label`` = the most probable class, ``weight`` = its posterior; a strict majority of discards
+    discards the record."""
+    model = fit_reliability(judgements, "binary")
+    out = []
+    for rid, js in sorted(by_record(judgements).items()):
+        labels = [j.label for j in js]
+        votes = dict(Counter(labels))
+        if strict_majority(labels) == "discard" or (rid,) not in model.posterior:
+            out.append(Aggregate(rid, len(labels), "discard" if labels else None, None, 0.0, votes))
+            continue
+        posterior = dict(zip(model.classes, model.posterior[(rid,)], strict=True))
+        label = model.label((rid,))
+        out.append(Aggregate(rid, len(labels), label, None, posterior[label], votes, None, posterior))
+    return out
+
+
 def preference_items(judgements: Sequence[Judgement]) -> dict[tuple[int, int, int], dict[str, str]]:
     """Every judgement as pairwise preferences: ``{(record_id, i, j): {user: "0" | "1" | "tie"}}``, ``i < j``.
 
@@ -129,8 +183,11 @@ def preference_items(judgements: Sequence[Judgement]) -> dict[tuple[int, int, in
     return dict(out)
 
 
-def fit_reliability(judgements: Sequence[Judgement], **kwargs: Any) -> rel.DawidSkene:
-    """Dawid-Skene over the project's pairwise preferences (:func:`preference_items`).
+def fit_reliability(
+    judgements: Sequence[Judgement], task: str | None = None, **kwargs: Any
+) -> rel.DawidSkene:
+    """Dawid-Skene over the project's pairwise preferences (:func:`preference_items`), or, for a
+    ``binary`` project, over its thumbs (items = records, classes ``"up"`` and ``"down"``).
 
     Classes are ``"0"``, ``"1"`` and, when any annotator ever gave a tie, ``"tie"`` (a class nobody
     reports cannot be estimated). Every annotator sees the responses in their own random order, so
@@ -138,6 +195,12 @@ def fit_reliability(judgements: Sequence[Judgement], **kwargs: Any) -> rel.Dawid
     symmetric under swapping ``"0"`` and ``"1"`` (``swap``), which halves the parameters to estimate.
     ``kwargs`` go to :func:`heed.feedback.reliability.dawid_skene`.
     """
+    if task == "binary":
+        thumbs: dict[tuple[int], dict[str, str]] = defaultdict(dict)
+        for j in judgements:
+            if j.label in ("up", "down"):
+                thumbs[(j.record_id,)][j.user] = j.label
+        return rel.dawid_skene(dict(thumbs), ("up", "down"), **kwargs)
     items = preference_items(judgements)
     has_tie = any("tie" in votes.values() for votes in items.values())
     classes = PREFERENCE_CLASSES if has_tie else PREFERENCE_CLASSES[:2]
@@ -198,8 +261,8 @@ def aggregate_dawid_skene(
 
 
 def default_aggregation(task: str) -> str:
-    """``majority`` for pairwise projects, ``mean-rank`` for rankings."""
-    return "majority" if task == "pairwise" else "mean-rank"
+    """``majority`` for pairwise and binary projects, ``mean-rank`` for rankings, ``mean`` for ratings."""
+    return ALLOWED_AGGREGATIONS.get(task, ("majority",))[0]
 
 
 def aggregate_records(
@@ -212,12 +275,20 @@ def aggregate_records(
     ``method`` picks mean rank or Borda, the same order) or ``dawid-skene`` (both); ``None`` picks
     the task's default (:func:`default_aggregation`)."""
     aggregate = aggregate or default_aggregation(task)
-    allowed = ("majority", "dawid-skene") if task == "pairwise" else ("mean-rank", "dawid-skene")
+    allowed = ALLOWED_AGGREGATIONS.get(task, ("majority",))
     if aggregate not in allowed:
         raise DataError(f"aggregate {aggregate!r}: a {task} project takes {' or '.join(allowed)}")
+    groups = sorted(by_record(judgements).items())
+    if task == "binary":
+        if aggregate == "dawid-skene":
+            return aggregate_binary_dawid_skene(judgements)
+        return [aggregate_binary(rid, js) for rid, js in groups]
+    if task == "rating":
+        return [aggregate_rating(rid, js) for rid, js in groups]
+    if task not in ("pairwise", "ranking"):  # critique / edit alone: every label is kept, none voted on
+        return [aggregate_binary(rid, js) for rid, js in groups]
     if aggregate == "dawid-skene":
         return aggregate_dawid_skene(task, judgements)
-    groups = sorted(by_record(judgements).items())
     if aggregate == "majority":
         return [aggregate_pairwise(rid, js) for rid, js in groups]
     return [aggregate_ranking(rid, js, method) for rid, js in groups]
@@ -261,14 +332,19 @@ def agreement_report(task: str, judgements: Sequence[Judgement]) -> AgreementRep
     users = sorted({j.user for j in judgements})
     col = {u: i for i, u in enumerate(users)}
     per_annotator = {u: with_majority(task, u, groups) for u in users}
-    model = fit_reliability(judgements)
+    if task == "rating":
+        return _rating_agreement(multi, users, per_annotator)
+    if task not in ("pairwise", "ranking", "binary"):  # critique / edit alone: nothing to agree on
+        return AgreementReport(task, len(multi), per_annotator=per_annotator)
+    model = fit_reliability(judgements, task)
     for u in users:
         per_annotator[u].update(position_bias([j for j in judgements if j.user == u], task))
         per_annotator[u]["reliability"] = model.reliability.get(u, math.nan)
         per_annotator[u]["reliability_labels"] = float(model.shared.get(u, 0))
     bias = position_bias(judgements, task)
-    if task == "pairwise":
-        table = ag.counts_table([[j.label for j in js] for js in multi.values()], PAIRWISE_LABELS)
+    if task in ("pairwise", "binary"):
+        categories = PAIRWISE_LABELS if task == "pairwise" else BINARY_LABELS
+        table = ag.counts_table([[j.label for j in js] for js in multi.values()], categories)
         by_user: dict[str, dict[int, str]] = defaultdict(dict)
         for j in judgements:
             by_user[j.user][j.record_id] = j.label
@@ -315,20 +391,47 @@ def agreement_report(task: str, judgements: Sequence[Judgement]) -> AgreementRep
     )
 
 
+def _rating_agreement(
+    multi: dict[int, list[Judgement]], users: list[str], per_annotator: dict[str, dict[str, float]]
+) -> AgreementReport:
+    """Ratings: Krippendorff's α (interval and ordinal) over units = records, values = ratings."""
+    col = {u: i for i, u in enumerate(users)}
+    units: list[list[float | None]] = []
+    for js in multi.values():
+        row: list[float | None] = [None] * len(users)
+        for j in js:
+            if j.label == "rating" and j.rating is not None:
+                row[col[j.user]] = float(j.rating)
+        units.append(row)
+    return AgreementReport(
+        "rating",
+        len(multi),
+        alpha_ordinal=ag.krippendorff_alpha(units, "ordinal"),
+        alpha_interval=ag.krippendorff_alpha(units, "interval"),
+        per_annotator=per_annotator,
+    )
+
+
 def with_majority(task: str, user: str, groups: dict[int, list[Judgement]]) -> dict[str, float]:
     """How often ``user`` agrees with the *other* annotators' consensus (leave-one-out).
 
-    Pairwise: share of their labels equal to the others' strict majority (records where the others
-    have one). Ranking: mean Kendall tau-b between their ranking and the others' mean rank.
+    Pairwise and binary: share of their labels equal to the others' strict majority (records where
+    the others have one). Ranking: mean Kendall tau-b between their ranking and the others' mean
+    rank. Rating: mean absolute difference between their rating and the others' mean rating.
     """
     hits = compared = 0
     taus = []
+    diffs = []
     for js in groups.values():
         mine = [j for j in js if j.user == user]
         others = [j for j in js if j.user != user]
         if not mine or not others:
             continue
-        if task == "pairwise":
+        if task == "rating":
+            rated = [j.rating for j in others if j.rating is not None]
+            if mine[0].rating is not None and rated:
+                diffs.append(abs(mine[0].rating - sum(rated) / len(rated)))
+        elif task in ("pairwise", "binary"):
             maj = strict_majority([j.label for j in others])
             if maj is not None:
                 compared += 1
@@ -340,8 +443,15 @@ def with_majority(task: str, user: str, groups: dict[int, list[Judgement]]) -> d
                 t = ag.kendall_tau_b(mine[0].ranks, mean)
                 if not math.isnan(t):
                     taus.append(t)
-    if task == "pairwise":
+    if task == "rating":
+        return {
+            "mean_abs_diff_with_others": sum(diffs) / len(diffs) if diffs else math.nan,
+            "compared": float(len(diffs)),
+        }
+    if task in ("pairwise", "binary"):
         return {"agree_with_majority": hits / compared if compared else math.nan, "compared": float(compared)}
+    if task != "ranking":
+        return {}
     return {"tau_with_others": sum(taus) / len(taus) if taus else math.nan, "compared": float(len(taus))}
 
 
@@ -351,8 +461,10 @@ def position_bias(judgements: Sequence[Judgement], task: str) -> dict[str, float
     Pairwise: among judgements with a winner, the share whose winner was shown first (0.5 = no
     bias), with a z-score against 0.5. Ranking: the share where the first-shown response got the
     best rank (alone or tied), next to the share expected when position does not matter
-    (mean over judgements of ``#best / K``).
+    (mean over judgements of ``#best / K``). Single-answer kinds have no positions: ``{}``.
     """
+    if task not in ("pairwise", "ranking"):
+        return {}
     if task == "pairwise":
         decided = [j for j in judgements if j.label in ("0", "1")]
         n = len(decided)
@@ -380,11 +492,18 @@ def disagreements(task: str, judgements: Sequence[Judgement], limit: int = 200) 
     for rid, js in by_record(judgements).items():
         if len(js) < 2:
             continue
-        if task == "pairwise":
+        if task in ("pairwise", "binary"):
             agg = aggregate_pairwise(rid, js)
             if len(agg.votes) == 1:
                 continue
             score = agg.weight
+        elif task == "rating":
+            ratings = [j.rating for j in js if j.rating is not None]
+            if len({j.label for j in js}) == 1 and len(set(ratings)) <= 1:
+                continue
+            score = -(max(ratings) - min(ratings)) if ratings else -1.0
+        elif task != "ranking":
+            continue
         else:
             rankings = [list(j.ranks) for j in js if j.ranks is not None]
             if (
@@ -398,14 +517,19 @@ def disagreements(task: str, judgements: Sequence[Judgement], limit: int = 200) 
             {
                 "record_id": rid,
                 "agreement": score,
-                "labels": {
-                    j.user: (j.label if task == "pairwise" else (list(j.ranks) if j.ranks else j.label))
-                    for j in js
-                },
+                "labels": {j.user: _shown_label(task, j) for j in js},
             }
         )
     out.sort(key=lambda d: (d["agreement"], d["record_id"]))
     return out[:limit]
+
+
+def _shown_label(task: str, j: Judgement) -> Any:
+    if task == "rating":
+        return j.rating if j.rating is not None else j.label
+    if task == "ranking":
+        return list(j.ranks) if j.ranks else j.label
+    return j.label
 
 
 def pairs_of(judgements: Sequence[Judgement], final: Sequence[int]) -> list[tuple[int, int, float]]:
@@ -417,3 +541,68 @@ def pairs_of(judgements: Sequence[Judgement], final: Sequence[int]) -> list[tupl
         better, worse = (i, j) if final[i] < final[j] else (j, i)
         out.append((better, worse, pair_agreement(judgements, better, worse)))
     return out
+
+
+SUGGESTION_MEASURES = {
+    "pairwise": "share of decided labels choosing the answer the model scored higher",
+    "ranking": "mean Kendall tau-b between the annotator's ranking and the model's scores",
+    "binary": "share of thumbs equal to the model's suggested thumb",
+    "rating": "Pearson correlation between the ratings and the model's scores",
+}
+
+
+def suggestion_agreement(
+    task: str, judgements: Sequence[Judgement], suggestions: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """How closely labels follow a model's suggestion, apart for labels given with the suggestion on
+    screen (``shown``) and without it (``hidden``): the difference is the suggestion's pull on annotators.
+
+    ``suggestions[record_id]`` is the stored ``{"scores": [per response index], "label"?: ...}``.
+    Per label (discards and labels of records without a suggestion left out), by ``task``:
+    pairwise: 1 when the chosen answer has the higher score (ties either way left out);
+    ranking: Kendall τ-b between the ranks and the scores; binary: 1 when the thumb equals the
+    suggested one; rating: over all labels of the group, Pearson's r between rating and score.
+    ``agreement`` is the mean (``nan`` without labels).
+    """
+    if task not in SUGGESTION_MEASURES:
+        return {}
+    out: dict[str, Any] = {"measure": SUGGESTION_MEASURES[task]}
+    for name, shown in (("shown", True), ("hidden", False)):
+        values: list[float] = []
+        pairs: list[tuple[float, float]] = []
+        for j in judgements:
+            sugg = suggestions.get(j.record_id)
+            if j.suggestion_shown is not shown or not sugg or j.label == "discard":
+                continue
+            scores = sugg["scores"]
+            if task == "pairwise" and j.label in ("0", "1") and scores[0] != scores[1]:
+                values.append(float(scores[int(j.label)] > scores[1 - int(j.label)]))
+            elif task == "ranking" and j.ranks is not None:
+                tau = ag.kendall_tau_b(list(j.ranks), [-x for x in scores])
+                if not math.isnan(tau):
+                    values.append(tau)
+            elif task == "binary" and "label" in sugg and j.label in ("up", "down"):
+                values.append(float(j.label == sugg["label"]))
+            elif task == "rating" and j.rating is not None:
+                pairs.append((float(j.rating), float(scores[0])))
+        if task == "rating":
+            out[name] = {"labels": len(pairs), "agreement": _pearson(pairs)}
+        else:
+            out[name] = {
+                "labels": len(values),
+                "agreement": sum(values) / len(values) if values else math.nan,
+            }
+    return out
+
+
+def _pearson(pairs: Sequence[tuple[float, float]]) -> float:
+    """Pearson's r of the pairs; ``nan`` with fewer than two or a constant side."""
+    n = len(pairs)
+    if n < 2:
+        return math.nan
+    mx = sum(x for x, _ in pairs) / n
+    my = sum(y for _, y in pairs) / n
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan

@@ -39,6 +39,7 @@ from starlette.requests import cookie_parser
 from heed.errors import HeedError
 from heed.feedback import i18n
 from heed.feedback.auth import LoginLimiter, same_token
+from heed.feedback.kinds import parse_kinds
 from heed.feedback.service import (
     MIN_PASSWORD,
     NAME_RE,
@@ -47,6 +48,7 @@ from heed.feedback.service import (
     ForbiddenError,
     NotFoundError,
     UserInfo,
+    export_formats,
     one_prompt_form,
 )
 
@@ -121,9 +123,27 @@ class OkOut(BaseModel):
     ok: bool
 
 
+KINDS_PATTERN = (
+    r"^(pairwise|ranking|binary|rating|critique|edit)(,(pairwise|ranking|binary|rating|critique|edit)){0,2}$"
+)
+
+
 class ProjectIn(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=64, description="Project name.")
-    task: Literal["pairwise", "ranking"] = Field(description="Choose A/B (pairwise) or rank K responses.")
+    task: str = Field(
+        pattern=KINDS_PATTERN,
+        max_length=64,
+        description="Feedback kind(s): pairwise (A/B), ranking (K answers), binary (thumbs), rating "
+        "(Likert scale), critique (text), edit (corrected answer); several joined by commas, e.g. "
+        "ranking,critique (at most one of the first four).",
+    )
+    scale: str | None = Field(
+        None, pattern=r"^\d-\d$", description="Rating: the Likert scale LOW-HIGH (default 1-5)."
+    )
+    scale_labels: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, min_length=2, max_length=2, description="Rating: names of the scale's low and high ends."
+    )
+    diff: bool = Field(False, description="Show how two answers differ (key f).")
     guidelines: str = Field("", max_length=100_000, description="Annotation guidelines (Markdown).")
     overlap: int = Field(1, ge=1, le=100, description="Annotations wanted per record.")
     allow_tie: bool = Field(True, description="Offer 'tie' (pairwise) / allow equal ranks (ranking).")
@@ -136,7 +156,7 @@ class ProjectIn(Strict):
 
 class ProjectOut(BaseModel):
     name: str
-    task: str
+    task: str = Field(description="The judgement kind (or the only kind); `kinds` lists them all.")
     guidelines: str
     guidelines_html: str
     overlap: int
@@ -145,6 +165,19 @@ class ProjectOut(BaseModel):
     allow_discard: bool
     rationale: str
     num_records: int
+    kinds: list[str] = Field(description="Every kind asked on each record, judgement first.")
+    scale: list[int] | None = Field(None, description="Rating: the scale's lowest and highest point.")
+    scale_labels: list[str] | None = Field(None, description="Rating: names of the scale's ends.")
+    diff: bool = False
+    suggest: str | None = Field(None, description="How a model's suggestion is shown (scores | ranking).")
+    suggest_rate: float = Field(0.0, description="Share of handed-out records showing the suggestion.")
+    formats: list[str] = Field([], description="The export formats the project's kinds give.")
+
+
+class SuggestionOut(BaseModel):
+    scores: list[float] = Field(description="The model's score per display position.")
+    ranks: list[int] = Field(description="The model's ranking per display position (1 = best).")
+    label: str | None = Field(None, description="Binary: the model's suggested thumb.")
 
 
 class RecordsIn(Strict):
@@ -168,6 +201,7 @@ class AssignmentOut(BaseModel):
     prompt: Any = None
     responses: list[ResponseOut] = []
     expires_at: str | None = None
+    suggestion: SuggestionOut | None = Field(None, description="A model's suggestion, when shown to you.")
 
 
 class Judgement(Strict):
@@ -175,7 +209,13 @@ class Judgement(Strict):
     ranks: list[int | float] | None = Field(
         None, min_length=2, max_length=9, description="Ranking: a rank per display position, lower is better."
     )
-    discard: bool = Field(False, description="Ranking: discard the record.")
+    thumb: Literal["up", "down"] | None = Field(None, description="Binary: thumbs up or down.")
+    rating: float | None = Field(None, description="Rating: a point of the project's scale.")
+    critique: str | None = Field(None, max_length=10_000, description="Critique: what is right or wrong.")
+    edit: str | None = Field(None, max_length=200_000, description="Edit: the corrected answer.")
+    discard: bool = Field(
+        False, description="Discard the record (any kind but pairwise, which sends choice)."
+    )
     rationale: str | None = Field(None, max_length=10_000, description="Why (free text).")
 
 
@@ -215,6 +255,10 @@ class PastLabelOut(BaseModel):
     prompt: Any
     choice: str | None = Field(None, description="Pairwise: A / B (display positions), tie or discard.")
     ranks: list[int | float] | None = Field(None, description="Ranking: a rank per display position.")
+    thumb: str | None = None
+    rating: int | float | None = None
+    critique: str | None = None
+    edit: str | None = None
     discard: bool
     rationale: str | None
     created_at: str
@@ -455,7 +499,8 @@ def create_app(
     app = FastAPI(
         title="Heed annotation API",
         version="2",
-        description="Collect pairwise and ranking preferences. Every page action has a route here. "
+        description="Collect human feedback: pairwise and ranking preferences, thumbs, ratings, critiques "
+        "and edits. Every page action has a route here. "
         "Authenticate with the session cookie plus X-CSRF-Token on state-changing requests, or a "
         "bearer token. Errors are {detail: string}.",
         docs_url=None,
@@ -584,7 +629,11 @@ def create_app(
 
     def project_out(name: str) -> ProjectOut:
         p = fb.project(name)
-        return ProjectOut(**asdict(p), guidelines_html=render_markdown(p.guidelines))
+        return ProjectOut(
+            **asdict(p),
+            guidelines_html=render_markdown(p.guidelines),
+            formats=list(export_formats(parse_kinds(p.kinds or p.task))),
+        )
 
     def client_address(request: Request) -> str:
         return request.client.host if request.client else "?"
@@ -723,6 +772,7 @@ def create_app(
             prompt=a.prompt,
             responses=[ResponseOut(position=i, text=t) for i, t in enumerate(a.responses)],
             expires_at=a.expires_at.isoformat() + "Z",
+            suggestion=SuggestionOut(**a.suggestion) if a.suggestion else None,
         )
 
     @app.post(
@@ -742,6 +792,10 @@ def create_app(
             rationale=body.rationale,
             key=body.idempotency_key,
             duration_ms=body.duration_ms,
+            thumb=body.thumb,
+            rating=body.rating,
+            critique=body.critique,
+            edit=body.edit,
         )
         return SubmitOut(annotation_id=r.annotation_id, record_id=r.record_id, duplicate=r.duplicate)
 
@@ -825,6 +879,10 @@ def create_app(
             ranks=body.ranks,
             discard=body.discard,
             rationale=body.rationale,
+            thumb=body.thumb,
+            rating=body.rating,
+            critique=body.critique,
+            edit=body.edit,
         )
         return SubmitOut(annotation_id=r.annotation_id, record_id=r.record_id, duplicate=False)
 
@@ -847,6 +905,9 @@ def create_app(
             allow_discard=body.allow_discard,
             rationale=body.rationale,
             lease_seconds=body.lease_seconds,
+            scale=body.scale,
+            scale_labels=body.scale_labels,
+            diff=body.diff,
         )
         return project_out(body.name)
 
@@ -877,6 +938,7 @@ def create_app(
                 "agreement": asdict(fb.agreement(project)),
                 "outcomes": fb.summary(project),
                 "progress": fb.progress(project),
+                "suggestions": fb.suggestion_agreement(project),
             }
         )
 
@@ -906,7 +968,7 @@ def create_app(
     )
     def export(
         project: ProjectName,
-        format: Literal["pairs", "ranked"] = "pairs",
+        format: Literal["pairs", "ranked", "rankings", "kto", "sft", "critiques"] = "pairs",
         file: Literal["jsonl", "parquet"] = "jsonl",
         method: Literal["mean_rank", "borda"] = "mean_rank",
         complete_only: bool = False,

@@ -39,12 +39,14 @@ def generate_records(
     seed: int = 0,
     chat: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Sample ``num_samples`` answers per prompt and return import-ready records."""
+    """Sample ``num_samples`` answers per prompt and return import-ready records (for a project that
+    labels one answer, binary / rating / critique / edit, one record per distinct answer)."""
     from heed.data.records import load_records
     from heed.rollout.generate import SamplingParams, sample_responses
 
-    if not 2 <= num_samples <= 9:
-        raise DataError(f"--num-samples {num_samples}: expected 2 to 9 answers per prompt")
+    single = task in ("binary", "rating", "critique", "edit")
+    if not (1 if single else 2) <= num_samples <= 9:
+        raise DataError(f"--num-samples {num_samples}: expected {1 if single else 2} to 9 answers per prompt")
     records = load_records(prompts_file, "prompts")
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -57,6 +59,11 @@ def generate_records(
     )
     out = []
     for rec, group in zip(records, answers, strict=True):
+        if single:
+            meta = {**rec.extra, "source_model": str(model_dir)}
+            distinct = list(dict.fromkeys(a for a in group if a.strip()))
+            out += [{"prompt": rec.prompt, "response": a, "metadata": meta} for a in distinct]
+            continue
         responses = pick_pair(group, scorer, rec.prompt) if task == "pairwise" else list(group)
         meta = {**rec.extra, "source_model": str(model_dir)}
         out.append({"prompt": rec.prompt, "responses": responses, "metadata": meta})

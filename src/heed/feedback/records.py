@@ -3,7 +3,9 @@
 
 An imported record is ``{"prompt": str | [messages], "responses": [str, ...], "id"?: ..., "metadata"?: {...}}``;
 the DESIGN.md pair form ``{"prompt", "chosen", "rejected"}`` and ranked form ``{"prompt", "responses", "ranks"}``
-are accepted too (the earlier labels are kept in the metadata as ``source_ranks``). Any other
+are accepted too (the earlier labels are kept in the metadata as ``source_ranks``). Projects that
+label one answer (binary, rating, critique, edit) take ``{"prompt", "response"}``,
+``{"prompt", "completion"[, "label"]}`` or a chat ``{"messages"}`` ending with the answer. Any other
 column is kept in the metadata and written back on export.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from heed.errors import DataError
+from heed.feedback.kinds import Kinds, parse_kinds
 
 MAX_TEXT_CHARS = 200_000  # one prompt or response
 MAX_RESPONSES = 9  # number keys 1..9 pick a response
@@ -110,15 +113,25 @@ class RecordIn:
 
 
 RESERVED = {"prompt", "responses", "chosen", "rejected", "ranks", "id", "metadata"}
+SINGLE_RESERVED = RESERVED | {"response", "completion", "messages", "label"}
 
 
-def parse_record(raw: Any, where: str, *, task: str | None = None) -> RecordIn:
-    """Validate one raw record (a dict from JSON) for a ``pairwise`` or ``ranking`` project.
+def parse_record(raw: Any, where: str, *, task: str | Kinds | None = None) -> RecordIn:
+    """Validate one raw record (a dict from JSON) for a project asking ``task`` (see
+    :mod:`heed.feedback.kinds`; ``None`` accepts 2-9 answers).
 
-    ``where`` prefixes every error, e.g. ``data.jsonl:12``.
+    Comparison projects (pairwise, ranking) take ``{"prompt", "responses": [...]}``, a pair
+    ``{"prompt", "chosen", "rejected"}`` or a ranked group (its ranks kept as ``source_ranks``).
+    Single-answer projects (binary, rating, critique, edit) take ``{"prompt", "response"}``,
+    ``{"prompt", "completion"}`` (an unpaired record's ``label`` is kept as ``source_label``), a
+    one-answer ``responses`` list, or a chat ``{"messages": [..., {"role": "assistant", ...}]}``
+    whose last assistant turn is the answer. ``where`` prefixes every error, e.g. ``data.jsonl:12``.
     """
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    kinds = parse_kinds(task) if isinstance(task, str) else task
+    if kinds is not None and not kinds.comparison:
+        return _parse_single(raw, where, kinds)
     if "prompt" not in raw:
         raise DataError(f"{where}: prompt: missing")
     prompt = _check_prompt(raw["prompt"], where)
@@ -134,22 +147,80 @@ def parse_record(raw: Any, where: str, *, task: str | None = None) -> RecordIn:
     else:
         raise DataError(f"{where}: responses: missing; give 'responses': [...] or 'chosen' and 'rejected'")
     texts = [_check_response(r, f"{where}: responses[{i}]") for i, r in enumerate(responses)]
-    if task == "pairwise" and len(texts) != 2:
+    if kinds is not None and kinds.judgement == "pairwise" and len(texts) != 2:
         raise DataError(f"{where}: responses: {len(texts)} given; a pairwise project needs exactly 2")
     if not 2 <= len(texts) <= MAX_RESPONSES:
         raise DataError(f"{where}: responses: {len(texts)} given; expected 2 to {MAX_RESPONSES}")
+    return RecordIn(
+        prompt=prompt,
+        responses=texts,
+        external_id=_external_id(raw, where),
+        meta=_meta(raw, where, meta, RESERVED),
+    )
+
+
+def _parse_single(raw: dict[str, Any], where: str, kinds: Kinds) -> RecordIn:
+    """A record of a single-answer project: one prompt, one answer (see :func:`parse_record`)."""
+    one = "one answer per record ('response', 'completion', a one-item 'responses' or chat 'messages')"
+    meta: dict[str, Any] = {}
+    if "chosen" in raw or "rejected" in raw:
+        raise DataError(f"{where}: chosen/rejected: a preference pair; a {kinds} project takes {one}")
+    if "prompt" not in raw and "messages" in raw:
+        prompt, answer = _split_messages(raw["messages"], where)
+    else:
+        if "prompt" not in raw:
+            raise DataError(f"{where}: prompt: missing")
+        prompt = _check_prompt(raw["prompt"], where)
+        given = [k for k in ("response", "completion", "responses") if k in raw]
+        if len(given) != 1:
+            what = "missing" if not given else f"both {' and '.join(given)} given"
+            raise DataError(f"{where}: response: {what}; a {kinds} project takes {one}")
+        field_name = given[0]
+        answer = raw[field_name]
+        if field_name == "responses":
+            if not isinstance(answer, list):
+                raise DataError(f"{where}: responses: expected a list of texts")
+            if len(answer) != 1:
+                raise DataError(f"{where}: responses: {len(answer)} given; a {kinds} project takes {one}")
+            answer, field_name = answer[0], "responses[0]"
+        answer = _check_response(answer, f"{where}: {field_name}")
+        if "label" in raw:
+            meta["source_label"] = raw["label"]
+    if not answer.strip():
+        raise DataError(f"{where}: response: empty; expected the answer to label")
+    return RecordIn(prompt, [answer], _external_id(raw, where), _meta(raw, where, meta, SINGLE_RESERVED))
+
+
+def _split_messages(messages: Any, where: str) -> tuple[list[dict[str, str]], str]:
+    """A chat ending in an assistant turn -> (the turns before it, its text)."""
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(f"{where}: messages: expected a chat of at least two turns ending with the assistant")
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise DataError(
+            f"{where}: messages[{len(messages) - 1}].role: expected 'assistant' (the answer to label)"
+        )
+    prompt = _check_prompt(messages[:-1], where)
+    assert isinstance(prompt, list)
+    return prompt, _check_response(last.get("content"), f"{where}: messages[{len(messages) - 1}].content")
+
+
+def _external_id(raw: dict[str, Any], where: str) -> str | None:
     ext = raw.get("id")
-    if ext is not None:
-        if isinstance(ext, bool) or not isinstance(ext, str | int):
-            raise DataError(f"{where}: id: expected text or an integer")
-        ext = check_text(str(ext), f"{where}: id", allow_nul=False, max_chars=200)
+    if ext is None:
+        return None
+    if isinstance(ext, bool) or not isinstance(ext, str | int):
+        raise DataError(f"{where}: id: expected text or an integer")
+    return check_text(str(ext), f"{where}: id", allow_nul=False, max_chars=200)
+
+
+def _meta(raw: dict[str, Any], where: str, meta: dict[str, Any], reserved: set[str]) -> dict[str, Any]:
     extra = raw.get("metadata") or {}
     if not isinstance(extra, dict):
         raise DataError(f"{where}: metadata: expected an object")
     meta.update(extra)
-    meta.update({k: v for k, v in raw.items() if k not in RESERVED})
-    meta = check_json(meta, f"{where}: metadata")
-    return RecordIn(prompt=prompt, responses=texts, external_id=ext, meta=meta)
+    meta.update({k: v for k, v in raw.items() if k not in reserved})
+    return check_json(meta, f"{where}: metadata")
 
 
 def file_format(path: Path, fmt: str | None = None) -> FileFormat:
@@ -213,7 +284,9 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path, fmt: str | None = N
     return path
 
 
-def iter_records(path: str | Path, task: str | None = None, fmt: str | None = None) -> Iterable[RecordIn]:
+def iter_records(
+    path: str | Path, task: str | Kinds | None = None, fmt: str | None = None
+) -> Iterable[RecordIn]:
     """Read and validate every record of a file (errors name file:line and field)."""
     for where, row in read_rows(path, fmt):
         yield parse_record(row, where, task=task)

@@ -20,6 +20,9 @@ Users are given by name, id or :class:`UserInfo`; projects by name. Errors are
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import json
+import math
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +37,7 @@ from sqlalchemy.orm import Session
 from heed.errors import DataError, HeedError
 from heed.feedback import aggregate as agg
 from heed.feedback import auth
+from heed.feedback.kinds import COMPARISONS, THUMBS, Kinds, parse_kinds, parse_scale, parse_scale_labels
 from heed.feedback.records import RecordIn, check_text, iter_records, parse_record, write_rows
 from heed.feedback.records import file_format as records_file_format
 from heed.feedback.store import (
@@ -51,9 +55,12 @@ from heed.feedback.store import (
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_PASSWORD = 10  # characters in a password a user chooses
-Task = Literal["pairwise", "ranking"]
+Task = str  # a feedback kind or several joined by commas (heed.feedback.kinds), e.g. "ranking,critique"
 Role = Literal["annotator", "admin"]
 PAIRWISE_CHOICES = ("A", "B", "tie", "discard")
+MAX_CRITIQUE = 10_000  # characters
+SUGGEST_SHOW = ("scores", "ranking")
+EXPORT_FORMATS = ("pairs", "ranked", "rankings", "kto", "sft", "critiques")
 
 
 class NotFoundError(HeedError):
@@ -92,6 +99,12 @@ class ProjectInfo:
     allow_discard: bool
     rationale: str  # off | optional | required
     num_records: int = 0
+    kinds: tuple[str, ...] = ()  # every kind asked on each record, judgement first
+    scale: tuple[int, int] | None = None  # rating: the Likert scale's lowest and highest point
+    scale_labels: tuple[str, str] | None = None  # rating: names of the low and high ends
+    diff: bool = False  # show how two answers differ
+    suggest: str | None = None  # None, or how a model's suggestion is shown: scores | ranking
+    suggest_rate: float = 0.0  # share of handed-out records that show it (the rest measure without)
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,9 @@ class Assignment:
     order: list[int]
     expires_at: dt.datetime
     meta: dict[str, Any] = field(default_factory=dict)
+    # the model's suggestion when shown to this annotator: {"scores": [per display position],
+    # "ranks": [...], "label"?: "up" | "down"}; None when not shown
+    suggestion: dict[str, Any] | None = None
 
     def display_ranks(self, ranks_by_index: Sequence[float]) -> list[float]:
         """Turn ranks given per stored response into ranks per display position."""
@@ -120,6 +136,25 @@ class Assignment:
         if winner_index is None:
             return "tie"
         return "AB"[self.order.index(winner_index)]
+
+
+@dataclass(frozen=True)
+class LabelIn:
+    """What an annotator submits, in display positions; only the fields of the project's kinds.
+
+    ``choice`` (pairwise: A, B, tie, discard), ``ranks`` (ranking: per display position),
+    ``thumb`` (binary: up / down), ``rating`` (a point of the project's scale), ``critique`` (text),
+    ``edit`` (the corrected answer), ``discard`` (any kind), ``rationale`` (free text).
+    """
+
+    choice: str | None = None
+    ranks: Sequence[float] | None = None
+    discard: bool = False
+    thumb: str | None = None
+    rating: float | None = None
+    critique: str | None = None
+    edit: str | None = None
+    rationale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -334,12 +369,28 @@ class Feedback:
         allow_discard: bool = True,
         rationale: Literal["off", "optional", "required"] = "optional",
         lease_seconds: int = 600,
+        scale: str | tuple[int, int] | None = None,
+        scale_labels: str | Sequence[str] | None = None,
+        diff: bool = False,
+        suggest: dict[str, Any] | None = None,
     ) -> ProjectInfo:
-        """Create a project. ``overlap`` = annotations wanted per record; a handed-out record is
-        reserved for its annotator for ``lease_seconds``."""
+        """Create a project. ``task``: one feedback kind or several joined by commas
+        (:mod:`heed.feedback.kinds`, e.g. ``"ranking,critique"``); ``overlap`` = annotations wanted
+        per record; a handed-out record is reserved for its annotator for ``lease_seconds``.
+
+        Rating projects take a Likert ``scale`` (``"1-7"``, default 1-5) with optional names of its
+        ends (``scale_labels="harmful,excellent"``). ``diff`` shows how two answers differ.
+        ``suggest`` shows a model's suggestion: ``{"model": DIR, "show": "scores" | "ranking",
+        "rate": share of records that show it (default 1)}``; scores come from :meth:`set_suggestions`.
+        """
         _check_name(name, "project")
-        if task not in ("pairwise", "ranking"):
-            raise DataError(f"task {task!r}: expected pairwise or ranking")
+        kinds = parse_kinds(task)
+        if scale is not None and not kinds.has("rating"):
+            raise DataError(f"scale: only a rating project has a scale (task {kinds})")
+        lo, hi = parse_scale(scale)
+        ends = parse_scale_labels(scale_labels)  # type: ignore[arg-type]
+        if suggest is not None:
+            suggest = _check_suggest(suggest, kinds)
         if not 1 <= int(overlap) <= 100:
             raise DataError(f"overlap {overlap}: expected 1 to 100 annotations per record")
         if not 10 <= int(lease_seconds) <= 7 * 24 * 3600:
@@ -347,12 +398,23 @@ class Feedback:
         if rationale not in ("off", "optional", "required"):
             raise DataError(f"rationale {rationale!r}: expected off, optional or required")
         check_text(guidelines, "guidelines", allow_nul=False, max_chars=100_000)
-        options = {"allow_tie": bool(allow_tie), "allow_discard": bool(allow_discard), "rationale": rationale}
+        options: dict[str, Any] = {
+            "allow_tie": bool(allow_tie),
+            "allow_discard": bool(allow_discard),
+            "rationale": rationale,
+            "kinds": list(kinds.kinds),
+            "diff": bool(diff),
+        }
+        if kinds.has("rating"):
+            options["scale"] = [lo, hi]
+            options["scale_labels"] = list(ends) if ends else None
+        if suggest is not None:
+            options["suggest"] = suggest
         try:
             with self.store.write() as s:
                 p = Project(
                     name=name,
-                    task=task,
+                    task=kinds.primary,
                     guidelines=guidelines,
                     options=options,
                     overlap=int(overlap),
@@ -363,6 +425,15 @@ class Feedback:
                 return self._project_info(p, 0)
         except IntegrityError as exc:
             raise ConflictError(f"project {name!r} already exists") from exc
+
+    def suggest_options(self, project: str) -> dict[str, Any] | None:
+        """The project's ``suggest`` settings (``{"model", "show", "rate"}``), or None."""
+        with self.store.read() as s:
+            return (self._project(s, project).options or {}).get("suggest") or None
+
+    def kinds(self, project: str) -> Kinds:
+        """The feedback kinds the project asks (:mod:`heed.feedback.kinds`)."""
+        return _kinds_of_info(self.project(project))
 
     def project(self, name: str) -> ProjectInfo:
         with self.store.read() as s:
@@ -440,13 +511,17 @@ class Feedback:
         All records are validated before any is stored (one transaction); a bad record raises
         :class:`DataError` naming it.
         """
-        info = self.project(project)
+        kinds = self.kinds(project)
+        lo, hi = kinds.response_counts()
         # Validate everything first: a bad record stores nothing and names itself.
         batch: list[RecordIn] = []
         for i, raw in enumerate(records):
-            rec = raw if isinstance(raw, RecordIn) else parse_record(raw, f"record {i}", task=info.task)
-            if info.task == "pairwise" and len(rec.responses) != 2:
-                raise DataError(f"record {i}: responses: a pairwise project needs exactly 2")
+            rec = raw if isinstance(raw, RecordIn) else parse_record(raw, f"record {i}", task=kinds)
+            if not lo <= len(rec.responses) <= hi:
+                want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+                raise DataError(
+                    f"record {i}: responses: {len(rec.responses)} given; a {kinds} project needs {want}"
+                )
             batch.append(rec)
         with self.store.write() as s:
             pid = self._project(s, project).id
@@ -468,7 +543,7 @@ class Feedback:
 
     def import_file(self, project: str, path: str | Path, fmt: str | None = None) -> int:
         """Import a JSONL file, Parquet file or ``datasets`` folder; errors name file:line and field."""
-        return self.import_records(project, iter_records(path, task=self.project(project).task, fmt=fmt))
+        return self.import_records(project, iter_records(path, task=self.kinds(project), fmt=fmt))
 
     def set_priorities(self, project: str, score: Callable[[list[Any], list[str]], list[float]]) -> int:
         """Show the most uncertain records first: priority = smallest gap between two responses'
@@ -484,12 +559,59 @@ class Feedback:
                 select(Record.id, Record.prompt, Record.responses).where(Record.project_id == pid)
             ).all()
         gaps = {}
+        if len(rows) and all(len(r[2]) == 1 for r in rows):
+            # one answer per record: closest to the median score first (the model's coin flips)
+            scores = {rid: float(score([prompt], list(responses))[0]) for rid, prompt, responses in rows}
+            mid = _median(list(scores.values()))
+            gaps = {rid: abs(x - mid) for rid, x in scores.items()}
         for rid, prompt, responses in rows:
-            gaps[rid] = min_score_gap(score, prompt, responses)
+            if rid not in gaps:
+                gaps[rid] = min_score_gap(score, prompt, responses)
         with self.store.write() as s:
             for rid, gap in gaps.items():
                 s.execute(update(Record).where(Record.id == rid).values(priority=gap))
         return len(gaps)
+
+    def set_suggestions(
+        self, project: str, score: Callable[[list[Any], list[str]], list[float]], *, batch_size: int = 64
+    ) -> int:
+        """Score every record's answers with a model (``score(prompts, responses) -> list[float]``,
+        e.g. ``heed.load_reward_model(path).score``) for the project's suggestions; returns how many.
+
+        Stored per record as ``{"scores": [...]}``; a binary project also gets the suggested thumb,
+        ``"up"`` when the answer scores at least the median of the project's answers. Shown to
+        annotators only when the project was created with ``suggest`` (a share ``rate`` of them).
+        """
+        with self.store.read() as s:
+            pid = self._project(s, project).id
+            rows = s.execute(
+                select(Record.id, Record.prompt, Record.responses)
+                .where(Record.project_id == pid)
+                .order_by(Record.id)
+            ).all()
+        kinds = self.kinds(project)
+        scores: dict[int, list[float]] = {}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            prompts = [prompt for _, prompt, responses in chunk for _ in responses]
+            answers = [a for _, _, responses in chunk for a in responses]
+            flat = [float(x) for x in score(prompts, answers)]
+            if len(flat) != len(answers) or any(not math.isfinite(x) for x in flat):
+                raise DataError(
+                    f"suggest: the scorer returned {len(flat)} scores (or non-finite ones) for {len(answers)} answers"
+                )
+            at = 0
+            for rid, _, responses in chunk:
+                scores[rid] = flat[at : at + len(responses)]
+                at += len(responses)
+        mid = _median([v[0] for v in scores.values()]) if scores and kinds.judgement == "binary" else None
+        with self.store.write() as s:
+            for rid, values in scores.items():
+                suggestion: dict[str, Any] = {"scores": values}
+                if mid is not None:
+                    suggestion["label"] = "up" if values[0] >= mid else "down"
+                s.execute(update(Record).where(Record.id == rid).values(suggestion=suggestion))
+        return len(scores)
 
     def record(self, project: str, record_id: int) -> dict[str, Any]:
         with self.store.read() as s:
@@ -572,11 +694,16 @@ class Feedback:
                     continue
                 order = list(range(len(rec.responses)))
                 self._rng.shuffle(order)
+                suggest = (p.options or {}).get("suggest")
+                shown = None  # the record has nothing to suggest (or the project shows nothing)
+                if suggest and rec.suggestion:
+                    shown = self._rng.random() < float(suggest.get("rate", 1.0))
                 lease = Lease(
                     project_id=p.id,
                     record_id=rid,
                     user_id=u.id,
                     display_order=order,
+                    suggestion_shown=shown,
                     leased_at=now,
                     expires_at=now + dt.timedelta(seconds=p.lease_seconds),
                 )
@@ -628,22 +755,28 @@ class Feedback:
         rationale: str | None = None,
         key: str | None = None,
         duration_ms: int | None = None,
+        thumb: str | None = None,
+        rating: float | None = None,
+        critique: str | None = None,
+        edit: str | None = None,
     ) -> Submitted:
         """Store one judgement, exactly once per idempotency ``key``.
 
         Pairwise: ``choice`` is ``"A"`` (first shown), ``"B"``, ``"tie"`` or ``"discard"``.
-        Ranking: ``ranks`` per display position (lower is better, equal = tie), or ``discard=True``.
+        Ranking: ``ranks`` per display position (lower is better, equal = tie). Binary: ``thumb``
+        ``"up"`` or ``"down"``. Rating: ``rating``, a point of the project's scale. Critique: the
+        ``critique`` text; edit: the corrected answer ``edit`` (both of the answer the judgement puts
+        first when the project compares several). Any kind: ``discard=True``.
         Re-sending a stored key returns the stored annotation with ``duplicate=True``.
         """
         key = key or auth.new_token()
         if not isinstance(key, str) or not 1 <= len(key) <= 128 or not key.isprintable():
             raise DataError("idempotency key: expected 1-128 printable characters")
-        if rationale is not None:
-            check_text(rationale, "rationale", allow_nul=False, max_chars=10_000)
         if duration_ms is not None and not 0 <= int(duration_ms) <= 2**31 - 1:
             raise DataError("duration_ms: expected 0 to 2147483647")
+        given = _checked_label(LabelIn(choice, ranks, discard, thumb, rating, critique, edit, rationale))
         try:
-            return self._submit(user, project, record_id, choice, ranks, discard, rationale, key, duration_ms)
+            return self._submit(user, project, record_id, given, key, duration_ms)
         except IntegrityError:
             # A concurrent request with the same key (or for the same record) won the race.
             with self.store.read() as s:
@@ -656,8 +789,14 @@ class Feedback:
             raise ConflictError(f"record {record_id}: you have already annotated it") from None
 
     def _submit(
-        self, user, project, record_id, choice, ranks, discard, rationale, key, duration_ms
-    ) -> Submitted:  # type: ignore[no-untyped-def]
+        self,
+        user: str | int | UserInfo,
+        project: str,
+        record_id: int,
+        given: LabelIn,
+        key: str,
+        duration_ms: int | None,
+    ) -> Submitted:
         with self.store.write() as s:
             u = self._user(s, user)
             p = self._project(s, project)
@@ -704,12 +843,7 @@ class Feedback:
                     raise ConflictError(f"record {record_id}: your lease expired and the record is now full")
             # step 3: the judgement, mapped from display positions to stored response indices
             order = list(lease.display_order)
-            label, stored_ranks = self._judgement(p, order, choice, ranks, discard)
-            opts = p.options or {}
-            if opts.get("rationale") == "required" and not (rationale or "").strip() and label != "discard":
-                raise DataError("rationale: required by this project")
-            if opts.get("rationale") == "off":
-                rationale = None
+            values = self._judgement(p, order, given, rec.responses)
             # step 4: take the slot atomically; never more than `overlap` annotations per record
             taken = s.execute(
                 update(Record)
@@ -723,12 +857,11 @@ class Feedback:
                 record_id=rec.id,
                 user_id=u.id,
                 idempotency_key=key,
-                label=label,
-                ranks=stored_ranks,
                 display_order=order,
-                rationale=rationale,
                 duration_ms=duration_ms,
                 created_at=now,
+                suggestion_shown=lease.suggestion_shown,
+                **values,
             )
             s.add(ann)
             s.delete(lease)
@@ -736,47 +869,64 @@ class Feedback:
             return Submitted(ann.id, rec.id, False)
 
     @staticmethod
-    def _judgement(p: Project, order: list[int], choice, ranks, discard) -> tuple[str, list[float] | None]:  # type: ignore[no-untyped-def]
+    def _judgement(p: Project, order: list[int], given: LabelIn, responses: Sequence[str]) -> dict[str, Any]:
+        """The stored columns (label, ranks, rating, critique, corrected, target, rationale) of a
+        submission, or a :class:`DataError` naming the field at fault."""
         opts = p.options or {}
-        k = len(order)
-        if p.task == "pairwise":
-            if ranks is not None:
-                raise DataError("ranks: this is a pairwise project; send choice A, B, tie or discard")
-            if discard:
-                choice = "discard"
-            if choice not in PAIRWISE_CHOICES:
-                raise DataError(f"choice {choice!r}: expected one of A, B, tie, discard")
-            if choice == "tie" and not opts.get("allow_tie", True):
-                raise DataError("choice 'tie': ties are turned off in this project")
-            if choice == "discard" and not opts.get("allow_discard", True):
-                raise DataError("choice 'discard': discarding is turned off in this project")
-            if choice in ("A", "B"):
-                winner = order["AB".index(choice)]
-                stored = [1.0, 1.0]
-                stored[1 - winner] = 2.0
-                return str(winner), stored
-            return choice, ([1.0, 1.0] if choice == "tie" else None)
-        if choice is not None and choice != "discard":
-            raise DataError("choice: this is a ranking project; send ranks (or discard)")
-        if discard or choice == "discard":
-            if not opts.get("allow_discard", True):
-                raise DataError("discard: discarding is turned off in this project")
-            return "discard", None
-        if ranks is None:
-            raise DataError(f"ranks: missing; send one rank per response ({k}), lower is better")
-        if len(ranks) != k:
-            raise DataError(f"ranks: {len(ranks)} given; expected {k}, one per response")
-        values = []
-        for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, int | float) or not 1 <= r <= k:
-                raise DataError(f"ranks: {r!r} is not a rank between 1 and {k}")
-            values.append(float(r))
-        if len(set(values)) < k and not opts.get("allow_tie", True):
-            raise DataError("ranks: ties are turned off in this project")
-        stored = [0.0] * k
-        for pos, idx in enumerate(order):
-            stored[idx] = values[pos]
-        return "rank", stored
+        kinds = _kinds_of(p)
+        judgement = kinds.judgement
+        _refuse_foreign_fields(kinds, given)
+        discard = given.discard or given.choice == "discard"
+        if discard and not opts.get("allow_discard", True):
+            raise DataError(
+                "choice 'discard': discarding is turned off in this project"
+                if judgement == "pairwise"
+                else "discard: discarding is turned off in this project"
+            )
+        out: dict[str, Any] = {
+            "ranks": None,
+            "rating": None,
+            "critique": None,
+            "corrected": None,
+            "target": None,
+        }
+        if discard:
+            out["label"] = "discard"
+        elif judgement in COMPARISONS:
+            out["label"], out["ranks"] = _comparison_label(judgement, opts, order, given)
+        elif judgement == "binary":
+            if given.thumb is None:
+                raise DataError("thumb: missing; send up or down (or discard)")
+            out["label"] = given.thumb
+        elif judgement == "rating":
+            lo, hi = (opts.get("scale") or (1, 5))[:2]
+            if given.rating is None:
+                raise DataError(f"rating: missing; send a point of the scale {lo}-{hi} (or discard)")
+            if not lo <= given.rating <= hi or float(given.rating) != int(given.rating):
+                raise DataError(
+                    f"rating: {_number(given.rating)!r} is outside this project's scale {lo}-{hi}"
+                )
+            out["label"], out["rating"] = "rating", float(given.rating)
+        else:
+            out["label"] = kinds.kinds[0]  # critique or edit alone
+        if not discard and (kinds.has("critique") or kinds.has("edit")):
+            target = _target(out["ranks"], order) if kinds.comparison else 0
+            out["target"] = target
+            if kinds.has("critique"):
+                if given.critique is None or not given.critique.strip():
+                    raise DataError("critique: empty; this project asks for a critique of the answer")
+                out["critique"] = given.critique
+            if kinds.has("edit"):
+                if given.edit is None or not given.edit.strip():
+                    raise DataError(
+                        "edit: empty; send the corrected answer (unchanged if it needs no correction)"
+                    )
+                out["corrected"] = given.edit
+        rationale = given.rationale
+        if opts.get("rationale") == "required" and not (rationale or "").strip() and not discard:
+            raise DataError("rationale: required by this project")
+        out["rationale"] = None if opts.get("rationale") == "off" else rationale
+        return out
 
     def undo_last(self, user: str | int | UserInfo, project: str) -> int | None:
         """Take back the annotator's latest submission in the project; the record becomes their
@@ -800,6 +950,7 @@ class Feedback:
                     record_id=ann.record_id,
                     user_id=u.id,
                     display_order=list(ann.display_order),
+                    suggestion_shown=ann.suggestion_shown,  # the record comes back as it was shown
                     leased_at=now,
                     expires_at=now + dt.timedelta(seconds=p.lease_seconds),
                 )
@@ -852,20 +1003,22 @@ class Feedback:
         ranks: Sequence[float] | None = None,
         discard: bool = False,
         rationale: str | None = None,
+        thumb: str | None = None,
+        rating: float | None = None,
+        critique: str | None = None,
+        edit: str | None = None,
     ) -> Submitted:
         """Change one of the annotator's own past labels in place (same record, same display order,
-        same slot): the new judgement replaces the old one."""
-        if rationale is not None:
-            check_text(rationale, "rationale", allow_nul=False, max_chars=10_000)
+        same slot): the new judgement replaces the old one (fields as in :meth:`submit`)."""
+        given = _checked_label(LabelIn(choice, ranks, discard, thumb, rating, critique, edit, rationale))
         with self.store.write() as s:
             u, p = self._user(s, user), self._project(s, project)
             a = self._own_annotation(s, u, p, annotation_id)
-            label, stored = self._judgement(p, list(a.display_order), choice, ranks, discard)
-            opts = p.options or {}
-            if opts.get("rationale") == "required" and not (rationale or "").strip() and label != "discard":
-                raise DataError("rationale: required by this project")
-            a.label, a.ranks = label, stored
-            a.rationale = None if opts.get("rationale") == "off" else rationale
+            rec = s.get(Record, a.record_id)
+            assert rec is not None
+            values = self._judgement(p, list(a.display_order), given, rec.responses)
+            for k, v in values.items():
+                setattr(a, k, v)
             return Submitted(a.id, a.record_id, False)
 
     def _own_annotation(self, s: Session, u: User, p: Project, annotation_id: int) -> Annotation:
@@ -876,8 +1029,8 @@ class Feedback:
 
     @staticmethod
     def _display_label(task: str, a: Annotation) -> dict[str, Any]:
-        """An annotation as its annotator gave it: ``choice`` A/B/tie/discard (pairwise) or ``ranks``
-        per display position / ``discard`` (ranking)."""
+        """An annotation as its annotator gave it: ``choice`` A/B/tie/discard (pairwise), ``ranks``
+        per display position (ranking), ``thumb``, ``rating``, ``critique``, ``edit``, ``discard``."""
         order = list(a.display_order)
         out: dict[str, Any] = {
             "annotation_id": a.id,
@@ -887,11 +1040,15 @@ class Feedback:
             "choice": None,
             "ranks": None,
             "discard": a.label == "discard",
+            "thumb": a.label if a.label in THUMBS else None,
+            "rating": _number(a.rating),
+            "critique": a.critique,
+            "edit": a.corrected,
         }
         if task == "pairwise":
             out["choice"] = "AB"[order.index(int(a.label))] if a.label in ("0", "1") else a.label
         elif a.ranks is not None:
-            out["ranks"] = [int(r) if float(r).is_integer() else r for r in (a.ranks[i] for i in order)]
+            out["ranks"] = [_number(a.ranks[i]) for i in order]
         return out
 
     # ---------------------------------------------------------------- progress and statistics
@@ -995,6 +1152,8 @@ class Feedback:
                     a.label,
                     tuple(a.ranks) if a.ranks is not None else None,
                     tuple(a.display_order),
+                    a.rating,
+                    a.suggestion_shown,
                 )
                 for a, name in rows
             ]
@@ -1019,6 +1178,11 @@ class Feedback:
                     "label": a.label,
                     "ranks": a.ranks,
                     "display_order": a.display_order,
+                    "rating": a.rating,
+                    "critique": a.critique,
+                    "edit": a.corrected,
+                    "target": a.target,
+                    "suggestion_shown": a.suggestion_shown,
                     "rationale": a.rationale,
                     "duration_ms": a.duration_ms,
                     "created_at": a.created_at.isoformat(),
@@ -1039,6 +1203,22 @@ class Feedback:
     def agreement(self, project: str) -> agg.AgreementReport:
         """Inter-annotator agreement, agreement with the majority per annotator, position bias."""
         return agg.agreement_report(self.project(project).task, self.judgements(project))
+
+    def suggestion_agreement(self, project: str) -> dict[str, Any]:
+        """Agreement of the labels with the model's suggestion, with it shown and hidden
+        (:func:`heed.feedback.aggregate.suggestion_agreement`); ``{}`` when the project has none."""
+        with self.store.read() as s:
+            pid = self._project(s, project).id
+            suggestions = dict(
+                s.execute(
+                    select(Record.id, Record.suggestion).where(
+                        Record.project_id == pid, Record.suggestion.is_not(None)
+                    )
+                ).all()
+            )
+        if not suggestions:
+            return {}
+        return agg.suggestion_agreement(self.project(project).task, self.judgements(project), suggestions)
 
     def disagreements(self, project: str, limit: int = 200) -> list[dict[str, Any]]:
         rows = agg.disagreements(self.project(project).task, self.judgements(project), limit)
@@ -1066,7 +1246,7 @@ class Feedback:
     def export(
         self,
         project: str,
-        format: Literal["pairs", "ranked"] = "pairs",
+        format: str = "pairs",
         *,
         method: Literal["mean_rank", "borda"] = "mean_rank",
         complete_only: bool = False,
@@ -1074,15 +1254,30 @@ class Feedback:
     ) -> list[dict[str, Any]]:
         """Consensus records in the DESIGN.md formats (``aggregate``: see :meth:`aggregate`).
 
-        ``pairs``: ``{"prompt", "chosen", "rejected", "weight", ...}`` (TRL-compatible; a chat prompt
-        gives conversational ``chosen`` / ``rejected`` lists); a ranking yields every pair its
-        consensus orders, weighted by the share of annotators who ordered it so.
-        ``ranked``: ``{"prompt", "responses", "ranks", "weight", ...}`` with dense ranks (1 = best).
+        Which formats a project has follows from its kinds (:func:`export_formats`):
+
+        - ``pairs``: ``{"prompt", "chosen", "rejected", "weight", ...}`` (TRL-compatible; a chat
+          prompt gives conversational ``chosen`` / ``rejected`` lists). Pairwise / ranking: every pair
+          the consensus orders, weighted by the share of annotators who ordered it so. Rating: every
+          two answers to the same prompt whose mean ratings differ, with ``margin`` = the difference.
+          Binary: thumbs-up ≻ thumbs-down answers to the same prompt. Edit: corrected ≻ original.
+        - ``ranked`` (``rankings``): ``{"prompt", "responses", "ranks", "weight", ...}`` with dense
+          ranks (1 = best); a rating project groups the answers to one prompt, ranked by mean rating
+          (``ratings`` holds the means; a prompt with one rated answer is left out).
+        - ``kto``: ``{"prompt", "completion", "label": true | false, "weight", ...}`` (TRL's unpaired
+          format), the majority thumb (or Dawid-Skene) of each binary record.
+        - ``sft``: every correction as ``{"prompt", "completion"}`` (a chat prompt: ``{"messages"}``).
+        - ``critiques``: every critique as ``{"prompt", "completion", "critique"}``, the answer it is about.
+
         Records without a majority or discarded by majority are left out (see :meth:`summary`).
-        Extra columns: ``id``, ``num_annotations`` and the record's metadata.
+        Extra columns: ``id``, ``num_annotations``, ``critiques`` (when the project asks for them)
+        and the record's metadata.
         """
-        if format not in ("pairs", "ranked"):
-            raise DataError(f"format {format!r}: expected pairs or ranked")
+        kinds = self.kinds(project)
+        allowed = export_formats(kinds)
+        fmt = "ranked" if format == "rankings" else format
+        if fmt not in allowed:
+            raise DataError(f"format {format!r}: a {kinds} project exports {', '.join(allowed)}")
         p = self.project(project)
         all_judgements = self.judgements(project)
         judgements = agg.by_record(all_judgements)
@@ -1090,53 +1285,138 @@ class Feedback:
         with self.store.read() as s:
             pid = self._project(s, project).id
             recs = {r.id: r for r in s.scalars(select(Record).where(Record.project_id == pid))}
-        rows: list[dict[str, Any]] = []
-        for rid in sorted(judgements):
-            js, rec, a = judgements[rid], recs[rid], consensus[rid]
-            if complete_only and rec.n_done < p.overlap:
-                continue
-            if a.ranks is None:
-                continue
-            extra = {
+            notes = s.execute(
+                select(Annotation.record_id, Annotation.target, Annotation.critique, Annotation.corrected)
+                .where(Annotation.project_id == pid, Annotation.label != "discard")
+                .where((Annotation.critique.is_not(None)) | (Annotation.corrected.is_not(None)))
+                .order_by(Annotation.id)
+            ).all()
+        done = [rid for rid in sorted(judgements) if not (complete_only and recs[rid].n_done < p.overlap)]
+        critiques: dict[int, list[str]] = {}
+        for rid, _, critique, _ in notes:
+            if critique is not None:
+                critiques.setdefault(rid, []).append(critique)
+
+        def extra(rec: Record, a: agg.Aggregate | None) -> dict[str, Any]:
+            out: dict[str, Any] = {
                 "id": rec.external_id if rec.external_id is not None else str(rec.id),
-                "num_annotations": a.num_annotations,
+                "num_annotations": a.num_annotations if a else len(judgements.get(rec.id, [])),
             }
-            extra.update(
-                {k: v for k, v in (rec.meta or {}).items() if k not in extra and k not in _EXPORT_KEYS}
-            )
-            chat = isinstance(rec.prompt, list)
-            if format == "ranked":
-                rows.append(
-                    {
-                        "prompt": rec.prompt,
-                        "responses": list(rec.responses),
-                        "ranks": a.ranks,
-                        "weight": round(a.weight, 6),
-                        **extra,
-                    }
-                )
-                continue
-            if a.pairs is not None:  # Dawid-Skene: each pair weighted by its posterior
-                pairs = a.pairs
-            elif p.task == "pairwise":
-                if a.label not in ("0", "1"):
-                    continue
-                pairs = [(int(a.label), 1 - int(a.label), a.weight)]
+            if kinds.has("critique"):
+                out["critiques"] = critiques.get(rec.id, [])
+            out.update({k: v for k, v in (rec.meta or {}).items() if k not in out and k not in _EXPORT_KEYS})
+            return out
+
+        keep = set(done)
+        if fmt == "sft":
+            return [
+                {**_sft_row(recs[rid].prompt, fixed), **extra(recs[rid], consensus.get(rid))}
+                for rid, _, _, fixed in notes
+                if fixed is not None and rid in keep
+            ]
+        if fmt == "critiques":
+            return [
+                {
+                    **_completion_row(recs[rid].prompt, recs[rid].responses[target or 0]),
+                    "critique": critique,
+                    **extra(recs[rid], consensus.get(rid)),
+                }
+                for rid, target, critique, _ in notes
+                if critique is not None and rid in keep
+            ]
+        rows: list[dict[str, Any]] = []
+        if kinds.judgement == "binary":
+            decided = [(recs[rid], consensus[rid]) for rid in done if consensus[rid].label in THUMBS]
+            if fmt == "kto":
+                for rec, a in decided:
+                    rows.append(
+                        {
+                            **_completion_row(rec.prompt, rec.responses[0]),
+                            "label": a.label == "up",
+                            "weight": round(a.weight, 6),
+                            **extra(rec, a),
+                        }
+                    )
             else:
-                pairs = agg.pairs_of(js, a.ranks)
-            for better, worse, weight in pairs:
-                chosen, rejected = rec.responses[better], rec.responses[worse]
-                if chat:
-                    chosen = [{"role": "assistant", "content": chosen}]
-                    rejected = [{"role": "assistant", "content": rejected}]
+                for group in _by_prompt(decided):
+                    ups = [(r, a) for r, a in group if a.label == "up"]
+                    downs = [(r, a) for r, a in group if a.label == "down"]
+                    for (good, ga), (bad, ba) in itertools.product(ups, downs):
+                        rows.append(
+                            _pair_row(
+                                good.prompt, good.responses[0], bad.responses[0], min(ga.weight, ba.weight)
+                            )
+                            | _group_extra([extra(good, ga), extra(bad, ba)])
+                        )
+        elif kinds.judgement == "rating":
+            rated = [(recs[rid], consensus[rid]) for rid in done if consensus[rid].mean_rating is not None]
+            for group in _by_prompt(rated):
+                if len(group) < 2:
+                    continue
+                means = [a.mean_rating for _, a in group]
+                more = _group_extra([extra(r, a) for r, a in group])
+                if fmt == "ranked":
+                    rows.append(
+                        {
+                            "prompt": group[0][0].prompt,
+                            "responses": [r.responses[0] for r, _ in group],
+                            "ranks": agg.ag.dense_ranks(means, lower_is_better=False),  # type: ignore[arg-type]
+                            "ratings": [round(m, 6) for m in means],  # type: ignore[arg-type]
+                            "weight": round(min(a.weight for _, a in group), 6),
+                            **more,
+                        }
+                    )
+                    continue
+                for (ri, ai), (rj, aj) in itertools.combinations(group, 2):
+                    if ai.mean_rating == aj.mean_rating:
+                        continue
+                    (good, ga), (bad, ba) = (
+                        ((ri, ai), (rj, aj)) if ai.mean_rating > aj.mean_rating else ((rj, aj), (ri, ai))
+                    )  # type: ignore[operator]
+                    row = _pair_row(
+                        good.prompt, good.responses[0], bad.responses[0], min(ga.weight, ba.weight)
+                    )
+                    row["margin"] = round(ga.mean_rating - ba.mean_rating, 6)  # type: ignore[operator]
+                    rows.append(row | _group_extra([extra(good, ga), extra(bad, ba)]))
+        elif kinds.comparison:
+            for rid in done:
+                js, rec, a = judgements[rid], recs[rid], consensus[rid]
+                if a.ranks is None:
+                    continue
+                if fmt == "ranked":
+                    rows.append(
+                        {
+                            "prompt": rec.prompt,
+                            "responses": list(rec.responses),
+                            "ranks": a.ranks,
+                            "weight": round(a.weight, 6),
+                            **extra(rec, a),
+                        }
+                    )
+                    continue
+                if a.pairs is not None:  # Dawid-Skene: each pair weighted by its posterior
+                    pairs = a.pairs
+                elif p.task == "pairwise":
+                    if a.label not in ("0", "1"):
+                        continue
+                    pairs = [(int(a.label), 1 - int(a.label), a.weight)]
+                else:
+                    pairs = agg.pairs_of(js, a.ranks)
+                for better, worse, weight in pairs:
+                    rows.append(
+                        _pair_row(rec.prompt, rec.responses[better], rec.responses[worse], weight)
+                        | extra(rec, a)
+                    )
+        if fmt == "pairs" and kinds.has("edit"):
+            # every correction beats the answer it corrects (an unchanged answer makes no pair)
+            for rid, target, _, fixed in notes:
+                original = recs[rid].responses[target or 0]
+                if fixed is None or rid not in keep or fixed.strip() == original.strip():
+                    continue
                 rows.append(
-                    {
-                        "prompt": rec.prompt,
-                        "chosen": chosen,
-                        "rejected": rejected,
-                        "weight": round(weight, 6),
-                        **extra,
-                    }
+                    _pair_row(recs[rid].prompt, fixed, original, 1.0)
+                    | {"feedback": "edit"}
+                    | extra(recs[rid], consensus.get(rid))
                 )
         return rows
 
@@ -1182,6 +1462,8 @@ class Feedback:
     @staticmethod
     def _project_info(p: Project, n: int) -> ProjectInfo:
         o = p.options or {}
+        kinds = _kinds_of(p)
+        suggest = o.get("suggest") or None
         return ProjectInfo(
             p.name,
             p.task,
@@ -1192,6 +1474,12 @@ class Feedback:
             bool(o.get("allow_discard", True)),
             str(o.get("rationale", "optional")),
             n,
+            kinds.kinds,
+            tuple(o["scale"]) if kinds.has("rating") and o.get("scale") else None,  # type: ignore[arg-type]
+            tuple(o["scale_labels"]) if o.get("scale_labels") else None,  # type: ignore[arg-type]
+            bool(o.get("diff", False)),
+            suggest["show"] if suggest else None,
+            float(suggest.get("rate", 1.0)) if suggest else 0.0,
         )
 
     @staticmethod
@@ -1199,6 +1487,12 @@ class Feedback:
         rec = s.get(Record, lease.record_id)
         assert rec is not None
         order = list(lease.display_order)
+        suggestion = None
+        if lease.suggestion_shown and rec.suggestion:
+            scores = [float(rec.suggestion["scores"][i]) for i in order]
+            suggestion = {"scores": scores, "ranks": agg.ag.dense_ranks([-x for x in scores])}
+            if "label" in rec.suggestion:
+                suggestion["label"] = rec.suggestion["label"]
         return Assignment(
             p.name,
             p.task,
@@ -1208,31 +1502,255 @@ class Feedback:
             order,
             lease.expires_at,
             dict(rec.meta or {}),
+            suggestion,
         )
 
     # ---------------------------------------------------------------- reliability (Dawid-Skene)
 
     def reliability(self, project: str) -> agg.rel.DawidSkene:
         """Each annotator's estimated reliability: a Dawid-Skene fit (:class:`heed.feedback.reliability.DawidSkene`)
-        over the project's pairwise preferences (a ranking counts as its C(K, 2) pairs)."""
-        return agg.fit_reliability(self.judgements(project))
+        over the project's pairwise preferences (a ranking counts as its C(K, 2) pairs; a binary
+        project's thumbs are its items)."""
+        return agg.fit_reliability(self.judgements(project), self.project(project).task)
 
 
-_EXPORT_KEYS = {"prompt", "chosen", "rejected", "responses", "ranks", "weight"}
+_EXPORT_KEYS = {
+    "prompt",
+    "chosen",
+    "rejected",
+    "responses",
+    "ranks",
+    "weight",
+    "completion",
+    "label",
+    "messages",
+}
+
+
+def _median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
+
+
+def _number(x: float | None) -> int | float | None:
+    """``2.0`` -> ``2`` (ranks and ratings are whole numbers unless tied ranks were averaged)."""
+    if x is None:
+        return None
+    return int(x) if float(x).is_integer() else x
+
+
+def _expects(kinds: Kinds) -> str:
+    """What a project's submissions carry, for error messages."""
+    parts = {
+        "pairwise": "choice A, B, tie or discard",
+        "ranking": "ranks (or discard)",
+        "binary": "thumb up or down",
+        "rating": "rating",
+        "critique": "critique",
+        "edit": "edit",
+    }
+    return " + ".join(parts[k] for k in kinds.kinds)
+
+
+def _checked_label(given: LabelIn) -> LabelIn:
+    """Types and sizes of a submission's fields, whatever the project (one-line errors)."""
+    from heed.feedback.records import MAX_TEXT_CHARS
+
+    if given.rationale is not None:
+        check_text(given.rationale, "rationale", allow_nul=False, max_chars=10_000)
+    if given.critique is not None:
+        if not isinstance(given.critique, str):
+            raise DataError("critique: expected text")
+        check_text(given.critique, "critique", allow_nul=False, max_chars=MAX_CRITIQUE)
+    if given.edit is not None:
+        if not isinstance(given.edit, str):
+            raise DataError("edit: expected the corrected answer as text")
+        check_text(given.edit, "edit", allow_nul=False, max_chars=MAX_TEXT_CHARS)
+    if given.thumb is not None and given.thumb not in THUMBS:
+        raise DataError(f"thumb {given.thumb!r}: expected up or down")
+    if given.rating is not None and (
+        isinstance(given.rating, bool)
+        or not isinstance(given.rating, int | float)
+        or given.rating != given.rating
+    ):
+        raise DataError(f"rating: {given.rating!r} is not a number")
+    return given
+
+
+def _refuse_foreign_fields(kinds: Kinds, given: LabelIn) -> None:
+    """A field the project does not ask for (a thumb on a ranking project) is refused, named."""
+    foreign = []
+    if given.choice is not None and given.choice != "discard" and kinds.judgement != "pairwise":
+        foreign.append("choice")
+    if given.ranks is not None and kinds.judgement != "ranking":
+        foreign.append("ranks")
+    if given.thumb is not None and kinds.judgement != "binary":
+        foreign.append("thumb")
+    if given.rating is not None and kinds.judgement != "rating":
+        foreign.append("rating")
+    if given.critique is not None and not kinds.has("critique"):
+        foreign.append("critique")
+    if given.edit is not None and not kinds.has("edit"):
+        foreign.append("edit")
+    if foreign:
+        raise DataError(f"{foreign[0]}: this is a {kinds} project; send {_expects(kinds)}")
+
+
+def _comparison_label(
+    judgement: str, opts: dict[str, Any], order: list[int], given: LabelIn
+) -> tuple[str, list[float]]:
+    """Pairwise ``choice`` or ranking ``ranks`` (display positions) -> (label, ranks per stored index)."""
+    k = len(order)
+    if judgement == "pairwise":
+        choice = given.choice
+        if choice not in PAIRWISE_CHOICES:
+            raise DataError(f"choice {choice!r}: expected one of A, B, tie, discard")
+        if choice == "tie" and not opts.get("allow_tie", True):
+            raise DataError("choice 'tie': ties are turned off in this project")
+        if choice == "tie":
+            return "tie", [1.0, 1.0]
+        winner = order["AB".index(choice)]
+        stored = [1.0, 1.0]
+        stored[1 - winner] = 2.0
+        return str(winner), stored
+    ranks = given.ranks
+    if ranks is None:
+        raise DataError(f"ranks: missing; send one rank per response ({k}), lower is better")
+    if len(ranks) != k:
+        raise DataError(f"ranks: {len(ranks)} given; expected {k}, one per response")
+    values = []
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int | float) or not 1 <= r <= k:
+            raise DataError(f"ranks: {r!r} is not a rank between 1 and {k}")
+        values.append(float(r))
+    if len(set(values)) < k and not opts.get("allow_tie", True):
+        raise DataError("ranks: ties are turned off in this project")
+    stored = [0.0] * k
+    for pos, idx in enumerate(order):
+        stored[idx] = values[pos]
+    return "rank", stored
+
+
+def _target(stored_ranks: Sequence[float] | None, order: Sequence[int]) -> int:
+    """The answer a critique or edit is about: the best-ranked one, the first shown among equals."""
+    if not stored_ranks:
+        return order[0]
+    best = min(stored_ranks)
+    return next(i for i in order if stored_ranks[i] == best)
+
+
+def export_formats(kinds: Kinds) -> tuple[str, ...]:
+    """The ``--format`` values a project's kinds give (``rankings`` is another name of ``ranked``)."""
+    out: list[str] = []
+    if kinds.comparison:
+        out += ["pairs", "ranked"]
+    elif kinds.judgement == "binary":
+        out += ["kto", "pairs"]
+    elif kinds.judgement == "rating":
+        out += ["ranked", "pairs"]
+    if kinds.has("edit"):
+        out += [f for f in ("sft", "pairs") if f not in out]
+    if kinds.has("critique"):
+        out.append("critiques")
+    return tuple(out)
+
+
+def _assistant(prompt: Any, text: str) -> Any:
+    """An answer in the prompt's form: text, or a one-message assistant list for a chat prompt."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _pair_row(prompt: Any, chosen: str, rejected: str, weight: float) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "chosen": _assistant(prompt, chosen),
+        "rejected": _assistant(prompt, rejected),
+        "weight": round(weight, 6),
+    }
+
+
+def _completion_row(prompt: Any, completion: str) -> dict[str, Any]:
+    return {"prompt": prompt, "completion": _assistant(prompt, completion)}
+
+
+def _sft_row(prompt: Any, completion: str) -> dict[str, Any]:
+    """An SFT record: ``{"prompt", "completion"}``, or ``{"messages"}`` for a chat prompt."""
+    if isinstance(prompt, list):
+        return {"messages": [*prompt, {"role": "assistant", "content": completion}]}
+    return {"prompt": prompt, "completion": completion}
+
+
+def _by_prompt(items: list[tuple[Record, agg.Aggregate]]) -> list[list[tuple[Record, agg.Aggregate]]]:
+    """Records grouped by identical prompt, in record order."""
+    groups: dict[str, list[tuple[Record, agg.Aggregate]]] = {}
+    for rec, a in items:
+        groups.setdefault(json.dumps(rec.prompt, sort_keys=True, ensure_ascii=False), []).append((rec, a))
+    return list(groups.values())
+
+
+def _group_extra(extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """Extra columns of a row made of several records: ``ids``, the summed ``num_annotations``, every
+    record's ``critiques``, and the metadata they all share."""
+    out: dict[str, Any] = {
+        "ids": [e["id"] for e in extras],
+        "num_annotations": sum(e["num_annotations"] for e in extras),
+    }
+    if any("critiques" in e for e in extras):
+        out["critiques"] = [c for e in extras for c in e.get("critiques", [])]
+    for k, v in extras[0].items():
+        if k not in ("id", "num_annotations", "critiques") and all(e.get(k) == v for e in extras[1:]):
+            out[k] = v
+    return out
+
+
+def _kinds_of(p: Project) -> Kinds:
+    """A stored project's kinds (a project made before kinds existed asks its task alone)."""
+    return parse_kinds((p.options or {}).get("kinds") or p.task)
+
+
+def _kinds_of_info(info: ProjectInfo) -> Kinds:
+    return parse_kinds(info.kinds or info.task)
+
+
+def _check_suggest(suggest: dict[str, Any], kinds: Kinds) -> dict[str, Any]:
+    """``{"model": DIR, "show": "scores" | "ranking", "rate": 0..1}`` checked, defaults filled."""
+    if not isinstance(suggest, dict) or set(suggest) - {"model", "show", "rate"}:
+        raise DataError("suggest: expected {'model': DIR, 'show': 'scores' | 'ranking', 'rate': 0..1}")
+    if kinds.judgement is None:
+        raise DataError(f"suggest: a {kinds} project has no judgement for a model to suggest")
+    show = suggest.get("show", "scores")
+    if show not in SUGGEST_SHOW:
+        raise DataError(f"suggest.show {show!r}: expected {' or '.join(SUGGEST_SHOW)}")
+    if show == "ranking" and not kinds.comparison:
+        raise DataError(f"suggest.show 'ranking': a {kinds} project has one answer per record; use scores")
+    rate = suggest.get("rate", 1.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < float(rate) <= 1.0:
+        raise DataError(f"suggest.rate {rate!r}: expected a share of records above 0 and at most 1")
+    model = suggest.get("model")
+    if model is not None and not isinstance(model, str):
+        raise DataError("suggest.model: expected the reward model's folder")
+    return {"model": model, "show": show, "rate": float(rate)}
 
 
 def one_prompt_form(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """When some prompts are chat messages and some are text, turn the text ones (and their
-    ``chosen`` / ``rejected``) into the conversational form; otherwise return ``rows`` unchanged."""
-    chat = [isinstance(r["prompt"], list) for r in rows]
+    ``chosen`` / ``rejected`` / ``completion``) into the conversational form (SFT rows become
+    ``{"messages"}``); otherwise return ``rows`` unchanged."""
+    chat = [isinstance(r.get("prompt"), list) or "messages" in r for r in rows]
     if all(chat) or not any(chat):
         return rows
     out = []
     for r, is_chat in zip(rows, chat, strict=True):
         if not is_chat:
-            r = {**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
-            for k in ("chosen", "rejected"):
-                if k in r:
-                    r[k] = [{"role": "assistant", "content": r[k]}]
+            user = [{"role": "user", "content": r["prompt"]}]
+            if any("messages" in x for x in rows):  # SFT rows: one messages column
+                rest = {k: v for k, v in r.items() if k not in ("prompt", "completion")}
+                r = {"messages": [*user, {"role": "assistant", "content": r["completion"]}], **rest}
+            else:
+                r = {**r, "prompt": user}
+                for k in ("chosen", "rejected", "completion"):
+                    if k in r:
+                        r[k] = [{"role": "assistant", "content": r[k]}]
         out.append(r)
     return out

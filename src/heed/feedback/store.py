@@ -95,7 +95,9 @@ class Project(Base):
     __tablename__ = "heed_projects"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    task: Mapped[str] = mapped_column(String(16))  # pairwise | ranking
+    task: Mapped[str] = mapped_column(
+        String(16)
+    )  # the judgement kind (heed.feedback.kinds); all kinds in options
     guidelines: Mapped[str] = mapped_column(Text, default="")
     options: Mapped[dict] = mapped_column(JSON, default=dict)
     overlap: Mapped[int] = mapped_column(Integer, default=1)
@@ -112,6 +114,8 @@ class Record(Base):
     responses: Mapped[list] = mapped_column(JSON)  # list[str]
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     priority: Mapped[float] = mapped_column(Float, default=0.0)  # lower is shown first (e.g. RM score gap)
+    # a model's suggestion: {"scores": [per response index], "label"?: "up" | "down"}; None = none
+    suggestion: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     n_done: Mapped[int] = mapped_column(Integer, default=0)  # annotations stored, never above overlap
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (Index("ix_heed_records_queue", "project_id", "n_done", "priority", "id"),)
@@ -126,6 +130,7 @@ class Lease(Base):
     record_id: Mapped[int] = mapped_column(ForeignKey("heed_records.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("heed_users.id", ondelete="CASCADE"))
     display_order: Mapped[list] = mapped_column(JSON)  # display position -> response index
+    suggestion_shown: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # None: nothing to show
     leased_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
     __table_args__ = (
@@ -159,12 +164,17 @@ class Annotation(Base):
     record_id: Mapped[int] = mapped_column(ForeignKey("heed_records.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("heed_users.id", ondelete="CASCADE"))
     idempotency_key: Mapped[str] = mapped_column(String(128))
-    label: Mapped[str] = mapped_column(
-        String(16)
-    )  # pairwise: "0" | "1" | "tie" | "discard"; ranking: "rank" | "discard"
+    # pairwise: "0" | "1" | "tie"; ranking: "rank"; binary: "up" | "down"; rating: "rating";
+    # critique / edit alone: "critique" / "edit"; any kind: "discard"
+    label: Mapped[str] = mapped_column(String(16))
     ranks: Mapped[list | None] = mapped_column(JSON, nullable=True)  # per response index, lower is better
     display_order: Mapped[list] = mapped_column(JSON)
     rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rating: Mapped[float | None] = mapped_column(Float, nullable=True)  # a point of the project's scale
+    critique: Mapped[str | None] = mapped_column(Text, nullable=True)
+    corrected: Mapped[str | None] = mapped_column(Text, nullable=True)  # the edit kind's corrected answer
+    target: Mapped[int | None] = mapped_column(Integer, nullable=True)  # response index critiqued / edited
+    suggestion_shown: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # None: none existed
     duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (
@@ -232,6 +242,20 @@ def _has_index(engine: Engine, name: str) -> bool:
         return conn.execute(text(q), {"n": name}).first() is not None
 
 
+# columns added after the first release: table -> {column: SQL type}; added by _migrate
+ADDED_COLUMNS = {
+    "heed_records": {"suggestion": "JSON"},
+    "heed_leases": {"suggestion_shown": "BOOLEAN"},
+    "heed_annotations": {
+        "rating": "FLOAT",
+        "critique": "TEXT",
+        "corrected": "TEXT",
+        "target": "INTEGER",
+        "suggestion_shown": "BOOLEAN",
+    },
+}
+
+
 def _migrate(engine: Engine, existing: set[str], *, allow_name_clashes: bool) -> None:
     """Bring a database made by an older Heed up to date (each step is idempotent).
 
@@ -240,9 +264,19 @@ def _migrate(engine: Engine, existing: set[str], *, allow_name_clashes: bool) ->
        differ only in case, unless ``allow_name_clashes`` (``heed annotate user rename`` uses it).
     3. Project membership: a database that had users before memberships existed gives every
        annotator every existing project, so upgrading locks nobody out of work they could do.
+    4. The feedback kinds' columns (:data:`ADDED_COLUMNS`), all nullable: older rows read as
+       "no rating, no critique, no edit, no suggestion".
     """
     if "heed_users" not in existing:
         return  # a fresh database: create_all made everything
+    for table, columns in ADDED_COLUMNS.items():
+        if table not in existing:
+            continue
+        have = {c["name"] for c in inspect(engine).get_columns(table)}
+        with engine.begin() as conn:
+            for name, sql_type in columns.items():
+                if name not in have:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
     cols = {c["name"] for c in inspect(engine).get_columns("heed_users")}
     with engine.begin() as conn:
         if "must_change_password" not in cols:

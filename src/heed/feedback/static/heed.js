@@ -306,24 +306,45 @@ async function projectsPage() {
 
 const BASE = "/api/projects/" + encodeURIComponent(PROJECT || "");
 const state = { project: null, item: null, editing: null, choice: null, ranked: [], tiePending: false,
-                discard: false, key: null, shownAt: 0, busy: false };
+                discard: false, thumb: null, rating: null, editFor: null, editOriginal: null, diff: false,
+                key: null, shownAt: 0, busy: false };
 
-function pairwise() { return state.project.task === "pairwise"; }
+function kinds() { return state.project.kinds && state.project.kinds.length ? state.project.kinds : [state.project.task]; }
+function asks(kind) { return kinds().includes(kind); }
+function pairwise() { return asks("pairwise"); }
+function ranking() { return asks("ranking"); }
+function comparison() { return pairwise() || ranking(); }
 
 async function annotatePage() {
   await loadMe();
   state.project = await api("GET", BASE);
+  const p = state.project;
   $("guidelines-body").innerHTML = state.project.guidelines_html;  // sanitised Markdown (raw HTML off)
-  $("keys-help").textContent = pairwise() ? T.keys_pairwise : T.keys_ranking;
+  const help = [pairwise() ? T.keys_pairwise : ranking() ? T.keys_ranking : asks("binary") ? T.keys_binary
+                : asks("rating") ? T.keys_rating : T.keys_common];
+  if (asks("critique")) help.push(T.keys_critique);
+  if (asks("edit")) help.push(T.keys_edit);
+  if (p.diff) help.push(T.keys_diff);
+  $("keys-help").textContent = help.join(" ");
   $("pairwise-buttons").hidden = !pairwise();
-  $("ranking-buttons").hidden = pairwise();
-  $("ranking-box").hidden = pairwise();
-  if (!state.project.allow_tie) $("btn-tie").hidden = true;
-  if (!state.project.allow_discard) { $("btn-discard").hidden = true; $("btn-rank-discard").hidden = true; }
-  if (state.project.rationale === "off") $("rationale-label").hidden = true;
-  if (state.project.rationale === "required") $("rationale-text").textContent = T.rationale_required;
+  $("ranking-buttons").hidden = pairwise();  // the discard button of every other kind
+  $("ranking-box").hidden = !ranking();
+  $("binary-buttons").hidden = !asks("binary");
+  $("rating-box").hidden = !asks("rating");
+  $("critique-label").hidden = !asks("critique");
+  $("edit-label").hidden = !asks("edit");
+  $("btn-diff").hidden = !p.diff;
+  if (asks("rating")) buildScale();
+  if (!p.allow_tie) $("btn-tie").hidden = true;
+  if (!p.allow_discard) { $("btn-discard").hidden = true; $("btn-rank-discard").hidden = true; }
+  if (p.rationale === "off") $("rationale-label").hidden = true;
+  if (p.rationale === "required") $("rationale-text").textContent = T.rationale_required;
   for (const b of document.querySelectorAll("[data-choice]")) b.addEventListener("click", () => choose(b.dataset.choice));
+  for (const b of document.querySelectorAll("[data-thumb]")) b.addEventListener("click", () => setThumb(b.dataset.thumb));
   $("btn-rank-discard").addEventListener("click", () => { state.discard = !state.discard; renderSelection(); });
+  $("btn-diff").addEventListener("click", toggleDiff);
+  $("edit").addEventListener("focus", fillEdit);
+  $("edit").addEventListener("input", renderEditDiff);
   $("submit").addEventListener("click", submit);
   $("skip").addEventListener("click", skip);
   $("undo").addEventListener("click", undo);
@@ -339,6 +360,21 @@ async function annotatePage() {
   });
   document.addEventListener("keydown", onKey);
   await run(next);
+}
+
+// The Likert scale: one button per point, the ends named when the project names them.
+function buildScale() {
+  const [lo, hi] = state.project.scale || [1, 5];
+  const ends = state.project.scale_labels || ["", ""];
+  const box = $("rating-scale");
+  box.replaceChildren();
+  if (ends[0]) box.append(el("span", { class: "end", id: "scale-low", text: ends[0] }));
+  for (let v = lo; v <= hi; v++) {
+    const b = el("button", { type: "button", id: "rating-" + v, "data-rating": String(v), text: "[" + v + "] " + v });
+    b.addEventListener("click", () => setRating(v));
+    box.append(b);
+  }
+  if (ends[1]) box.append(el("span", { class: "end", id: "scale-high", text: ends[1] }));
 }
 
 // Runs one action with the page marked busy (tests and styles watch data-busy on <body>).
@@ -362,26 +398,31 @@ async function next() {
 function show(item, past) {
   state.item = item;
   state.choice = null; state.ranked = []; state.tiePending = false; state.discard = false;
+  state.thumb = null; state.rating = null; state.editFor = null; state.editOriginal = null;
   state.key = newKey(); state.shownAt = performance.now();
   $("rationale").value = past && past.rationale ? past.rationale : "";
-  // a new record starts with the keys working (not typing into the last record's rationale)
-  if (document.activeElement === $("rationale")) $("rationale").blur();
+  $("critique").value = past && past.critique ? past.critique : "";
+  $("edit").value = "";
+  // a new record starts with the keys working (not typing into the last record's text boxes)
+  if (["rationale", "critique", "edit"].includes(document.activeElement && document.activeElement.id)) document.activeElement.blur();
   $("all-done").hidden = item !== null;
   $("item").hidden = item === null;
-  for (const id of ["pairwise-buttons", "ranking-buttons", "submit", "skip"]) $(id).classList.toggle("gone", item === null);
+  for (const id of ["pairwise-buttons", "ranking-buttons", "binary-buttons", "submit", "skip"]) $(id).classList.toggle("gone", item === null);
   $("skip").classList.toggle("gone", item === null || past !== null);
   if (item === null) return;
   renderPrompt($("prompt"), item.prompt);
   $("prompt").scrollTop = 0;
   const box = $("responses");
   box.replaceChildren();
+  const sugg = item.suggestion || null;
   for (const r of item.responses) {
     const label = pairwise() ? "AB"[r.position] : String(r.position + 1);
     const body = el("div", { class: "body md scroll" });
     renderMarkdown(body, r.text);
     const card = el("div", { class: "card response", id: "response-" + r.position, "data-pos": String(r.position) },
-                    el("div", { class: "label", text: T.response + " " + label }), body);
-    if (!pairwise()) {
+                    el("div", { class: "label", text: comparison() ? T.response + " " + label : T.response }), body);
+    if (sugg) card.append(el("div", { class: "suggestion", id: "suggestion-" + r.position, text: suggestionText(sugg, r.position) }));
+    if (ranking()) {
       card.draggable = true;
       card.addEventListener("dragstart", (ev) => ev.dataTransfer.setData("text/plain", String(r.position)));
     }
@@ -394,8 +435,19 @@ function show(item, past) {
       const order = past.ranks.map((rank, pos) => ({ pos, rank })).sort((a, b) => a.rank - b.rank || a.pos - b.pos);
       state.ranked = order.map((o, k) => ({ pos: o.pos, tie: k > 0 && o.rank === order[k - 1].rank }));
     }
+    state.thumb = past.thumb || null;
+    state.rating = past.rating === undefined ? null : past.rating;
+    if (past.edit) { state.editFor = targetPos(); state.editOriginal = targetText(); $("edit").value = past.edit; }
   }
+  if (asks("edit") && !comparison() && !past) fillEdit();  // one answer: start from it (unchanged = fine as is)
+  if (state.diff) renderDiff();
   renderSelection();
+}
+
+function suggestionText(sugg, pos) {
+  if (sugg.label && !comparison()) return T.model_thumb + ": " + (sugg.label === "up" ? "👍" : "👎") + " (" + sugg.scores[pos].toFixed(2) + ")";
+  if (state.project.suggest === "ranking") return T.model_says + ": #" + sugg.ranks[pos];
+  return T.model_says + ": " + sugg.scores[pos].toFixed(2) + (comparison() ? " · #" + sugg.ranks[pos] : "");
 }
 
 async function refreshProgress() {
@@ -407,6 +459,12 @@ async function refreshProgress() {
 }
 
 function choose(c) { state.choice = state.choice === c ? null : c; renderSelection(); }
+function setThumb(t) { state.thumb = state.thumb === t ? null : t; state.discard = false; renderSelection(); }
+function setRating(v) {
+  const [lo, hi] = state.project.scale || [1, 5];
+  if (v < lo || v > hi) return;
+  state.rating = v; state.discard = false; renderSelection();
+}
 
 function ranksFromList() {
   // competition ranking: a row tied with the one above shares its rank
@@ -414,6 +472,34 @@ function ranksFromList() {
   let r = 0;
   state.ranked.forEach((row, i) => { if (!(row.tie && i > 0)) r = i + 1; ranks[row.pos] = r; });
   return ranks;
+}
+
+// The answer a critique or edit is about (display position): the one the judgement puts first,
+// the first shown among equals (the server picks the same one); null while undecided.
+function targetPos() {
+  if (!comparison()) return 0;
+  if (pairwise()) return state.choice === "A" || state.choice === "tie" ? 0 : state.choice === "B" ? 1 : null;
+  if (!state.ranked.length) return null;
+  const ranks = ranksFromList();
+  const best = Math.min(...ranks.filter((r) => r !== null));
+  return ranks.findIndex((r) => r === best);
+}
+
+function targetText() {
+  const pos = targetPos();
+  return pos === null ? null : state.item.responses[pos].text;
+}
+
+// Fills the edit box with the answer to correct (once per target; typed corrections are kept).
+function fillEdit() {
+  if (!state.item || !asks("edit")) return;
+  const pos = targetPos();
+  if (pos === null || pos === state.editFor) return;
+  const untouched = state.editFor === null || $("edit").value === state.editOriginal;
+  if (!untouched) return;
+  state.editFor = pos; state.editOriginal = state.item.responses[pos].text;
+  $("edit").value = state.editOriginal;
+  renderEditDiff();
 }
 
 function moveRanked(pos, beforePos) {
@@ -429,12 +515,20 @@ function moveRanked(pos, beforePos) {
 function renderSelection() {
   if (!state.item) return;
   for (const b of document.querySelectorAll("[data-choice]")) b.classList.toggle("selected", b.dataset.choice === state.choice);
+  for (const b of document.querySelectorAll("[data-thumb]")) b.classList.toggle("selected", b.dataset.thumb === state.thumb);
+  for (const b of document.querySelectorAll("[data-rating]")) b.classList.toggle("selected", Number(b.dataset.rating) === state.rating);
   for (const card of document.querySelectorAll(".response")) {
     const pos = parseInt(card.dataset.pos, 10);
-    card.classList.toggle("selected", pairwise() ? (state.choice === "AB"[pos]) : state.ranked.some((r) => r.pos === pos));
+    card.classList.toggle("selected", pairwise() ? (state.choice === "AB"[pos]) : ranking() ? state.ranked.some((r) => r.pos === pos) : false);
   }
   $("btn-rank-discard").classList.toggle("selected", state.discard);
-  if (pairwise()) return;
+  if (comparison()) {
+    const pos = targetPos();
+    const name = pos === null ? "…" : (pairwise() ? "AB"[pos] : String(pos + 1));
+    $("critique-text").textContent = T.critique_of + " " + name;
+    $("edit-text").textContent = T.edit_of + " " + name;
+  }
+  if (!ranking()) return;
   const ol = $("ranking");
   ol.replaceChildren();
   const ranks = ranksFromList();
@@ -454,6 +548,61 @@ function renderSelection() {
   });
 }
 
+// ---------------------------------------------------------------- differences between two texts
+// A word-level longest common subsequence; words only in the one text are marked (diff-a / diff-b).
+
+function diffWords(a, b) {
+  const x = a.split(/(\s+)/).filter((w) => w !== ""), y = b.split(/(\s+)/).filter((w) => w !== "");
+  if (x.length * y.length > 4e6) return null;  // too long to compare here
+  const n = x.length, m = y.length;
+  const L = Array.from({ length: n + 1 }, () => new Uint32Array(m + 1));
+  for (let i = n - 1; i >= 0; i--) for (let j = m - 1; j >= 0; j--) L[i][j] = x[i] === y[j] ? L[i + 1][j + 1] + 1 : Math.max(L[i + 1][j], L[i][j + 1]);
+  const left = [], right = [];
+  let i = 0, j = 0;
+  while (i < n || j < m) {
+    if (i < n && j < m && x[i] === y[j]) { left.push([x[i], false]); right.push([y[j], false]); i++; j++; }
+    else if (j >= m || (i < n && L[i + 1][j] >= L[i][j + 1])) { left.push([x[i], true]); i++; }
+    else { right.push([y[j], true]); j++; }
+  }
+  return [left, right];
+}
+
+function diffNode(parts, cls) {
+  const node = el("div", { class: "text diffed" });
+  for (const [w, changed] of parts) node.append(changed && w.trim() ? el("span", { class: cls, text: w }) : w);
+  return node;
+}
+
+// Pairwise: A against B. Ranking: every answer against the first shown (the first against the second).
+function renderDiff() {
+  const rs = state.item.responses;
+  for (const r of rs) {
+    const card = $("response-" + r.position), body = card.querySelector(".body");
+    if (!state.diff || rs.length < 2) { renderMarkdown(body, r.text); continue; }
+    const other = r.position === 0 ? rs[1] : rs[0];
+    const d = diffWords(r.text, other.text);
+    if (d === null) { renderMarkdown(body, r.text); continue; }
+    body.replaceChildren(diffNode(d[0], r.position === 0 ? "diff-a" : "diff-b"));
+  }
+}
+
+function toggleDiff() {
+  if (!state.item || !state.project.diff) return;
+  state.diff = !state.diff;
+  $("btn-diff").classList.toggle("selected", state.diff);
+  renderDiff();
+}
+
+// The correction against the answer it corrects, as it is typed.
+function renderEditDiff() {
+  const box = $("edit-diff");
+  const fixed = $("edit").value;
+  if (!asks("edit") || state.editOriginal === null || fixed === state.editOriginal) { box.hidden = true; return; }
+  const d = diffWords(state.editOriginal, fixed);
+  box.hidden = d === null;
+  if (d) box.replaceChildren(diffNode(d[0], "diff-a"), el("hr"), diffNode(d[1], "diff-b"));
+}
+
 function onKey(ev) {
   if (state.busy) return;
   const typing = ev.target && (ev.target.tagName === "TEXTAREA" || ev.target.tagName === "INPUT");
@@ -471,6 +620,12 @@ function onKey(ev) {
   if (k === "Enter") { ev.preventDefault(); submit(); return; }
   if (k === "s" && state.editing === null) { skip(); return; }
   if (k === "r" && !$("rationale-label").hidden) { ev.preventDefault(); $("rationale").focus(); return; }
+  if (k === "c" && asks("critique")) { ev.preventDefault(); $("critique").focus(); return; }
+  if (k === "e" && asks("edit")) {
+    if (targetPos() === null) { toast(comparison() && pairwise() ? T.pick_first : T.incomplete, true); return; }
+    ev.preventDefault(); $("edit").focus(); return;
+  }
+  if (k === "f" && state.project.diff) { toggleDiff(); return; }
   if (pairwise()) {
     const map = { "1": "A", "2": "B", "a": "A", "b": "B", "t": "tie", "d": "discard" };
     if (map[k]) {
@@ -479,6 +634,23 @@ function onKey(ev) {
     }
     return;
   }
+  if (k === "d" && state.project.allow_discard) { state.discard = !state.discard; renderSelection(); return; }
+  if (asks("binary")) {
+    const map = { "1": "up", "y": "up", "+": "up", "2": "down", "n": "down", "-": "down" };
+    if (map[k]) setThumb(map[k]);
+    return;
+  }
+  if (asks("rating")) {
+    const [lo, hi] = state.project.scale || [1, 5];
+    if (/^[0-9]$/.test(k)) setRating(parseInt(k, 10));
+    else if (k === "ArrowRight" || k === "ArrowLeft") {
+      ev.preventDefault();
+      const step = k === "ArrowRight" ? 1 : -1;
+      setRating(state.rating === null ? (step > 0 ? lo : hi) : Math.min(hi, Math.max(lo, state.rating + step)));
+    }
+    return;
+  }
+  if (!ranking()) return;
   const n = state.item.responses.length;
   if (/^[1-9]$/.test(k) && parseInt(k, 10) <= n) {
     const pos = parseInt(k, 10) - 1;
@@ -491,8 +663,6 @@ function onKey(ev) {
   } else if (k === "Backspace") {
     ev.preventDefault();
     state.ranked.pop(); state.tiePending = false; renderSelection();
-  } else if (k === "d" && state.project.allow_discard) {
-    state.discard = !state.discard; renderSelection();
   }
 }
 
@@ -504,11 +674,28 @@ function judgement() {
   if (pairwise()) {
     if (!state.choice) { toast(T.pick_first, true); return null; }
     body.choice = state.choice;
+    if (state.choice === "discard") return body;
   } else if (state.discard) {
     body.discard = true;
-  } else {
+    return body;
+  } else if (ranking()) {
     if (state.ranked.length !== state.item.responses.length) { toast(T.incomplete, true); return null; }
     body.ranks = ranksFromList();
+  } else if (asks("binary")) {
+    if (!state.thumb) { toast(T.need_thumb, true); return null; }
+    body.thumb = state.thumb;
+  } else if (asks("rating")) {
+    if (state.rating === null) { toast(T.need_rating, true); return null; }
+    body.rating = state.rating;
+  }
+  if (asks("critique")) {
+    if (!$("critique").value.trim()) { toast(T.need_critique, true); return null; }
+    body.critique = $("critique").value;
+  }
+  if (asks("edit")) {
+    if (comparison() && state.editFor !== targetPos()) fillEdit();  // the best answer changed: start again from it
+    if (!$("edit").value.trim()) { toast(T.need_edit, true); return null; }
+    body.edit = $("edit").value;
   }
   return body;
 }
@@ -571,8 +758,14 @@ function undo() {
 
 function describeLabel(h) {
   if (h.discard) return T.discard;
-  if (h.choice) return h.choice === "tie" ? T.tie : h.choice;
-  return (h.ranks || []).join(", ");
+  const parts = [];
+  if (h.choice) parts.push(h.choice === "tie" ? T.tie : h.choice);
+  if (h.ranks) parts.push(h.ranks.join(", "));
+  if (h.thumb) parts.push(h.thumb === "up" ? "👍" : "👎");
+  if (h.rating !== null && h.rating !== undefined) parts.push(String(h.rating));
+  if (h.critique) parts.push("“" + (h.critique.length > 30 ? h.critique.slice(0, 30) + "…" : h.critique) + "”");
+  if (h.edit) parts.push("✎");
+  return parts.join(" ");
 }
 
 async function loadHistory() {
@@ -616,9 +809,11 @@ async function adminPage() {
   await loadMe();
   const select = $("admin-project");
   let users = [];
+  const info = {};
   async function loadProjects(selected) {
     const projects = await api("GET", "/api/projects");
-    select.replaceChildren(...projects.map((p) => el("option", { value: p.name, text: p.name + " (" + p.task + ")" })));
+    for (const p of projects) info[p.name] = p;
+    select.replaceChildren(...projects.map((p) => el("option", { value: p.name, text: p.name + " (" + (p.kinds || [p.task]).join(", ") + ")" })));
     if (selected) select.value = selected;
     if (select.value) await loadProject(select.value);
   }
@@ -629,31 +824,39 @@ async function adminPage() {
     const p = stats.progress, a = stats.agreement;
     $("admin-progress").textContent = T.complete_records + ": " + p.complete_records + " / " + p.total + " · " +
       T.annotations + ": " + p.annotations + " / " + p.target;
-    const rows = a.task === "pairwise"
+    const nominal = a.task === "pairwise" || a.task === "binary";
+    const rows = nominal
       ? [["Fleiss κ", a.fleiss_kappa], ["Cohen κ (mean over pairs)", a.cohen_kappa], ["Krippendorff α (nominal)", a.alpha_nominal]]
-      : [["Krippendorff α (ordinal)", a.alpha_ordinal], ["Krippendorff α (interval)", a.alpha_interval], ["Kendall τ-b (mean)", a.mean_kendall_tau]];
+      : [["Krippendorff α (ordinal)", a.alpha_ordinal], ["Krippendorff α (interval)", a.alpha_interval]];
+    if (a.task === "ranking") rows.push(["Kendall τ-b (mean)", a.mean_kendall_tau]);
     const bias = a.position_bias;
-    rows.push([T.position_bias, a.task === "pairwise" ? bias.first_shown_wins : bias.first_shown_top]);
-    if (a.task !== "pairwise") rows.push(["(unbiased)", bias.expected_if_unbiased]);
+    if (a.task === "pairwise") rows.push([T.position_bias, bias.first_shown_wins]);
+    if (a.task === "ranking") rows.push([T.position_bias, bias.first_shown_top], ["(unbiased)", bias.expected_if_unbiased]);
+    const sg = stats.suggestions || {};
+    if (sg.shown) rows.push([T.model_says + " (shown / hidden)", fmt(sg.shown.agreement) + " / " + fmt(sg.hidden.agreement)]);
     const outcomes = Object.entries(stats.outcomes).map(([k, n]) => outcomeName(k) + ": " + n).join(" · ");
     rows.push([T.outcome, outcomes || "–"]);
     table($("admin-agreement"), ["", ""], rows);
     const per = p.annotators.map((u) => {
       const s = a.per_annotator[u.user] || {};
-      return [u.user, u.done, a.task === "pairwise" ? s.agree_with_majority : s.tau_with_others,
-              a.task === "pairwise" ? s.first_shown_wins : s.first_shown_top, seconds(u.mean_ms)];
+      const agree = nominal ? s.agree_with_majority : a.task === "rating" ? s.mean_abs_diff_with_others : s.tau_with_others;
+      return [u.user, u.done, agree, a.task === "pairwise" ? s.first_shown_wins : s.first_shown_top, seconds(u.mean_ms)];
     });
     table($("admin-annotators"), [T.annotator, T.done, T.with_majority, T.position_bias, T.mean_time], per);
     const withWhy = anns.filter((x) => x.rationale).reverse().slice(0, 200);
     table($("admin-rationales"), [T.record, T.user, T.label, T.rationale, T.time],
-          withWhy.map((x) => [x.record_id, x.user, labelName(x.label === "rank" ? x.ranks : x.label), x.rationale, x.created_at.slice(0, 16).replace("T", " ")]));
+          withWhy.map((x) => [x.record_id, x.user, labelName(x.label === "rank" ? x.ranks : x.label === "rating" ? x.rating : x.label), x.rationale, x.created_at.slice(0, 16).replace("T", " ")]));
     table($("admin-disagreements"), [T.record, T.agreement, T.prompt, T.labels],
           dis.map((d) => [d.record_id, d.agreement, typeof d.prompt === "string" ? d.prompt.slice(0, 80) : d.prompt.map((m) => m.content).join(" / ").slice(0, 80),
                           Object.entries(d.labels).map(([u, l]) => u + ": " + labelName(l)).join(" · ")]));
-    $("export-pairs").href = base + "/export?format=pairs&file=jsonl";
-    $("export-ranked").href = base + "/export?format=ranked&file=jsonl";
-    $("export-pairs-parquet").href = base + "/export?format=pairs&file=parquet";
-    $("export-ranked-parquet").href = base + "/export?format=ranked&file=parquet";
+    const links = [];
+    for (const f of (info[name] && info[name].formats) || ["pairs", "ranked"]) {
+      for (const file of ["jsonl", "parquet"]) {
+        if (links.length) links.push(" · ");
+        links.push(el("a", { id: "export-" + f + (file === "jsonl" ? "" : "-parquet"), href: base + "/export?format=" + f + "&file=" + file, text: f + "." + file }));
+      }
+    }
+    $("export-links").replaceChildren(...links);
     await loadMembers(name);
   }
   async function loadMembers(name) {
