@@ -151,7 +151,9 @@ def test_whiten_gives_mean_zero_std_one(data, seed):
     out = whiten(x, mask)
     assert torch.all(out[~mask] == 0)
     close(out[mask].mean(), 0.0, atol=1e-6, rtol=0)
-    close(out[mask].std(), 1.0, atol=1e-6, rtol=0)
+    # out = (x − mean) / sqrt(var + eps), so its std is s / sqrt(s² + eps), not exactly 1 (eps = 1e-8)
+    s = kept.std()
+    close(out[mask].std(), float(s / torch.sqrt(s**2 + 1e-8)), atol=1e-9, rtol=1e-9)
 
 
 # ---------------------------------------------------------------- selective_log_softmax
