@@ -73,6 +73,16 @@ WORKLOADS: dict[str, dict[str, int]] = {
         "num_attention_heads": 12,
         "num_key_value_heads": 4,
     },
+    # Qwen2-0.5B's shapes (494M parameters, 136M of them in the 151936 x 896 tied embedding); the
+    # GPU benchmark's model (benchmarks/gpu.sh), too big for a CPU run
+    "qwen2-0.5b": {
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+    },
 }
 
 
@@ -161,6 +171,17 @@ def synthetic_texts(n: int, words: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(pool) for _ in range(words)) for _ in range(n)]
 
 
+def tokenizer_texts(vocab_size: int) -> list[str]:
+    """The texts a workload's tokenizer is trained on: 12000 texts of 50 random words up to a 32k
+    vocabulary; above that, every word of a pool of ~4/3 V words (the default pool extended: its
+    first 40000 words are the same) twice, so BPE finds enough pairs to reach V merges."""
+    if vocab_size <= 32000:
+        return synthetic_texts(12000, 50, seed=1)
+    pool = _word_pool(n=max(40000, vocab_size * 4 // 3))
+    words = pool + pool[::-1]
+    return [" ".join(words[i : i + 50]) for i in range(0, len(words), 50)]
+
+
 def build_workload(name: str, root: str | Path, seed: int = 0, max_positions: int = 2048) -> Path:
     """Save workload ``name`` (random weights, seeded) under ``root/name`` with a byte-level BPE
     tokenizer of exactly V tokens trained on random words (Heed's tiny tokenizer recipe:
@@ -175,7 +196,7 @@ def build_workload(name: str, root: str | Path, seed: int = 0, max_positions: in
 
     from heed.models.tiny import train_tokenizer
 
-    tok = train_tokenizer(synthetic_texts(12000, 50, seed=1), vocab_size=config.vocab_size)
+    tok = train_tokenizer(tokenizer_texts(config.vocab_size), vocab_size=config.vocab_size)
     if len(tok) != config.vocab_size:
         raise SystemExit(f"error: the {name} tokenizer has {len(tok)} tokens, expected {config.vocab_size}")
     tok.model_max_length = max_positions
