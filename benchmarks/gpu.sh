@@ -20,8 +20,15 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! command -v nvidia-smi >/dev/null 2>&1 \
-    || ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "no CUDA GPU: nothing to measure"
+    exit 0
+fi
+if ! cuda=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null); then
+    echo "error: $PYTHON cannot import torch; set PYTHON to the Python that Heed is installed in" >&2
+    exit 2
+fi
+if [ "$cuda" != 1 ]; then
     echo "no CUDA GPU: nothing to measure"
     exit 0
 fi
@@ -39,9 +46,9 @@ bench() {
     timeout "$limit" "$PYTHON" benchmarks/gpu_bench.py "$@" --work "$WORK"
     local code=$?
     if [ "$code" -eq 124 ]; then
-        echo "{\"part\": \"$1 ${3:-}\", \"status\": \"failed\", \"reason\": \"timed out after $limit s\"}" >>"$WORK/results.jsonl"
+        echo "{\"part\": \"$*\", \"status\": \"failed\", \"reason\": \"timed out after $limit s\"}" >>"$WORK/results.jsonl"
     elif [ "$code" -ne 0 ]; then
-        echo "{\"part\": \"$1 ${3:-}\", \"status\": \"failed\", \"reason\": \"gpu_bench.py exited $code\"}" >>"$WORK/results.jsonl"
+        echo "{\"part\": \"$*\", \"status\": \"failed\", \"reason\": \"gpu_bench.py exited $code\"}" >>"$WORK/results.jsonl"
     fi
 }
 
