@@ -43,7 +43,8 @@ bench() {
     local limit=$1
     shift
     echo "== $*"
-    timeout "$limit" "$PYTHON" benchmarks/gpu_bench.py "$@" --work "$WORK"
+    # the heed run inside gets 10 s less, so its own row names its log
+    timeout "$limit" "$PYTHON" benchmarks/gpu_bench.py "$@" --work "$WORK" --timeout $((limit - 10))
     local code=$?
     if [ "$code" -eq 124 ]; then
         echo "{\"part\": \"$*\", \"status\": \"failed\", \"reason\": \"timed out after $limit s\"}" >>"$WORK/results.jsonl"

@@ -96,7 +96,7 @@ def last_line(text: str) -> str:
 
 
 def run_heed(
-    command: list[str], log: Path, env: dict[str, str] | None = None, timeout: int = 300
+    command: list[str], log: Path, timeout: int, env: dict[str, str] | None = None
 ) -> tuple[int, str]:
     """Run a command (a ``heed`` run) with its output in ``log``; (exit code, reason when it failed)."""
     full_env = {
@@ -184,14 +184,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def part_rl(work: Path, engine: str) -> None:
-    part = f"rl ({engine})"
-    if engine == "vllm" and (why := missing("vllm")):
-        record(work, {"part": part, "status": "skipped", "reason": why})
-        return
+def rl_config(work: Path, engine: str) -> dict[str, Any]:
+    """heed rl's config for one engine: RLOO on the prompts file, a rule reward, a tiny learning rate."""
     s = RL_SETTINGS
-    out = work / f"rl-{engine}"
-    config = {
+    return {
         "algorithm": "rloo",
         "model": {"path": str(model_dir(work)), "dtype": "bfloat16"},
         "data": {"prompts": str(write_prompts(work))},
@@ -203,6 +199,9 @@ def part_rl(work: Path, engine: str) -> None:
             "temperature": 1.0,
             "engine": engine,
             "batch_size": s["prompts_per_step"] * s["k"],
+            # both engines the same way: the trainer recomputes the behaviour log-probs with its own
+            # forward, and logs their difference from the engine's where it reports them (vLLM)
+            "reuse_logprobs": False,
         },
         "update": {"micro_batch_size": 16},
         "kl": {"beta": 0.05},
@@ -212,11 +211,16 @@ def part_rl(work: Path, engine: str) -> None:
         "log": {"progress": False, "log_every": 1},
         "overwrite": True,
     }
-    # both engines the same way: the trainer recomputes the behaviour log-probs with its own forward,
-    # and logs their difference from the engine's where the engine reports them (vLLM)
-    config["rollout"]["reuse_logprobs"] = False
+
+
+def part_rl(work: Path, engine: str, timeout: int) -> None:
+    part = f"rl ({engine})"
+    if engine == "vllm" and (why := missing("vllm")):
+        record(work, {"part": part, "status": "skipped", "reason": why})
+        return
+    out = work / f"rl-{engine}"
     cfg_path = work / f"rl-{engine}.json"
-    cfg_path.write_text(json.dumps(config))
+    cfg_path.write_text(json.dumps(rl_config(work, engine)))
     # vLLM's in-process engine (external launcher) joins a torch.distributed group: give a
     # one-process run the rendezvous variables torchrun would set
     env = (
@@ -233,7 +237,7 @@ def part_rl(work: Path, engine: str) -> None:
     command = [sys.executable, "-m", "heed", "rl", "--config", str(cfg_path), "--out", str(out)]
     t = time.time()
     with MemorySampler() as mem:
-        code, why = run_heed(command, work / f"rl-{engine}.log", env)
+        code, why = run_heed(command, work / f"rl-{engine}.log", timeout, env)
     if code:
         record(work, {"part": part, "status": "failed", "reason": why})
         return
@@ -241,7 +245,9 @@ def part_rl(work: Path, engine: str) -> None:
     metrics = [m for m in read_metrics(out) if "length/mean" in m]
     samples = summary["samples"]
     mean_len = (
-        sum(m["length/mean"] for m in metrics) / len(metrics) if metrics else float(s["max_new_tokens"])
+        sum(m["length/mean"] for m in metrics) / len(metrics)
+        if metrics
+        else float(RL_SETTINGS["max_new_tokens"])
     )
     diffs = [m["rollout/logprob_diff"] for m in metrics if "rollout/logprob_diff" in m]
     record(
@@ -297,7 +303,7 @@ def sft_row(work: Path, part: str, out: Path, t: float, mem: MemorySampler) -> N
     )
 
 
-def part_qlora(work: Path) -> None:
+def part_qlora(work: Path, timeout: int) -> None:
     part = "sft (QLoRA 4-bit)"
     if why := missing("peft", "bitsandbytes"):
         record(work, {"part": part, "status": "skipped", "reason": why})
@@ -311,6 +317,7 @@ def part_qlora(work: Path) -> None:
         code, why = run_heed(
             [sys.executable, "-m", "heed", "sft", "--config", str(cfg_path), "--out", str(out)],
             work / "qlora.log",
+            timeout,
         )
     if code:
         record(work, {"part": part, "status": "failed", "reason": why})
@@ -318,7 +325,7 @@ def part_qlora(work: Path) -> None:
     sft_row(work, part, out, t, mem)
 
 
-def part_fsdp(work: Path) -> None:
+def part_fsdp(work: Path, timeout: int) -> None:
     import torch
 
     gpus = max(torch.cuda.device_count(), 1)
@@ -347,7 +354,7 @@ def part_fsdp(work: Path) -> None:
     ]
     t = time.time()
     with MemorySampler() as mem:
-        code, why = run_heed(command, work / "fsdp.log")
+        code, why = run_heed(command, work / "fsdp.log", timeout)
     if code:
         record(work, {"part": part, "status": "failed", "reason": why})
         return
@@ -397,6 +404,7 @@ def main() -> None:
         "--work", required=True, type=Path, help="folder for the model, data, runs and results.jsonl"
     )
     p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="rl: the rollout engine")
+    p.add_argument("--timeout", type=int, default=300, help="seconds a part's heed run may take")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.part == "summary":
@@ -411,11 +419,11 @@ def main() -> None:
         )
         return
     if args.part == "rl":
-        part_rl(args.work, args.engine)
+        part_rl(args.work, args.engine, args.timeout)
     elif args.part == "qlora":
-        part_qlora(args.work)
+        part_qlora(args.work, args.timeout)
     else:
-        part_fsdp(args.work)
+        part_fsdp(args.work, args.timeout)
 
 
 if __name__ == "__main__":
