@@ -56,6 +56,6 @@ bench() {
 bench 90 build
 bench 180 rl --engine vllm
 bench 90 rl --engine hf
-bench 60 qlora
+bench 75 qlora
 bench 90 fsdp
 "$PYTHON" benchmarks/gpu_bench.py summary --work "$WORK"

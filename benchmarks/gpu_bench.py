@@ -221,20 +221,26 @@ def part_rl(work: Path, engine: str, timeout: int) -> None:
     out = work / f"rl-{engine}"
     cfg_path = work / f"rl-{engine}.json"
     cfg_path.write_text(json.dumps(rl_config(work, engine)))
-    # vLLM's in-process engine (external launcher) joins a torch.distributed group: give a
-    # one-process run the rendezvous variables torchrun would set
-    env = (
-        {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        }
-        if engine == "vllm"
-        else {}
-    )
-    command = [sys.executable, "-m", "heed", "rl", "--config", str(cfg_path), "--out", str(out)]
+    # vLLM's in-process engine joins the training processes' torch.distributed group (its external
+    # launcher reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*), so both engines run under
+    # torchrun with one process, so the two timings compare like with like
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "heed",
+        "rl",
+        "--config",
+        str(cfg_path),
+        "--out",
+        str(out),
+    ]
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if engine == "vllm" else {}
     t = time.time()
     with MemorySampler() as mem:
         code, why = run_heed(command, work / f"rl-{engine}.log", timeout, env)
