@@ -77,6 +77,16 @@ def test_qwen2_05b_workload_has_qwen2_05b_parameter_count() -> None:
     assert _common.parameter_count(config) == 494_032_768
 
 
+def test_tokenizer_texts_above_32k_reach_the_vocabulary_exactly() -> None:
+    # above 32k the default 40000-word pool runs out of pairs to merge; the extended pool (whose first
+    # 40000 words are the default pool's) must give BPE enough, as qwen2-0.5b's 151936 needs
+    from heed.models.tiny import train_tokenizer
+
+    assert _common._word_pool(n=50000)[:40000] == _common._word_pool()
+    tok = train_tokenizer(_common.tokenizer_texts(40000), vocab_size=40000)
+    assert len(tok) == 40000
+
+
 def test_require_memory_is_one_line_naming_the_workload() -> None:
     with pytest.raises(SystemExit) as exc:
         _common.require_memory(1e15, "building workload qwen2-0.5b")
