@@ -8,12 +8,15 @@ process (so each part's peak memory is its own), each appending one row to ``WOR
     python benchmarks/gpu_bench.py fsdp --work DIR               # heed sft under accelerate launch (FSDP2)
     python benchmarks/gpu_bench.py summary --work DIR            # the table of every row
 
-Every part runs the ``heed`` command itself (``python -m heed``) on files written here, reads the run's
+Every part runs the ``heed`` command itself (``python -m heed``; the RL parts under torchrun with one
+process, the FSDP part under ``accelerate launch``) on files written here, reads the run's
 ``summary.json`` and ``metrics.jsonl``, and samples the GPU's used memory with ``nvidia-smi`` while it
 runs (the device's peak above what was in use before, which also counts vLLM's pool and the CUDA
 contexts that ``torch.cuda.max_memory_allocated`` misses). A part whose optional package (vllm,
 bitsandbytes, peft) is missing is a ``skipped`` row with the reason; a part that fails is a
 ``failed`` row with the last line of its error, and ``summary`` then exits 1.
+
+``HEED_GPU_WORKLOAD=qwen2-4k`` runs the same parts on a small workload (the RL part runs on a CPU).
 """
 
 from __future__ import annotations
