@@ -53,7 +53,7 @@ bench() {
     fi
 }
 
-bench 90 build
+bench 120 build
 bench 180 rl --engine vllm
 bench 90 rl --engine hf
 bench 75 qlora
