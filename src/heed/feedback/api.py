@@ -18,6 +18,7 @@ import io
 import json
 import math
 import re
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -1132,11 +1133,26 @@ def _empty_parquet() -> bytes:
     return buf.getvalue()
 
 
-def serve(db: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Run the app with uvicorn (one process; SQLite/PostgreSQL handle concurrency)."""
+def serve(
+    db: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    sock: socket.socket | None = None,
+    **kwargs: Any,
+) -> None:
+    """Run the app with uvicorn (one process; SQLite/PostgreSQL handle concurrency).
+
+    ``sock``: a listening socket opened earlier (:func:`heed.feedback.listen.listen_socket`), so
+    clients queue instead of being refused while the app starts; else ``host:port`` is bound here.
+    """
     import uvicorn
 
-    uvicorn.run(create_app(db, **kwargs), host=host, port=port, log_level="warning", access_log=False)
+    from heed.feedback.listen import listen_socket
+
+    sock = sock or listen_socket(host, port)
+    config = uvicorn.Config(create_app(db, **kwargs), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 __all__ = ["create_app", "serve"]
