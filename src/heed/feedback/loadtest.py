@@ -21,6 +21,7 @@ Used by ``benchmarks/annotate_load.py`` and ``tests/feedback/test_load.py``; run
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -130,24 +131,64 @@ def retry_delay(attempt: int, rng: random.Random) -> float:
     return min(RETRY_FIRST_S * 2**attempt, RETRY_MAX_S) * rng.uniform(0.5, 1.0)
 
 
+@dataclass
+class Reply:
+    status_code: int
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+class Client:
+    """A keep-alive HTTP/1.1 JSON client on :mod:`http.client`: it costs the load generator far
+    less CPU per request than httpx, so twenty annotators on the server's machine leave its cores
+    to the server. A connection that failed is dropped and the next request opens a new one."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self.conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, json_body: Any = None) -> Reply:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        body = None if json_body is None else json.dumps(json_body).encode("utf-8")
+        try:
+            self.conn.request(method, path, body=body, headers=self.headers)
+            resp = self.conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+        if resp.will_close:
+            self.close()
+        return Reply(resp.status, data.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 def _request(
-    client: httpx.Client,
+    client: Client,
     shared: Shared,
     method: str,
-    url: str,
+    path: str,
     stop: threading.Event,
     rng: random.Random,
-    **kw: Any,
-) -> httpx.Response | None:
+    json_body: Any = None,
+) -> Reply | None:
     """One request, retried (see the module docstring) while the server is down or restarting."""
     deadline = time.monotonic() + RETRY_BUDGET_S
     attempt = 0
     while not stop.is_set() and time.monotonic() < deadline:
         try:
-            r = client.request(method, url, **kw)
+            r = client.request(method, path, json_body)
             if r.status_code < 500:
                 return r
-        except httpx.HTTPError:
+        except (OSError, http.client.HTTPException):
             pass
         with shared.lock:
             shared.retries += 1
@@ -157,7 +198,7 @@ def _request(
 
 
 def annotator(
-    base: str,
+    port: int,
     name: str,
     password: str,
     project: str,
@@ -168,7 +209,8 @@ def annotator(
     seed: int,
 ) -> None:
     rng = random.Random(seed)
-    with httpx.Client(base_url=base, timeout=30.0) as client:
+    client = Client("127.0.0.1", port)
+    try:
         r = _request(
             client,
             shared,
@@ -176,7 +218,7 @@ def annotator(
             "/api/login",
             stop,
             rng,
-            json={"name": name, "password": password, "bearer": True},
+            {"name": name, "password": password, "bearer": True},
         )
         if r is None or r.status_code != 200:
             shared.errors.append(f"{name}: login failed: {r.status_code if r else 'no answer'}")
@@ -202,7 +244,7 @@ def annotator(
             else:
                 body["ranks"] = [rng.randint(1, k) for _ in range(k)]
             t0 = time.perf_counter()
-            r = _request(client, shared, "POST", f"/api/projects/{project}/annotations", stop, rng, json=body)
+            r = _request(client, shared, "POST", f"/api/projects/{project}/annotations", stop, rng, body)
             dt = time.perf_counter() - t0
             if r is None or r.status_code != 200:
                 shared.errors.append(
@@ -214,6 +256,8 @@ def annotator(
                 shared.acks.append(Ack(name, out["record_id"], out["annotation_id"], out["duplicate"]))
                 shared.latencies.append(dt)
                 shared.spans.append((t0, t0 + dt))
+    finally:
+        client.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -270,14 +314,15 @@ def run_load(
 
     server = Server(db, free_port(), workdir / "server.log")
     server.start()
-    base = f"http://127.0.0.1:{server.port}"
     shared, stop = Shared(), threading.Event()
     kills = 0
     killed_at = restart_s = None
     t0 = time.perf_counter()
     threads = [
         threading.Thread(
-            target=annotator, args=(base, n, p, "load", task, shared, 4 * records, stop, i), daemon=True
+            target=annotator,
+            args=(server.port, n, p, "load", task, shared, 4 * records, stop, i),
+            daemon=True,
         )
         for i, (n, p) in enumerate(users.items())
     ]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -1482,7 +1482,9 @@ class Feedback:
         request of an annotator); otherwise, or when either is missing, the two lookups."""
         uid = user.id if isinstance(user, UserInfo) else user
         if isinstance(uid, int) and not isinstance(uid, bool) and isinstance(project, str):
-            row = s.execute(select(User, Project).where(User.id == uid, Project.name == project)).first()
+            row = s.execute(
+                select(User, Project).join(Project, true()).where(User.id == uid, Project.name == project)
+            ).first()
             if row is not None:
                 return row[0], row[1]
         return self._user(s, user), self._project(s, project)
