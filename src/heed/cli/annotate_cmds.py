@@ -48,10 +48,14 @@ def serve(
     ] = False,
 ) -> None:
     """Run the annotation web app (pages at /, JSON API at /api, schema at /docs)."""
+    from heed.feedback.listen import listen_socket
+
+    # Listen before the heavy imports: clients arriving during start-up (after a restart) queue.
+    sock = listen_socket(host, port)
     from heed.feedback.api import serve as run
 
     typer.echo(f"heed annotate: http://{host}:{port}/  (database {db})")
-    run(db, host=host, port=port, secure_cookies=secure_cookies)
+    run(db, sock=sock, secure_cookies=secure_cookies)
 
 
 @project_app.command("create")

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import re
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -32,7 +33,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import cookie_parser
 
@@ -399,6 +400,27 @@ class Gate:
         await send({"type": "http.response.body", "body": body})
 
 
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every response that does not set them
+    itself (a plain wrapper of ``send``: no task or stream per request)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    headers.setdefault(k, v)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
@@ -529,13 +551,7 @@ def create_app(
         return user, csrf, token
 
     app.add_middleware(Gate, resolve=resolve)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        return response
+    app.add_middleware(SecurityHeaders)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -601,21 +617,23 @@ def create_app(
 
     # ----------------------------------------------------------- sessions
 
-    def session(request: Request) -> tuple:
+    # (dependencies that touch no database are async: FastAPI runs a sync one on a worker thread,
+    # one hop per dependency per request)
+    async def session(request: Request) -> tuple:
         """``(user, csrf, token)``: from the gate for state-changing requests, else looked up here."""
         found = request.scope.get("state", {}).get("heed_session")
         if found is None:
-            found = resolve(request.method, request.headers)
+            found = await run_in_threadpool(resolve, request.method, request.headers)
         if isinstance(found[0], int):
             raise ApiError(*found)
         return found
 
-    def current_user(sess: tuple = Depends(session)) -> UserInfo:
+    async def current_user(sess: tuple = Depends(session)) -> UserInfo:
         if sess[0].must_change_password:
             raise ApiError(403, MUST_CHANGE)
         return sess[0]
 
-    def admin_user(user: UserInfo = Depends(current_user)) -> UserInfo:
+    async def admin_user(user: UserInfo = Depends(current_user)) -> UserInfo:
         if user.role != "admin":
             raise ApiError(403, "admins only")
         return user
@@ -1132,11 +1150,26 @@ def _empty_parquet() -> bytes:
     return buf.getvalue()
 
 
-def serve(db: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Run the app with uvicorn (one process; SQLite/PostgreSQL handle concurrency)."""
+def serve(
+    db: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    sock: socket.socket | None = None,
+    **kwargs: Any,
+) -> None:
+    """Run the app with uvicorn (one process; SQLite/PostgreSQL handle concurrency).
+
+    ``sock``: a listening socket opened earlier (:func:`heed.feedback.listen.listen_socket`), so
+    clients queue instead of being refused while the app starts; else ``host:port`` is bound here.
+    """
     import uvicorn
 
-    uvicorn.run(create_app(db, **kwargs), host=host, port=port, log_level="warning", access_log=False)
+    from heed.feedback.listen import listen_socket
+
+    sock = sock or listen_socket(host, port)
+    config = uvicorn.Config(create_app(db, **kwargs), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 __all__ = ["create_app", "serve"]

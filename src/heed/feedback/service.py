@@ -28,15 +28,15 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from heed.errors import DataError, HeedError
-from heed.feedback import aggregate as agg
 from heed.feedback import auth
+from heed.feedback.agreement import dense_ranks
 from heed.feedback.kinds import COMPARISONS, THUMBS, Kinds, parse_kinds, parse_scale, parse_scale_labels
 from heed.feedback.records import RecordIn, check_text, iter_records, parse_record, write_rows
 from heed.feedback.records import file_format as records_file_format
@@ -52,6 +52,9 @@ from heed.feedback.store import (
     User,
     utcnow,
 )
+
+if TYPE_CHECKING:  # the aggregation (numpy) is imported where used: serving never needs it
+    from heed.feedback import aggregate as agg
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_PASSWORD = 10  # characters in a password a user chooses
@@ -494,9 +497,20 @@ class Feedback:
 
     def can_access(self, user: str | int | UserInfo, project: str) -> bool:
         """True when the project exists and the user is an admin or one of its members."""
+        if not isinstance(project, str):
+            return False
         with self.store.read() as s:
+            if isinstance(user, UserInfo):  # the request's session already read the user: one query
+                row = s.execute(
+                    select(Project.id, Membership.user_id)
+                    .outerjoin(
+                        Membership, (Membership.project_id == Project.id) & (Membership.user_id == user.id)
+                    )
+                    .where(Project.name == project)
+                ).first()
+                return row is not None and (user.role == "admin" or row[1] is not None)
             u = self._user(s, user)
-            p = s.scalar(select(Project).where(Project.name == project)) if isinstance(project, str) else None
+            p = s.scalar(select(Project).where(Project.name == project))
             if p is None:
                 return False
             return u.role == "admin" or s.get(Membership, (p.id, u.id)) is not None
@@ -638,8 +652,7 @@ class Feedback:
         by priority (e.g. reward-model uncertainty), then in import order.
         """
         with self.store.write() as s:
-            u = self._user(s, user)
-            p = self._project(s, project)
+            u, p = self._user_and_project(s, user, project)
             now = utcnow()
             s.execute(
                 delete(Lease).where(Lease.project_id == p.id, Lease.user_id == u.id, Lease.expires_at <= now)
@@ -798,8 +811,7 @@ class Feedback:
         duration_ms: int | None,
     ) -> Submitted:
         with self.store.write() as s:
-            u = self._user(s, user)
-            p = self._project(s, project)
+            u, p = self._user_and_project(s, user, project)
             # step 1: a replay of a stored submission returns it unchanged
             done = s.scalar(
                 select(Annotation).where(Annotation.user_id == u.id, Annotation.idempotency_key == key)
@@ -1137,6 +1149,8 @@ class Feedback:
 
     def judgements(self, project: str) -> list[agg.Judgement]:
         """Every stored annotation of the project, in submission order."""
+        from heed.feedback import aggregate as agg
+
         with self.store.read() as s:
             p = self._project(s, project)
             rows = s.execute(
@@ -1198,15 +1212,21 @@ class Feedback:
     ) -> list[agg.Aggregate]:
         """The consensus of every annotated record: ``aggregate`` = majority (pairwise), mean-rank
         (rankings; ``method`` mean rank or Borda) or dawid-skene; ``None`` = the task's default."""
+        from heed.feedback import aggregate as agg
+
         return agg.aggregate_records(self.project(project).task, self.judgements(project), aggregate, method)
 
     def agreement(self, project: str) -> agg.AgreementReport:
         """Inter-annotator agreement, agreement with the majority per annotator, position bias."""
+        from heed.feedback import aggregate as agg
+
         return agg.agreement_report(self.project(project).task, self.judgements(project))
 
     def suggestion_agreement(self, project: str) -> dict[str, Any]:
         """Agreement of the labels with the model's suggestion, with it shown and hidden
         (:func:`heed.feedback.aggregate.suggestion_agreement`); ``{}`` when the project has none."""
+        from heed.feedback import aggregate as agg
+
         with self.store.read() as s:
             pid = self._project(s, project).id
             suggestions = dict(
@@ -1221,6 +1241,8 @@ class Feedback:
         return agg.suggestion_agreement(self.project(project).task, self.judgements(project), suggestions)
 
     def disagreements(self, project: str, limit: int = 200) -> list[dict[str, Any]]:
+        from heed.feedback import aggregate as agg
+
         rows = agg.disagreements(self.project(project).task, self.judgements(project), limit)
         if rows:
             with self.store.read() as s:
@@ -1273,6 +1295,8 @@ class Feedback:
         Extra columns: ``id``, ``num_annotations``, ``critiques`` (when the project asks for them)
         and the record's metadata.
         """
+        from heed.feedback import aggregate as agg
+
         kinds = self.kinds(project)
         allowed = export_formats(kinds)
         fmt = "ranked" if format == "rankings" else format
@@ -1453,6 +1477,18 @@ class Feedback:
             raise NotFoundError(f"user {user if not isinstance(user, UserInfo) else user.name!r} not found")
         return u
 
+    def _user_and_project(self, s: Session, user: str | int | UserInfo, project: str) -> tuple[User, Project]:
+        """:meth:`_user` and :meth:`_project` in one query when the user is known by id (every
+        request of an annotator); otherwise, or when either is missing, the two lookups."""
+        uid = user.id if isinstance(user, UserInfo) else user
+        if isinstance(uid, int) and not isinstance(uid, bool) and isinstance(project, str):
+            row = s.execute(
+                select(User, Project).join(Project, true()).where(User.id == uid, Project.name == project)
+            ).first()
+            if row is not None:
+                return row[0], row[1]
+        return self._user(s, user), self._project(s, project)
+
     def _project(self, s: Session, name: str) -> Project:
         p = s.scalar(select(Project).where(Project.name == name)) if isinstance(name, str) else None
         if p is None:
@@ -1490,7 +1526,7 @@ class Feedback:
         suggestion = None
         if lease.suggestion_shown and rec.suggestion:
             scores = [float(rec.suggestion["scores"][i]) for i in order]
-            suggestion = {"scores": scores, "ranks": agg.ag.dense_ranks([-x for x in scores])}
+            suggestion = {"scores": scores, "ranks": dense_ranks([-x for x in scores])}
             if "label" in rec.suggestion:
                 suggestion["label"] = rec.suggestion["label"]
         return Assignment(
@@ -1511,6 +1547,8 @@ class Feedback:
         """Each annotator's estimated reliability: a Dawid-Skene fit (:class:`heed.feedback.reliability.DawidSkene`)
         over the project's pairwise preferences (a ranking counts as its C(K, 2) pairs; a binary
         project's thumbs are its items)."""
+        from heed.feedback import aggregate as agg
+
         return agg.fit_reliability(self.judgements(project), self.project(project).task)
 
 

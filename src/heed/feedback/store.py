@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from heed.errors import ConfigError
@@ -210,16 +211,71 @@ def make_engine(db: str | Path, *, allow_name_clashes: bool = False) -> Engine:
         )
         _setup_sqlite(engine)
     elif url.get_backend_name() == "postgresql":
-        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=20, max_overflow=20)
+        _ping_when_idle(engine)
     else:
         raise ConfigError(f"--db {url_text!r}: only sqlite and postgresql are supported")
     try:
+        if _schema_is_current(engine):  # the usual restart: one query, no DDL, no migration
+            return engine
         existing = set(inspect(engine).get_table_names())
         Base.metadata.create_all(engine)
     except Exception as exc:  # the driver's connection error: say which URL failed
         raise ConfigError(f"--db: cannot open {url.render_as_string(hide_password=True)}: {exc}") from exc
     _migrate(engine, existing, allow_name_clashes=allow_name_clashes)
     return engine
+
+
+# a pooled connection unused for longer than this is pinged before use (it may have been cut)
+IDLE_PING_S = 10.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use only when it sat idle for over :data:`IDLE_PING_S`.
+
+    ``pool_pre_ping`` would add a round trip to every transaction (two or three per request).
+    A connection cut while in use (the database restarted under load) still fails its request
+    once; SQLAlchemy then replaces every pooled connection opened before the cut.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+        record.info["heed_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        since = record.info.get("heed_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            cur = dbapi_connection.cursor()
+            cur.execute("SELECT 1")
+            cur.close()
+            dbapi_connection.rollback()
+        except Exception as exc:  # the driver's own error class: the pool retries with a new connection
+            raise DisconnectionError(f"pooled connection went away: {exc}") from exc
+
+
+def _schema_is_current(engine: Engine) -> bool:
+    """True when every table and column of :data:`Base.metadata` and the user-name index exist
+    (then :func:`_migrate` has nothing to do): one catalogue query instead of one per table."""
+    if engine.dialect.name == "sqlite":
+        q = (
+            "SELECT m.name, c.name FROM sqlite_master m JOIN pragma_table_info(m.name) c "
+            "WHERE m.type = 'table' AND m.name LIKE 'heed%' "
+            "UNION ALL SELECT '', name FROM sqlite_master WHERE type = 'index' AND name = :ix"
+        )
+    else:
+        q = (
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name LIKE 'heed%' "
+            "UNION ALL SELECT '', indexname FROM pg_indexes "
+            "WHERE schemaname = current_schema() AND indexname = :ix"
+        )
+    with engine.connect() as conn:
+        have = {(t, c) for t, c in conn.execute(text(q), {"ix": USER_NAME_INDEX})}
+    want = {(t.name, c.name) for t in Base.metadata.sorted_tables for c in t.columns}
+    return ("", USER_NAME_INDEX) in have and want <= have
 
 
 def name_clashes(engine: Engine) -> list[list[str]]:
@@ -328,12 +384,18 @@ def _setup_sqlite(engine: Engine) -> None:
 
 
 class Store:
-    """An engine plus two session factories: :meth:`read` and :meth:`write` (one transaction each)."""
+    """An engine plus two session factories: :meth:`read` (no locks, no writes) and :meth:`write`
+    (one transaction)."""
 
     def __init__(self, db: str | Path, *, allow_name_clashes: bool = False) -> None:
         self.engine = make_engine(db, allow_name_clashes=allow_name_clashes)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
-        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        # PostgreSQL reads run in autocommit: under READ COMMITTED every statement takes its own
+        # snapshot anyway, and a read then costs one round trip instead of BEGIN, query, COMMIT.
+        reader = (
+            self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        self._read = sessionmaker(reader, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(heed_write=True), expire_on_commit=False)
         self._sqlite_writer = threading.Lock()
 
