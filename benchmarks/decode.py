@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import WORKLOADS, parameter_count, require_memory, workload_config  # noqa: E402
+from _common import WORKLOADS, parameter_count, require_memory, workload_config
 
 
 def model_for(name: str) -> Any:
@@ -148,7 +148,9 @@ def measure(name: str, b: int, p: int, t: int, repeats: int, compile_: bool, hf:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="qwen2-4k,qwen2-32k,tiny", help=f"of {', '.join([*WORKLOADS, 'tiny'])}")
+    ap.add_argument(
+        "--models", default="qwen2-4k,qwen2-32k,tiny", help=f"of {', '.join([*WORKLOADS, 'tiny'])}"
+    )
     ap.add_argument("--batches", default="4,64")
     ap.add_argument("--prompt", type=int, default=32, help="longest prompt P (tokens)")
     ap.add_argument("--new", type=int, default=64, help="new tokens T per row")
@@ -170,7 +172,7 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     warnings.filterwarnings("ignore")
     t = args.new
-    head = f"| model | B | heed tok/s | hf tok/s | fwd tok/s | eff | steps/s | ms/step | over ms/step |"
+    head = "| model | B | heed tok/s | hf tok/s | fwd tok/s | eff | steps/s | ms/step | over ms/step |"
     if args.compile:
         head += " compiled tok/s | compiled eff | compile s |"
     print(head)
