@@ -16,6 +16,7 @@ the policy at that temperature, which the RL trainer uses as the behaviour polic
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -32,22 +33,16 @@ from heed.models.lm import position_ids_from_mask, unwrap
 _LOG = logging.getLogger(__name__)
 
 
-def _buffered_cache(capacity: int) -> Any:
-    """A ``DynamicCache`` whose layers append into preallocated buffers (room for ``capacity``
-    positions) instead of re-concatenating the whole cache at every step, which is quadratic in
-    the answer length and was most of the decoding time of small models. (Sliding-window models
-    keep every position here; their attention mask still applies the window.)
-
-    After :func:`_make_static` the layers stop growing: each update writes its one position at the
-    cache's ``write_at`` (a (1,) int64 tensor the loop advances) and returns the whole buffers, so every
-    decoding step has the same shapes (what ``torch.compile`` needs); the caller's 4D mask hides the
-    positions not written yet.
-    """
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+@functools.cache
+def _buffered_layer_class() -> type:
+    """The cache layer of :func:`_buffered_cache` (one class for the whole process, made on first use so
+    that importing this module does not import transformers; ``torch.compile`` guards on its identity)."""
+    from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
-        def __init__(self) -> None:
+        def __init__(self, capacity: int) -> None:
             super().__init__()
+            self.capacity = capacity
             self.kbuf: torch.Tensor | None = None
             self.vbuf: torch.Tensor | None = None
             self.write_at: torch.Tensor | None = None  # set in static mode
@@ -65,7 +60,9 @@ def _buffered_cache(capacity: int) -> Any:
             q = key_states.shape[-2]
             if self.kbuf is None or n + q > self.kbuf.shape[-2]:
                 b, h, _, d = key_states.shape
-                cap = capacity if n + q <= capacity else 2 * (n + q)  # exactly capacity: static mode's width
+                cap = (
+                    self.capacity if n + q <= self.capacity else 2 * (n + q)
+                )  # exactly capacity: static mode's width
                 # zeros, not empty: static mode attends over positions not written yet (masked, but a NaN
                 # left in memory would still turn 0 x NaN into NaN)
                 kbuf, vbuf = key_states.new_zeros(b, h, cap, d), value_states.new_zeros(b, h, cap, d)
@@ -85,8 +82,25 @@ def _buffered_cache(capacity: int) -> Any:
                 self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
                 self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
 
+    return BufferedLayer
+
+
+def _buffered_cache(capacity: int) -> Any:
+    """A ``DynamicCache`` whose layers append into preallocated buffers (room for ``capacity``
+    positions) instead of re-concatenating the whole cache at every step, which is quadratic in
+    the answer length and was most of the decoding time of small models. (Sliding-window models
+    keep every position here; their attention mask still applies the window.)
+
+    After :func:`_make_static` the layers stop growing: each update writes its one position at the
+    cache's ``write_at`` (a (1,) int64 tensor the loop advances) and returns the whole buffers, so every
+    decoding step has the same shapes (what ``torch.compile`` needs); the caller's 4D mask hides the
+    positions not written yet.
+    """
+    from transformers.cache_utils import DynamicCache
+
     cache = DynamicCache()
-    cache.layer_class_to_replicate = BufferedLayer  # one per decoder layer, made on its first update
+    # one layer per decoder layer, made on its first update
+    cache.layer_class_to_replicate = functools.partial(_buffered_layer_class(), capacity)
     return cache
 
 
