@@ -12,6 +12,14 @@ Sampling: logits / temperature, then top-k, then top-p (nucleus), then a categor
 inverse CDF (one uniform per row and step, optionally a hash of a per-row key so the answers do not
 depend on batching); ``do_sample=False`` takes the argmax. Each token comes with its log-prob under
 the policy at that temperature, which the RL trainer uses as the behaviour policy's.
+
+Per step the loop does one model call, one sampling pass over V and one host sync (how many rows have
+finished); the draws of the whole decode are hashed up front and the attention mask is allocated once.
+With ``SamplingParams.compile`` (``rollout.compile``) the steps after the prefill run a fixed-shape
+step through ``torch.compile``: the cache stops growing (each step writes its position into the
+preallocated buffers and attends over all of them under a 4D mask), so one compiled graph serves every
+step; it is compiled once per model and reused by later rollouts. Where it cannot compile, one warning
+and the eager loop.
 """
 
 from __future__ import annotations
