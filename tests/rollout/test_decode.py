@@ -217,3 +217,18 @@ def test_torch_compile_decodes_like_the_eager_loop(tok: Any) -> None:
     step = model._heed_compiled_step
     assert_same(decode(model, ids, mask, params, []), eager, "compiled again")
     assert model._heed_compiled_step is step
+
+
+def test_rollout_compile_reaches_the_sampler() -> None:
+    from heed.config import config_from_dict
+    from heed.config.rl import RLConfig
+    from heed.train.rl import _sampling
+
+    base = {
+        "model": {"path": "m"},
+        "data": {"prompts": "p.jsonl"},
+        "rewards": [{"function": "length_penalty"}],
+    }
+    assert not _sampling(config_from_dict(RLConfig, base, "test")).compile  # off by default
+    cfg = config_from_dict(RLConfig, {**base, "rollout": {"compile": True}}, "test")
+    assert _sampling(cfg).compile and _sampling(cfg, eval_mode=True).compile
