@@ -14,6 +14,9 @@ tokens (left padded) and T new tokens per row (no stop token, so every row runs 
 - ``eff``: heed / fwd, both counted on the B x T new tokens;
 - ``steps/s``, ``ms/step`` of Heed's loop and ``over``: its time per step beyond the forward pass's
   share, (t_heed - t_fwd) / T;
+- ``mm ms/step``: the model's weight matrices applied to B rows once (T times, divided by T), the floor
+  of any step-by-step decoder at this batch; ``cap`` = t_fwd / (T x mm): the efficiency such a decoder
+  could reach at best (small batches read every weight once per step, which the one forward does not);
 - with ``--compile``: the same with ``SamplingParams(compile=True)``, and the wall time of its first
   call (``compile s``: compiling plus one decode).
 
@@ -128,6 +131,17 @@ def measure(name: str, b: int, p: int, t: int, repeats: int, compile_: bool, hf:
             lambda: model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos, logits_to_keep=t),
             repeats,
         )
+        # the floor of any decoding loop at this batch: every weight matrix read once per step, T steps
+        # of B-row matmuls (at small B this is memory-bound, where the one batched forward is not)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        xs = [torch.randn(b, m.in_features) for m in linears]
+
+        def matmuls() -> None:
+            for _ in range(t):
+                for m, x in zip(linears, xs, strict=True):
+                    torch.nn.functional.linear(x, m.weight, m.bias)
+
+        _, res["floor_s"] = timed(matmuls, repeats)
         if hf:
 
             def generate() -> None:
@@ -175,7 +189,7 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     warnings.filterwarnings("ignore")
     t = args.new
-    head = "| model | B | heed tok/s | hf tok/s | fwd tok/s | eff | steps/s | ms/step | over ms/step |"
+    head = "| model | B | heed tok/s | hf tok/s | fwd tok/s | eff | steps/s | ms/step | over ms/step | mm ms/step | cap |"
     if args.compile:
         head += " compiled tok/s | compiled eff | compile s |"
     print(head)
@@ -188,7 +202,8 @@ def main() -> None:
                 f"| {name} | {b} | {n / r['heed_s']:.0f} | "
                 + (f"{n / r['hf_s']:.0f}" if "hf_s" in r else "-")
                 + f" | {n / r['fwd_s']:.0f} | {r['fwd_s'] / r['heed_s']:.0%} | {t / r['heed_s']:.1f} | "
-                f"{1e3 * r['heed_s'] / t:.2f} | {1e3 * (r['heed_s'] - r['fwd_s']) / t:.2f} |"
+                f"{1e3 * r['heed_s'] / t:.2f} | {1e3 * (r['heed_s'] - r['fwd_s']) / t:.2f} | "
+                f"{1e3 * r['floor_s'] / t:.2f} | {min(1.0, r['fwd_s'] / r['floor_s']):.0%} |"
             )
             if args.compile:
                 line += f" {n / r['compiled_s']:.0f} | {r['fwd_s'] / r['compiled_s']:.0%} | {r['compile_s']:.1f} |"
