@@ -121,6 +121,12 @@ class RolloutConfig(HeedConfig):
         description="Generation engine: heed (lean KV-cache loop), hf (transformers generate), vllm (in-process "
         "vLLM; GPU and the heed[vllm] extra).",
     )
+    compile: bool = Field(
+        False,
+        description="heed engine: torch.compile the decoding step (a fixed-shape step over a preallocated KV "
+        "cache; compiled once per policy, compile time logged; llama, qwen2, qwen3 and mistral without a "
+        "window). Where it cannot compile: one warning and the eager loop.",
+    )
     vllm_gpu_memory: float = Field(
         0.3,
         gt=0,

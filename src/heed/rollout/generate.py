@@ -46,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    compile: bool = False  # heed engine: torch.compile the decoding step (eager with a warning if it fails)
 
 
 def _pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

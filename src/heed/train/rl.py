@@ -177,10 +177,15 @@ def _sampling(cfg: RLConfig, eval_mode: bool = False) -> SamplingParams:
             top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k,
             do_sample=t > 0,
+            compile=cfg.rollout.compile,
         )
     r = cfg.rollout
     return SamplingParams(
-        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        compile=r.compile,
     )
 
 
