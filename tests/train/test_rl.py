@@ -68,6 +68,11 @@ def test_every_algorithm_learns(tmp_path: Path, algo: str, extra: dict[str, Any]
         "kl/beta",
     ):
         assert key in rows[-1], key
+    # where each update's time went: the steps' own timers, which together fit inside the update
+    parts = ("time/generate", "time/reward", "time/logprobs", "time/advantages", "time/update")
+    for r in rows:
+        assert all(r[p] >= 0 for p in parts) and r["time/generate"] > 0 and r["time/update"] > 0
+        assert sum(r[p] for p in parts) <= r["time/step"] + 1e-6
     if algo == "ppo":
         assert "explained_variance" in rows[-1] and "value_loss" in rows[-1]
         # PPO recomputes the behaviour log-probs (with its values): they match the sampler's
