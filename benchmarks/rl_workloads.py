@@ -7,7 +7,8 @@ through its trainers' ``train()``. On the random-weight ``qwen2-*`` workloads EO
 so answers run to ``--max-new-tokens`` (the mean lengths are printed). Runs alternate sides
 (``--repeats`` each) and the median is reported.
 
-Figures per run: samples/s over the updates after the first (the first pays one-time costs on both
+Figures per run: samples/s (per wall second and per CPU second of the process, which barely depends
+on the load of a shared machine) over the updates after the first (the first pays one-time costs on both
 sides: allocator warm-up, the probes), the whole run's too, peak RSS, and the fraction of this
 machine's measured fp32 matmul peak that the model's FLOPs reach. FLOPs come from the shapes
 (``_common.forward_flops_per_token``): per group, one pass = the prompt once (P tokens at mean
@@ -116,16 +117,37 @@ def run_heed(a: dict[str, Any]) -> dict[str, Any]:
             "overwrite": True,
         },
     )
-    summary = train_rl(cfg)
+    summary = with_cpu_stamps(lambda: train_rl(cfg), stamps := [])
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train"]
     phases = {k[5:]: sum(r[k] for r in rows[1:]) for k in rows[0] if k.startswith("time/")} if rows else {}
     return {
         "train_seconds": summary["train_seconds"],
         # between the first and the last update's log lines: whole updates, logging included (as TRL's)
         "steady_seconds": rows[-1]["time"] - rows[0]["time"],
+        "steady_cpu_seconds": stamps[-1] - stamps[0],
         "phases": phases,
         "length": statistics.mean(r["length/mean"] for r in rows),
     }
+
+
+def with_cpu_stamps(run: Any, stamps: list[float]) -> Any:
+    """``run()`` with this process's CPU time appended to ``stamps`` at every train log line of Heed's
+    metrics log (once per update): CPU seconds, unlike wall seconds, barely depend on how busy a
+    shared machine is (each side runs one thread)."""
+    from heed.report.metrics import MetricsLogger
+
+    log = MetricsLogger.log
+
+    def stamped(self: Any, step: int, metrics: Any, split: str = "train") -> dict[str, Any]:
+        if split == "train":
+            stamps.append(time.process_time())
+        return log(self, step, metrics, split)
+
+    MetricsLogger.log = stamped  # type: ignore[method-assign]
+    try:
+        return run()
+    finally:
+        MetricsLogger.log = log  # type: ignore[method-assign]
 
 
 def run_trl(a: dict[str, Any]) -> dict[str, Any]:
@@ -174,10 +196,12 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
         from trl import GRPOTrainer as Trainer
 
     stamps: list[float] = []
+    cpu: list[float] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     trainer = Trainer(
         model=model,
@@ -196,6 +220,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
     return {
         "train_seconds": wall,
         "steady_seconds": stamps[-1] - stamps[0],
+        "steady_cpu_seconds": cpu[-1] - cpu[0],
         "phases": {},
         "length": statistics.mean(lengths) if lengths else float("nan"),
     }
@@ -318,11 +343,13 @@ def main() -> None:
             out: dict[str, dict[str, float]] = {}
             for side, rs in runs.items():
                 sps = statistics.median(batch * (args.updates - 1) / x["steady_seconds"] for x in rs)
+                sps_cpu = statistics.median(batch * (args.updates - 1) / x["steady_cpu_seconds"] for x in rs)
                 sps_all = statistics.median(batch * args.updates / x["train_seconds"] for x in rs)
                 length = statistics.median(x["length"] for x in rs)
                 flops = update_flops(config, n_prompts, args.k, p_len, length)
                 out[side] = {
                     "sps": sps,
+                    "sps_cpu": sps_cpu,
                     "sps_all": sps_all,
                     "rss": statistics.median(x["peak_rss_mb"] for x in rs),
                     "length": length,
@@ -332,23 +359,34 @@ def main() -> None:
                 if side == "heed":
                     phases = {k: statistics.median(x["phases"][k] for x in rs) for k in rs[0]["phases"]}
                     out[side]["phases"] = phases  # type: ignore[assignment]
+                    # the update step alone (3 of the 5 passes), over the updates after the first
+                    out[side]["update_frac"] = (
+                        flops * 3 / 5 * (args.updates - 1) / max(phases.get("update", 0.0), 1e-9) / peak
+                    )
             rows.append((n_prompts, algo, out))
             print_row(n_prompts, args.k, algo, out)
-    print("\nsummary (samples/s after the first update; median of runs)")
     print(
-        f"{'run':<18}{'heed':>9}{'trl':>9}{'ratio':>8}{'heed MiB':>10}{'trl MiB':>9}{'mem':>7}{'heed %pk':>9}{'trl %pk':>9}"
+        "\nsummary: samples/s after the first update, per wall second and per CPU second of the process "
+        "(one thread each; the CPU figure barely depends on the machine's load); median of runs"
+    )
+    print(
+        f"{'run':<14}{'heed':>8}{'trl':>8}{'ratio':>8}{'heed/cpu':>10}{'trl/cpu':>9}{'ratio':>8}"
+        f"{'heed MiB':>10}{'trl MiB':>9}{'mem':>7}{'heed %pk':>10}{'trl %pk':>9}"
     )
     for n_prompts, algo, out in rows:
         h, t = out["heed"], out.get("trl")
         label = f"{algo} {n_prompts}x{args.k}"
         if t is None:
             print(
-                f"{label:<18}{h['sps']:9.2f}{'-':>9}{'-':>8}{h['rss']:10.0f}{'-':>9}{'-':>7}{100 * h['peak_frac']:8.2f}%{'-':>9}"
+                f"{label:<14}{h['sps']:8.2f}{'-':>8}{'-':>8}{h['sps_cpu']:10.2f}{'-':>9}{'-':>8}"
+                f"{h['rss']:10.0f}{'-':>9}{'-':>7}{100 * h['peak_frac']:9.2f}%{'-':>9}"
             )
         else:
             print(
-                f"{label:<18}{h['sps']:9.2f}{t['sps']:9.2f}{h['sps'] / t['sps']:7.2f}x{h['rss']:10.0f}{t['rss']:9.0f}"
-                f"{h['rss'] / t['rss']:6.2f}x{100 * h['peak_frac']:8.2f}%{100 * t['peak_frac']:8.2f}%"
+                f"{label:<14}{h['sps']:8.2f}{t['sps']:8.2f}{h['sps'] / t['sps']:7.2f}x"
+                f"{h['sps_cpu']:10.2f}{t['sps_cpu']:9.2f}{h['sps_cpu'] / t['sps_cpu']:7.2f}x"
+                f"{h['rss']:10.0f}{t['rss']:9.0f}{h['rss'] / t['rss']:6.2f}x"
+                f"{100 * h['peak_frac']:9.2f}%{100 * t['peak_frac']:8.2f}%"
             )
     print(f"uptime: {os.popen('uptime').read().strip()}")
 
@@ -357,21 +395,26 @@ def print_row(n_prompts: int, k: int, algo: str, out: dict[str, dict[str, Any]])
     h = out["heed"]
     head = f"{algo} {n_prompts} prompts x K={k}:"
     parts = [
-        f"heed {h['sps']:.2f} samples/s (whole run {h['sps_all']:.2f}), {h['rss']:.0f} MiB, length {h['length']:.1f}"
+        f"heed {h['sps']:.2f} samples/s ({h['sps_cpu']:.2f} per CPU s, whole run {h['sps_all']:.2f}), "
+        f"{h['rss']:.0f} MiB, length {h['length']:.1f}"
     ]
     if "trl" in out:
         t = out["trl"]
         parts.append(
-            f"trl {t['sps']:.2f} samples/s (whole run {t['sps_all']:.2f}), {t['rss']:.0f} MiB, length {t['length']:.1f}"
+            f"trl {t['sps']:.2f} samples/s ({t['sps_cpu']:.2f} per CPU s, whole run {t['sps_all']:.2f}), "
+            f"{t['rss']:.0f} MiB, length {t['length']:.1f}"
         )
-        parts.append(f"ratio {h['sps'] / t['sps']:.2f}x speed, {h['rss'] / t['rss']:.2f}x memory")
+        parts.append(
+            f"ratio {h['sps'] / t['sps']:.2f}x speed ({h['sps_cpu'] / t['sps_cpu']:.2f}x per CPU s), "
+            f"{h['rss'] / t['rss']:.2f}x memory"
+        )
     print(head, "; ".join(parts), f"(load {h['load']:.1f})")
     total = sum(v for k2, v in h["phases"].items() if k2 != "step") or 1.0
     step = h["phases"].get("step", total)
     print(
         "  heed time after the first update: "
         + ", ".join(f"{k2} {v:.2f}s ({100 * v / step:.0f}%)" for k2, v in h["phases"].items() if k2 != "step")
-        + f"; step {step:.2f}s",
+        + f"; step {step:.2f}s; the update step reaches {100 * h['update_frac']:.1f}% of the matmul peak",
         flush=True,
     )
 
