@@ -354,6 +354,7 @@ def main() -> None:
                     "rss": statistics.median(x["peak_rss_mb"] for x in rs),
                     "length": length,
                     "peak_frac": flops * sps / batch / peak,
+                    "peak_frac_cpu": flops * sps_cpu / batch / peak,  # while the process ran
                     "load": statistics.median(x["load"] for x in rs),
                 }
                 if side == "heed":
@@ -371,7 +372,7 @@ def main() -> None:
     )
     print(
         f"{'run':<14}{'heed':>8}{'trl':>8}{'ratio':>8}{'heed/cpu':>10}{'trl/cpu':>9}{'ratio':>8}"
-        f"{'heed MiB':>10}{'trl MiB':>9}{'mem':>7}{'heed %pk':>10}{'trl %pk':>9}"
+        f"{'heed MiB':>10}{'trl MiB':>9}{'mem':>7}{'heed %pk':>10}{'trl %pk':>9}{'%pk/cpu':>9}{'trl':>8}"
     )
     for n_prompts, algo, out in rows:
         h, t = out["heed"], out.get("trl")
@@ -380,6 +381,7 @@ def main() -> None:
             print(
                 f"{label:<14}{h['sps']:8.2f}{'-':>8}{'-':>8}{h['sps_cpu']:10.2f}{'-':>9}{'-':>8}"
                 f"{h['rss']:10.0f}{'-':>9}{'-':>7}{100 * h['peak_frac']:9.2f}%{'-':>9}"
+                f"{100 * h['peak_frac_cpu']:8.2f}%{'-':>8}"
             )
         else:
             print(
@@ -387,6 +389,7 @@ def main() -> None:
                 f"{h['sps_cpu']:10.2f}{t['sps_cpu']:9.2f}{h['sps_cpu'] / t['sps_cpu']:7.2f}x"
                 f"{h['rss']:10.0f}{t['rss']:9.0f}{h['rss'] / t['rss']:6.2f}x"
                 f"{100 * h['peak_frac']:9.2f}%{100 * t['peak_frac']:8.2f}%"
+                f"{100 * h['peak_frac_cpu']:8.2f}%{100 * t['peak_frac_cpu']:7.2f}%"
             )
     print(f"uptime: {os.popen('uptime').read().strip()}")
 
