@@ -33,7 +33,13 @@ from heed import algos
 from heed.config.rl import OVERLONG_SOURCE, RLConfig
 from heed.data.records import PromptExample, load_records, prompt_text
 from heed.errors import ConfigError
-from heed.models.forward import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
+from heed.models.forward import (
+    TokenOutputs,
+    can_share_prompt,
+    policy_forward,
+    shared_prompt_forward,
+    shared_prompt_values,
+)
 from heed.models.value import Critic, ValueHead
 from heed.report.diversity import diversity_metrics
 from heed.report.metrics import MetricsLogger, read_metrics, truncate_jsonl
@@ -249,6 +255,18 @@ class MinibatchPlan:
                 **kw,
             )
         return policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, temperature, **kw)
+
+    def values(self, model: Any, part: Rollout, value_head: ValueHead) -> torch.Tensor:
+        """The shared value head's V(prefix) over a micro-batch (N, P + C), from the body alone."""
+        return shared_prompt_values(
+            model,
+            part.input_ids,
+            part.attention_mask,
+            part.target_mask,
+            value_head,
+            part.prompt_width if self.group else None,
+            self.group,
+        )
 
 
 ROW_BY_ROW = MinibatchPlan(epochs=1, size=1, micro=1, group=None)  # forwards of evaluation passes
@@ -604,14 +622,15 @@ def without_truncated(ro: Rollout, finished: torch.Tensor) -> Rollout:
 def rollout_logprobs(
     learner: Learner, ro: Rollout, plan: MinibatchPlan, temperature: float, recompute: bool
 ) -> RolloutPasses:
-    """Step 3: reference log-probs on every answer token; the policy's (and values) too when
-    ``recompute`` or when the engine reported none (otherwise the engine's log-probs of the sampled
-    tokens are the behaviour policy's). Micro-batches of whole groups with the prompt shared, or of
-    rows of similar length, their common padding cut off. Logs the mean |engine − recomputed| log-prob
-    when both exist."""
+    """Step 3: reference log-probs on every answer token; the policy's too when ``recompute`` or when
+    the engine reported none (otherwise the engine's log-probs of the sampled tokens are the behaviour
+    policy's); PPO's values (a shared value head reads the policy's body: without recomputed log-probs
+    the LM head does not run). Micro-batches of whole groups with the prompt shared, or of rows of
+    similar length, their common padding cut off. Logs the mean |engine − recomputed| log-prob when
+    both exist."""
     value_head, critic = learner.value_head, learner.critic
     sampled = ro.old_logprobs
-    recompute = recompute or sampled is None or value_head is not None or critic is not None
+    recompute = recompute or sampled is None
     old, ref, vals = [], [], []
     for rows in plan.chunks(ro, torch.arange(len(ro), device=ro.input_ids.device)):
         part = ro.select(rows).trimmed()
@@ -620,10 +639,10 @@ def rollout_logprobs(
             old.append((rows, part.response(out.logprobs)))
             if out.values is not None:
                 vals.append((rows, part.response(out.values)))
-            elif critic is not None:
-                vals.append(
-                    (rows, part.response(critic(part.input_ids, part.attention_mask, part.target_mask)))
-                )
+        elif value_head is not None:
+            vals.append((rows, part.response(plan.values(learner.policy, part, value_head))))
+        if critic is not None:
+            vals.append((rows, part.response(critic(part.input_ids, part.attention_mask, part.target_mask))))
         with torch.inference_mode():
             ref_lp = part.response(reference_logprobs(learner.ref, part, plan, temperature))
         ref.append((rows, ref_lp.clone()))  # leave inference mode
@@ -1318,7 +1337,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
             t = time.perf_counter()
+            # (an off-policy correction compares the engine's log-probs with recomputed ones)
             recompute = not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm"
+            recompute = recompute or cfg.rollout.correction != "none"
             with learner.accelerator.autocast():
                 passes = rollout_logprobs(learner, ro, plan, cfg.rollout.temperature, recompute)
             seconds["time/logprobs"] = time.perf_counter() - t
