@@ -292,7 +292,9 @@ def main() -> None:
         "--beta", type=float, default=0.05, help="KL coefficient (both sides compute the reference)"
     )
     p.add_argument(
-        "--root", default=os.environ.get("HEED_BENCH_DIR", str(Path(tempfile.gettempdir()) / "heed-bench"))
+        "--root",
+        default=str(Path(os.environ.get("HEED_CACHE", Path.home() / ".cache" / "heed")) / "workloads"),
+        help="where the workload models and prompts are built (once)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
