@@ -192,6 +192,30 @@ def test_selective_log_softmax_matches_log_softmax_gather(b, t, v, chunk, seed):
     close(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
+@FAST
+@given(
+    n=st.integers(1, 9),
+    v=st.integers(1, 40),
+    chunk=st.integers(1, 25),
+    seed=st.integers(0, 2**16),
+)
+def test_selective_log_softmax_with_entropy_is_both_in_one_pass(n, v, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * 5).requires_grad_(True)
+    logits.data[0, 0] = -math.inf  # a masked vocabulary entry: p = 0 adds 0 to the entropy, not NaN
+    index = torch.randint(1, v, (n,), generator=g) if v > 1 else torch.zeros(n, dtype=torch.long)
+    if v == 1:
+        logits.data[0, 0] = 0.0
+    lp, ent = heed.algos.selective_log_softmax_with_entropy(logits, index, chunk_size=chunk)
+    close(lp, selective_log_softmax(logits, index).detach(), rtol=1e-5, atol=1e-5)
+    close(ent, entropy_from_logits(logits).detach(), rtol=1e-5, atol=1e-5)
+    assert not ent.requires_grad  # a logged figure
+    weights = torch.randn(n, generator=g)
+    (grad,) = torch.autograd.grad((lp * weights).sum(), logits)
+    (expected,) = torch.autograd.grad((reference_logprobs(logits, index) * weights).sum(), logits)
+    close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_selective_log_softmax_gradcheck():
     logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 5, (2, 3))

@@ -321,7 +321,8 @@ def test_first_ppo_ratio_is_1(name: str, dropout_models: dict[str, Any], tmp_pat
         "algorithm": "ppo",
         "update": {"epochs": 1},
         "ppo": {"critic": "separate"},
-        "rollout": {"prompts_per_step": 4, "k": 2, "max_new_tokens": 12},
+        # recomputed log-probs (PPO's values alone need no LM head), compared with the sampler's
+        "rollout": {"prompts_per_step": 4, "k": 2, "max_new_tokens": 12, "reuse_logprobs": False},
         "train": {"updates": 1},
         "log": {"progress": False},
         "out": str(tmp_path / "run"),

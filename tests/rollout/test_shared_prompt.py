@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heed.models.forward import can_share_prompt, policy_forward, shared_prompt_forward
+from heed.models.forward import can_share_prompt, policy_forward, shared_prompt_forward, shared_prompt_values
 from heed.models.loading import load_causal_lm, load_tokenizer
 from heed.models.value import ValueHead
 from heed.rollout.batch import rollout_from_generation
@@ -63,6 +63,26 @@ def test_matches_the_per_row_forward(rollout, attn: str) -> None:
         assert torch.allclose(a, p.grad, atol=1e-4, rtol=1e-3)
     model.zero_grad()
     model.set_attn_implementation("sdpa")
+
+
+@torch.no_grad()
+def test_values_alone_match_the_forward_with_log_probs(rollout) -> None:
+    """PPO's old values without the LM head: shared (each prompt once) and row by row, the values of
+    the full per-row forward, zero off the targets."""
+    model, ro = rollout
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.summary.weight)
+    args = (ro.input_ids, ro.attention_mask, ro.target_mask)
+    ref = policy_forward(model, *args, value_head=head).values
+    m = ro.target_mask
+    for values in (
+        shared_prompt_values(model, *args, head, prompt_width=ro.prompt_width, k=3),
+        shared_prompt_values(model, *args, head),
+    ):
+        assert ref is not None and values.shape == ref.shape
+        assert torch.allclose(values[m], ref[m], atol=1e-5) and (values[~m] == 0).all()
+    with pytest.raises(ValueError, match="whole groups of 2"):
+        shared_prompt_values(model, *args, head, prompt_width=ro.prompt_width, k=2)
 
 
 def test_rows_must_be_whole_groups(rollout) -> None:

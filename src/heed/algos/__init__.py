@@ -48,6 +48,7 @@ from heed.algos.ops import (
     masked_sum,
     masked_var,
     selective_log_softmax,
+    selective_log_softmax_with_entropy,
     whiten,
 )
 
@@ -82,6 +83,7 @@ __all__ = [
     "reinforce_advantages",
     "rloo_advantages",
     "selective_log_softmax",
+    "selective_log_softmax_with_entropy",
     "simpo_loss",
     "step_token_rewards",
     "token_gae",

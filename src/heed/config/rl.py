@@ -114,7 +114,7 @@ class RolloutConfig(HeedConfig):
     reuse_logprobs: bool = Field(
         True,
         description="Use the log-probs the engine computed while sampling as the behaviour policy's (one forward "
-        "pass less per update); false recomputes them. PPO always recomputes them (with its values).",
+        "pass less per update; PPO's values then come from the policy's body alone); false recomputes them.",
     )
     engine: Literal["heed", "hf", "vllm"] = Field(
         "heed",
@@ -151,7 +151,7 @@ class RolloutConfig(HeedConfig):
         "none",
         description="Off-policy correction when the engine's log-probs differ from the trainer's: weight each "
         "token's policy loss by π_old/π_engine, truncated at correction_cap (tis) or dropped past it (mis). "
-        "Needs both log-probs: reuse_logprobs false, the vllm engine, or PPO.",
+        "Needs both log-probs: reuse_logprobs false, the vllm engine, or PPO (which then recomputes them).",
     )
     correction_cap: float = Field(
         2.0, gt=0, description="Off-policy correction: the cap C of the importance weight π_old/π_engine."

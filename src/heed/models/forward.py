@@ -106,6 +106,55 @@ def shared_prompt_forward(
         return policy_forward(
             model, input_ids, attention_mask, target_mask, temperature, value_head, with_entropy, entropy_grad
         )
+    rows_hidden, rows_ids, rows_target = _shared_rows(
+        model, input_ids, attention_mask, target_mask, prompt_width, k
+    )
+    logprobs, entropy = logprobs_from_hidden(
+        model, rows_hidden, rows_ids, rows_target, temperature, with_entropy, entropy_grad
+    )
+    values = values_at_targets(value_head, rows_hidden, rows_target) if value_head is not None else None
+    lp = _full_rows(logprobs, width, prompt_width)
+    assert lp is not None
+    return TokenOutputs(lp, _full_rows(entropy, width, prompt_width), _full_rows(values, width, prompt_width))
+
+
+def shared_prompt_values(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    value_head: ValueHead,
+    prompt_width: int | None = None,
+    k: int | None = None,
+) -> torch.Tensor:
+    """V(prefix) at target positions (B, T) from the body's hidden states alone: no LM head, no
+    log-softmax (PPO's old values when the sampler's log-probs serve as the old ones). With
+    ``prompt_width`` and ``k`` the rows are :func:`shared_prompt_forward`'s groups and each prompt runs
+    once; else (or for a model that cannot take the block mask) row by row as :func:`policy_forward`."""
+    if k is None or prompt_width is None or not can_share_prompt(model):
+        return values_at_targets(value_head, hidden_states(model, input_ids, attention_mask), target_mask)
+    if input_ids.shape[0] % k:
+        raise ValueError(f"{input_ids.shape[0]} rows are not whole groups of {k}")
+    rows_hidden, _, rows_target = _shared_rows(model, input_ids, attention_mask, target_mask, prompt_width, k)
+    values = _full_rows(
+        values_at_targets(value_head, rows_hidden, rows_target), input_ids.shape[1], prompt_width
+    )
+    assert values is not None
+    return values
+
+
+def _shared_rows(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    prompt_width: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed forward of :func:`shared_prompt_forward`, read back per row: hidden states
+    (N, 1 + C, H) where column i predicts token i + 1 of ``[prompt's last token, answer]``, those
+    tokens (N, 1 + C) and their target mask (N, 1 + C)."""
+    n, width = input_ids.shape
     g, p, c = n // k, prompt_width, width - prompt_width
     dev = input_ids.device
     prompt_mask = attention_mask[::k, :p].bool()  # (G, P)
@@ -149,21 +198,16 @@ def shared_prompt_forward(
     rows_hidden = flat[rows_idx]  # (N, 1 + C, H): hidden[:, i] predicts token i + 1 of [., answer]
     rows_ids = torch.cat([input_ids[:, p - 1 : p], input_ids[:, p:]], dim=1)
     rows_target = torch.cat([torch.zeros_like(target_mask[:, :1]), target_mask[:, p:]], dim=1)
-    logprobs, entropy = logprobs_from_hidden(
-        model, rows_hidden, rows_ids, rows_target, temperature, with_entropy, entropy_grad
-    )
-    values = values_at_targets(value_head, rows_hidden, rows_target) if value_head is not None else None
+    return rows_hidden, rows_ids, rows_target
 
-    def full(x: torch.Tensor | None) -> torch.Tensor | None:  # (N, 1 + C) -> (N, P + C), zero on the prompt
-        if x is None:
-            return None
-        out = torch.zeros((n, width), dtype=x.dtype, device=dev)
-        out[:, p:] = x[:, 1:]
-        return out
 
-    lp = full(logprobs)
-    assert lp is not None
-    return TokenOutputs(lp, full(entropy), full(values))
+def _full_rows(x: torch.Tensor | None, width: int, prompt_width: int) -> torch.Tensor | None:
+    """(N, 1 + C) per-row results -> (N, P + C), zero on the prompt columns."""
+    if x is None:
+        return None
+    out = torch.zeros((x.shape[0], width), dtype=x.dtype, device=x.device)
+    out[:, prompt_width:] = x[:, 1:]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

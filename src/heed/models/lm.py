@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from heed.algos.ops import entropy_from_logits, selective_log_softmax
+from heed.algos.ops import entropy_from_logits, selective_log_softmax, selective_log_softmax_with_entropy
 
 _SAID: set[str] = set()
 
@@ -446,12 +446,15 @@ def logprobs_from_hidden(
         logits = head_logits(model, h[start : start + chunk_size])  # (n, V)
         if temperature != 1.0:
             logits = logits / temperature
-        lps.append(
-            selective_log_softmax(logits.unsqueeze(0), targets[start : start + chunk_size].unsqueeze(0))[0]
-        )
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ents.append(entropy_from_logits(logits if entropy_grad else logits.detach()))
+        index = targets[start : start + chunk_size]
+        if with_entropy and not entropy_grad:  # a logged figure: from the log-softmax the log-probs use
+            lp, ent = selective_log_softmax_with_entropy(logits, index)
+            lps.append(lp)
+            ents.append(ent)
+            continue
+        lps.append(selective_log_softmax(logits.unsqueeze(0), index.unsqueeze(0))[0])
+        if with_entropy:  # an entropy bonus: differentiable
+            ents.append(entropy_from_logits(logits))
     logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     entropy = torch.zeros_like(logprobs) if with_entropy else None
     if lps:

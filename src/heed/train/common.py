@@ -292,12 +292,17 @@ def start_run(
 
 
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
+    """AdamW; no weight decay on biases and norm weights (1-D tensors).
+
+    On the CPU torch's fused AdamW (one kernel per parameter, no temporaries) is used: torch's
+    default there is the per-tensor loop, 2-3x slower, which was a quarter of a small model's RL
+    update. Elsewhere torch picks its own default (foreach on CUDA)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    fused = bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

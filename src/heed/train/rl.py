@@ -23,7 +23,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,13 @@ from heed import algos
 from heed.config.rl import OVERLONG_SOURCE, RLConfig
 from heed.data.records import PromptExample, load_records, prompt_text
 from heed.errors import ConfigError
-from heed.models.forward import TokenOutputs, can_share_prompt, policy_forward, shared_prompt_forward
+from heed.models.forward import (
+    TokenOutputs,
+    can_share_prompt,
+    policy_forward,
+    shared_prompt_forward,
+    shared_prompt_values,
+)
 from heed.models.value import Critic, ValueHead
 from heed.report.diversity import diversity_metrics
 from heed.report.metrics import MetricsLogger, read_metrics, truncate_jsonl
@@ -255,6 +261,18 @@ class MinibatchPlan:
             )
         return policy_forward(model, part.input_ids, part.attention_mask, part.target_mask, temperature, **kw)
 
+    def values(self, model: Any, part: Rollout, value_head: ValueHead) -> torch.Tensor:
+        """The shared value head's V(prefix) over a micro-batch (N, P + C), from the body alone."""
+        return shared_prompt_values(
+            model,
+            part.input_ids,
+            part.attention_mask,
+            part.target_mask,
+            value_head,
+            part.prompt_width if self.group else None,
+            self.group,
+        )
+
 
 ROW_BY_ROW = MinibatchPlan(epochs=1, size=1, micro=1, group=None)  # forwards of evaluation passes
 
@@ -384,6 +402,7 @@ class Sampled:
     scores: torch.Tensor  # (N,) NaN where a source gave None
     scored: RewardBatch
     stats: dict[str, float]  # dynamic sampling's counts (empty without it)
+    seconds: dict[str, float] = field(default_factory=dict)  # time/generate and time/reward of every round
 
     def select(self, groups: list[int], k: int) -> Sampled:
         """Groups ``groups`` (indices into ``idx``), in that order."""
@@ -480,11 +499,17 @@ def sample_and_score(
     k, step, coll = cfg.rollout.k, update + 1, learner.coll
     share = cfg.rollout.prompts_per_step // coll.world
 
+    seconds = {"time/generate": 0.0, "time/reward": 0.0}
+
     def round_of(idx: list[int] | None, round_: int) -> Sampled:
+        t = time.perf_counter()
         idx, gen = sample(cfg, learner, engine, prompts, update, idx, round_)
+        seconds["time/generate"] += time.perf_counter() - t
+        t = time.perf_counter()
         scores, scored = score_batch(rewards, prompts, idx, gen.texts, k, step)
         scores, scored = add_overlong_penalty(cfg, scores, scored, gen.lengths)
-        return Sampled(idx, gen, scores, scored, {})
+        seconds["time/reward"] += time.perf_counter() - t
+        return Sampled(idx, gen, scores, scored, {}, seconds)
 
     first = round_of(None, 0)
     if not cfg.rollout.dynamic_sampling:
@@ -531,6 +556,7 @@ def sample_and_score(
     sums = coll.sum(
         torch.tensor([len(out.idx), dropped, extra, float(valid.sum()), len(valid)], dtype=torch.float64)
     )
+    out.seconds = seconds
     out.stats = {
         "dynamic/kept_groups": float(sums[0]),  # of the whole update (every process)
         "dynamic/dropped_groups": float(sums[1]),
@@ -601,14 +627,15 @@ def without_truncated(ro: Rollout, finished: torch.Tensor) -> Rollout:
 def rollout_logprobs(
     learner: Learner, ro: Rollout, plan: MinibatchPlan, temperature: float, recompute: bool
 ) -> RolloutPasses:
-    """Step 3: reference log-probs on every answer token; the policy's (and values) too when
-    ``recompute`` or when the engine reported none (otherwise the engine's log-probs of the sampled
-    tokens are the behaviour policy's). Micro-batches of whole groups with the prompt shared, or of
-    rows of similar length, their common padding cut off. Logs the mean |engine − recomputed| log-prob
-    when both exist."""
+    """Step 3: reference log-probs on every answer token; the policy's too when ``recompute`` or when
+    the engine reported none (otherwise the engine's log-probs of the sampled tokens are the behaviour
+    policy's); PPO's values (a shared value head reads the policy's body: without recomputed log-probs
+    the LM head does not run). Micro-batches of whole groups with the prompt shared, or of rows of
+    similar length, their common padding cut off. Logs the mean |engine − recomputed| log-prob when
+    both exist."""
     value_head, critic = learner.value_head, learner.critic
     sampled = ro.old_logprobs
-    recompute = recompute or sampled is None or value_head is not None or critic is not None
+    recompute = recompute or sampled is None
     old, ref, vals = [], [], []
     for rows in plan.chunks(ro, torch.arange(len(ro), device=ro.input_ids.device)):
         part = ro.select(rows).trimmed()
@@ -617,10 +644,10 @@ def rollout_logprobs(
             old.append((rows, part.response(out.logprobs)))
             if out.values is not None:
                 vals.append((rows, part.response(out.values)))
-            elif critic is not None:
-                vals.append(
-                    (rows, part.response(critic(part.input_ids, part.attention_mask, part.target_mask)))
-                )
+        elif value_head is not None:
+            vals.append((rows, part.response(plan.values(learner.policy, part, value_head))))
+        if critic is not None:
+            vals.append((rows, part.response(critic(part.input_ids, part.attention_mask, part.target_mask))))
         with torch.inference_mode():
             ref_lp = part.response(reference_logprobs(learner.ref, part, plan, temperature))
         ref.append((rows, ref_lp.clone()))  # leave inference mode
@@ -1306,16 +1333,21 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
             # steps 1-2. sample K completions per prompt (this process's consecutive share of whole
             # prompts) and score them (None -> NaN: left out of baselines and the loss); the soft
             # overlong penalty; dynamic sampling drops groups without reward variance and refills
-            tg = time.time()
+            t_update = time.perf_counter()
             batch = sample_and_score(cfg, learner, r.engine, r.prompts, r.rewards.train, update)
             gen, scored = batch.gen, batch.scored
-            totals.generation_seconds += time.time() - tg
+            totals.generation_seconds += batch.seconds["time/generate"]
             ro = rollout_from_generation(gen, batch.scores).to(dev)
+            seconds = dict(batch.seconds)  # where this update's time went, logged as time/<step>
 
             # step 3. log-probs of policy and reference (and values for PPO), once per rollout
+            t = time.perf_counter()
+            # (an off-policy correction compares the engine's log-probs with recomputed ones)
             recompute = not cfg.rollout.reuse_logprobs or cfg.rollout.engine == "vllm"
+            recompute = recompute or cfg.rollout.correction != "none"
             with learner.accelerator.autocast():
                 passes = rollout_logprobs(learner, ro, plan, cfg.rollout.temperature, recompute)
+            seconds["time/logprobs"] = time.perf_counter() - t
             ro.old_logprobs, ro.ref_logprobs, ro.old_values = (
                 passes.old_logprobs,
                 passes.ref_logprobs,
@@ -1328,6 +1360,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
                 stats |= correction_stats
 
             # steps 4-5. KL-penalised rewards (process rewards at their steps' ends) and advantages
+            t = time.perf_counter()
             beta = learner.kl_ctl.value
             step_rewards = process_token_rewards(
                 r.rewards.train, scored, gen, learner.tokenizer, ro.scores.isfinite().cpu()
@@ -1336,15 +1369,18 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
                 cfg, ro, beta if cfg.kl_in_reward else 0.0, r.baseline, learner.coll, step_rewards
             )
             ro.advantages, ro.returns, r.baseline = adv.advantages, adv.returns, adv.baseline
+            seconds["time/advantages"] = time.perf_counter() - t
 
             # step 6. epochs of clipped-surrogate updates over minibatches (overlong filtering: answers
             # cut at max_new_tokens leave the loss)
+            t = time.perf_counter()
             learner.model.train(learner.train_mode)
             train_ro = without_truncated(ro, gen.finished) if cfg.overlong.filter else ro
             with learner.accelerator.autocast():
                 upd = update_policy(
                     cfg, train_ro, learner, plan, 0.0 if cfg.kl_in_reward else beta, r.ptx_texts, step
                 )
+            seconds["time/update"] = time.perf_counter() - t
 
             # step 7. log, adapt β (on the global KL), watch, evaluate, checkpoint
             fig = merge_figures(learner.coll.gather(answer_figures(ro, gen.texts, scored, gen.finished)))
@@ -1360,6 +1396,8 @@ def train_rl(cfg: RLConfig, resume: bool = False, config_dir: str | Path | None 
                 metrics["entropy/coef"] = learner.entropy_ctl.value  # the coefficient this update used
                 learner.entropy_ctl.update(metrics.get("entropy", math.nan))
             metrics["samples_per_s"] = totals.samples / max(time.time() - t0, 1e-9)
+            seconds["time/step"] = time.perf_counter() - t_update  # up to here: logging and saving follow
+            metrics |= seconds
             if cadence.log(step):
                 r.log.logger.log(step, metrics)
             for alarm in r.log.watch(step, metrics, fig):
