@@ -173,7 +173,7 @@ def report(
     for name, count in units:
         h, t = count / med["heed"], count / med["trl"]
         out[name] = (h, t)
-        print(f"{name:22}{h:12.2f}{t:12.2f}{h / t:10.2f}")
+        print(f"{name:22}{h:12.4g}{t:12.4g}{h / t:10.2f}")
     frac = {k: flops[k] / med[k] / peak for k in ("heed", "trl")}
     out["peak_fraction"] = (frac["heed"], frac["trl"])
     print(
