@@ -18,7 +18,7 @@ as ``timeit`` reports); medians are printed too, with the load average.
     python benchmarks/rm_vs_trl.py --threads 2 --k 4 9
     python benchmarks/rm_vs_trl.py --workload qwen2-100m --max-length 1024 --batch 4 --steps 2 --repeats 2
 
-``--workload`` compares pairs (Heed: groups of K = 2, so both sides forward the same sequences) whose
+``--workload`` (``--share-prompt``: Heed runs each prompt once) compares pairs (Heed: groups of K = 2, so both sides forward the same sequences) whose
 prompt + answer fill 50-97% of ``--max-length``, each side in its own process, and prints pairs/s,
 examples/s, tokens/s, the fraction of the measured fp32 matmul peak (FLOPs as in _vs_trl.py: the
 trunk on every real token of both sequences, 3x forward) and peak memory, with ratios (medians).
@@ -69,7 +69,7 @@ def run_heed(
     steps: int,
     lr: float,
     max_length: int = 256,
-    share_prompt: bool = True,
+    share_prompt: bool = False,
 ) -> dict[str, Any]:
     from heed.config import config_from_dict
     from heed.config.reward import RMConfig
@@ -222,7 +222,7 @@ def compare_workload(args: argparse.Namespace) -> None:
             "lr": args.lr,
             "max_length": args.max_length,
             "threads": args.threads,
-            "share_prompt": not args.no_share_prompt,
+            "share_prompt": args.share_prompt,
         }
         runs = _vs_trl.alternate(lambda kind: _vs_trl.spawn(__file__, kind, a), args.repeats)
         peak = _vs_trl.measured_peak()
@@ -251,7 +251,11 @@ def main() -> None:
     )
     ap.add_argument("--max-length", type=int, default=512, help="With --workload: sequence length to fill.")
     ap.add_argument("--batch", type=int, default=8, help="With --workload: pairs per optimizer step.")
-    ap.add_argument("--no-share-prompt", action="store_true", help="With --workload: Heed on padded rows.")
+    ap.add_argument(
+        "--share-prompt",
+        action="store_true",
+        help="With --workload: Heed runs each pair's prompt once (block mask).",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="causal LM folder (default: the built-in tiny SFT model)")

@@ -119,7 +119,7 @@ def make_reward_fn(
     device: Any,
     features: torch.Tensor | None,
     frozen: Any,
-    share_prompt: bool = True,
+    share_prompt: bool = False,
 ) -> RewardFn:
     """Flat rewards (N,) of the responses of some groups: one forward (each group's prompt run once
     with ``share_prompt``, else padded rows), or the head on cached features."""
