@@ -2,11 +2,18 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/dpo_vs_trl.py                 # built-in tiny SFT model
     PYTHONPATH=src .venv/bin/python benchmarks/dpo_vs_trl.py --size micro --pairs 128
+    PYTHONPATH=src .venv/bin/python benchmarks/dpo_vs_trl.py --workload qwen2-100m --max-length 1024 \
+        --pairs 8 --batch-size 4 --repeats 2 --no-check
+
+``--workload qwen2-4k | qwen2-32k | qwen2-100m`` trains a random-weight Qwen2 model (benchmarks/_common.py)
+on synthetic pairs whose prompt + answer fill 50-97% of ``--max-length`` (so padding matters), with
+a second random model as the reference of the loss check.
 
 Prints, in one run:
 
-- training throughput (pairs/s, the training loop only: tokenization and reference
-  precompute excluded on both sides) and its ratio Heed / TRL;
+- training throughput (pairs/s, examples/s, tokens/s: the training loop only, tokenization and
+  reference precompute excluded on both sides) and its ratio Heed / TRL, and the training FLOP/s
+  as a fraction of this machine's measured fp32 matmul peak (FLOPs counted as in _vs_trl.py);
 - peak memory of each side (CUDA: peak allocated; CPU: peak RSS of the whole process, imports
   included) and the ratio Heed / TRL;
 - the loss of the first batch from both, on the same token ids, with a reference model that
@@ -16,7 +23,7 @@ Prints, in one run:
 Each side runs in its own process (clean memory figures). Both precompute reference log-probs,
 use float32, no gradient checkpointing, AdamW with the same learning rate and schedule, no
 evaluation or checkpoints during the timed loop. The machine may be shared: each side runs
-``--repeats`` times in alternating order and the best run is kept; the script prints every run
+``--repeats`` times in alternating order and the medians are compared; the script prints every run
 and the load average; compare ratios, not absolute speeds.
 """
 
@@ -25,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _vs_trl
 
 
 def make_data(folder: Path, n: int, seed: int) -> Path:
@@ -93,6 +102,7 @@ def run_heed(a: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": s["train_seconds"],
         "ref_seconds": s["ref_seconds"],
         "peak_mb": peak_memory_mb(),
+        "seconds": s["train_seconds"],
     }
 
 
@@ -161,6 +171,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": seconds,
         "ref_seconds": setup,
         "peak_mb": peak_memory_mb(),
+        "seconds": seconds,
     }
 
 
@@ -234,46 +245,54 @@ def worker(kind: str, a: dict[str, Any]) -> None:
 
 
 def spawn(kind: str, a: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(a)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{kind} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return _vs_trl.spawn(__file__, kind, a)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "micro"], default="tiny", help="Built-in SFT model to use.")
+    p.add_argument(
+        "--workload",
+        choices=_vs_trl.CHOICES,
+        default=None,
+        help="tiny / micro: the built-in SFT model (as --size) on the built-in pairs; qwen2-*: a random-weight "
+        "Qwen2 model on synthetic pairs filling --max-length (lengths uniform in 50-97%%).",
+    )
     p.add_argument("--pairs", type=int, default=1024, help="Training pairs (steps = pairs / batch size).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument(
-        "--repeats", type=int, default=2, help="Runs of each side, alternating; the best is reported."
+        "--repeats", type=int, default=2, help="Runs of each side, alternating; medians are compared."
     )
+    p.add_argument("--no-check", action="store_true", help="Skip the first-batch loss comparison.")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.worker:
         worker(ns.worker, json.loads(ns.worker_args))
         return
+    workload = ns.workload or ns.size
 
-    from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+    from heed.models.loading import load_tokenizer
 
-    sft = builtin_sft_model(MICRO if ns.size == "micro" else BuiltinSpec())
-    base = sft.parent.parent / "base" / "final"  # the built-in base model: a reference unlike the policy
     with tempfile.TemporaryDirectory(prefix="heed-dpo-bench-") as tmp:
+        if workload in _vs_trl.BUILTIN:
+            from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+
+            sft = builtin_sft_model(MICRO if workload == "micro" else BuiltinSpec())
+            model, ref = sft, sft.parent.parent / "base" / "final"  # a reference unlike the policy
+            data = make_data(Path(tmp), ns.pairs, 0)
+        else:
+            model, ref = _vs_trl.workload_models(workload)
+            data = Path(tmp) / "pairs.jsonl"
+            rows = _vs_trl.synthetic_pairs(load_tokenizer(model), ns.pairs, ns.max_length)
+            data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         a = {
-            "model": str(sft),
-            "ref": str(base),
-            "data": str(make_data(Path(tmp), ns.pairs, 0)),
+            "model": str(model),
+            "ref": str(ref),
+            "data": str(data),
             "work": tmp,
             "batch_size": ns.batch_size,
             "max_length": ns.max_length,
@@ -281,39 +300,42 @@ def main() -> None:
             "lr": ns.lr,
             "steps": ns.pairs // ns.batch_size,
         }
-        load0 = os.getloadavg()
-        check = spawn("check", a)
-        runs: dict[str, list[dict[str, Any]]] = {"heed": [], "trl": []}
-        for r in range(ns.repeats):  # alternate the order (heed, trl, trl, heed, ...) so load drifts hit both
-            for kind in ("heed", "trl") if r % 2 == 0 else ("trl", "heed"):
-                runs[kind].append(spawn(kind, a))
-        load1 = os.getloadavg()
-    # best of the repeats: on a shared machine the fastest run is the least disturbed one
-    heed = max(runs["heed"], key=lambda x: x["pairs_per_s"])
-    trl = max(runs["trl"], key=lambda x: x["pairs_per_s"])
+        # FLOPs of the trained pairs: both sequences of each, policy 3x forward (reference precomputed)
+        tok, config = load_tokenizer(model), _vs_trl.load_config(model)
+        records = [json.loads(line) for line in Path(a["data"]).read_text().splitlines()][
+            : a["steps"] * ns.batch_size
+        ]
+        tokens = [
+            [
+                _vs_trl.rendered_length(tok, r["prompt"] + r[side], ns.max_length)
+                for side in ("chosen", "rejected")
+            ]
+            for r in records
+        ]
+        flops = 3 * sum(_vs_trl.sequence_flops(config, n) for pair in tokens for n in pair)
+        check = None if ns.no_check else spawn("check", a)
+        runs = _vs_trl.alternate(lambda kind: spawn(kind, a), ns.repeats)
+        peak = _vs_trl.measured_peak()
 
+    n_pairs = len(records)
     print(
-        f"model: built-in {ns.size} SFT ({sft})   pairs: {ns.pairs}   batch: {ns.batch_size}   "
-        f"max_length: {ns.max_length}   steps: {a['steps']}   beta: {ns.beta}"
+        f"DPO  workload: {workload} ({model})  pairs: {n_pairs}  batch: {ns.batch_size}  max_length: "
+        f"{ns.max_length}  steps: {a['steps']}  real tokens/pair: {sum(map(sum, tokens)) / n_pairs:.0f}  beta: {ns.beta}"
     )
-    print(
-        f"load average before / after: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} cores; "
-        f"best of {ns.repeats} runs each"
+    _vs_trl.report(
+        "training loop (reference log-probs precomputed on both sides, outside the timed loop)",
+        runs,
+        [("pairs/s", n_pairs), ("examples/s", 2 * n_pairs), ("tokens/s", sum(map(sum, tokens)))],
+        {"heed": flops, "trl": flops},
+        peak,
     )
-    for kind in ("heed", "trl"):
-        print(f"  {kind} pairs/s per run: " + ", ".join(f"{x['pairs_per_s']:.2f}" for x in runs[kind]))
-    print(f"{'':18}{'Heed':>12}{'TRL':>12}{'Heed/TRL':>10}")
-    rows = [("pairs/s", "pairs_per_s"), ("train seconds", "train_seconds"), ("peak memory MiB", "peak_mb")]
-    for label, key in rows:
-        print(f"{label:18}{heed[key]:12.2f}{trl[key]:12.2f}{heed[key] / trl[key]:10.2f}")
-    if not check["cuda"]:
-        print("(CPU peak memory is the whole process's peak RSS, imports included)")
-    diff = abs(check["heed_first_loss"] - check["trl_first_loss"])
-    print(
-        f"first batch loss (sigmoid, ref = base model): Heed {check['heed_first_loss']:.6f}  "
-        f"TRL {check['trl_first_loss']:.6f}  |diff| {diff:.2e}  {'OK' if diff < 1e-4 else 'MISMATCH'} (tol 1e-4)"
-    )
-    print(f"tokenization: {check['same_ids']}/{check['batch']} pairs get identical ids from Heed and TRL")
+    if check is not None:
+        diff = abs(check["heed_first_loss"] - check["trl_first_loss"])
+        print(
+            f"first batch loss (sigmoid, ref differs from policy): Heed {check['heed_first_loss']:.6f}  "
+            f"TRL {check['trl_first_loss']:.6f}  |diff| {diff:.2e}  {'OK' if diff < 1e-4 else 'MISMATCH'} (tol 1e-4)"
+        )
+        print(f"tokenization: {check['same_ids']}/{check['batch']} pairs get identical ids from Heed and TRL")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,13 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/kto_vs_trl.py                 # built-in tiny SFT model
     PYTHONPATH=src .venv/bin/python benchmarks/kto_vs_trl.py --size micro --examples 256
+    PYTHONPATH=src .venv/bin/python benchmarks/kto_vs_trl.py --workload qwen2-100m --max-length 1024 \
+        --examples 8 --batch-size 4 --no-check
+
+``--workload qwen2-*``: a random-weight Qwen2 model (benchmarks/_common.py) on synthetic examples whose
+prompt + completion fill 50-97% of ``--max-length``, labels at random; a second random model is the
+reference of the loss check. Throughput also in tokens/s, and the training FLOP/s as a fraction of
+the measured fp32 matmul peak (FLOPs as in _vs_trl.py; each example 3x forward, its KL row 1x).
 
 Data: the built-in world's simulated thumbs (``builtin:thumbs``, :mod:`heed.demo.thumbs`: the SFT
 model's own answers, thumbs up mostly for positive, concise ones), conversational
@@ -23,7 +30,7 @@ Prints, in one run:
 Each side runs in its own process (clean memory figures). Both precompute reference log-probs,
 use float32, no gradient checkpointing, AdamW with the same learning rate and schedule, no
 evaluation or checkpoints during the timed loop. The machine may be shared: each side runs
-``--repeats`` times in alternating order and the best run is kept; the script prints every run
+``--repeats`` times in alternating order and the medians are compared; the script prints every run
 and the load average; compare ratios, not absolute speeds.
 """
 
@@ -32,12 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _vs_trl
 
 
 def make_data(folder: Path, n: int, size: str) -> Path:
@@ -103,6 +112,7 @@ def run_heed(a: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": s["train_seconds"],
         "ref_seconds": s["ref_seconds"],
         "peak_mb": peak_memory_mb(),
+        "seconds": s["train_seconds"],
     }
 
 
@@ -178,6 +188,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": seconds,
         "ref_seconds": setup,
         "peak_mb": peak_memory_mb(),
+        "seconds": seconds,
     }
 
 
@@ -253,22 +264,19 @@ def worker(kind: str, a: dict[str, Any]) -> None:
 
 
 def spawn(kind: str, a: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, "--worker-args", json.dumps(a)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{kind} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return _vs_trl.spawn(__file__, kind, a)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "micro"], default="tiny", help="Built-in SFT model to use.")
+    p.add_argument(
+        "--workload",
+        choices=_vs_trl.CHOICES,
+        default=None,
+        help="tiny / micro: the built-in SFT model (as --size) on the built-in thumbs; qwen2-*: a random-weight "
+        "Qwen2 model on synthetic examples filling --max-length (lengths uniform in 50-97%%).",
+    )
     p.add_argument("--examples", type=int, default=1024, help="Training examples (steps = examples / batch).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
@@ -276,24 +284,40 @@ def main() -> None:
     p.add_argument("--desirable-weight", type=float, default=2.5)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument(
-        "--repeats", type=int, default=2, help="Runs of each side, alternating; the best is reported."
+        "--repeats", type=int, default=2, help="Runs of each side, alternating; medians are compared."
     )
+    p.add_argument("--no-check", action="store_true", help="Skip the first-batch loss comparison.")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.worker:
         worker(ns.worker, json.loads(ns.worker_args))
         return
+    workload = ns.workload or ns.size
 
-    from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+    from heed.models.loading import load_tokenizer
 
-    sft = builtin_sft_model(MICRO if ns.size == "micro" else BuiltinSpec())
-    base = sft.parent.parent / "base" / "final"  # the built-in base model: a reference unlike the policy
     with tempfile.TemporaryDirectory(prefix="heed-kto-bench-") as tmp:
+        if workload in _vs_trl.BUILTIN:
+            from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+
+            model = builtin_sft_model(MICRO if workload == "micro" else BuiltinSpec())
+            ref = (
+                model.parent.parent / "base" / "final"
+            )  # the built-in base model: a reference unlike the policy
+            data = make_data(Path(tmp), ns.examples, workload)
+        else:
+            import random
+
+            model, ref = _vs_trl.workload_models(workload)
+            rows = _vs_trl.synthetic_completions(load_tokenizer(model), ns.examples, ns.max_length)
+            rng = random.Random(0)
+            data = Path(tmp) / "thumbs.jsonl"
+            data.write_text("".join(json.dumps({**r, "label": rng.random() < 0.5}) + "\n" for r in rows))
         a = {
-            "model": str(sft),
-            "ref": str(base),
-            "data": str(make_data(Path(tmp), ns.examples, ns.size)),
+            "model": str(model),
+            "ref": str(ref),
+            "data": str(data),
             "work": tmp,
             "batch_size": ns.batch_size,
             "max_length": ns.max_length,
@@ -302,46 +326,48 @@ def main() -> None:
             "lr": ns.lr,
             "steps": ns.examples // ns.batch_size,
         }
-        load0 = os.getloadavg()
-        check = spawn("check", a)
-        runs: dict[str, list[dict[str, Any]]] = {"heed": [], "trl": []}
-        for r in range(ns.repeats):  # alternate the order (heed, trl, trl, heed, ...) so load drifts hit both
-            for kind in ("heed", "trl") if r % 2 == 0 else ("trl", "heed"):
-                runs[kind].append(spawn(kind, a))
-        load1 = os.getloadavg()
-    # best of the repeats: on a shared machine the fastest run is the least disturbed one
-    heed = max(runs["heed"], key=lambda x: x["examples_per_s"])
-    trl = max(runs["trl"], key=lambda x: x["examples_per_s"])
+        # FLOPs: each example 3x forward (trained), its KL row (its prompt with the batch's previous
+        # answer) 1x forward (no gradient); reference log-probs precomputed outside the loop
+        tok, config = load_tokenizer(model), _vs_trl.load_config(model)
+        records = [json.loads(line) for line in data.read_text().splitlines()][: a["steps"] * ns.batch_size]
+        tokens = [_vs_trl.rendered_length(tok, r["prompt"] + r["completion"], ns.max_length) for r in records]
+        kl_tokens = [
+            _vs_trl.rendered_length(
+                tok,
+                r["prompt"] + records[i - 1 if i % ns.batch_size else i + ns.batch_size - 1]["completion"],
+                ns.max_length,
+            )
+            for i, r in enumerate(records)
+        ]
+        flops = 3 * sum(_vs_trl.sequence_flops(config, n) for n in tokens) + sum(
+            _vs_trl.sequence_flops(config, n) for n in kl_tokens
+        )
+        check = None if ns.no_check else spawn("check", a)
+        runs = _vs_trl.alternate(lambda kind: spawn(kind, a), ns.repeats)
+        peak = _vs_trl.measured_peak()
 
+    n = len(records)
     print(
-        f"model: built-in {ns.size} SFT ({sft})   examples: {ns.examples}   batch: {ns.batch_size}   "
-        f"max_length: {ns.max_length}   steps: {a['steps']}   beta: {ns.beta}   λ_D: {ns.desirable_weight}"
+        f"KTO  workload: {workload} ({model})  examples: {n}  batch: {ns.batch_size}  max_length: {ns.max_length}  "
+        f"steps: {a['steps']}  real tokens/example: {sum(tokens) / n:.0f}  beta: {ns.beta}  λ_D: {ns.desirable_weight}"
     )
-    print(
-        f"load average before / after: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} cores; "
-        f"best of {ns.repeats} runs each"
+    _vs_trl.report(
+        "training loop (reference log-probs precomputed on both sides, outside the timed loop)",
+        runs,
+        [("examples/s", n), ("tokens/s", sum(tokens))],
+        {"heed": flops, "trl": flops},
+        peak,
     )
-    for kind in ("heed", "trl"):
-        print(f"  {kind} examples/s per run: " + ", ".join(f"{x['examples_per_s']:.2f}" for x in runs[kind]))
-    print(f"{'':18}{'Heed':>12}{'TRL':>12}{'Heed/TRL':>10}")
-    rows = [
-        ("examples/s", "examples_per_s"),
-        ("train seconds", "train_seconds"),
-        ("peak memory MiB", "peak_mb"),
-    ]
-    for label, key in rows:
-        print(f"{label:18}{heed[key]:12.2f}{trl[key]:12.2f}{heed[key] / trl[key]:10.2f}")
-    if not check["cuda"]:
-        print("(CPU peak memory is the whole process's peak RSS, imports included)")
-    diff = abs(check["heed_first_loss"] - check["trl_first_loss"])
-    print(
-        f"first batch loss (ref = base model, batch KL {check['kl']:.4f}): Heed {check['heed_first_loss']:.6f}  "
-        f"TRL {check['trl_first_loss']:.6f}  |diff| {diff:.2e}  {'OK' if diff < 1e-4 else 'MISMATCH'} (tol 1e-4)"
-    )
-    print(
-        f"tokenization: {check['same_ids']}/{check['batch']} examples and {check['same_kl_ids']}/{check['batch']} "
-        "KL rows get identical ids from Heed and TRL"
-    )
+    if check is not None:
+        diff = abs(check["heed_first_loss"] - check["trl_first_loss"])
+        print(
+            f"first batch loss (ref differs from policy, batch KL {check['kl']:.4f}): Heed {check['heed_first_loss']:.6f}  "
+            f"TRL {check['trl_first_loss']:.6f}  |diff| {diff:.2e}  {'OK' if diff < 1e-4 else 'MISMATCH'} (tol 1e-4)"
+        )
+        print(
+            f"tokenization: {check['same_ids']}/{check['batch']} examples and {check['same_kl_ids']}/{check['batch']} "
+            "KL rows get identical ids from Heed and TRL"
+        )
 
 
 if __name__ == "__main__":

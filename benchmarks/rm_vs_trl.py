@@ -16,6 +16,12 @@ Heed and TRL alternate ``--repeats`` times. The headline compares the best run o
 as ``timeit`` reports); medians are printed too, with the load average.
 
     python benchmarks/rm_vs_trl.py --threads 2 --k 4 9
+    python benchmarks/rm_vs_trl.py --workload qwen2-100m --max-length 1024 --batch 4 --steps 2 --repeats 2
+
+``--workload`` (``--share-prompt``: Heed runs each prompt once) compares pairs (Heed: groups of K = 2, so both sides forward the same sequences) whose
+prompt + answer fill 50-97% of ``--max-length``, each side in its own process, and prints pairs/s,
+examples/s, tokens/s, the fraction of the measured fp32 matmul peak (FLOPs as in _vs_trl.py: the
+trunk on every real token of both sequences, 3x forward) and peak memory, with ratios (medians).
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _vs_trl
 
 
 def expand_pairs(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,7 +61,15 @@ def expand_pairs(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_heed(
-    model: Path, groups_file: Path, out: Path, k: int, seqs: int, steps: int, lr: float
+    model: Path,
+    groups_file: Path,
+    out: Path,
+    k: int,
+    seqs: int,
+    steps: int,
+    lr: float,
+    max_length: int = 256,
+    share_prompt: bool = False,
 ) -> dict[str, Any]:
     from heed.config import config_from_dict
     from heed.config.reward import RMConfig
@@ -61,8 +79,8 @@ def run_heed(
         RMConfig,
         {
             "model": {"path": str(model)},
-            "data": {"train": str(groups_file), "eval_split": 0, "max_length": 256},
-            "train": {"batch_size": max(1, seqs // k), "max_steps": steps},
+            "data": {"train": str(groups_file), "eval_split": 0, "max_length": max_length},
+            "train": {"batch_size": max(1, seqs // k), "max_steps": steps, "share_prompt": share_prompt},
             "optim": {"lr": lr, "warmup_steps": 0, "schedule": "constant"},
             "log": {"progress": False, "log_every": 1000},
             "out": str(out),
@@ -81,7 +99,13 @@ def run_heed(
 
 
 def run_trl(
-    model: Path, pairs: list[dict[str, Any]], out: Path, seqs: int, steps: int, lr: float
+    model: Path,
+    pairs: list[dict[str, Any]],
+    out: Path,
+    seqs: int,
+    steps: int,
+    lr: float,
+    max_length: int = 256,
 ) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -108,7 +132,7 @@ def run_trl(
         logging_steps=1000,
         save_strategy="no",
         report_to="none",
-        max_length=256,
+        max_length=max_length,
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
@@ -129,8 +153,111 @@ def run_trl(
     }
 
 
+def worker(kind: str, a: dict[str, Any]) -> None:
+    """One side of a ``--workload`` comparison in this process; prints ``RESULT {json}``."""
+    from heed.models.loading import quiet_transformers
+    from heed.train.common import peak_memory_mb
+
+    quiet_transformers()
+    torch.set_num_threads(a["threads"])
+    out = Path(a["work"]) / kind
+    if kind == "heed":
+        r = run_heed(
+            Path(a["model"]),
+            Path(a["groups"]),
+            out,
+            2,
+            2 * a["batch"],
+            a["steps"],
+            a["lr"],
+            a["max_length"],
+            a["share_prompt"],
+        )
+    else:
+        pairs = [json.loads(line) for line in Path(a["pairs"]).read_text().splitlines()]
+        r = run_trl(Path(a["model"]), pairs, out, 2 * a["batch"], a["steps"], a["lr"], a["max_length"])
+    print("RESULT " + json.dumps({**r, "peak_mb": peak_memory_mb()}), flush=True)
+
+
+def compare_workload(args: argparse.Namespace) -> None:
+    """``--workload``: pairs (K = 2 groups for Heed, the same pairs for TRL) whose sequences fill
+    ``--max-length``; each side in its own process, alternating; the table of ``_vs_trl.report``."""
+    from heed.models.loading import load_tokenizer
+
+    if args.workload in _vs_trl.BUILTIN:
+        from heed.demo.assets import MICRO, BuiltinSpec, builtin_sft_model
+
+        model = builtin_sft_model(MICRO if args.workload == "micro" else BuiltinSpec())
+    else:
+        model, _ = _vs_trl.workload_models(args.workload)
+    tok, config = load_tokenizer(model), _vs_trl.load_config(model)
+    n = args.steps * args.batch
+    rows = _vs_trl.synthetic_pairs(tok, n, args.max_length)
+    tokens = [
+        [
+            _vs_trl.rendered_length(tok, r["prompt"] + r[side], args.max_length)
+            for side in ("chosen", "rejected")
+        ]
+        for r in rows
+    ]
+    flops = 3 * sum(_vs_trl.sequence_flops(config, t, head=False) for pair in tokens for t in pair)
+    with tempfile.TemporaryDirectory(prefix="heed-rm-bench-") as tmp:
+        groups = [
+            {
+                "prompt": r["prompt"][0]["content"],
+                "responses": [r["chosen"][0]["content"], r["rejected"][0]["content"]],
+                "ranks": [1, 2],
+            }
+            for r in rows
+        ]
+        (Path(tmp) / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
+        (Path(tmp) / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        a = {
+            "model": str(model),
+            "groups": str(Path(tmp) / "groups.jsonl"),
+            "pairs": str(Path(tmp) / "pairs.jsonl"),
+            "work": tmp,
+            "batch": args.batch,
+            "steps": args.steps,
+            "lr": args.lr,
+            "max_length": args.max_length,
+            "threads": args.threads,
+            "share_prompt": args.share_prompt,
+        }
+        runs = _vs_trl.alternate(lambda kind: _vs_trl.spawn(__file__, kind, a), args.repeats)
+        peak = _vs_trl.measured_peak()
+    print(
+        f"RM  workload: {args.workload} ({model})  pairs: {n}  batch: {args.batch} pairs  max_length: "
+        f"{args.max_length}  steps: {args.steps}  real tokens/pair: {sum(map(sum, tokens)) / n:.0f}  "
+        f"share_prompt: {a['share_prompt']}"
+    )
+    _vs_trl.report(
+        "training loop (Heed: K = 2 groups; TRL: the same pairs)",
+        runs,
+        [("pairs/s", n), ("examples/s", 2 * n), ("tokens/s", sum(map(sum, tokens)))],
+        {"heed": flops, "trl": flops},
+        peak,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--workload",
+        choices=_vs_trl.CHOICES,
+        default=None,
+        help="Compare on synthetic pairs filling --max-length (each side in its own process, peak memory, "
+        "matmul-peak fraction): tiny / micro built-in SFT model or a random-weight qwen2-* model.",
+    )
+    ap.add_argument("--max-length", type=int, default=512, help="With --workload: sequence length to fill.")
+    ap.add_argument("--batch", type=int, default=8, help="With --workload: pairs per optimizer step.")
+    ap.add_argument(
+        "--share-prompt",
+        action="store_true",
+        help="With --workload: Heed runs each pair's prompt once (block mask).",
+    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-args", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="causal LM folder (default: the built-in tiny SFT model)")
     ap.add_argument("--k", type=int, nargs="+", default=[4, 9])
     ap.add_argument("--groups", type=int, default=300)
@@ -143,7 +270,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, json.loads(args.worker_args))
+        return
     torch.set_num_threads(args.threads)
+    if args.workload:
+        compare_workload(args)
+        return
 
     from heed.data.io import write_jsonl
     from heed.demo.assets import builtin_sft_model

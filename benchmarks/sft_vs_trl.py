@@ -4,6 +4,10 @@ Each trainer runs in its own process (clean peak-memory figures). Prints tokens/
 memory ratios, and Heed's training FLOP/s as a fraction of this machine's fp32 matmul peak.
 
     python benchmarks/sft_vs_trl.py [--steps 30] [--batch 16] [--max-length 128]
+    python benchmarks/sft_vs_trl.py --workload qwen2-100m --max-length 1024 --steps 2 --batch 4 --repeats 2
+
+Throughput in examples/s and tokens/s (real tokens), the training FLOP/s of each side as a fraction
+of the measured fp32 matmul peak (FLOPs as in _vs_trl.py), peak memory, and ratios (medians).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import matmul_peak_flops, ratio_line, run_isolated
+import _vs_trl
+from _common import WORKLOADS, run_isolated
 
 
 def prepare(workdir: Path, size: str, n: int) -> dict[str, Any]:
@@ -120,12 +125,34 @@ def worker_trl(a: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "peak_mb": peak_memory_mb(), "loss": out.training_loss}
 
 
+def prepare_workload(workdir: Path, name: str, n: int, max_length: int) -> dict[str, Any]:
+    """A random-weight Qwen2 workload and ``n`` synthetic prompt / completion records whose chat
+    rendering fills 50-97% of ``max_length``."""
+    from heed.models.loading import load_tokenizer
+
+    model, _ = _vs_trl.workload_models(name)
+    rows = _vs_trl.synthetic_completions(load_tokenizer(model), n, max_length)
+    data = workdir / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": str(model), "data": str(data)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--size", default="tiny", help="Random-weight built-in model size (without --workload).")
+    ap.add_argument(
+        "--workload",
+        choices=_vs_trl.CHOICES,
+        default=None,
+        help="tiny / micro: a random-weight built-in model (as --size) on the built-in corpus; qwen2-*: a "
+        "random-weight Qwen2 model on synthetic records filling --max-length.",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="Runs of each side, alternating; medians compared."
+    )
     ap.add_argument("--worker")
     ap.add_argument("--args")
     a = ap.parse_args()
@@ -133,9 +160,16 @@ def main() -> None:
         fn = {"heed": worker_heed, "trl": worker_trl}[a.worker]
         print(json.dumps(fn(json.loads(a.args))))
         return
+    from heed.models.loading import load_tokenizer
+
+    workload = a.workload or a.size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        info = prepare(work, a.size, n=a.steps * a.batch)
+        n = a.steps * a.batch
+        if workload in WORKLOADS:
+            info = prepare_workload(work, workload, n, a.max_length)
+        else:
+            info = prepare(work, workload, n)
         common = {
             "model": info["model"],
             "data": info["data"],
@@ -143,23 +177,30 @@ def main() -> None:
             "steps": a.steps,
             "max_length": a.max_length,
         }
-        heed = run_isolated(Path(__file__), "heed", {**common, "out": str(work / "heed")})
-        trl = run_isolated(Path(__file__), "trl", {**common, "out": str(work / "trl")})
-        peak = matmul_peak_flops()
-    tokens = a.steps * a.batch * info["mean_tokens"]
-    heed_tps, trl_tps = tokens / heed["seconds"], tokens / trl["seconds"]
-    flops = 6 * info["params"] * heed_tps
+        runs: dict[str, list[dict[str, Any]]] = {"heed": [], "trl": []}
+        for r in range(a.repeats):
+            for kind in ("heed", "trl") if r % 2 == 0 else ("trl", "heed"):
+                runs[kind].append(run_isolated(Path(__file__), kind, {**common, "out": str(work / kind)}))
+                print(f"  {kind} run {len(runs[kind])}: {runs[kind][-1]['seconds']:.2f} s", flush=True)
+        peak = _vs_trl.measured_peak()
+        tok, config = load_tokenizer(info["model"]), _vs_trl.load_config(info["model"])
+        records = [json.loads(line) for line in Path(info["data"]).read_text().splitlines()][:n]
+        tokens = [_vs_trl.rendered_length(tok, r["prompt"] + r["completion"], a.max_length) for r in records]
+    # FLOPs: every real token of each sequence, trunk + LM head, 3x forward
+    flops = 3 * sum(_vs_trl.sequence_flops(config, t) for t in tokens)
     print(
-        f"SFT: {info['params'] / 1e6:.2f}M-parameter model, {a.steps} steps x {a.batch} sequences, "
-        f"max_length {a.max_length}, ~{info['mean_tokens']:.0f} tokens/sequence, 1 process, fp32, CPU"
+        f"SFT  workload: {workload} ({info['model']})  {a.steps} steps x {a.batch} sequences  max_length: "
+        f"{a.max_length}  real tokens/sequence: {sum(tokens) / len(tokens):.0f}  1 process, fp32"
     )
-    print(ratio_line("tokens/s", heed_tps, trl_tps, ">= 1.3x"))
-    print(ratio_line("peak memory (MiB)", heed["peak_mb"], trl["peak_mb"], "<= 1.0x"))
-    print(f"{'final train loss':<28} heed={heed['loss']:.4f}  trl={trl['loss']:.4f}")
-    print(
-        f"heed training FLOP/s ~ 6*N*tokens/s = {flops / 1e9:.2f} GFLOP/s = "
-        f"{100 * flops / peak:.1f}% of measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    report = _vs_trl.report(
+        "training loop",
+        runs,
+        [("examples/s", n), ("tokens/s", sum(tokens))],
+        {"heed": flops, "trl": flops},
+        peak,
     )
+    del report
+    print(f"{'final train loss':<22} heed={runs['heed'][-1]['loss']:.4f}  trl={runs['trl'][-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -60,19 +60,32 @@ def test_stack_groups_reshapes_ragged_k():
 
 
 def test_one_forward_of_k_responses_per_group(micro_sft_model: Path):
-    """G groups of K responses cost G·K sequences in one forward, not 2 per pair."""
+    """G groups of K responses cost one forward, not 2 sequences per pair: G·K padded rows, or with
+    ``share_prompt`` G packed rows, each holding its group's shared prompt once."""
     from heed.models.reward import build_reward_model
 
     model, tok, _ = build_reward_model(micro_sft_model)
-    calls: list[int] = []
-    model.register_forward_pre_hook(
-        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
+    calls: list[tuple[int, int]] = []
+    for module in (model, model.model):  # the whole model (padded rows) and its trunk (packed rows)
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs: calls.append(
+                tuple(kwargs.get("input_ids", args[0] if args else None).shape)
+            ),
+            with_kwargs=True,
+        )
+    # 3 groups of 4 responses: a 2-token prompt [5, 6], then one token each (3 × C(4,2) = 18 pairs)
     groups = [
-        EncodedGroup([[5, 6, 7]] * 4, [1.0, 2.0, 3.0, 4.0], 0.0, 1.0, 4 * i) for i in range(3)
-    ]  # 3 × C(4,2) = 18 pairs
-    rewards = make_reward_fn(model, tok.pad_token_id, "cpu", None, None)(groups)
-    assert calls == [12] and rewards.shape == (12,)
+        EncodedGroup([[5, 6, 7 + j] for j in range(4)], [1.0, 2.0, 3.0, 4.0], 0.0, 1.0, 4 * i)
+        for i in range(3)
+    ]
+    rewards = make_reward_fn(model, tok.pad_token_id, "cpu", None, None, share_prompt=False)(groups)
+    assert calls == [(12, 3), (12, 3)] and rewards.shape == (12,)  # the model's forward, then its trunk's
+    calls.clear()
+    make_reward_fn(model, tok.pad_token_id, "cpu", None, None, share_prompt=True)(groups)  # probes once
+    calls.clear()
+    shared = make_reward_fn(model, tok.pad_token_id, "cpu", None, None, share_prompt=True)(groups)
+    assert calls == [(3, 6)]  # one row per group: 2 prompt tokens + 4 answer tokens
+    assert torch.allclose(shared, rewards, atol=1e-5)
 
 
 def test_eval_split_is_by_prompt_and_seeded():

@@ -100,6 +100,12 @@ class RMTrainConfig(HeedConfig):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     seed: int = Field(0, description="Seed for the eval split, data order and the new head's initialisation.")
     eval_batch_size: int = Field(64, ge=1, description="Responses per evaluation forward pass.")
+    share_prompt: bool = Field(
+        False,
+        description="Run the tokens a group's responses share (the prompt) once: [prompt | response 1 | ... | "
+        "response K] packed with a block mask (decoders whose probe matches; others run padded rows). Fewer "
+        "tokens, but attention over the whole packed row: slower than padded rows on CPU (benchmarks/rm_vs_trl.py).",
+    )
     centering_coef: float = Field(
         0.0, ge=0, description="Reward-centering term c · mean(r²) added to each group's loss."
     )

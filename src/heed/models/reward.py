@@ -713,3 +713,133 @@ def new_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForSequenceClassification.from_config(config)
+
+
+# ---------------------------------------------------------------- a group's shared prompt run once
+
+_SHARED_KEY = "_heed_shared_prefix_support"
+
+
+def _plain_last_index(seq: Sequence[int], pad_id: int | None) -> int:
+    """Where ``transformers`` reads a right-padded sequence's score: its rightmost non-pad token
+    (0 when every token is the pad id, the last one without a pad id), as :func:`last_token_index`."""
+    if pad_id is None:
+        return len(seq) - 1
+    return max((i for i, t in enumerate(seq) if t != pad_id), default=0)
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the tokens every sequence starts with, leaving each at least one token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    for i in range(max(n, 0)):
+        t = seqs[0][i]
+        if any(s[i] != t for s in seqs[1:]):
+            return i
+    return max(n, 0)
+
+
+def _shared_prefix_scores(model: Any, groups: Sequence[Sequence[Sequence[int]]], device: Any) -> torch.Tensor:
+    """Rewards (N,) of every sequence of ``groups`` from one forward over G packed rows.
+
+    Group g becomes ``[prefix (n_g) | rest of seq 1 | ... | rest of seq K]`` (right-padded to the
+    longest row): the tokens the K sequences share (the prompt) run once. Token t of sequence j's
+    rest sits at position n_g + t, as in the sequence alone; the (G, 1, L, L) block mask lets it see
+    the prefix and its own earlier tokens only (:func:`heed.models.lm.block_mask`). Each score is the
+    ``score`` layer on the hidden state of the sequence's own scoring token (rightmost non-pad)."""
+    from heed.models.lm import block_mask, trunk
+
+    pad_id = model.config.pad_token_id
+    rows, segs, poss, picks = [], [], [], []  # picks: (row, column) of each sequence's scoring token
+    for g, seqs in enumerate(groups):
+        n = _common_prefix(seqs)
+        row, seg, pos = list(seqs[0][:n]), [0] * n, list(range(n))
+        for j, s in enumerate(seqs):
+            start = len(row)
+            row += s[n:]
+            seg += [j + 1] * (len(s) - n)
+            pos += range(n, len(s))
+            i = _plain_last_index(s, pad_id)
+            picks.append((g, i if i < n else start + i - n))
+        rows.append(row)
+        segs.append(seg)
+        poss.append(pos)
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 prefix, j + 1 sequence j
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for g, (r, s, p) in enumerate(zip(rows, segs, poss, strict=True)):
+        ids[g, : len(r)] = torch.tensor(r, dtype=torch.long)
+        seg[g, : len(s)] = torch.tensor(s, dtype=torch.long)
+        pos[g, : len(p)] = torch.tensor(p, dtype=torch.long)
+    ids, seg, pos = ids.to(device), seg.to(device), pos.to(device)
+    q_seg, k_seg = seg.unsqueeze(-1), seg.unsqueeze(-2)  # (G, L, 1), (G, 1, L)
+    idx = torch.arange(width, device=device)
+    causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): key <= query
+    allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))  # (G, L, L)
+    out = trunk(model)(
+        input_ids=ids, attention_mask=block_mask(model, allowed, pos), position_ids=pos, use_cache=False
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (G, L, H)
+    r_idx = torch.tensor([g for g, _ in picks], device=device)
+    c_idx = torch.tensor([c for _, c in picks], device=device)
+    return model.score(hidden[r_idx, c_idx])[:, 0].float()  # (N,)
+
+
+def can_share_prefix(model: Any) -> bool:
+    """Whether :func:`shared_prefix_rewards` gives this reward model's own scores: a decoder with a
+    ``score`` layer, called directly (not under a data-parallel wrapper), whose packed forward
+    matches its padded one on a probe (two sequences with a common prefix; probed once per model,
+    cached on it, said once in the log when not). Not so for ALiBi models (Bloom builds its biases
+    from a 2-D mask) or a score head that is not a plain layer on the trunk's output."""
+    from heed.models.lm import _first_line, _tolerance, _wrapped, say_once
+
+    if _wrapped(model) or not hasattr(model, "score") or backbone_of(model.config) != "decoder":
+        return False
+    cached = model.__dict__.get(_SHARED_KEY)
+    if cached is not None:
+        return bool(cached)
+    emb = model.get_input_embeddings().weight
+    pad = model.config.pad_token_id
+    vocab = emb.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    tokens = [t for t in torch.randint(0, vocab, (40,), generator=gen).tolist() if t != pad]
+    seqs = [tokens[:17], tokens[:9] + tokens[20:31]]  # a 9-token prefix, then 8 and 11 tokens apart
+    was = model.training
+    model.eval()
+    why = None
+    try:
+        with torch.no_grad(), torch.autocast(device_type=emb.device.type, enabled=False):
+            plain = torch.stack(
+                [
+                    forward_rewards(
+                        model,
+                        torch.tensor([s], device=emb.device),
+                        torch.ones(1, len(s), dtype=torch.long, device=emb.device),
+                    )[0]
+                    for s in seqs
+                ]
+            )
+            shared = _shared_prefix_scores(model, [seqs], emb.device)
+        err = float((shared - plain).norm() / plain.norm().clamp_min(1e-6))
+        if err > _tolerance(emb.dtype):
+            why = f"a block attention mask does not give its scores (relative error {err:.1e})"
+    except Exception as exc:
+        why = f"its trunk does not take a block attention mask ({_first_line(exc)})"
+    finally:
+        model.train(was)
+    model.__dict__[_SHARED_KEY] = why is None
+    if why:
+        say_once(f"{type(model).__name__}: {why}; the responses of a group run as padded rows")
+    return why is None
+
+
+def shared_prefix_rewards(
+    model: Any, groups: Sequence[Sequence[Sequence[int]]], pad_id: int, device: Any
+) -> torch.Tensor:
+    """Rewards (N,) of the sequences of ``groups`` (in order), each group's common prefix (its
+    prompt) run once: :func:`_shared_prefix_scores` where :func:`can_share_prefix` says it is exact,
+    else one right-padded forward of all N sequences (:func:`forward_rewards`)."""
+    if can_share_prefix(model):
+        return _shared_prefix_scores(model, groups, device)
+    ids, att = pad_right([s for g in groups for s in g], pad_id, device)
+    return forward_rewards(model, ids, att)

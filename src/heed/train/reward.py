@@ -114,10 +114,16 @@ def _flat_types(groups: list[EncodedGroup]) -> list[list[int]] | None:
 
 
 def make_reward_fn(
-    model: Any, pad_id: int, device: Any, features: torch.Tensor | None, frozen: Any
+    model: Any,
+    pad_id: int,
+    device: Any,
+    features: torch.Tensor | None,
+    frozen: Any,
+    share_prompt: bool = False,
 ) -> RewardFn:
-    """Flat rewards (N,) of the responses of some groups: one padded forward, or the head on cached features."""
-    from heed.models.reward import forward_rewards, pad_right, pad_types
+    """Flat rewards (N,) of the responses of some groups: one forward (each group's prompt run once
+    with ``share_prompt``, else padded rows), or the head on cached features."""
+    from heed.models.reward import forward_rewards, pad_right, pad_types, shared_prefix_rewards
 
     def reward_fn(groups: list[EncodedGroup]) -> torch.Tensor:
         if features is not None:
@@ -125,6 +131,8 @@ def make_reward_fn(
                 [g.offset + j for g in groups for j in range(len(g.seqs))], device=features.device
             )
             return frozen.head(features[idx]).float()
+        if share_prompt and groups[0].types is None:
+            return shared_prefix_rewards(model, [g.seqs for g in groups], pad_id, device)
         ids, att = pad_right([s for g in groups for s in g.seqs], pad_id, device)
         return forward_rewards(model, ids, att, pad_types(_flat_types(groups), device))
 
@@ -326,8 +334,10 @@ def train_reward(cfg: RMConfig, resume: bool = False) -> dict[str, Any]:
             else None
         )
     feature_seconds = time.time() - t_feat
-    train_fn = make_reward_fn(model, pad_id, accelerator.device, train_feats, frozen)
-    eval_fn = make_reward_fn(unwrapped, pad_id, accelerator.device, eval_feats, frozen)
+    train_fn = make_reward_fn(model, pad_id, accelerator.device, train_feats, frozen, cfg.train.share_prompt)
+    eval_fn = make_reward_fn(
+        unwrapped, pad_id, accelerator.device, eval_feats, frozen, cfg.train.share_prompt
+    )
 
     def run_eval() -> tuple[dict[str, float], torch.Tensor]:
         return evaluate(unwrapped, eval_fn, eval_enc, cfg.train.eval_batch_size, cfg.train.centering_coef)
