@@ -185,6 +185,24 @@ class Annotation(Base):
     )
 
 
+class LoginAttempt(Base):
+    """A password check counted by the shared login limiter (:class:`heed.feedback.auth.SharedLoginLimiter`):
+    ``pending`` while its hash runs, then ``failed`` (kept for the limiter's window) or deleted;
+    ``cleared`` when a later success of the same (name, address) forgave it, which still counts
+    for the address. ``at`` is wall-clock seconds, the same in every worker process."""
+
+    __tablename__ = "heed_login_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))  # lower case
+    address: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))  # pending | failed | cleared
+    at: Mapped[float] = mapped_column(Float)
+    __table_args__ = (
+        Index("ix_heed_login_attempts_address", "address", "at"),
+        Index("ix_heed_login_attempts_pair", "name", "address"),
+    )
+
+
 def normalize_url(db: str | Path) -> str:
     """Accept a SQLAlchemy URL or a plain file path (which becomes ``sqlite:///PATH``)."""
     text = str(db)
@@ -322,6 +340,7 @@ def _migrate(engine: Engine, existing: set[str], *, allow_name_clashes: bool) ->
        annotator every existing project, so upgrading locks nobody out of work they could do.
     4. The feedback kinds' columns (:data:`ADDED_COLUMNS`), all nullable: older rows read as
        "no rating, no critique, no edit, no suggestion".
+    5. New tables (``heed_login_attempts``) are made by ``create_all`` before this runs.
     """
     if "heed_users" not in existing:
         return  # a fresh database: create_all made everything
