@@ -252,10 +252,12 @@ class SharedLoginLimiter:
         pair = (LoginAttempt.name == name, LoginAttempt.address == address)
         with self.store.write() as s:
             self._lock_address(s, address)
+            # the newest pending row is this attempt's or a twin's (concurrent, as good); older ones
+            # may be strays of a dead worker
             pending = s.execute(
                 select(LoginAttempt.id)
                 .where(*pair, LoginAttempt.state == "pending")
-                .order_by(LoginAttempt.id)
+                .order_by(LoginAttempt.id.desc())
                 .limit(1)
             ).scalar()
             if ok is False:
@@ -266,7 +268,10 @@ class SharedLoginLimiter:
                 return
             if pending is not None:
                 s.execute(delete(LoginAttempt).where(LoginAttempt.id == pending))
-            if ok:
+            if ok:  # forgive the pair's failures, a dead worker's stale pending ones included
+                stale = (LoginAttempt.state == "pending") & (LoginAttempt.at <= now - PENDING_MAX_S)
                 s.execute(
-                    update(LoginAttempt).where(*pair, LoginAttempt.state == "failed").values(state="cleared")
+                    update(LoginAttempt)
+                    .where(*pair, (LoginAttempt.state == "failed") | stale)
+                    .values(state="cleared")
                 )

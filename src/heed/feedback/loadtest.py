@@ -397,6 +397,15 @@ def run_load(
     finally:
         server.stop()
     elapsed = time.perf_counter() - t0
+    # every submission's (sent, latency) in seconds from the start, for a look at where the slow ones fall
+    with (workdir / "submits.json").open("w", encoding="utf-8") as fh:
+        json.dump(
+            {
+                "killed_at_s": None if killed_at is None else round(killed_at - t0, 4),
+                "submits": sorted((round(a - t0, 4), round(b - a, 4)) for a, b in shared.spans),
+            },
+            fh,
+        )
 
     # verify against the database itself
     judgements = fb.annotations("load")
