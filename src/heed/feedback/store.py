@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import (
     JSON,
@@ -38,6 +40,11 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from heed.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one serving process there, its writers queue on the thread lock
+    fcntl = None  # type: ignore[assignment]
 
 
 def utcnow() -> dt.datetime:
@@ -417,6 +424,12 @@ class Store:
         self._read = sessionmaker(reader, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(heed_write=True), expire_on_commit=False)
         self._sqlite_writer = threading.Lock()
+        # SQLite: the writers of every process (``serve --workers N``) queue on an flock of this file;
+        # the kernel drops it when its process dies, so a SIGKILLed worker never leaves it held
+        self._lock_path = (
+            f"{self.engine.url.database}-writer.lock" if self.is_sqlite and fcntl is not None else None
+        )
+        self._lock_file: tuple[int, BinaryIO] | None = None  # (pid that opened it, file)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -427,12 +440,32 @@ class Store:
     def write(self) -> Iterator[Session]:
         """A transaction that commits on success and rolls back on any error.
 
-        On SQLite, writers of this process also queue on a lock: SQLite's own busy handler polls
+        On SQLite, writers also queue on a lock, those of this process on a thread lock and then
+        those of every process on an flock (:meth:`_sqlite_turn`): SQLite's own busy handler polls
         with growing sleeps, which makes the slowest writers wait far longer than needed.
         """
-        queue = self._sqlite_writer if self.is_sqlite else contextlib.nullcontext()
+        queue = self._sqlite_turn() if self.is_sqlite else contextlib.nullcontext()
         with queue, self._write() as session, session.begin():
             yield session
 
+    @contextlib.contextmanager
+    def _sqlite_turn(self) -> Iterator[None]:
+        with self._sqlite_writer:
+            if self._lock_path is None:
+                yield
+                return
+            if self._lock_file is None or self._lock_file[0] != os.getpid():
+                # (opened per process: a descriptor inherited across fork would share one lock)
+                self._lock_file = (os.getpid(), open(self._lock_path, "ab"))  # noqa: SIM115 - kept open
+            fd = self._lock_file[1].fileno()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def close(self) -> None:
+        if self._lock_file is not None and self._lock_file[0] == os.getpid():
+            self._lock_file[1].close()
+        self._lock_file = None
         self.engine.dispose()
