@@ -208,3 +208,18 @@ def test_the_supervisor_restarts_a_sigkilled_worker_at_once(tmp_path, hasher) ->
         assert httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_bad_database_is_one_line_from_the_supervisor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The schema is opened once before forking: an unreachable database fails there, once."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    cmd = [sys.executable, "-m", "heed", "annotate", "serve", "--workers", "2", "--port", str(free_port())]
+    bad = "postgresql+psycopg2://nobody@127.0.0.1:1/none"
+    r = subprocess.run([*cmd, "--db", bad], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in r.stderr.splitlines() if line.strip()
+    ]
+    assert "cannot open" in r.stderr and "worker" not in r.stderr

@@ -1159,10 +1159,11 @@ def serve(
     sock: socket.socket | None = None,
     **kwargs: Any,
 ) -> None:
-    """Run the app with uvicorn (one process; SQLite/PostgreSQL handle concurrency).
+    """Run the app with uvicorn in this process (``heed annotate serve --workers N`` runs it in each of
+    N forked processes: :mod:`heed.feedback.workers`).
 
-    ``sock``: a listening socket opened earlier (:func:`heed.feedback.listen.listen_socket`), so
-    clients queue instead of being refused while the app starts; else ``host:port`` is bound here.
+        ``sock``: a listening socket opened earlier (:func:`heed.feedback.listen.listen_socket`), so
+        clients queue instead of being refused while the app starts; else ``host:port`` is bound here.
     """
     import uvicorn
 
