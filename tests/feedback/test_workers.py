@@ -223,3 +223,25 @@ def test_a_bad_database_is_one_line_from_the_supervisor(tmp_path) -> None:  # ty
         line for line in r.stderr.splitlines() if line.strip()
     ]
     assert "cannot open" in r.stderr and "worker" not in r.stderr
+
+
+def test_expired_attempts_of_every_address_are_pruned(db_url: str) -> None:
+    from sqlalchemy import func, select
+
+    from heed.feedback.store import LoginAttempt
+
+    clock = [0.0]
+    fb = Feedback(db_url)
+    lim = SharedLoginLimiter(fb.store, 3, 100.0, clock=lambda: clock[0])
+    try:
+        for address in ("a1", "a2"):
+            assert lim.acquire("u", address) is None  # the 1st acquire prunes (nothing yet)
+            lim.release("u", address, ok=False)
+        lim._acquires = 0  # the next acquire is a pruning one
+        clock[0] = 100.5  # both failures are past the 100 s window (the horizon)
+        assert lim.acquire("v", "a3") is None
+        with fb.store.read() as s:
+            assert s.execute(select(LoginAttempt.address)).scalars().all() == ["a3"]
+            assert s.execute(select(func.count()).select_from(LoginAttempt)).scalar() == 1
+    finally:
+        fb.close()

@@ -169,6 +169,8 @@ class LoginLimiter:
 
 # a pending attempt older than this belongs to a worker that died mid-check: it counts as a failure
 PENDING_MAX_S = 60.0
+PRUNE_EVERY = 100  # each process prunes expired attempts of all addresses at its 1st, 101st, ... acquire
+PRUNE_LOCK = 0x68656564_6C6F67  # the pruners' advisory lock key on PostgreSQL ("heedlog")
 
 
 class SharedLoginLimiter:
@@ -198,6 +200,16 @@ class SharedLoginLimiter:
         self.store = store
         self.limits = {"pair": limit, "address": address_limit or 10 * limit}
         self.window_s, self.policy, self.clock = window_s, (base_s, max_backoff_s), clock
+        self.horizon_s = max(window_s, PENDING_MAX_S)  # older rows no longer count (and are pruned)
+        self._acquires = 0
+
+    def _prune(self, session: Session, now: float) -> None:
+        """Delete the rows past the horizon, all addresses. One pruner at a time on PostgreSQL, and
+        no other statement touches rows that old, so two transactions never wait on each other."""
+        lock = text("SELECT pg_try_advisory_xact_lock(:k)")
+        if not self.store.is_sqlite and not session.execute(lock, {"k": PRUNE_LOCK}).scalar():
+            return
+        session.execute(delete(LoginAttempt).where(LoginAttempt.at <= now - self.horizon_s))
 
     def _lock_address(self, session: Session, address: str) -> None:
         if not self.store.is_sqlite:  # (SQLite: the write transaction already holds the only lock)
@@ -212,15 +224,12 @@ class SharedLoginLimiter:
         now, name = self.clock(), name.lower()
         with self.store.write() as s:
             self._lock_address(s, address)
-            s.execute(
-                delete(LoginAttempt).where(
-                    LoginAttempt.address == address,
-                    LoginAttempt.at <= now - max(self.window_s, PENDING_MAX_S),
-                )
-            )
+            self._acquires += 1
+            if self._acquires % PRUNE_EVERY == 1:
+                self._prune(s, now)
             rows = s.execute(
                 select(LoginAttempt.name, LoginAttempt.state, LoginAttempt.at).where(
-                    LoginAttempt.address == address
+                    LoginAttempt.address == address, LoginAttempt.at > now - self.horizon_s
                 )
             ).all()
             counts = {"pair": [0, None, 0], "address": [0, None, 0]}  # fails, last fail, in flight
@@ -249,7 +258,11 @@ class SharedLoginLimiter:
         """Settle an attempt reserved by :meth:`acquire`: ``ok=False`` counts a failure, ``True`` clears
         the pair's failures, ``None`` does neither (the attempt never reached a password check)."""
         now, name = self.clock(), name.lower()
-        pair = (LoginAttempt.name == name, LoginAttempt.address == address)
+        pair = (
+            LoginAttempt.name == name,
+            LoginAttempt.address == address,
+            LoginAttempt.at > now - self.horizon_s,
+        )
         with self.store.write() as s:
             self._lock_address(s, address)
             # the newest pending row is this attempt's or a twin's (concurrent, as good); older ones
