@@ -43,6 +43,14 @@ def serve(
     db: DbOpt = "heed-annotate.db",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes sharing the port; one that dies is restarted at once while the others "
+            "answer. 1: a single process (a crash stops the service until it is restarted).",
+        ),
+    ] = 2,
     secure_cookies: Annotated[
         bool, typer.Option(help="Mark the session cookie Secure (behind HTTPS).")
     ] = False,
@@ -54,8 +62,19 @@ def serve(
     sock = listen_socket(host, port)
     from heed.feedback.api import serve as run
 
-    typer.echo(f"heed annotate: http://{host}:{port}/  (database {db})")
-    run(db, sock=sock, secure_cookies=secure_cookies)
+    typer.echo(f"heed annotate: http://{host}:{port}/  (database {db}, {workers} worker(s))")
+    if workers == 1:
+        run(db, sock=sock, secure_cookies=secure_cookies)
+        return
+    from heed.feedback.service import Feedback
+    from heed.feedback.workers import supervise
+
+    # Create or migrate the schema once, here: N workers doing it at once would race, and a bad
+    # --db is one line from this process rather than one per worker. No connection survives the fork.
+    Feedback(db).close()
+    code = supervise(lambda s: run(db, sock=s, secure_cookies=secure_cookies), sock, workers)
+    if code:
+        raise typer.Exit(code)
 
 
 @project_app.command("create")

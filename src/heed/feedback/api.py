@@ -39,7 +39,7 @@ from starlette.requests import cookie_parser
 
 from heed.errors import HeedError
 from heed.feedback import i18n
-from heed.feedback.auth import LoginLimiter, same_token
+from heed.feedback.auth import LoginLimiter, SharedLoginLimiter, same_token
 from heed.feedback.kinds import parse_kinds
 from heed.feedback.service import (
     MIN_PASSWORD,
@@ -500,17 +500,18 @@ def create_app(
     login_limit: int = 10,
     login_window_s: float = 300.0,
     login_slots: int = 2,
-    limiter: LoginLimiter | None = None,
+    limiter: LoginLimiter | SharedLoginLimiter | None = None,
 ) -> FastAPI:
     """Build the app over a database URL/path (or an open :class:`Feedback`).
 
     ``secure_cookies`` adds the ``Secure`` flag (serve behind HTTPS). Failed logins: ``login_limit``
     per ``login_window_s`` per (user name, client address), ten times that per address, then a
-    backoff of at most 30 s (:class:`heed.feedback.auth.LoginLimiter`), all counted before any hash;
-    at most ``login_slots`` password checks run at once. ``limiter`` replaces the default limiter.
+    backoff of at most 30 s, all counted before any hash, in the database so that every worker
+    process sees them (:class:`heed.feedback.auth.SharedLoginLimiter`); at most ``login_slots``
+    password checks run at once in this process. ``limiter`` replaces the default limiter.
     """
     fb = db if isinstance(db, Feedback) else Feedback(db)
-    limiter = limiter or LoginLimiter(login_limit, login_window_s)
+    limiter = limiter or SharedLoginLimiter(fb.store, login_limit, login_window_s)
     hash_slots = asyncio.Semaphore(login_slots)
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -660,7 +661,7 @@ def create_app(
         name: str, address: str, check: Callable[[], Any], failed: Callable[[Any], bool]
     ) -> Any:
         """Run a password check under the login limiter (counted before hashing) and the hash slots."""
-        wait = limiter.acquire(name, address)
+        wait = await run_in_threadpool(limiter.acquire, name, address)  # (the shared one queries)
         if wait is not None:
             raise ApiError(
                 429,
@@ -683,7 +684,7 @@ def create_app(
             ok = None
             raise
         finally:
-            limiter.release(name, address, ok=ok)
+            await run_in_threadpool(lambda: limiter.release(name, address, ok=ok))
 
     # ----------------------------------------------------------- routes: health, auth
 
@@ -1158,10 +1159,11 @@ def serve(
     sock: socket.socket | None = None,
     **kwargs: Any,
 ) -> None:
-    """Run the app with uvicorn (one process; SQLite/PostgreSQL handle concurrency).
+    """Run the app with uvicorn in this process (``heed annotate serve --workers N`` runs it in each of
+    N forked processes: :mod:`heed.feedback.workers`).
 
-    ``sock``: a listening socket opened earlier (:func:`heed.feedback.listen.listen_socket`), so
-    clients queue instead of being refused while the app starts; else ``host:port`` is bound here.
+        ``sock``: a listening socket opened earlier (:func:`heed.feedback.listen.listen_socket`), so
+        clients queue instead of being refused while the app starts; else ``host:port`` is bound here.
     """
     import uvicorn
 

@@ -5,9 +5,11 @@ Checks (returned, and asserted by the tests): every acknowledged submission is s
 (the idempotency key is ``user:record``, so a retry after a lost reply or a crash is recognised),
 no record holds more than ``overlap`` annotations, and the stored count equals the distinct
 acknowledged count. Reports p50/p99 submit latency over every acknowledged submission, those that
-waited across the restart included (``spanned_restart`` counts them), and ``restart_s``: from the
-SIGKILL to the new server answering ``/health`` (``restart_delay_s`` of it is the pause a process
-supervisor takes before restarting, 0.5 s by default; systemd's ``RestartSec`` default is 0.1 s).
+waited across the kill included (``spanned_restart`` counts them), and ``restart_s``: for
+``--kill server``, from the SIGKILL to the new server answering ``/health`` (``restart_delay_s``
+of it is the pause a process supervisor takes before restarting, 0.5 s by default; systemd's
+``RestartSec`` default is 0.1 s); for ``--kill worker``, from the SIGKILL to the replacement
+worker's fork (the other workers answer throughout).
 
 Each annotator is a client that retries a request that got no answer or a 5xx, as a browser's
 fetch wrapper or an API client would: after 10, 20, 40, 80, 160 ms, then every 250 ms (each delay
@@ -45,10 +47,11 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m heed annotate serve`` as a child process bound to 127.0.0.1."""
+    """``python -m heed annotate serve --workers N`` as a child process bound to 127.0.0.1, in a
+    process group of its own (the supervisor and its workers)."""
 
-    def __init__(self, db: str, port: int, log: Path) -> None:
-        self.db, self.port, self.log = db, port, log
+    def __init__(self, db: str, port: int, log: Path, workers: int = 2) -> None:
+        self.db, self.port, self.log, self.workers = db, port, log, workers
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -69,10 +72,13 @@ class Server:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    "--workers",
+                    str(self.workers),
                 ],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -88,10 +94,42 @@ class Server:
         raise RuntimeError(f"server did not answer /health within {timeout} s; see {self.log}")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown handlers run, like a crash."""
+        """SIGKILL the whole server (supervisor and workers): no shutdown handlers run, like a crash
+        of the machine's service."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's children (its workers), from ``/proc`` (Linux)."""
+        if self.proc is None:
+            return []
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing ")"
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                pids.append(int(entry))
+        return sorted(pids)
+
+    def kill_worker(self, timeout: float = 30.0) -> int:
+        """SIGKILL one worker process and wait until the supervisor has replaced it; returns its pid."""
+        before = self.worker_pids()
+        if not before:
+            raise RuntimeError("kill worker: the server has no worker processes (--workers 1?)")
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.worker_pids()
+            if before[0] not in now and len(now) == len(before):
+                return before[0]
+            time.sleep(0.01)
+        raise RuntimeError(f"kill worker: no replacement for worker {before[0]} within {timeout} s")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -275,13 +313,24 @@ def run_load(
     overlap: int = 2,
     task: str = "pairwise",
     kill_after: int | None = None,
+    kill: str = "server",
+    workers: int = 2,
     restart_delay_s: float = 0.5,
     db: str | None = None,
     fast_hashes: bool = False,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Run the load test and return its figures and checks (see the module docstring)."""
+    """Run the load test and return its figures and checks (see the module docstring).
+
+    ``kill``: what is SIGKILLed after ``kill_after`` acknowledged submissions: ``server`` (the
+    supervisor's whole process group, restarted after ``restart_delay_s``) or ``worker`` (one
+    worker process; the supervisor replaces it and the other workers answer meanwhile)."""
     from heed.feedback.service import Feedback
+
+    if kill not in ("server", "worker"):
+        raise ValueError(f"kill={kill!r}: expected server or worker")
+    if kill == "worker" and workers < 2 and kill_after is not None:
+        raise ValueError("kill='worker' needs workers >= 2 (with one worker, kill the server)")
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +361,7 @@ def run_load(
     for name in users:
         fb.add_member("load", name)
 
-    server = Server(db, free_port(), workdir / "server.log")
+    server = Server(db, free_port(), workdir / "server.log", workers)
     server.start()
     shared, stop = Shared(), threading.Event()
     kills = 0
@@ -333,10 +382,13 @@ def run_load(
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             if kill_after is not None and kills == 0 and len(shared.acks) >= kill_after:
                 killed_at = time.perf_counter()
-                server.kill()
                 kills += 1
-                time.sleep(restart_delay_s)
-                server.start()
+                if kill == "worker":
+                    server.kill_worker()  # returns once the supervisor has forked the replacement
+                else:
+                    server.kill()
+                    time.sleep(restart_delay_s)
+                    server.start()
                 restart_s = time.perf_counter() - killed_at
             time.sleep(0.02)
         stop.set()
@@ -345,6 +397,15 @@ def run_load(
     finally:
         server.stop()
     elapsed = time.perf_counter() - t0
+    # every submission's (sent, latency) in seconds from the start, for a look at where the slow ones fall
+    with (workdir / "submits.json").open("w", encoding="utf-8") as fh:
+        json.dump(
+            {
+                "killed_at_s": None if killed_at is None else round(killed_at - t0, 4),
+                "submits": sorted((round(a - t0, 4), round(b - a, 4)) for a, b in shared.spans),
+            },
+            fh,
+        )
 
     # verify against the database itself
     judgements = fb.annotations("load")
@@ -362,6 +423,8 @@ def run_load(
     fb.close()
     return {
         "annotators": annotators,
+        "workers": workers,
+        "kill": None if kill_after is None else kill,
         "target_annotations": records * overlap,
         "acknowledged": len(ack_ids),
         "acks_total": len(shared.acks),
@@ -392,7 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--annotations", type=int, default=1000)
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--task", choices=["pairwise", "ranking"], default="pairwise")
-    ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL the server after this many acks.")
+    ap.add_argument("--kill-after", type=int, default=None, help="SIGKILL after this many acks.")
+    ap.add_argument(
+        "--kill",
+        choices=["server", "worker"],
+        default="server",
+        help="What --kill-after SIGKILLs: one worker process, or the whole server (then restarted).",
+    )
+    ap.add_argument("--workers", type=int, default=2, help="heed annotate serve --workers.")
     ap.add_argument(
         "--restart-delay", type=float, default=0.5, help="Seconds between the SIGKILL and the restart."
     )
@@ -407,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                 overlap=args.overlap,
                 task=args.task,
                 kill_after=args.kill_after,
+                kill=args.kill,
+                workers=args.workers,
                 restart_delay_s=args.restart_delay,
                 db=args.db,
             ),

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import (
     JSON,
@@ -38,6 +40,11 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from heed.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one serving process there, its writers queue on the thread lock
+    fcntl = None  # type: ignore[assignment]
 
 
 def utcnow() -> dt.datetime:
@@ -185,6 +192,24 @@ class Annotation(Base):
     )
 
 
+class LoginAttempt(Base):
+    """A password check counted by the shared login limiter (:class:`heed.feedback.auth.SharedLoginLimiter`):
+    ``pending`` while its hash runs, then ``failed`` (kept for the limiter's window) or deleted;
+    ``cleared`` when a later success of the same (name, address) forgave it, which still counts
+    for the address. ``at`` is wall-clock seconds, the same in every worker process."""
+
+    __tablename__ = "heed_login_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))  # lower case
+    address: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))  # pending | failed | cleared
+    at: Mapped[float] = mapped_column(Float)
+    __table_args__ = (
+        Index("ix_heed_login_attempts_address", "address", "at"),
+        Index("ix_heed_login_attempts_pair", "name", "address"),
+    )
+
+
 def normalize_url(db: str | Path) -> str:
     """Accept a SQLAlchemy URL or a plain file path (which becomes ``sqlite:///PATH``)."""
     text = str(db)
@@ -322,6 +347,7 @@ def _migrate(engine: Engine, existing: set[str], *, allow_name_clashes: bool) ->
        annotator every existing project, so upgrading locks nobody out of work they could do.
     4. The feedback kinds' columns (:data:`ADDED_COLUMNS`), all nullable: older rows read as
        "no rating, no critique, no edit, no suggestion".
+    5. New tables (``heed_login_attempts``) are made by ``create_all`` before this runs.
     """
     if "heed_users" not in existing:
         return  # a fresh database: create_all made everything
@@ -398,6 +424,12 @@ class Store:
         self._read = sessionmaker(reader, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(heed_write=True), expire_on_commit=False)
         self._sqlite_writer = threading.Lock()
+        # SQLite: the writers of every process (``serve --workers N``) queue on an flock of this file;
+        # the kernel drops it when its process dies, so a SIGKILLed worker never leaves it held
+        self._lock_path = (
+            f"{self.engine.url.database}-writer.lock" if self.is_sqlite and fcntl is not None else None
+        )
+        self._lock_file: tuple[int, BinaryIO] | None = None  # (pid that opened it, file)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -408,12 +440,32 @@ class Store:
     def write(self) -> Iterator[Session]:
         """A transaction that commits on success and rolls back on any error.
 
-        On SQLite, writers of this process also queue on a lock: SQLite's own busy handler polls
+        On SQLite, writers also queue on a lock, those of this process on a thread lock and then
+        those of every process on an flock (:meth:`_sqlite_turn`): SQLite's own busy handler polls
         with growing sleeps, which makes the slowest writers wait far longer than needed.
         """
-        queue = self._sqlite_writer if self.is_sqlite else contextlib.nullcontext()
+        queue = self._sqlite_turn() if self.is_sqlite else contextlib.nullcontext()
         with queue, self._write() as session, session.begin():
             yield session
 
+    @contextlib.contextmanager
+    def _sqlite_turn(self) -> Iterator[None]:
+        with self._sqlite_writer:
+            if self._lock_path is None:
+                yield
+                return
+            if self._lock_file is None or self._lock_file[0] != os.getpid():
+                # (opened per process: a descriptor inherited across fork would share one lock)
+                self._lock_file = (os.getpid(), open(self._lock_path, "ab"))  # noqa: SIM115 - kept open
+            fd = self._lock_file[1].fileno()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def close(self) -> None:
+        if self._lock_file is not None and self._lock_file[0] == os.getpid():
+            self._lock_file[1].close()
+        self._lock_file = None
         self.engine.dispose()
