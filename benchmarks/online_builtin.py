@@ -69,6 +69,12 @@ def main() -> None:
         "the built-in reward model (which online DPO at lr 3e-4 hacks: short, toneless answers).",
     )
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=2,
+        help="Answers per prompt of online / iterative DPO; the best- and worst-scored form the pair.",
+    )
     p.add_argument("--rounds", type=int, default=2, help="Rounds of iterative DPO and rejection sampling.")
     p.add_argument("--rs-n", type=int, default=8, help="Answers per prompt in rejection sampling.")
     p.add_argument("--rs-prompts", type=int, default=256, help="Prompts per rejection-sampling round.")
@@ -135,7 +141,7 @@ def main() -> None:
                 "data": {"prompts": prompts_train},
                 "rewards": judge_specs,
                 "loss": {"beta": ns.beta, "sft_coef": 0.3},
-                "rollout": {"max_new_tokens": 64, "temperature": 1.0},
+                "rollout": {"max_new_tokens": 64, "temperature": 1.0, "num_samples": ns.num_samples},
                 "train": {"updates": steps, "prompts_per_step": ns.batch_size},
                 "iterative": {
                     "rounds": rounds,
