@@ -114,7 +114,14 @@ def main() -> None:
     p.add_argument(
         "--report", default=None, help="Folder of the score-vs-KL report (runs' evaluations, best-of-N)."
     )
-    p.add_argument("--best-of", default="1,2,4,8,16", help="N of the best-of-N frontier of --report.")
+    p.add_argument(
+        "--best-of", default="1,2,4,8,16", help="N of the best-of-N frontier of --report ('' for none)."
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Evaluate a run already in --out (its final/ folder) instead of training it again.",
+    )
     ns = p.parse_args()
 
     from heed.config import config_from_dict
@@ -150,9 +157,8 @@ def main() -> None:
     judge = build_rewards([RewardSpec(**judge_specs[0])])
     common = {"log": {"progress": False}, "overwrite": True}
 
-    def offline(pairs: int) -> Path:
+    def offline(pairs: int, out: Path) -> None:
         write_jsonl(root / "pairs.jsonl", make_pairs(pairs, seed=0))
-        out = root / f"offline-p{pairs}"
         cfg = config_from_dict(
             DPOConfig,
             {
@@ -167,10 +173,8 @@ def main() -> None:
             },
         )
         train_dpo(cfg)
-        return out
 
-    def online(rounds: int, pairs: int, k: int) -> Path:
-        out = root / f"{'iterative' if rounds else 'online'}-k{k}-p{pairs}"
+    def online(rounds: int, pairs: int, k: int, out: Path) -> None:
         cfg = config_from_dict(
             OnlineDPOConfig,
             {
@@ -192,10 +196,8 @@ def main() -> None:
             },
         )
         train_online_dpo(cfg)
-        return out
 
-    def rs() -> Path:
-        out = root / f"rs-n{ns.rs_n}"
+    def rs(out: Path) -> None:
         cfg = config_from_dict(
             RSConfig,
             {
@@ -216,45 +218,48 @@ def main() -> None:
             },
         )
         train_rs(cfg)
-        return out
 
     budgets = [int(x) for x in ns.pairs.split(",")]
     ks = [int(x) for x in ns.num_samples.split(",")]
-    # (family, label, setting, algo, run): a family is one method whose settings form its frontier
-    plan: list[tuple[str, str, str, str, Any]] = []
+    # (family, label, setting, algo, folder name, run): a family is one method whose settings form
+    # its frontier
+    plan: list[tuple[str, str, str, str, str, Any]] = []
     for key in ns.only.split(","):
         if key == "offline":
             for n in budgets:
-                plan.append(
-                    ("offline DPO", f"offline DPO, {n} pairs", f"{n} pairs", "dpo", partial(offline, n))
-                )
+                label = f"offline DPO, {n} pairs"
+                plan.append(("offline DPO", label, f"{n} pairs", "dpo", f"offline-p{n}", partial(offline, n)))
         elif key in ("online", "iterative"):
             rounds = 0 if key == "online" else ns.rounds
-            name = "online DPO" if key == "online" else f"iterative DPO, {ns.rounds} rounds"
+            method = "online DPO" if key == "online" else f"iterative DPO, {ns.rounds} rounds"
             for k in ks:
                 for n in budgets:
                     plan.append(
                         (
-                            f"{name}, best/worst of {k}",
-                            f"{name}, best/worst of {k}, {n} pairs",
+                            f"{method}, best/worst of {k}",
+                            f"{method}, best/worst of {k}, {n} pairs",
                             f"{n} pairs",
                             "online_dpo" if key == "online" else "iterative_dpo",
+                            f"{key}-k{k}-p{n}",
                             partial(online, rounds, n, k),
                         )
                     )
         elif key == "rs":
             label = f"rejection sampling, best of {ns.rs_n}, {ns.rounds} rounds"
-            plan.append((label, label, f"{ns.rounds} x {ns.rs_prompts} prompts", "rs", rs))
+            plan.append((label, label, f"{ns.rounds} x {ns.rs_prompts} prompts", "rs", f"rs-n{ns.rs_n}", rs))
         else:
             raise SystemExit(f"--only: unknown method {key!r} (offline, online, iterative, rs)")
 
     report = Path(ns.report) if ns.report else None
     rows = []
     base: dict[str, float] | None = None
-    for family, label, setting, algo, run in plan:
+    for family, label, setting, algo, name, run in plan:
         t0 = time.time()
-        folder = run()
-        seconds = time.time() - t0
+        folder = root / name
+        reused = ns.reuse and (folder / "final").is_dir()
+        if not reused:
+            run(folder)
+        seconds = float("nan") if reused else time.time() - t0  # nan: trained by an earlier call
         ev = evaluate(folder / "final", sft, eval_prompts, judge, ns.temperature)
         base = base or ev
         rows.append({"family": family, "method": label, "setting": setting, "seconds": seconds, **ev})
@@ -295,7 +300,7 @@ def main() -> None:
                 "out": str(report / "best-of"),
             },
         )
-        for n in (int(x) for x in ns.best_of.split(",")):
+        for n in (int(x) for x in ns.best_of.split(",") if x):
             t0 = time.time()
             res = evaluate_model(rl_cfg, sft, report / f"best-of-{n}", best_of=n)
             print(
