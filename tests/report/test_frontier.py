@@ -17,7 +17,7 @@ from heed.report.runs import load_collection
 
 NS = (1, 2, 4, 8, 16)
 # gold positivity of best-of-N of the SFT model (made up, rising with N)
-BON_GOLD = {1: 0.30, 2: 0.45, 4: 0.58, 8: 0.67, 16: 0.74}
+BON_GOLD = {1: 0.30, 2: 0.45, 4: 0.58, 8: 0.67, 16: 0.85}  # 16 above every run
 
 
 def _write(path: Path, name: str, data: dict) -> None:
@@ -99,6 +99,11 @@ def test_report_has_the_plot_and_its_table(tmp_path: Path) -> None:
     gap = 0.71 - (0.58 + (1.2 - kl4) / (kl8 - kl4) * 0.09)
     assert f"{gap:+.3f}" in section
     assert "http" not in page.split("</style>")[1].replace("http-equiv", "")  # still self-contained
+    # best-of-N folders are a reference, not tuned policies: no headline card, not the verdict's best
+    cards = page[page.index('<section class="cards">') :]
+    assert "BEST-OF-" not in cards[: cards.index("</section>")]
+    verdict = page[page.index('<p class="verdict">') :]
+    assert "<b>RS</b>" in verdict[: verdict.index("</p>")]
 
 
 def test_no_section_without_points(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ class ScoreVsKL:
 
 
 def best_of(run: Run) -> int | None:
-    """N when the run folder holds a best-of-N evaluation (``eval/best_of``), else None."""
+    """N when the run folder holds a best-of-N evaluation (``eval/best_of``; :attr:`Run.is_best_of`), else None."""
     n = run.final(BEST_OF_KEY)
     return int(n) if n is not None else None
 

@@ -156,7 +156,7 @@ def _headline_keys(run: Run) -> list[str]:
 def _cards(coll: Collection) -> str:
     cards = []
     base = coll.baseline
-    tuned = [r for r in coll.runs if r is not base] or list(coll.runs)
+    tuned = [r for r in coll.runs if r is not base and not r.is_best_of] or list(coll.runs)
     # Policies first, reward models after them.
     tuned.sort(key=lambda r: _headline_keys(r)[:1] == ["rm/accuracy"])
     for run in tuned:
@@ -232,7 +232,7 @@ def _alarm_brief(run: Run) -> str:
 def _verdict(coll: Collection) -> str:
     """One or two sentences that say what happened: the best policy, and who raised alarms."""
     base = coll.baseline
-    tuned = [r for r in coll.runs if r is not base]
+    tuned = [r for r in coll.runs if r is not base and not r.is_best_of]
     sentences = []
     keys = [k for r in tuned for k in _headline_keys(r) if _direction(k) > 0 and k != "rm/accuracy"]
     if keys:
