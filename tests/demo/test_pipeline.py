@@ -82,6 +82,11 @@ def test_resume_reuses_finished_stages_and_completes(demo_dir: Path) -> None:
         json.loads(summary.read_text())  # complete, parseable
     assert not list(demo_dir.rglob("*.tmp")), "no temporary files left behind"
     assert (demo_dir / "report.html").stat().st_size > 10_000
+    # best-of-N of the SFT model (SMOKE: N = 1, 2), the frontier of the report's score-vs-KL plot
+    for n in (1, 2):
+        ev = json.loads((demo_dir / "runs" / f"best-of-{n}" / "eval.json").read_text())
+        assert ev["eval/best_of"] == n and "gold/positivity" in ev
+    assert "<h2>Score vs KL</h2>" in (demo_dir / "report.html").read_text(encoding="utf-8")
 
 
 def test_annotations_went_through_the_store(demo_dir: Path) -> None:

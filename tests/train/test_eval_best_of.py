@@ -23,8 +23,9 @@ def words(prompts, completions, **columns):
 '''
 
 
+@pytest.mark.parametrize("n", [1, 4])  # 1: one answer per prompt, KL 0 (the frontier's first point)
 def test_best_of_n_keeps_the_best_answer_and_reports_the_closed_form_kl(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int
 ) -> None:
     from heed.cli import main
 
@@ -39,7 +40,6 @@ def test_best_of_n_keeps_the_best_answer_and_reports_the_closed_form_kl(
         "rollout: {max_new_tokens: 12}\n"
         "eval: {num_prompts: 6, temperature: 1.0}\n"
     )
-    n = 4
     main(
         [
             "eval",
@@ -55,7 +55,7 @@ def test_best_of_n_keeps_the_best_answer_and_reports_the_closed_form_kl(
     )
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    scores = calls[0]  # the one scoring call: 6 prompts x 4 answers, prompt-major
+    scores = calls[0]  # the one scoring call: 6 prompts x n answers, prompt-major
     assert len(scores) == 6 * n
     best = [max(scores[i * n : (i + 1) * n]) for i in range(6)]
     assert result["eval/reward"] == pytest.approx(sum(best) / 6)

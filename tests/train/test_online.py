@@ -100,6 +100,36 @@ def test_online_dpo_raises_the_judges_reward_and_the_margin(
     assert (run / "final" / "config.json").is_file()
 
 
+def test_best_vs_worst_of_four_answers(
+    micro_sft_model: Path, corpus_files: dict[str, Path], judges: Path, tmp_path: Path
+) -> None:
+    from heed.train.online_dpo import train_online_dpo
+
+    run = tmp_path / "run"
+    cfg = online_config(
+        micro_sft_model,
+        corpus_files,
+        f"{judges}:shorter",
+        run,
+        rollout__num_samples=4,
+        train__updates=2,
+        train__prompts_per_step=4,
+        eval__num_prompts=0,
+    )
+    train_online_dpo(cfg)
+    first = next(m for m in metrics(run) if m.get("split", "train") == "train")
+    calls = [json.loads(line) for line in (judges.with_name("seen.jsonl")).read_text().splitlines()]
+    answers = calls[0]  # update 1: 4 prompts x 4 answers, prompt-major
+    assert len(answers) == 16
+    scores = [[-float(len(a.split())) for a in answers[4 * i : 4 * i + 4]] for i in range(4)]
+    kept = [s for s in scores if max(s) > min(s)]  # a prompt whose answers all score the same is a tie
+    assert first["online/selected"] == len(kept) and first["online/ties"] == 4 - len(kept)
+    # the pair of each prompt: its best against its worst answer
+    assert first["online/reward_chosen"] == pytest.approx(sum(max(s) for s in kept) / len(kept))
+    assert first["online/reward_rejected"] == pytest.approx(sum(min(s) for s in kept) / len(kept))
+    assert first["online/reward"] == pytest.approx(sum(sum(s) for s in scores) / 16)
+
+
 def test_iterative_rounds_save_each_policy_and_its_pairs(
     micro_sft_model: Path, corpus_files: dict[str, Path], judges: Path, tmp_path: Path
 ) -> None:

@@ -56,14 +56,14 @@ def eval_(
         Path | None, typer.Option("--out", "-o", help="Folder for eval.json and samples.jsonl.")
     ] = None,
     best_of: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--best-of",
             min=1,
             help="Evaluate the best-of-N baseline: N answers per prompt, the highest-rewarded kept; "
-            "its KL to the model is log N - (N-1)/N.",
+            "its KL to the model is log N - (N-1)/N (1: one answer per prompt, KL 0).",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Evaluate any model on a config's held-out prompts: rewards per source, task and gold metrics,
     KL to the reference, entropy, length, distinct-1/2; or the model's best-of-N baseline.

@@ -61,6 +61,16 @@ class SamplingConfig(HeedConfig):
     )
 
 
+class OnlineSamplingConfig(SamplingConfig):
+    """The answers online / iterative DPO samples per prompt and pairs up."""
+
+    num_samples: int = Field(
+        2,
+        ge=2,
+        description="Answers sampled per prompt; its best- and worst-scored ones form the pair (2: the pair as sampled).",
+    )
+
+
 class JudgedEvalConfig(HeedConfig):
     """The final evaluation on ``data.eval_prompts``: the initial and the tuned policy answer the same
     prompts; judge reward, gold metrics and KL(policy ‖ initial policy)."""
@@ -131,8 +141,9 @@ class OnlineDPOConfig(HeedConfig):
     loss: DPOLossConfig = Field(
         default_factory=DPOLossConfig, description="Preference loss (sigmoid, ipo, hinge, simpo)."
     )
-    rollout: SamplingConfig = Field(
-        default_factory=SamplingConfig, description="Sampling of the two answers."
+    rollout: OnlineSamplingConfig = Field(
+        default_factory=OnlineSamplingConfig,
+        description="Sampling of the answers (rollout.num_samples per prompt, best vs worst paired).",
     )
     train: OnlineTrainConfig = Field(default_factory=OnlineTrainConfig, description="Online-mode loop.")
     iterative: IterativeConfig = Field(default_factory=IterativeConfig, description="Iterative DPO (rounds).")

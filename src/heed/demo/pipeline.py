@@ -77,6 +77,13 @@ class DemoSettings:
     eval_prompts: int = 64
     kinds_prompts: int = 48  # prompts of round 1 whose answers get thumbs (all K) and corrections (one)
     kinds_steps: int = 16  # optimizer steps of each feedback-kind run (KTO, SFT, DPO)
+    best_of: tuple[int, ...] = (
+        1,
+        2,
+        4,
+        8,
+        16,
+    )  # best-of-N of the SFT model: the report's score-vs-KL frontier
 
 
 # A minute or two on two cores: the micro model and a handful of updates (shows the plumbing, not results).
@@ -103,6 +110,7 @@ SMOKE = dict(
     rloo_updates=2,
     eval_prompts=4,
     max_new_tokens=12,
+    best_of=(1, 2),
     rm_epochs=1.0,
     dpo_epochs=1.0,
     kinds_prompts=8,
@@ -579,13 +587,16 @@ class Demo:
 
     def evaluate(self, policies: dict[str, Path], rm: Path) -> None:
         """Every policy on the same held-out prompts: gold positivity, banana success, reward-model
-        score, KL to the SFT model, diversity. Writes ``runs/<name>/eval.json`` and ``samples.jsonl``."""
+        score, KL to the SFT model, diversity. Writes ``runs/<name>/eval.json`` and ``samples.jsonl``;
+        then best-of-N of the SFT model with the same reward model (``runs/best-of-N/eval.json``, as
+        ``heed eval --best-of N`` writes it): the frontier of the report's score-vs-KL plot."""
         from heed.config import config_from_dict
         from heed.config.rl import RLConfig
         from heed.train.rl import evaluate_model
 
         marker = self.out / "eval_done.json"
-        if marker.exists() and json.loads(marker.read_text()).get("policies") != list(policies):
+        done = {"policies": list(policies), "best_of": list(self.s.best_of)}
+        if marker.exists() and json.loads(marker.read_text()) != done:
             marker.unlink()  # a demo folder from before a policy was added: evaluate them all again
 
         def go() -> None:
@@ -629,7 +640,16 @@ class Demo:
                         if line.strip()
                     ]
             write_jsonl(self.out / "samples.jsonl", rows)
-            write_json(marker, {"policies": list(policies)})
+            for n in self.s.best_of:
+                res = evaluate_model(
+                    cfg, self.runs / "sft" / "final", out=self.out / "eval" / f"best-of-{n}", best_of=n
+                )
+                (self.runs / f"best-of-{n}").mkdir(parents=True, exist_ok=True)
+                write_json(
+                    self.runs / f"best-of-{n}" / "eval.json",
+                    {k: v for k, v in res.items() if not isinstance(v, dict | list)},
+                )
+            write_json(marker, done)
 
         self.stage("evaluate policies", marker, go)
 

@@ -98,3 +98,64 @@ def line_plot(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+@dataclass
+class Marker:
+    """One labelled point of a scatter plot."""
+
+    label: str
+    x: float
+    y: float
+    color: str
+
+
+def frontier_plot(
+    title: str,
+    markers: Sequence[Marker],
+    curve: Sequence[tuple[float, float, str]],
+    xlabel: str,
+    ylabel: str,
+    width: float = 6.4,
+    height: float = 4.0,
+) -> bytes:
+    """PNG bytes of a score-vs-KL panel: ``curve`` (x, y, label) as a grey reference line with its
+    points named (best-of-N), each marker a coloured point named by its label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if curve:
+        xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+        ax.plot(
+            xs,
+            ys,
+            "-",
+            color="#777777",
+            linewidth=1.6,
+            marker="s",
+            markersize=4,
+            label="best-of-N (reference)",
+        )
+        for x, y, label in curve:
+            ax.annotate(
+                label, (x, y), xytext=(3, -9), textcoords="offset points", fontsize=7, color="#555555"
+            )
+    for m in markers:
+        ax.plot([m.x], [m.y], "o", color=m.color, markersize=7)
+        ax.annotate(m.label, (m.x, m.y), xytext=(4, 3), textcoords="offset points", fontsize=7, color=m.color)
+    ax.set_title(title, fontsize=10, loc="left", fontweight="bold")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if curve:
+        ax.legend(fontsize=7, frameon=False, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

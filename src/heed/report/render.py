@@ -156,7 +156,7 @@ def _headline_keys(run: Run) -> list[str]:
 def _cards(coll: Collection) -> str:
     cards = []
     base = coll.baseline
-    tuned = [r for r in coll.runs if r is not base] or list(coll.runs)
+    tuned = [r for r in coll.runs if r is not base and not r.is_best_of] or list(coll.runs)
     # Policies first, reward models after them.
     tuned.sort(key=lambda r: _headline_keys(r)[:1] == ["rm/accuracy"])
     for run in tuned:
@@ -232,7 +232,7 @@ def _alarm_brief(run: Run) -> str:
 def _verdict(coll: Collection) -> str:
     """One or two sentences that say what happened: the best policy, and who raised alarms."""
     base = coll.baseline
-    tuned = [r for r in coll.runs if r is not base]
+    tuned = [r for r in coll.runs if r is not base and not r.is_best_of]
     sentences = []
     keys = [k for r in tuned for k in _headline_keys(r) if _direction(k) > 0 and k != "rm/accuracy"]
     if keys:
@@ -343,6 +343,52 @@ def _compare_table(coll: Collection) -> str:
         f'<section><h2>Policies side by side</h2><p class="note">{note}</p>'
         f'<table class="compare"><thead><tr><th>run</th>{head}<th>alarms</th></tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></section>"
+    )
+
+
+def _score_vs_kl_section(coll: Collection) -> str:
+    """Each tuned policy's final score against its KL to the reference, with best-of-N of the
+    reference (``heed eval --best-of N`` folders) as the frontier (:mod:`heed.report.frontier`)."""
+    from heed.report.frontier import score_vs_kl
+    from heed.report.plots import PALETTE, Marker, frontier_plot
+
+    data = score_vs_kl(coll)
+    if data is None or (not data.points and len(data.frontier) < 2):
+        return ""
+    methods = list(dict.fromkeys(p.method for p in data.points))
+    color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+    png = frontier_plot(
+        f"{data.score_key} vs KL",
+        [Marker(p.run, p.kl, p.score, color[p.method]) for p in data.points],
+        [(p.kl, p.score, f"N={p.n}") for p in data.frontier],
+        "KL(policy ‖ reference), nats per answer",
+        data.score_key,
+    )
+    rows = []
+    for p in data.frontier:
+        rows.append(
+            f'<tr class="baseline"><th>{esc(p.run)}</th><td>best-of-{p.n}</td><td class="num">{fmt(p.kl)}</td>'
+            f'<td class="num">{fmt(p.score)}</td><td class="num"></td></tr>'
+        )
+    for p in data.points:
+        ref = data.frontier_at(p.kl)
+        gap = "" if ref is None else f"{p.score - ref:+.3f}"
+        rows.append(
+            f'<tr><th>{esc(p.run)}</th><td>{esc(p.method)}</td><td class="num">{fmt(p.kl)}</td>'
+            f'<td class="num">{fmt(p.score)}</td><td class="num">{gap}</td></tr>'
+        )
+    note = (
+        "Final evaluation of each run (eval.json / summary.json): KL(policy ‖ reference) per answer "
+        f"(eval/kl, else kl/k1) against <b>{esc(data.score_key)}</b>. Grey: best-of-N of the reference, "
+        "KL = log N − (N − 1)/N, from the folders <code>heed eval --best-of N --out DIR</code> wrote; "
+        "&ldquo;vs best-of-N&rdquo;: the run's score minus the curve's at the same KL (blank outside it)."
+    )
+    img = base64.b64encode(png).decode()
+    return (
+        f'<section><h2>Score vs KL</h2><p class="note">{note}</p>'
+        f'<figure><img alt="{esc(data.score_key)} vs KL" src="data:image/png;base64,{img}"></figure>'
+        f'<table class="compare"><thead><tr><th>run</th><th>method</th><th>KL</th><th>{esc(data.score_key)}</th>'
+        f"<th>vs best-of-N</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
     )
 
 
@@ -678,6 +724,7 @@ def render_report(coll: Collection) -> str:
             _verdict(coll),
             _cards(coll),
             _compare_table(coll),
+            _score_vs_kl_section(coll),
             _alarms_section(coll),
             _curves(coll),
             _samples_section(coll),

@@ -48,6 +48,11 @@ class Run:
     def is_baseline(self) -> bool:
         return self.name.lower() in BASELINE_NAMES or self.algo.lower() in BASELINE_NAMES
 
+    @property
+    def is_best_of(self) -> bool:
+        """A best-of-N evaluation of the reference (``heed eval --best-of N``): not a tuned policy."""
+        return self.final("eval/best_of") is not None
+
     def final(self, key: str) -> float | None:
         """The run's final value of ``key``: ``summary.json`` first, else the last logged value."""
         v = _number(self.summary.get(key))

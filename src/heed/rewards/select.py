@@ -45,30 +45,37 @@ class LabelledPairs:
         return len(self.chosen)
 
 
-def label_pairs(scores: Sequence[float | None]) -> LabelledPairs:
-    """Two answers per prompt (rows ``2i``, ``2i+1``) -> (chosen, rejected) rows, the higher score chosen.
+def label_pairs(scores: Sequence[float | None], k: int = 2) -> LabelledPairs:
+    """``k`` answers per prompt (rows ``i*k .. i*k + k-1``) -> one (chosen, rejected) pair per prompt:
+    its highest- and lowest-scored answers (the first of each on a tie).
 
-    A pair is skipped and counted when its scores are equal (``ties``; two identical answers land
-    here for any deterministic judge) or when either score is None (``unscored``).
+    With ``k = 2`` this is the pair as sampled; with more answers it is the best-vs-worst pair of
+    iterative-RLHF recipes (Xiong et al. 2024, https://arxiv.org/abs/2312.11456; Dong et al. 2024,
+    https://arxiv.org/abs/2405.07863), whose wider score gap labels the pair more reliably.
+    Unscored answers (None) are left out; a prompt with fewer than two scored answers is skipped
+    and counted in ``unscored``, one whose best and worst scores are equal in ``ties``.
     """
-    if len(scores) % 2:
-        raise ValueError(f"label_pairs: expected two scores per prompt, got {len(scores)} scores")
+    if k < 2:
+        raise ValueError(f"label_pairs: a pair needs at least two answers per prompt, got k={k}")
+    if len(scores) % k:
+        raise ValueError(f"label_pairs: expected {k} scores per prompt, got {len(scores)} scores")
     out = LabelledPairs()
-    out.counts.prompts = len(scores) // 2
-    for i in range(len(scores) // 2):
-        a, b = scores[2 * i], scores[2 * i + 1]
-        if a is None or b is None:
+    out.counts.prompts = len(scores) // k
+    for i in range(len(scores) // k):
+        rows = [(s, i * k + j) for j, s in enumerate(scores[i * k : (i + 1) * k]) if s is not None]
+        if len(rows) < 2:
             out.counts.unscored += 1
             continue
-        if a == b:
+        best = max(rows, key=lambda t: t[0])  # max / min keep the first of equal scores
+        worst = min(rows, key=lambda t: t[0])
+        if best[0] == worst[0]:
             out.counts.ties += 1
             continue
-        c, r = (2 * i, 2 * i + 1) if a > b else (2 * i + 1, 2 * i)
         out.prompts.append(i)
-        out.chosen.append(c)
-        out.rejected.append(r)
-        out.chosen_scores.append(max(a, b))
-        out.rejected_scores.append(min(a, b))
+        out.chosen.append(best[1])
+        out.rejected.append(worst[1])
+        out.chosen_scores.append(best[0])
+        out.rejected_scores.append(worst[0])
     out.counts.selected = len(out.chosen)
     return out
 

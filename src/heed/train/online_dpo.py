@@ -111,13 +111,20 @@ class Judged:
 
 
 def sample_and_label(
-    sampler: PolicySampler, prompts: PromptSet, idx: list[int], judge: RewardSet, stream: int, step: int
+    sampler: PolicySampler,
+    prompts: PromptSet,
+    idx: list[int],
+    judge: RewardSet,
+    stream: int,
+    step: int,
+    k: int = 2,
 ) -> Judged:
-    """Two answers per prompt of ``idx`` from the sampler's policy, scored by ``judge``; the higher-scored
-    one is chosen. ``stream`` (the update or round) and the prompt index key each answer's draws."""
-    gen = sampler.answers(prompts.ids, idx, 2, stream)
-    scored = judge(prompts.prompts(idx, 2), gen.texts, prompts.columns(idx, 2), step=step)
-    labels = label_pairs(scored.total)
+    """``k`` answers per prompt of ``idx`` from the sampler's policy, scored by ``judge``; the best-scored
+    one is chosen, the worst-scored one rejected. ``stream`` (the update or round) and the prompt index
+    key each answer's draws (so answers 0 and 1 are the same whatever ``k``)."""
+    gen = sampler.answers(prompts.ids, idx, k, stream)
+    scored = judge(prompts.prompts(idx, k), gen.texts, prompts.columns(idx, k), step=step)
+    labels = label_pairs(scored.total, k)
     pairs, chosen, rejected = [], [], []
     keep = LabelledPairs(counts=labels.counts)
     for j in range(len(labels)):
@@ -358,9 +365,12 @@ def _online(s: Setup) -> dict[str, Any]:
     with StepProgress("online-dpo", total, enabled=cfg.log.progress, start=start) as bar:
         for step in range(start, total):
             done = step + 1
-            # step 1. two answers per prompt from the current policy; step 2. the judge labels them
+            # step 1. rollout.num_samples answers per prompt from the current policy; step 2. the judge
+            # labels them (best vs worst)
             idx = step_prompts(len(s.prompts.ids), step, cfg.train.prompts_per_step, cfg.train.seed)
-            judged = sample_and_label(s.sampler(), s.prompts, idx, s.judge, step, done)
+            judged = sample_and_label(
+                s.sampler(), s.prompts, idx, s.judge, step, done, cfg.rollout.num_samples
+            )
             counts.add(judged.labels.counts)
             none_watch.update(judged.total, judged.per_source, done)  # a judge silent on every answer
             figures = judge_figures(judged)
@@ -413,9 +423,12 @@ def _iterative(s: Setup) -> dict[str, Any]:
     summary: dict[str, Any] = {"algo": "iterative_dpo", "rounds": it.rounds}
     none_watch = NoneRewardWatch(cfg.train.max_none_updates)
     for rnd in range(1, it.rounds + 1):
-        # step 1. two answers per prompt from the round's policy; step 2. the judge labels them
+        # step 1. rollout.num_samples answers per prompt from the round's policy; step 2. the judge
+        # labels them (best vs worst)
         idx = step_prompts(len(s.prompts.ids), rnd - 1, n_round, cfg.train.seed)
-        judged = sample_and_label(s.sampler(), s.prompts, idx, s.judge, 1 << 20 | rnd, step)
+        judged = sample_and_label(
+            s.sampler(), s.prompts, idx, s.judge, 1 << 20 | rnd, step, cfg.rollout.num_samples
+        )
         none_watch.update(judged.total, judged.per_source, rnd)
         counts.add(judged.labels.counts)
         figures = {"round": float(rnd), **judge_figures(judged, "round")}

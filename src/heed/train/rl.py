@@ -1513,16 +1513,17 @@ def evaluate_model(
     model_dir: str | Path,
     out: str | Path | None = None,
     config_dir: str | Path | None = None,
-    best_of: int = 1,
+    best_of: int | None = None,
 ) -> dict[str, Any]:
     """``heed eval``: the evaluation of :func:`train_rl` for any model folder, against the config's
-    reference (``ref_model``, else ``model.path``); with ``best_of`` n > 1, the best-of-n baseline of
-    that model instead (:func:`evaluate_best_of_n`). Writes ``eval.json`` and ``samples.jsonl`` to ``out``."""
+    reference (``ref_model``, else ``model.path``); with ``best_of`` n (1 included: one answer per
+    prompt, KL 0), the best-of-n baseline of that model instead (:func:`evaluate_best_of_n`), the
+    points of the report's reference frontier. Writes ``eval.json`` and ``samples.jsonl`` to ``out``."""
     from heed.models.loading import load_causal_lm, load_tokenizer
 
     if not cfg.data.eval_prompts:
         raise ConfigError("data.eval_prompts: heed eval needs held-out prompts (e.g. builtin:prompts_eval)")
-    if best_of < 1:
+    if best_of is not None and best_of < 1:
         raise ConfigError(f"--best-of: expected a number of answers >= 1, got {best_of}")
     set_seed(cfg.train.seed)
     check_paths(cfg)
@@ -1532,7 +1533,7 @@ def evaluate_model(
     rewards = RewardSets.build(cfg, config_dir)
     prompts = load_prompts(cfg.data.eval_prompts, tokenizer, cfg)
     engine = make_rl_engine(cfg, model_dir)
-    if best_of > 1:
+    if best_of is not None:
         result, rows = evaluate_best_of_n(model, tokenizer, prompts, rewards, cfg, engine, best_of)
         result = {"model": str(model_dir), "kl_to": str(model_dir), **result}
     else:
