@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from archs import build_causal, micro_tokenizer
+from heed.algos.ops import inverse_cdf
 from heed.rollout.generate import SamplingParams
 from heed.rollout.sampler import (
     decode,
-    inverse_cdf,
     keyed_uniform_table,
     keyed_uniforms,
     row_keys,

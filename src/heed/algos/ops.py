@@ -164,6 +164,16 @@ def _selective_grad(logits: Tensor, flat_index: Tensor, grad_out: Tensor, chunk_
     return grad_logits.reshape(logits.shape)
 
 
+def _check_selective(logits: Tensor, index: Tensor, chunk_size: int) -> None:
+    """The argument checks of :func:`selective_log_softmax` and its entropy variant."""
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree before the vocab dim"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
 def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
     """Log-probability of the chosen tokens: log p(index) = logits[index] − logsumexp(logits).
 
@@ -174,12 +184,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = DEFAU
     Shapes: ``logits`` (..., V) e.g. (B, T, V); ``index`` (...) e.g. (B, T), int in [0, V).
     Returns (...) e.g. (B, T).
     """
-    if logits.shape[:-1] != index.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree before the vocab dim"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_selective(logits, index, chunk_size)
     return _SelectiveLogSoftmax.apply(logits, index, chunk_size)
 
 
@@ -219,12 +224,7 @@ def selective_log_softmax_with_entropy(
     """:func:`selective_log_softmax` and, from the same chunked log-softmax, the entropy
     H = −Σ_v p_v log p_v of each row (:func:`entropy_from_logits`'s value, no gradient).
     Shapes: ``logits`` (..., V), ``index`` (...); returns two (...) tensors (float32 for half inputs)."""
-    if logits.shape[:-1] != index.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree before the vocab dim"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_selective(logits, index, chunk_size)
     return _SelectiveLogSoftmaxEntropy.apply(logits, index, chunk_size)
 
 
@@ -378,3 +378,36 @@ def top1_accuracy(scores: Tensor, ranks: Tensor, response_mask: Tensor) -> Tenso
     best_rank = torch.where(valid, ranks.to(torch.float64), big).amin(dim=-1)  # (G,)
     picked_rank = ranks.to(torch.float64).gather(-1, pick).squeeze(-1)  # (G,)
     return (picked_rank == best_rank).to(scores.dtype)
+
+
+CDF_BLOCK = 256  # vocabulary block of the two-level inverse CDF
+EXACT_CDF_MAX_VOCAB = 8192  # up to this vocabulary the CDF is one float64 prefix sum over V
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability exceeds ``u`` x total: probs (B, V) float, u (B,)
+    float64 in (0, 1) -> tokens (B,) int64.
+
+    Accumulated in float64 (probabilities are float32, so a float32 running sum would drift by ~V x 1e-7
+    and move the boundaries). Up to :data:`EXACT_CDF_MAX_VOCAB` tokens it is one prefix sum over V; above
+    that, two levels: float64 masses of blocks of :data:`CDF_BLOCK` tokens, their prefix sum picks the block, and a
+    prefix sum inside that block the token. A float64 prefix sum over V runs one element at a time on a
+    CPU (23 ms for 64 x 32000), the block sums vectorise (4 ms); both orders agree to ~1e-16, so a draw
+    changes only when ``u`` falls that close to a boundary. The path depends on V alone, never on the batch.
+    """
+    b, v = probs.shape
+    if v <= EXACT_CDF_MAX_VOCAB:
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+        target = (u * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(v - 1)
+    nb = -(-v // CDF_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, nb * CDF_BLOCK - v)) if nb * CDF_BLOCK != v else probs
+    blocks = padded.view(b, nb, CDF_BLOCK)  # (B, nb, CDF_BLOCK)
+    upto = blocks.double().sum(-1).cumsum(-1)  # (B, nb) mass up to the end of each block
+    target = (u * upto[:, -1]).unsqueeze(-1)  # (B, 1)
+    blk = torch.searchsorted(upto, target, right=True).clamp_max(nb - 1)  # (B, 1)
+    before = torch.where(blk > 0, upto.gather(-1, (blk - 1).clamp_min(0)), 0.0)  # (B, 1)
+    inner = blocks.gather(1, blk.unsqueeze(-1).expand(b, 1, CDF_BLOCK)).squeeze(1)  # (B, CDF_BLOCK)
+    cdf = inner.double().cumsum(-1) + before  # (B, CDF_BLOCK)
+    j = torch.searchsorted(cdf, target, right=True).clamp_max(CDF_BLOCK - 1)  # (B, 1)
+    return (blk * CDF_BLOCK + j).squeeze(-1).clamp_max(v - 1)

@@ -35,7 +35,7 @@ import torch
 if TYPE_CHECKING:
     from heed.rollout.generate import SamplingParams
 
-from heed.algos.ops import selective_log_softmax
+from heed.algos.ops import inverse_cdf, selective_log_softmax
 from heed.models.lm import position_ids_from_mask, unwrap
 
 _LOG = logging.getLogger(__name__)
@@ -177,39 +177,6 @@ def row_keys(seed: int, ids: list[int]) -> torch.Tensor:
     and seeds give unrelated streams)."""
     t = torch.tensor(ids, dtype=torch.long) + _as_int64(seed * 0x632BE59BD9B4E019)
     return _mix64(t)
-
-
-BLOCK = 256  # vocabulary block of the two-level inverse CDF
-EXACT_CDF_MAX_VOCAB = 8192  # up to this vocabulary the CDF is one float64 prefix sum over V
-
-
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The first token whose cumulative probability exceeds ``u`` x total: probs (B, V) float, u (B,)
-    float64 in (0, 1) -> tokens (B,) int64.
-
-    Accumulated in float64 (probabilities are float32, so a float32 running sum would drift by ~V x 1e-7
-    and move the boundaries). Up to :data:`EXACT_CDF_MAX_VOCAB` tokens it is one prefix sum over V; above
-    that, two levels: float64 masses of blocks of :data:`BLOCK` tokens, their prefix sum picks the block, and a
-    prefix sum inside that block the token. A float64 prefix sum over V runs one element at a time on a
-    CPU (23 ms for 64 x 32000), the block sums vectorise (4 ms); both orders agree to ~1e-16, so a draw
-    changes only when ``u`` falls that close to a boundary. The path depends on V alone, never on the batch.
-    """
-    b, v = probs.shape
-    if v <= EXACT_CDF_MAX_VOCAB:
-        cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
-        target = (u * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
-        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(v - 1)
-    nb = -(-v // BLOCK)
-    padded = torch.nn.functional.pad(probs, (0, nb * BLOCK - v)) if nb * BLOCK != v else probs
-    blocks = padded.view(b, nb, BLOCK)  # (B, nb, BLOCK)
-    upto = blocks.double().sum(-1).cumsum(-1)  # (B, nb) mass up to the end of each block
-    target = (u * upto[:, -1]).unsqueeze(-1)  # (B, 1)
-    blk = torch.searchsorted(upto, target, right=True).clamp_max(nb - 1)  # (B, 1)
-    before = torch.where(blk > 0, upto.gather(-1, (blk - 1).clamp_min(0)), 0.0)  # (B, 1)
-    inner = blocks.gather(1, blk.unsqueeze(-1).expand(b, 1, BLOCK)).squeeze(1)  # (B, BLOCK)
-    cdf = inner.double().cumsum(-1) + before  # (B, BLOCK)
-    j = torch.searchsorted(cdf, target, right=True).clamp_max(BLOCK - 1)  # (B, 1)
-    return (blk * BLOCK + j).squeeze(-1).clamp_max(v - 1)
 
 
 def sample_next(
