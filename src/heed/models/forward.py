@@ -24,11 +24,11 @@ import torch
 from heed.algos.ops import masked_mean, masked_sum
 from heed.data.collate import Encoded, pad_batch
 from heed.models.lm import (
-    block_mask,
     forward_support,
     hidden_states,
     logprobs_from_hidden,
     sequence_logprobs,
+    shared_prefix_mask,
 )
 from heed.models.value import ValueHead, values_at_targets
 
@@ -180,12 +180,8 @@ def _shared_rows(
     packed[rg, dest] = input_ids[r, p + t]
     seg[rg, dest] = rj + 1
     pos[rg, dest] = n_p[rg] + t
-    q_seg, k_seg = seg.unsqueeze(-1), seg.unsqueeze(-2)  # (G, L, 1), (G, 1, L)
-    idx = torch.arange(width_packed, device=dev)
-    causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): key <= query
-    allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))  # (G, L, L)
     # sliding windows apply to each answer's own positions, not to distances in the packed row
-    mask4 = block_mask(model, allowed, pos)
+    mask4 = shared_prefix_mask(model, seg, pos)
     hidden = hidden_states(model, packed, mask4, position_ids=pos)  # (G, L, H)
 
     # per row: the hidden state before each answer token: the prompt's last, then answer tokens 0..C-2

@@ -250,6 +250,19 @@ def packed_mask(model: Any, position_ids: torch.Tensor) -> torch.Tensor | dict[s
     return block_mask(model, causal & (doc.unsqueeze(-1) == doc.unsqueeze(-2)), position_ids)
 
 
+def shared_prefix_mask(
+    model: Any, segments: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor | dict[str, Any]:
+    """:func:`block_mask` for rows packed as ``[shared prefix | sequence 1 | ... | sequence K]``:
+    ``segments`` (G, L) is 0 on the prefix, j + 1 on sequence j and -1 on padding; each token attends
+    causally to the prefix and to its own sequence's earlier tokens only."""
+    q_seg, k_seg = segments.unsqueeze(-1), segments.unsqueeze(-2)  # (G, L, 1), (G, 1, L)
+    idx = torch.arange(segments.shape[1], device=segments.device)
+    causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): key <= query
+    allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))  # (G, L, L)
+    return block_mask(model, allowed, positions)
+
+
 # ---------------------------------------------------------------------------------------------
 # forwards
 

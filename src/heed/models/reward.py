@@ -744,9 +744,9 @@ def _shared_prefix_scores(model: Any, groups: Sequence[Sequence[Sequence[int]]],
     Group g becomes ``[prefix (n_g) | rest of seq 1 | ... | rest of seq K]`` (right-padded to the
     longest row): the tokens the K sequences share (the prompt) run once. Token t of sequence j's
     rest sits at position n_g + t, as in the sequence alone; the (G, 1, L, L) block mask lets it see
-    the prefix and its own earlier tokens only (:func:`heed.models.lm.block_mask`). Each score is the
+    the prefix and its own earlier tokens only (:func:`heed.models.lm.shared_prefix_mask`). Each score is the
     ``score`` layer on the hidden state of the sequence's own scoring token (rightmost non-pad)."""
-    from heed.models.lm import block_mask, trunk
+    from heed.models.lm import shared_prefix_mask, trunk
 
     pad_id = model.config.pad_token_id
     rows, segs, poss, picks = [], [], [], []  # picks: (row, column) of each sequence's scoring token
@@ -772,12 +772,8 @@ def _shared_prefix_scores(model: Any, groups: Sequence[Sequence[Sequence[int]]],
         seg[g, : len(s)] = torch.tensor(s, dtype=torch.long)
         pos[g, : len(p)] = torch.tensor(p, dtype=torch.long)
     ids, seg, pos = ids.to(device), seg.to(device), pos.to(device)
-    q_seg, k_seg = seg.unsqueeze(-1), seg.unsqueeze(-2)  # (G, L, 1), (G, 1, L)
-    idx = torch.arange(width, device=device)
-    causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): key <= query
-    allowed = causal & (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))  # (G, L, L)
     out = trunk(model)(
-        input_ids=ids, attention_mask=block_mask(model, allowed, pos), position_ids=pos, use_cache=False
+        input_ids=ids, attention_mask=shared_prefix_mask(model, seg, pos), position_ids=pos, use_cache=False
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (G, L, H)
     r_idx = torch.tensor([g for g, _ in picks], device=device)
