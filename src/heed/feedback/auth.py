@@ -115,8 +115,7 @@ class LoginLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = {"pair": limit, "address": address_limit or 10 * limit}
-        self.window_s, self.base_s, self.max_backoff_s = window_s, base_s, max_backoff_s
-        self.policy = (base_s, max_backoff_s)
+        self.window_s, self.policy = window_s, (base_s, max_backoff_s)
         self.clock = clock
         self._fails: dict[tuple, deque[float]] = {}
         self._inflight: dict[tuple, int] = {}

@@ -354,6 +354,7 @@ def decode(
     cap = p + max_new_tokens
     cache_arg = _cache_argument(model)
     step_fn = _compiled_step(model, cache_arg) if getattr(params, "compile", False) else None
+    compiled = step_fn is not None  # False once a compile failure left the eager fixed-shape step
     # the attention mask of the whole decode, allocated once: the prompt's, then ones for the answer
     attn = torch.ones((b, cap), dtype=torch.long, device=device)  # (B, P + T)
     attn[:, :p] = attention_mask
@@ -425,9 +426,12 @@ def decode(
         if step_fn is not None and visible is not None and write_at is not None:
             write_at.fill_(p + step)
             visible[:, p + step] = True
-            logits = _run_compiled(model, step_fn, cache_arg, cache, tok, next_pos, visible)
-            if getattr(model, "_heed_compile_failed", False):
-                step_fn = _static_step(model, cache_arg)
+            if compiled:
+                logits = _run_compiled(model, step_fn, cache_arg, cache, tok, next_pos, visible)
+                if getattr(model, "_heed_compile_failed", False):  # the same step, eagerly, from now on
+                    step_fn, compiled = _static_step(model, cache_arg), False
+            else:
+                logits = step_fn(cache, tok, next_pos, visible)
         else:
             out = model(
                 input_ids=tok.unsqueeze(-1),
