@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 from heed.algos.ops import inverse_cdf, selective_log_softmax
 from heed.models.lm import position_ids_from_mask, unwrap
+from heed.rollout.lean import LeanStep, lean_support
 
 _LOG = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ def decode(
     stop_ids: list[int],
     compact_at: float = 0.0,
     keys: torch.Tensor | None = None,
+    lean: bool = True,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Sample up to ``params.max_new_tokens`` tokens after each left-padded prompt row (temperature,
     top-k, top-p and greedy as :func:`sample_next`).
@@ -345,7 +347,10 @@ def decode(
     function of its key (:func:`keyed_uniforms`). Returns one token list per row, ending with the
     stop token when the row stopped (no padding), and the log-prob of each token (see
     :func:`sample_next`). ``params.compile``: run the decoding steps through ``torch.compile`` (a
-    fixed-shape step over the whole preallocated cache; see :func:`_compiled_step`).
+    fixed-shape step over the whole preallocated cache; see :func:`_compiled_step`). Otherwise, for the
+    architectures :func:`heed.rollout.lean.lean_support` accepts (and ``lean``), the steps after the
+    prefill run :class:`heed.rollout.lean.LeanStep` instead of the model's forward: the same arithmetic
+    in a few ops per layer.
     """
     max_new_tokens, temperature, do_sample = params.max_new_tokens, params.temperature, params.do_sample
     top_k, top_p = params.top_k, params.top_p
@@ -387,6 +392,7 @@ def decode(
         _make_static(cache, write_at)
         visible = attn.bool()
         visible[:, p:] = False
+    lean_step = LeanStep(model, cap) if step_fn is None and lean and lean_support(model) is None else None
     next_pos = positions[:, -1] + 1  # (B,)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     # every draw of the decode at once: column t is keyed_uniforms(keys, t)
@@ -432,6 +438,8 @@ def decode(
                     step_fn, compiled = _static_step(model, cache_arg), False
             else:
                 logits = step_fn(cache, tok, next_pos, visible)
+        elif lean_step is not None:
+            logits = lean_step(cache, tok, next_pos, p + step, attn[:, : p + step + 1].bool())
         else:
             out = model(
                 input_ids=tok.unsqueeze(-1),
