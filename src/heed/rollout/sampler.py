@@ -19,7 +19,8 @@ With ``SamplingParams.compile`` (``rollout.compile``) the steps after the prefil
 step through ``torch.compile``: the cache stops growing (each step writes its position into the
 preallocated buffers and attends over all of them under a 4D mask), so one compiled graph serves every
 step; it is compiled once per model and reused by later rollouts. Where it cannot compile, one warning
-and the eager loop.
+and the eager loop. Without it, Llama-style models (``heed.rollout.lean``) run their steps after the
+prefill as a lean one-token forward of a few tensor ops per layer over the same cache buffers.
 """
 
 from __future__ import annotations
