@@ -15,11 +15,12 @@ layer, reading the model's own weights (so a step after an optimiser update uses
 which is the Llama decoder layer (Touvron et al. 2023, https://arxiv.org/abs/2302.13971) as
 ``transformers`` computes it for ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` (RMSNorm with the
 float32 upcast, rotate-half RoPE, grouped-query attention with the G = H / Hkv query heads of a
-key-value head attending as G query rows, sliding windows from the config). On a CPU the q/k/v and
-gate/up weights are concatenated and every matrix stored transposed once per decode (a copy of the
-weights for its duration): one matmul where the model makes two or three, and the kernel that reads
-a (d, out) row-major matrix, which is faster than ``linear``'s at a few rows on this hardware. On
-other devices the model's weights are used as they are.
+key-value head attending as G query rows, sliding windows from the config). On a CPU, for models of
+up to ``COPY_LIMIT_BYTES`` of weights, the q/k/v and gate/up weights are concatenated and every matrix
+stored transposed once per decode (a copy of the weights for its duration): one matmul where the model
+makes two or three, and the kernel that reads a (d, out) row-major matrix, faster than ``linear``'s
+at a few rows on the CPUs measured. Larger models, and other devices, use the model's weights as they
+are (decoding them is bound by reading the weights, and a copy would add their size to the peak).
 
 Anything else (another architecture, LoRA or quantised layers, hooks, sharded parameters, RoPE
 variants that depend on the sequence length, dropout in training mode) is refused by
@@ -40,21 +41,53 @@ from heed.models.lm import unwrap
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+class _Proj:
+    """``x -> x W^T + b`` for one or several linear layers side by side (their outputs concatenated).
+
+    ``copy``: the matrices concatenated and stored transposed, (d_in, sum d_out), one matmul (a copy
+    of the weights); else the layers' own weights, one ``linear`` each (no extra memory)."""
+
+    def __init__(self, linears: list[Any], copy: bool) -> None:
+        self.copy = copy
+        if copy:
+            w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+            self.weight = w.t().contiguous()
+            biases = [lin.bias for lin in linears]
+            self.bias = (
+                None
+                if all(b is None for b in biases)
+                else torch.cat(
+                    [
+                        b if b is not None else lin.weight.new_zeros(lin.out_features)
+                        for b, lin in zip(biases, linears, strict=True)
+                    ]
+                )
+            )
+        else:
+            self.pairs = [(lin.weight, lin.bias) for lin in linears]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy:
+            return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        outs = [F.linear(x, w, b) for w, b in self.pairs]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
 @dataclass
 class _Layer:
-    qkv: torch.Tensor  # (d, (H + 2 Hkv) D) on CPU (transposed), else ((H + 2 Hkv) D, d)
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # (d, 2 I) on CPU, else (2 I, d)
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    qkv: _Proj  # (B, d) -> (B, (H + 2 Hkv) D)
+    o: _Proj
+    gate_up: _Proj  # (B, d) -> (B, 2 I)
+    down: _Proj
     ln1: torch.Tensor
     ln2: torch.Tensor
     q_norm: torch.Tensor | None  # (D,) Qwen3's per-head norms
     k_norm: torch.Tensor | None
     window: int | None  # sliding window (positions a query may look back, itself included)
+
+
+# on a CPU, models up to this many bytes of weights decode with fused, transposed copies of them
+COPY_LIMIT_BYTES = 128 * 2**20
 
 
 def lean_unsupported(model: Any) -> str | None:
@@ -151,7 +184,7 @@ def _window(config: Any, index: int) -> int | None:
 
 class LeanStep:
     """One decoding step of ``model`` over a :func:`heed.rollout.sampler._buffered_cache`; built once per
-    decode (the weights of that moment; on a CPU transposed copies of them).
+    decode (the weights of that moment; copies of them where ``_Proj`` copies).
 
     ``step(cache, tok (B,), pos (B,), write (int), visible (B, write + 1) bool) -> logits (B, V)``: the
     token at position ``pos`` is written at cache index ``write``; ``visible`` marks the cache indices
@@ -170,36 +203,20 @@ class LeanStep:
         self.eps = body.norm.variance_epsilon
         self.dtype = m.lm_head.weight.dtype
         device = m.lm_head.weight.device
-        self.transposed = device.type == "cpu"
-
-        def mat(*weights: torch.Tensor) -> torch.Tensor:
-            w = weights[0] if len(weights) == 1 else torch.cat(weights)
-            return w.t().contiguous() if self.transposed else w
-
-        def bias(*linears: Any) -> torch.Tensor | None:
-            if all(lin.bias is None for lin in linears):
-                return None
-            return torch.cat(
-                [
-                    lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                    for lin in linears
-                ]
-            )
-
+        # a copy pays on a CPU at small sizes (fewer calls, the faster kernel for a few rows); larger
+        # models are bound by reading their weights either way, and the copy would add their size
+        size = sum(p.numel() * p.element_size() for p in m.parameters())
+        copy = device.type == "cpu" and size <= COPY_LIMIT_BYTES
         self.layers = []
         for i, layer in enumerate(body.layers):
             a, mlp = layer.self_attn, layer.mlp
             q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
             self.layers.append(
                 _Layer(
-                    qkv=mat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                    qkv_bias=bias(a.q_proj, a.k_proj, a.v_proj),
-                    o=mat(a.o_proj.weight),
-                    o_bias=a.o_proj.bias,
-                    gate_up=mat(mlp.gate_proj.weight, mlp.up_proj.weight),
-                    gate_up_bias=bias(mlp.gate_proj, mlp.up_proj),
-                    down=mat(mlp.down_proj.weight),
-                    down_bias=mlp.down_proj.bias,
+                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], copy),
+                    o=_Proj([a.o_proj], copy),
+                    gate_up=_Proj([mlp.gate_proj, mlp.up_proj], copy),
+                    down=_Proj([mlp.down_proj], copy),
                     ln1=layer.input_layernorm.weight,
                     ln2=layer.post_attention_layernorm.weight,
                     q_norm=None if q_norm is None else q_norm.weight,
@@ -209,28 +226,29 @@ class LeanStep:
             )
         self.embed = body.embed_tokens.weight
         self.norm = body.norm.weight
-        self.lm_head = mat(m.lm_head.weight)
-        self.lm_bias = m.lm_head.bias
+        self.lm_head = _Proj([m.lm_head], copy)
+        # rotate_half(x) = x @ R: (x1, x2) -> (-x2, x1), exact (one nonzero per column)
+        half = self.head_dim // 2
+        eye = torch.eye(half, device=device, dtype=self.dtype)
+        self.rotate = torch.zeros(self.head_dim, self.head_dim, device=device, dtype=self.dtype)
+        self.rotate[half:, :half] = -eye
+        self.rotate[:half, half:] = eye
         # cos / sin of every position the decode can reach, from the model's own rotary module
         positions = torch.arange(capacity, device=device)[None]
         cos, sin = body.rotary_emb(self.embed[:1][None], positions)  # (1, C, D)
         self.cos, self.sin = cos[0], sin[0]
 
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if self.transposed:
-            return x @ w if b is None else torch.addmm(b, x, w)
-        return F.linear(x, w, b)
-
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``w * (x / sqrt(mean(x^2) + eps))`` in float32, cast back before the weight (as the model)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, self.eps)  # the same arithmetic, one call
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """``x cos + rotate_half(x) sin`` (Su et al. 2021, https://arxiv.org/abs/2104.09864)."""
+        return torch.addcmul(x * cos, x @ self.rotate, sin)
 
     def __call__(
         self, cache: Any, tok: torch.Tensor, pos: torch.Tensor, write: int, visible: torch.Tensor
@@ -254,7 +272,7 @@ class LeanStep:
 
         x = F.embedding(tok, self.embed)  # (B, d)
         for i, lay in enumerate(self.layers):
-            qkv = self._mm(self._rms(x, lay.ln1), lay.qkv, lay.qkv_bias)  # (B, (H + 2 Hkv) D)
+            qkv = lay.qkv(self._rms(x, lay.ln1))  # (B, (H + 2 Hkv) D)
             qk, v = qkv.split(((h + hkv) * d, hkv * d), dim=-1)
             qk = qk.view(b, h + hkv, d)
             if lay.q_norm is not None and lay.k_norm is not None:
@@ -269,9 +287,9 @@ class LeanStep:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask_for(lay.window), scale=self.scaling
             )  # (B, Hkv, G, D)
-            x = x + self._mm(out.reshape(b, h * d), lay.o, lay.o_bias)
-            gate, up = self._mm(self._rms(x, lay.ln2), lay.gate_up, lay.gate_up_bias).chunk(2, dim=-1)
-            x = x + self._mm(F.silu(gate) * up, lay.down, lay.down_bias)
+            x = x + lay.o(out.reshape(b, h * d))
+            gate, up = lay.gate_up(self._rms(x, lay.ln2)).chunk(2, dim=-1)
+            x = x + lay.down(F.silu(gate) * up)
         for layer in cache.layers:  # the cache now holds ``length`` positions
             layer.keys, layer.values = layer.kbuf[:, :, :length], layer.vbuf[:, :, :length]
-        return self._mm(self._rms(x, self.norm), self.lm_head, self.lm_bias)
+        return self.lm_head(self._rms(x, self.norm))

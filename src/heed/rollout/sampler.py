@@ -330,7 +330,7 @@ def _run_compiled(model: Any, step: Any, cache_arg: str, *args: torch.Tensor) ->
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(
     model: Any,
     input_ids: torch.Tensor,
