@@ -59,10 +59,14 @@ def count_lean_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("copy", [True, False], ids=["weight-copies", "own-weights"])
 @pytest.mark.parametrize("do_sample", [True, False])
 def test_lean_step_decodes_like_a_full_forward_per_token(
-    tok: Any, monkeypatch: pytest.MonkeyPatch, do_sample: bool
+    tok: Any, monkeypatch: pytest.MonkeyPatch, do_sample: bool, copy: bool
 ) -> None:
+    """Both weight layouts: fused transposed copies (small models on a CPU) and the layers' own
+    matrices (larger models, other devices)."""
+    monkeypatch.setattr(lean, "COPY_LIMIT_BYTES", 2**40 if copy else 0)
     calls = count_lean_steps(monkeypatch)
     for name, model in accepted_models(tok).items():
         assert lean.lean_support(model) is None, name
