@@ -62,9 +62,10 @@ def test_stack_groups_reshapes_ragged_k():
 def test_one_forward_of_k_responses_per_group(micro_sft_model: Path):
     """G groups of K responses cost one forward, not 2 sequences per pair: G·K padded rows, or with
     ``share_prompt`` G packed rows, each holding its group's shared prompt once."""
-    from heed.models.reward import build_reward_model
+    from heed.models.reward import build_reward_model, mask_free
 
     model, tok, _ = build_reward_model(micro_sft_model)
+    assert mask_free(model)  # probed once, before the forwards are counted
     calls: list[tuple[int, int]] = []
     for module in (model, model.model):  # the whole model (padded rows) and its trunk (packed rows)
         module.register_forward_pre_hook(
