@@ -108,3 +108,80 @@ def test_a_decoder_that_reads_the_mask_beyond_attention_keeps_it(root: Path) -> 
     seqs = rows(model.config.vocab_size, tok.pad_token_id)
     ids, att = pad_right(seqs, tok.pad_token_id)
     assert torch.allclose(forward_rewards(model, ids, att), forward_rewards(model, ids, att, unmasked=False))
+
+
+# --- the policy's forward: right-padded rows (SFT, KTO) without the padding mask --------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "bloom", "opt", "qwen3_moe"])
+def test_right_padded_log_probs_run_unmasked_and_equal_the_masked_forward(name: str) -> None:
+    from archs import build_causal, micro_tokenizer
+    from heed.models.lm import disable_dropout, forward_support, sequence_logprobs, trunk
+
+    tok = micro_tokenizer()
+    model = build_causal(name, tok).train()  # training mode, as the trainers run it, without dropout
+    disable_dropout(model)
+    assert forward_support(model).needs_mask is None
+    seqs = rows(model.config.vocab_size, tok.pad_token_id)
+    ids, att = pad_right(seqs, tok.pad_token_id)
+    target = att.bool().clone()
+    target[:, 0] = False
+    seen: list[Any] = []
+    hook = trunk(model).register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    out = {}
+    for free in (True, False):
+        model.zero_grad()
+        lp = (
+            sequence_logprobs(model, ids, att, target)[0]
+            if free
+            else _masked_logprobs(model, ids, att, target)
+        )
+        (lp * torch.linspace(0.5, 1.5, lp.numel()).view_as(lp)).sum().backward()
+        out[free] = lp.detach(), grads(model)
+    hook.remove()
+    assert seen[0] is None and seen[1] is not None  # the unmasked forward really ran without a mask
+    assert torch.allclose(out[True][0], out[False][0], atol=TOL)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-4)
+    assert (out[True][0] != 0).sum() == target.sum()
+
+
+def _masked_logprobs(model: Any, ids: torch.Tensor, att: torch.Tensor, target: torch.Tensor) -> Any:
+    from heed.models.lm import _features, logprobs_from_hidden, position_ids_from_mask
+
+    hidden = _features(model, ids, att, position_ids_from_mask(att))
+    return logprobs_from_hidden(model, hidden, ids, target, 1.0, False)[0]
+
+
+def test_a_model_whose_tokens_see_later_ones_keeps_the_mask() -> None:
+    """A causal-LM class whose forward, given no mask, lets each token read the whole row: the probe
+    finds real tokens changed by the padding and keeps the mask; log-probs still match each row alone."""
+    from transformers import LlamaForCausalLM
+
+    from archs import build_causal, micro_tokenizer
+    from heed.models.lm import forward_support, sequence_logprobs
+
+    class Peeking(LlamaForCausalLM):
+        def forward(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            if attention_mask is None:  # every position reads the mean id of the whole row
+                out.logits = out.logits + 0.01 * input_ids.float().mean(-1)[:, None, None]
+            return out
+
+    tok = micro_tokenizer()
+    base = build_causal("llama", tok)
+    model = Peeking(base.config)
+    model.load_state_dict(base.state_dict())
+    model.eval()
+    assert "see the padding" in forward_support(model).needs_mask
+    seqs = rows(model.config.vocab_size, tok.pad_token_id)
+    ids, att = pad_right(seqs, tok.pad_token_id)
+    target = att.bool().clone()
+    target[:, 0] = False
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(model, ids, att, target)
+        for r, s in enumerate(seqs):
+            alone = model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long))
+            ref = alone.logits[0, :-1].log_softmax(-1).gather(-1, torch.tensor(s[1:])[:, None])[:, 0]
+            assert torch.allclose(lp[r, 1 : len(s)], ref, atol=TOL)

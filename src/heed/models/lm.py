@@ -92,6 +92,9 @@ class ForwardSupport:
 
     own_logits: str | None = None  # why the LM head + config post-processing misses the model's logits
     no_block_mask: str | None = None  # why a custom block attention mask cannot be used
+    # why right-padded rows need their padding mask (None: a causal model, whose real tokens never see
+    # the padding after them, runs them without it and so with its causal attention kernel)
+    needs_mask: str | None = None
 
 
 _SUPPORT_KEY = "_heed_forward_support"
@@ -185,7 +188,20 @@ def _compare(model: Any, docs: list[torch.Tensor], tol: float) -> ForwardSupport
                 )
         except Exception as exc:
             no_mask = f"its forward does not take a block attention mask ({_first_line(exc)})"
-        return ForwardSupport(own, no_mask)
+        needs: str | None = None
+        try:
+            rows = torch.cat([docs[0], torch.cat([docs[1], docs[0][:, :3]], dim=1)])  # row 2 right-padded
+            free = model(
+                input_ids=rows, position_ids=torch.arange(n1, device=dev).expand(2, n1), use_cache=False
+            )
+            err = max(_rel_err(free.logits[:1], plain[0]), _rel_err(free.logits[1:, :n2], plain[1]))
+            if err > tol:
+                needs = (
+                    f"its real tokens see the padding after them without a mask (relative error {err:.1e})"
+                )
+        except Exception as exc:
+            needs = f"its forward does not run without a mask ({_first_line(exc)})"
+        return ForwardSupport(own, no_mask, needs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +383,9 @@ def hidden_states(
     for packed documents whose positions restart at each one (attention then stays inside each
     document: a block mask, or separate rows for a model that cannot take one).
 
+    Right-padded (B, T) masks of a model whose probe found it causal (``needs_mask`` None) are dropped:
+    the real tokens' states are the same, and attention runs its causal kernel.
+
     Where the LM head alone does not reproduce the model's logits (:func:`forward_support`), the
     result is (B, T, H + V): the hidden states followed by the model's own logits, which
     :func:`head_logits` and the value head each read their part of.
@@ -377,6 +396,16 @@ def hidden_states(
             return _by_document(model, input_ids, position_ids)
         attention_mask = packed_mask(model, position_ids)
     if position_ids is None:
+        if (
+            isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dim() == 2
+            and forward_support(model).needs_mask is None
+            and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())  # right padding only
+        ):
+            # a causal model's real tokens are the same without the mask; the padding's own states
+            # change, and nothing reads them
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            return _features(model, input_ids, None, positions)
         position_ids = position_ids_from_mask(attention_mask)
     return _features(model, input_ids, attention_mask, position_ids)
 
