@@ -87,12 +87,21 @@ def test_lean_step_decodes_like_a_full_forward_per_token(
         assert_same(decode(model, ids, mask, params, stop, keys=keys, lean=False), ref, f"{name} forward")
 
 
+def sampling_case(model: Any, seed: int, new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """Prompts (ids, mask), per-row keys and sampling settings (temperature 0.8) for ``model``."""
+    ids, mask = prompts(model.config.vocab_size, seed=seed)
+    return (
+        ids,
+        mask,
+        row_keys(seed, list(range(ids.shape[0]))),
+        SamplingParams(max_new_tokens=new, temperature=0.8),
+    )
+
+
 def test_sliding_window_is_applied(tok: Any) -> None:
     """Answers that run past Mistral's 8-token window: dropping the window would change the tokens."""
     model = build_causal("mistral", tok)
-    ids, mask = prompts(model.config.vocab_size, seed=5)
-    keys = row_keys(5, list(range(ids.shape[0])))
-    params = SamplingParams(max_new_tokens=16, temperature=0.8)
+    ids, mask, keys, params = sampling_case(model, seed=5, new=16)
     ours = decode(model, ids, mask, params, [], keys=keys)
     assert_same(ours, reference_decode(model, ids, mask, params, [], keys), "mistral window")
     model.config.sliding_window = None  # the same weights, a model without the window
@@ -102,9 +111,7 @@ def test_sliding_window_is_applied(tok: Any) -> None:
 
 def test_a_step_after_an_update_reads_the_new_weights(tok: Any) -> None:
     model = build_causal("qwen2", tok)
-    ids, mask = prompts(model.config.vocab_size, seed=6)
-    keys = row_keys(6, list(range(ids.shape[0])))
-    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    ids, mask, keys, params = sampling_case(model, seed=6, new=10)
     before = decode(model, ids, mask, params, [], keys=keys)
     with torch.no_grad():
         for p in model.parameters():
@@ -168,9 +175,7 @@ def test_other_models_are_refused_with_a_reason(tok: Any, monkeypatch: pytest.Mo
 
     calls.clear()  # the probe above ran one lean step
     for model in (hooked, lora, patched):
-        ids, mask = prompts(model.config.vocab_size, seed=8)
-        keys = row_keys(8, list(range(ids.shape[0])))
-        params = SamplingParams(max_new_tokens=8, temperature=0.8)
+        ids, mask, keys, params = sampling_case(model, seed=8, new=8)
         with torch.no_grad():
             ours = decode(model, ids, mask, params, [], keys=keys)
         assert_same(ours, reference_decode(model, ids, mask, params, [], keys), type(model).__name__)
