@@ -113,11 +113,14 @@ def test_a_step_after_an_update_reads_the_new_weights(tok: Any) -> None:
     model = build_causal("qwen2", tok)
     ids, mask, keys, params = sampling_case(model, seed=6, new=10)
     before = decode(model, ids, mask, params, [], keys=keys)
+    copies = {k: v.data_ptr() for k, v in model.__dict__[lean._COPIES_KEY].items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     after = decode(model, ids, mask, params, [], keys=keys)
     assert after[0] != before[0]
+    # the weight copies were refilled in place: the same buffers, no new ones
+    assert {k: v.data_ptr() for k, v in model.__dict__[lean._COPIES_KEY].items()} == copies
     assert_same(after, decode(model, ids, mask, params, [], keys=keys, lean=False), "after the update")
 
 

@@ -17,7 +17,8 @@ which is the Llama decoder layer (Touvron et al. 2023, https://arxiv.org/abs/230
 float32 upcast, rotate-half RoPE, grouped-query attention with the G = H / Hkv query heads of a
 key-value head attending as G query rows, sliding windows from the config). On a CPU, for models of
 up to ``COPY_LIMIT_BYTES`` of weights, the q/k/v and gate/up weights are concatenated and every matrix
-stored transposed once per decode (a copy of the weights for its duration): one matmul where the model
+stored transposed, refilled at the start of each decode (a copy of the weights, kept on the model
+between decodes so that no decode allocates it again): one matmul where the model
 makes two or three, and the kernel that reads a (d, out) row-major matrix, faster than ``linear``'s
 at a few rows on the CPUs measured. Larger models, and other devices, use the model's weights as they
 are (decoding them is bound by reading the weights, and a copy would add their size to the peak).
@@ -44,14 +45,25 @@ LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 class _Proj:
     """``x -> x W^T + b`` for one or several linear layers side by side (their outputs concatenated).
 
-    ``copy``: the matrices concatenated and stored transposed, (d_in, sum d_out), one matmul (a copy
-    of the weights); else the layers' own weights, one ``linear`` each (no extra memory)."""
+    ``store`` (a dict kept on the model, or None): the matrices are copied transposed side by side into
+    its (d_in, sum d_out) buffer for this projection, made once and refilled by every decode (one pass
+    over the weights, no new allocation), and applied as one matmul; None: the layers' own weights,
+    one ``linear`` each (no extra memory)."""
 
-    def __init__(self, linears: list[Any], copy: bool) -> None:
-        self.copy = copy
-        if copy:
-            w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
-            self.weight = w.t().contiguous()
+    def __init__(self, linears: list[Any], store: dict[int, torch.Tensor] | None) -> None:
+        self.copy = store is not None
+        if store is not None:
+            first = linears[0].weight
+            shape = (first.shape[1], sum(lin.weight.shape[0] for lin in linears))
+            buf = store.get(id(linears[0]))
+            if buf is None or buf.shape != shape or buf.dtype != first.dtype or buf.device != first.device:
+                buf = store[id(linears[0])] = first.new_empty(shape)
+            col = 0
+            for lin in linears:
+                n = lin.weight.shape[0]
+                buf[:, col : col + n].copy_(lin.weight.detach().t())
+                col += n
+            self.weight = buf
             biases = [lin.bias for lin in linears]
             self.bias = (
                 None
@@ -86,8 +98,10 @@ class _Layer:
     window: int | None  # sliding window (positions a query may look back, itself included)
 
 
-# on a CPU, models up to this many bytes of weights decode with fused, transposed copies of them
+# on a CPU, models up to this many bytes of weights decode with fused, transposed copies of them, kept
+# on the model between decodes (under this key) and refilled by each
 COPY_LIMIT_BYTES = 128 * 2**20
+_COPIES_KEY = "_heed_lean_copies"
 
 
 def lean_unsupported(model: Any) -> str | None:
@@ -206,17 +220,21 @@ class LeanStep:
         # a copy pays on a CPU at small sizes (fewer calls, the faster kernel for a few rows); larger
         # models are bound by reading their weights either way, and the copy would add their size
         size = sum(p.numel() * p.element_size() for p in m.parameters())
-        copy = device.type == "cpu" and size <= COPY_LIMIT_BYTES
+        store = (
+            m.__dict__.setdefault(_COPIES_KEY, {})
+            if device.type == "cpu" and size <= COPY_LIMIT_BYTES
+            else None
+        )
         self.layers = []
         for i, layer in enumerate(body.layers):
             a, mlp = layer.self_attn, layer.mlp
             q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
             self.layers.append(
                 _Layer(
-                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], copy),
-                    o=_Proj([a.o_proj], copy),
-                    gate_up=_Proj([mlp.gate_proj, mlp.up_proj], copy),
-                    down=_Proj([mlp.down_proj], copy),
+                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], store),
+                    o=_Proj([a.o_proj], store),
+                    gate_up=_Proj([mlp.gate_proj, mlp.up_proj], store),
+                    down=_Proj([mlp.down_proj], store),
                     ln1=layer.input_layernorm.weight,
                     ln2=layer.post_attention_layernorm.weight,
                     q_norm=None if q_norm is None else q_norm.weight,
@@ -226,7 +244,7 @@ class LeanStep:
             )
         self.embed = body.embed_tokens.weight
         self.norm = body.norm.weight
-        self.lm_head = _Proj([m.lm_head], copy)
+        self.lm_head = _Proj([m.lm_head], store)
         # rotate_half(x) = x @ R: (x1, x2) -> (-x2, x1), exact (one nonzero per column)
         half = self.head_dim // 2
         eye = torch.eye(half, device=device, dtype=self.dtype)
