@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,15 +38,15 @@ def spec_key(spec: Any) -> str:
 def cached_build(name: str, done: str, build: Callable[[Path], Any], root: str | Path | None = None) -> Path:
     """``root/name``, built once: ``build(tmp)`` fills a temporary folder, which is renamed into place.
 
-    ``done`` is the path (inside the folder) whose existence marks a finished build. Two processes
-    may build at the same time; the first rename wins and the other's copy is dropped.
+    ``done`` is the path (inside the folder) whose existence marks a finished build. Two processes (or
+    threads) may build at the same time; the first rename wins and the other's copy is dropped.
     """
     root = Path(root) if root is not None else cache_dir()
     target = root / name
     if (target / done).exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.{os.getpid()}.tmp"
+    tmp = root / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"  # per process and thread
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

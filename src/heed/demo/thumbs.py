@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def builtin_thumbs(
     if (target / "build.json").exists():
         return {p.stem: p for p in target.glob("*.jsonl")}
     sft = builtin_sft_model(model, root)
-    tmp = root / f".{target.name}.{os.getpid()}.tmp"
+    tmp = root / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # per process and thread
     if tmp.exists():
         shutil.rmtree(tmp)
     paths = build_thumbs(tmp, sft, spec)

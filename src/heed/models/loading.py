@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 from heed.errors import ModelLoadError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+# transformers' loading is not thread-safe: two threads loading at once can leave a model's tied
+# weights on the meta device (and race its lazy imports), so every load in a process holds this lock
+LOAD_LOCK = threading.RLock()
 
 
 def quiet_transformers() -> None:
@@ -43,12 +48,13 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 
 def load_tokenizer(path: str | Path, padding_side: str = "right") -> Any:
     """``AutoTokenizer`` from a local folder; a missing pad token falls back to EOS."""
-    from transformers import AutoTokenizer
-
     quiet_transformers()
     p = _check_folder(path, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        with LOAD_LOCK:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
     if tok.pad_token is None:
@@ -73,8 +79,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", **kwargs: Any) -> A
     """``AutoModelForCausalLM`` from a local folder (a reward-model or encoder folder is an error).
 
     A LoRA run's ``final/`` (an adapter folder) loads as its base model with the adapter merged in."""
-    from transformers import AutoModelForCausalLM
-
     quiet_transformers()
     from heed.models.lora import is_adapter_folder, load_adapter_base
 
@@ -89,9 +93,12 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", **kwargs: Any) -> A
             f"{path}: holds a {archs[0]}, not a causal language model (expected *ForCausalLM)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype(dtype), local_files_only=True, **kwargs
-        )
+        with LOAD_LOCK:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype(dtype), local_files_only=True, **kwargs
+            )
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
     return model

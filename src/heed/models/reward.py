@@ -270,7 +270,13 @@ def build_reward_model(
     set, so ``transformers`` finds the same scoring token as Heed. An architecture Heed cannot
     build on is a one-line error before any weights load (:func:`reward_model_class`).
     """
-    from heed.models.loading import load_tokenizer, quiet_transformers, read_model_config, torch_dtype
+    from heed.models.loading import (
+        LOAD_LOCK,
+        load_tokenizer,
+        quiet_transformers,
+        read_model_config,
+        torch_dtype,
+    )
 
     quiet_transformers()
     config = read_model_config(path)
@@ -285,9 +291,10 @@ def build_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new head's initial weights depend on the seed only
         try:
-            model = model_class.from_pretrained(
-                str(path), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True
-            )
+            with LOAD_LOCK:
+                model = model_class.from_pretrained(
+                    str(path), num_labels=1, dtype=torch_dtype(dtype), local_files_only=True
+                )
         except Exception as exc:
             raise ModelLoadError(
                 f"{path}: cannot load as a reward model ({str(exc).splitlines()[0]})"
@@ -715,7 +722,13 @@ def reward_model_from(model: Any, tokenizer: Any, path: str | Path | None = None
 def load_reward_model(path: str | Path, device: str | None = None, dtype: str = "float32") -> RewardModel:
     """Load a reward model folder (``heed rm train``'s ``final/``, or any one-label
     ``AutoModelForSequenceClassification``) for scoring."""
-    from heed.models.loading import load_tokenizer, quiet_transformers, read_model_config, torch_dtype
+    from heed.models.loading import (
+        LOAD_LOCK,
+        load_tokenizer,
+        quiet_transformers,
+        read_model_config,
+        torch_dtype,
+    )
 
     quiet_transformers()
     config = read_model_config(path)
@@ -732,7 +745,8 @@ def load_reward_model(path: str | Path, device: str | None = None, dtype: str = 
     model_class = reward_model_class(path, config)
     tok = load_tokenizer(path, padding_side="right")
     try:
-        model = model_class.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=True)
+        with LOAD_LOCK:
+            model = model_class.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load the reward model ({str(exc).splitlines()[0]})") from None
     model.eval()
