@@ -43,6 +43,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of a (B, T) mask is ones, then zeros (one host sync)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def unwrap(model: Any) -> Any:
     """The transformers model under a data-parallel wrapper (``.module``) and a peft ``PeftModel``
     (whose layers carry the LoRA adapters, so adapters stay active)."""
@@ -400,7 +405,7 @@ def hidden_states(
             isinstance(attention_mask, torch.Tensor)
             and attention_mask.dim() == 2
             and forward_support(model).needs_mask is None
-            and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())  # right padding only
+            and is_right_padded(attention_mask)
         ):
             # a causal model's real tokens are the same without the mask; the padding's own states
             # change, and nothing reads them

@@ -539,8 +539,8 @@ def mask_free(model: Any) -> bool:
     attend only to the tokens before them, never to the padding after them, so dropping the mask changes
     no score, and lets attention run its causal kernel (no (B, H, T, T) mask or probabilities kept for
     the backward on a CPU). Encoders never; a decoder must show it once (cached on the model): a
-    right-padded probe batch scores the same with and without the mask (relative error under 1e-4 in
-    float32, 1e-2 in half precision)."""
+    right-padded probe batch scores the same with and without the mask (relative error within
+    :func:`heed.models.lm._tolerance`, as the other probes)."""
     from heed.models.lm import unwrap
 
     base = unwrap(model)
@@ -551,6 +551,8 @@ def mask_free(model: Any) -> bool:
 
 @torch.no_grad()
 def _probe_mask_free(model: Any) -> bool:
+    from heed.models.lm import _tolerance
+
     pad = model.config.pad_token_id
     if pad is None:
         return False
@@ -568,8 +570,7 @@ def _probe_mask_free(model: Any) -> bool:
         return False
     finally:
         model.train(was_training)
-    tol = 1e-4 if masked.dtype == torch.float32 and model.dtype in (torch.float32, torch.float64) else 1e-2
-    return bool(((masked - free).abs() <= tol * masked.abs().clamp_min(1.0)).all())
+    return float(((masked - free).abs() / masked.abs().clamp_min(1.0)).max()) <= _tolerance(model.dtype)
 
 
 def forward_rewards(
@@ -588,12 +589,10 @@ def forward_rewards(
         {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
     )  # no KV cache to build
     extra.update(_type_kwargs(model, token_type_ids))
+    from heed.models.lm import is_right_padded
+
     if unmasked is None:  # rows right-padded (ones, then zeros), a model that scores them alike without
-        unmasked = (
-            token_type_ids is None
-            and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-            and mask_free(model)
-        )
+        unmasked = token_type_ids is None and is_right_padded(attention_mask) and mask_free(model)
     mask = None if unmasked else attention_mask
     return model(input_ids=input_ids, attention_mask=mask, **extra).logits[:, 0].float()
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from heed.models.lm import unwrap
+from heed.models.lm import _rel_err, _tolerance, attention_windows, unwrap
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -179,21 +179,12 @@ def _probe(model: Any) -> str | None:
     cache = _buffered_cache(3)
     out = model(input_ids=ids[:, :2], attention_mask=mask[:, :2], use_cache=True, **{cache_arg: cache})
     ours = LeanStep(model, 3)(out[cache_arg], ids[:, 2], torch.tensor([2], device=ids.device), 2, mask.bool())
-    err = float((ours[0].float() - full).norm() / full.norm().clamp_min(1e-6))
-    tol = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 5e-2
+    err, tol = _rel_err(ours[0], full), _tolerance(weight.dtype)
     return (
         None
         if err <= tol
         else f"its forward differs from the lean step's arithmetic (relative error {err:.1e})"
     )
-
-
-def _window(config: Any, index: int) -> int | None:
-    size = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return size if types[index] == "sliding_attention" else None
-    return size
 
 
 class LeanStep:
@@ -225,6 +216,7 @@ class LeanStep:
             if device.type == "cpu" and size <= COPY_LIMIT_BYTES
             else None
         )
+        windows, types = attention_windows(m), getattr(config, "layer_types", None)
         self.layers = []
         for i, layer in enumerate(body.layers):
             a, mlp = layer.self_attn, layer.mlp
@@ -239,7 +231,7 @@ class LeanStep:
                     ln2=layer.post_attention_layernorm.weight,
                     q_norm=None if q_norm is None else q_norm.weight,
                     k_norm=None if k_norm is None else k_norm.weight,
-                    window=_window(config, i),
+                    window=windows[types[i]] if types else windows["full_attention"],
                 )
             )
         self.embed = body.embed_tokens.weight
