@@ -393,7 +393,9 @@ def decode(
         _make_static(cache, write_at)
         visible = attn.bool()
         visible[:, p:] = False
-    lean_step = LeanStep(model, cap) if step_fn is None and lean and lean_support(model) is None else None
+    lean_step = (
+        LeanStep(model, cap, rows=b) if step_fn is None and lean and lean_support(model) is None else None
+    )
     next_pos = positions[:, -1] + 1  # (B,)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     # every draw of the decode at once: column t is keyed_uniforms(keys, t)
