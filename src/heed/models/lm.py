@@ -587,3 +587,34 @@ def _train_equals_eval(model: Any) -> bool:
         base.train(was)
     tol = 1e-5 if emb.dtype in (torch.float32, torch.float64) else 1e-2
     return max(_rel_err(a, c), _rel_err(b, c)) <= tol
+
+
+def sparse_tied_embedding(model: Any) -> bool:
+    """Make the input embedding's backward produce a sparse gradient where the LM head shares its
+    matrix (tied weights); returns whether it did.
+
+    The tied matrix W (V, d) gets two gradients: the LM head's, dense, and the lookup's, which touches
+    only the N rows of the batch's tokens. Written dense, the lookup's is a fresh zeroed (V, d)
+    tensor, added to the head's as a second one: for a 32k x 768 matrix ~100 MB each, allocated,
+    zeroed and summed at every backward. Sparse, autograd adds its N rows into the head's gradient
+    in place (the lookup runs first in the forward, so last in the backward), and the sum is the
+    same. Only for a plain ``nn.Embedding`` whose weight is the output embedding's, trainable and a
+    plain tensor (not sharded); :func:`heed.train.loop.optimizer_step` makes any gradient that is
+    still sparse dense before the optimizer sees it.
+    """
+    base = unwrap(model)
+    get_in = getattr(base, "get_input_embeddings", None)
+    get_out = getattr(base, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return False
+    emb, head = get_in(), get_out()
+    if (
+        not isinstance(emb, torch.nn.Embedding)
+        or head is None
+        or getattr(head, "weight", None) is not emb.weight
+    ):
+        return False
+    if not emb.weight.requires_grad or type(emb.weight.data) is not torch.Tensor:
+        return False
+    emb.sparse = True
+    return True

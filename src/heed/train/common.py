@@ -509,6 +509,10 @@ def prepare_optimization(
     rate), its schedule over ``total_steps``, model and optimizer prepared by accelerate, and the
     checkpoint's trainer state restored. Returns ``(model, optimizer, scheduler, state)``; ``state``
     is ``{"step": 0}`` when starting fresh, else what :func:`load_trainer_state` returns."""
+    if getattr(accelerator, "num_processes", 1) == 1:  # sparse gradients stay out of distributed hooks
+        from heed.models.lm import sparse_tied_embedding
+
+        sparse_tied_embedding(model)
     optimizer = make_optimizer(params, cfg)
     for group in extra_groups:
         optimizer.add_param_group(group)

@@ -79,6 +79,10 @@ def optimizer_step(
     weight changes, when it is not finite), step the optimizer and the schedule, clear the gradients.
     Returns ``{"lr", "grad_norm"?}`` for the log."""
     check_finite(loss, step, source)
+    params = list(params)
+    for p in params:  # a tied embedding's lookup gradient when the LM head sent none (heed.models.lm)
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
     figures: dict[str, float] = {}
     if max_grad_norm is not None:
         figures["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_grad_norm))
