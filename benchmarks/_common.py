@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 
-def run_isolated(script: Path, name: str, args: dict[str, Any], timeout: int = 3600) -> dict[str, Any]:
-    """Run ``script --worker name --args JSON`` in a fresh process; it prints one JSON line last."""
+def run_isolated(
+    script: Path, name: str, args: dict[str, Any], timeout: int = 3600, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``script --worker name --args JSON`` in a fresh process (``env``: variables set on top of
+    this one's environment); it prints one JSON line last."""
     proc = subprocess.run(
         [sys.executable, str(script), "--worker", name, "--args", json.dumps(args)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **env} if env else None,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")

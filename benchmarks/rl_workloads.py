@@ -227,6 +227,8 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker(name: str, a: dict[str, Any]) -> None:
+    if name.startswith("heed"):
+        import heed.cli  # noqa: F401  the ``heed`` command's process setup (huge pages), before torch
     import torch
 
     torch.manual_seed(0)
@@ -296,6 +298,12 @@ def main() -> None:
         default=str(Path(os.environ.get("HEED_CACHE", Path.home() / ".cache" / "heed")) / "workloads"),
         help="where the workload models and prompts are built (once)",
     )
+    p.add_argument(
+        "--peer-huge-pages",
+        action="store_true",
+        help="give TRL's process the transparent huge pages that the heed command turns on "
+        "(THP_MEM_ALLOC_ENABLE=1; default: TRL as shipped, without them)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -338,7 +346,12 @@ def main() -> None:
                             "workdir": str(Path(work) / f"{side}{r}"),
                         }
                         load = os.getloadavg()[0]
-                        res = run_isolated(Path(__file__), f"{side}-{algo}", a)
+                        # huge pages: Heed's process turns them on as the ``heed`` command does; TRL's
+                        # gets them only with --peer-huge-pages
+                        env = {"THP_MEM_ALLOC_ENABLE": "1" if args.peer_huge_pages else "0"}
+                        res = run_isolated(
+                            Path(__file__), f"{side}-{algo}", a, env=None if side == "heed" else env
+                        )
                         res["load"] = load
                         runs[side].append(res)
             batch = n_prompts * args.k
