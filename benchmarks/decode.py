@@ -15,9 +15,10 @@ tokens (left padded) and T new tokens per row (no stop token, so every row runs 
 - ``steps/s``, ``ms/step`` of Heed's loop and ``over``: its time per step beyond the forward pass's
   share, (t_heed - t_fwd) / T;
 - ``mm ms/step``: the model's weight matrices applied to B rows once (T times, divided by T), the floor
-  of any step-by-step decoder at this batch (each matrix packed for oneDNN where the lean step packs
-  them, :func:`heed.rollout.lean.packs_weights`; else ``linear`` over the layers' own); ``cap`` = t_fwd / (T x mm): the efficiency such a decoder
-  could reach at best (small batches read every weight once per step, which the one forward does not);
+  of any step-by-step decoder at this batch (each matrix as the lean step applies it,
+  :class:`heed.rollout.lean.Projection`: packed for oneDNN where it packs, else ``linear`` over the
+  layer's own); ``cap`` = t_fwd / (T x mm): the efficiency such a decoder could reach at best (small
+  batches read every weight once per step, which the one forward does not);
 - with ``--compile``: the same with ``SamplingParams(compile=True)``, and the wall time of its first
   call (``compile s``: compiling plus one decode).
 
@@ -103,7 +104,7 @@ def measure(name: str, b: int, p: int, t: int, repeats: int, compile_: bool, hf:
 
     from heed.models.lm import position_ids_from_mask
     from heed.rollout.generate import SamplingParams
-    from heed.rollout.lean import packs_weights
+    from heed.rollout.lean import Projection
     from heed.rollout.sampler import decode, row_keys
 
     model = model_for(name)
@@ -138,22 +139,12 @@ def measure(name: str, b: int, p: int, t: int, repeats: int, compile_: bool, hf:
         # the layout the lean step reads
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         xs = [torch.randn(b, m.in_features) for m in linears]
-        if packs_weights(model.lm_head.weight):
-            packed = [(torch.ops.mkldnn._reorder_linear_weight(m.weight, b), m.bias) for m in linears]
-
-            def apply(x: Any, i: int) -> Any:
-                w, bias = packed[i]
-                return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-
-        else:
-
-            def apply(x: Any, i: int) -> Any:
-                return torch.nn.functional.linear(x, linears[i].weight, linears[i].bias)
+        projections = [Projection([m], b) for m in linears]
 
         def matmuls() -> None:
             for _ in range(t):
-                for i, x in enumerate(xs):
-                    apply(x, i)
+                for proj, x in zip(projections, xs, strict=True):
+                    proj(x)
 
         _, res["floor_s"] = timed(matmuls, repeats)
         if hf:

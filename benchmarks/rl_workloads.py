@@ -348,10 +348,12 @@ def main() -> None:
                         load = os.getloadavg()[0]
                         # huge pages: Heed's process turns them on as the ``heed`` command does; TRL's
                         # gets them only with --peer-huge-pages
-                        env = {"THP_MEM_ALLOC_ENABLE": "1" if args.peer_huge_pages else "0"}
-                        res = run_isolated(
-                            Path(__file__), f"{side}-{algo}", a, env=None if side == "heed" else env
+                        env = (
+                            None
+                            if side == "heed"
+                            else {"THP_MEM_ALLOC_ENABLE": str(int(args.peer_huge_pages))}
                         )
+                        res = run_isolated(Path(__file__), f"{side}-{algo}", a, env=env)
                         res["load"] = load
                         runs[side].append(res)
             batch = n_prompts * args.k

@@ -56,6 +56,11 @@ def test_sparse_lookup_gradient_equals_the_dense_one(tok: Any, name: str) -> Non
     assert dense.keys() == sparse.keys()
     for n in dense:
         torch.testing.assert_close(sparse[n], dense[n], rtol=1e-5, atol=1e-7, msg=f"{name}: {n}")
+    # the flag reaches the lookup through this architecture's own forward: a loss on the trunk alone
+    # leaves the lookup's gradient as it is made, sparse rows
+    model.zero_grad(set_to_none=True)
+    model.base_model(input_ids=ids).last_hidden_state.square().mean().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse, name
 
 
 def test_other_models_are_left_alone(tok: Any) -> None:

@@ -43,7 +43,7 @@ from heed.models.lm import _rel_err, _tolerance, attention_windows, unwrap
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class _Proj:
+class Projection:
     """``x -> x W^T + b`` for one or several linear layers side by side (their outputs concatenated).
 
     Where :func:`packs_weights` holds for every matrix, they are concatenated and packed for oneDNN
@@ -102,10 +102,10 @@ def packs_weights(weight: torch.Tensor) -> bool:
 
 @dataclass
 class _Layer:
-    qkv: _Proj  # (B, d) -> (B, (H + 2 Hkv) D)
-    o: _Proj
-    gate_up: _Proj  # (B, d) -> (B, 2 I)
-    down: _Proj
+    qkv: Projection  # (B, d) -> (B, (H + 2 Hkv) D)
+    o: Projection
+    gate_up: Projection  # (B, d) -> (B, 2 I)
+    down: Projection
     ln1: torch.Tensor
     ln2: torch.Tensor
     q_norm: torch.Tensor | None  # (D,) Qwen3's per-head norms
@@ -208,7 +208,7 @@ class LeanStep:
     each row holds (its prompt without the left padding, its answer so far, this token).
     """
 
-    def __init__(self, model: Any, capacity: int, rows: int = 4) -> None:
+    def __init__(self, model: Any, capacity: int, rows: int) -> None:
         m = unwrap(model)
         config = m.config
         body = m.model
@@ -227,10 +227,10 @@ class LeanStep:
             q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
             self.layers.append(
                 _Layer(
-                    qkv=_Proj([a.q_proj, a.k_proj, a.v_proj], rows),
-                    o=_Proj([a.o_proj], rows),
-                    gate_up=_Proj([mlp.gate_proj, mlp.up_proj], rows),
-                    down=_Proj([mlp.down_proj], rows),
+                    qkv=Projection([a.q_proj, a.k_proj, a.v_proj], rows),
+                    o=Projection([a.o_proj], rows),
+                    gate_up=Projection([mlp.gate_proj, mlp.up_proj], rows),
+                    down=Projection([mlp.down_proj], rows),
                     ln1=layer.input_layernorm.weight,
                     ln2=layer.post_attention_layernorm.weight,
                     q_norm=None if q_norm is None else q_norm.weight,
@@ -240,7 +240,7 @@ class LeanStep:
             )
         self.embed = body.embed_tokens.weight
         self.norm = body.norm.weight
-        self.lm_head = _Proj([m.lm_head], rows)
+        self.lm_head = Projection([m.lm_head], rows)
         # rotate_half(x) = x @ R: (x1, x2) -> (-x2, x1), exact (one nonzero per column)
         half = self.head_dim // 2
         eye = torch.eye(half, device=device, dtype=self.dtype)
