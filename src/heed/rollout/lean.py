@@ -281,7 +281,9 @@ class LeanStep:
                 if window is not None and length > window:
                     vis = vis.clone()
                     vis[:, : length - window] = False
-                masks[window] = vis[:, None, None, :]  # (B, 1, 1, L)
+                # additive, built once per step: SDPA on the CPU takes it faster than a boolean mask
+                additive = torch.zeros(vis.shape, dtype=self.dtype, device=vis.device)
+                masks[window] = additive.masked_fill_(~vis, float("-inf"))[:, None, None, :]  # (B, 1, 1, L)
             return masks[window]
 
         x = F.embedding(tok, self.embed)  # (B, d)
