@@ -277,13 +277,12 @@ class LeanStep:
 
         def mask_for(window: int | None) -> torch.Tensor:
             if window not in masks:
-                vis = visible
-                if window is not None and length > window:
-                    vis = vis.clone()
-                    vis[:, : length - window] = False
                 # additive, built once per step: SDPA on the CPU takes it faster than a boolean mask
-                additive = torch.zeros(vis.shape, dtype=self.dtype, device=vis.device)
-                masks[window] = additive.masked_fill_(~vis, float("-inf"))[:, None, None, :]  # (B, 1, 1, L)
+                additive = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+                additive.masked_fill_(~visible, float("-inf"))
+                if window is not None and length > window:
+                    additive[:, : length - window] = float("-inf")
+                masks[window] = additive[:, None, None, :]  # (B, 1, 1, L)
             return masks[window]
 
         x = F.embedding(tok, self.embed)  # (B, d)
